@@ -1,0 +1,191 @@
+"""One typed settings object, resolved once at start-up.
+
+Precedence: explicit argument (CLI flag) > environment (``COMFYFLEET_…``, nested with ``__``) >
+config file (YAML, ``--config`` / ``COMFYFLEET_CONFIG``) > default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says what to fix."""
+
+
+def hash_api_key(key: str) -> str:
+    """How API keys are stored in the config: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKey(BaseModel):
+    """One API key. Give ``key_hash`` (``sha256:<hex>``, see ``comfyfleet hash-key``) or, for tests
+    and demos, the plain ``key`` (hashed on load and never kept)."""
+
+    key_hash: str = ""
+    key: str | None = Field(default=None, exclude=True, repr=False)
+    tenant: str = "default"
+    admin: bool = False
+
+    @model_validator(mode="after")
+    def _hash_plain_key(self) -> ApiKey:
+        if self.key:
+            self.key_hash = hash_api_key(self.key)
+            self.key = None
+        if not self.key_hash.startswith("sha256:"):
+            raise ValueError("api key needs key_hash 'sha256:<hex>' or a plain 'key'")
+        return self
+
+
+class PoolConfig(BaseModel):
+    """A named group of workers from one provider with one spec and one scaling policy."""
+
+    name: str
+    provider: Literal["static", "process", "docker", "novita"] = "static"
+    min_workers: int = Field(default=0, ge=0)
+    max_workers: int = Field(default=1, ge=0)
+    idle_timeout_s: float = Field(default=300.0, ge=0)
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+    prefetch: int = Field(default=1, ge=0)
+    scale_up_cooldown_s: float = Field(default=0.0, ge=0)
+    scale_down_cooldown_s: float = Field(default=0.0, ge=0)
+    labels: list[str] = Field(default_factory=list)
+    # Provider-specific settings (urls, command, image, product…); each provider validates its own.
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"pool {self.name!r}: min_workers {self.min_workers} > max_workers {self.max_workers}")
+        return self
+
+
+class Limits(BaseModel):
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_nodes: int = Field(default=2000, gt=0)
+    max_priority: int = 1_000_000
+    min_priority: int = -1_000_000
+    max_input_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+
+
+class DispatchSettings(BaseModel):
+    lease_s: float = Field(default=30.0, gt=0)
+    default_timeout_s: float = Field(default=1800.0, gt=0)
+    default_max_retries: int = Field(default=3, ge=0)
+    retry_base_s: float = Field(default=1.0, ge=0)
+    retry_max_s: float = Field(default=300.0, ge=0)
+    interrupt_grace_s: float = Field(default=30.0, ge=0)
+    safety_poll_s: float = Field(default=5.0, gt=0)
+    placement: bool = True
+    allow_private_input_urls: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COMFYFLEET_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    store: str = "sqlite:///comfyfleet.db"
+    config: Path | None = None
+    outputs: str = "./comfyfleet-outputs"
+    public_url: str | None = None  # base of download URLs; defaults to the request's own
+    workers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # static ComfyUI URLs (the "default" static pool)
+    pools: list[PoolConfig] = Field(default_factory=list)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    webhook_secret: str | None = None
+    limits: Limits = Field(default_factory=Limits)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    replica_id: str | None = None
+    log_level: str = "info"
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _split_workers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _unique_pools(self) -> Settings:
+        names = [pool.name for pool in self.pools]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"pool names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFileSource(settings_cls, init_settings, env_settings))
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """The config file named by the ``config`` argument or ``COMFYFLEET_CONFIG``."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._init = init_settings
+        self._env = env_settings
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._init().get("config") or self._env().get("config")
+        if not path:
+            return {}
+        return load_config_file(Path(path))
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
+    base = path.parent
+    # Relative paths in the file are relative to the file, not to the working directory.
+    for key in ("outputs",):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str(base / data[key])
+    store = data.get("store")
+    if isinstance(store, str) and store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
+        data["store"] = "sqlite:///" + str(base / store.removeprefix("sqlite:///"))
+    return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Resolve settings once; ``overrides`` are explicit arguments (``None`` values are ignored)."""
+    explicit = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**explicit)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The worker manager: providers, health checks and the autoscaler."""

@@ -1,0 +1,65 @@
+"""The durable state: tasks, workers and wake-ups. Backends are chosen by URL scheme."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from comfyfleet.store.base import (
+    Conflict,
+    Lease,
+    NotFound,
+    Notification,
+    StaleLease,
+    Store,
+    StoreClosed,
+    StoreError,
+    StoreUnavailable,
+    TaskPage,
+)
+
+# scheme -> "module:Class", imported only when chosen so asyncpg loads only for PostgreSQL.
+BACKENDS: dict[str, str] = {
+    "sqlite": "comfyfleet.store.sqlite:SQLiteStore",
+    "postgresql": "comfyfleet.store.postgres:PostgresStore",
+    "postgres": "comfyfleet.store.postgres:PostgresStore",
+}
+
+
+class UnknownStoreURL(StoreError):
+    """The store URL names a scheme that no backend serves."""
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """Build (not yet open) the store for ``url``: ``sqlite:///path.db`` or ``postgresql://…``."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    target = BACKENDS.get(scheme)
+    if target is None:
+        valid = ", ".join(f"{name}://" for name in sorted(BACKENDS))
+        raise UnknownStoreURL(f"unknown store URL {url!r}: use one of {valid}")
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownStoreURL(
+            f"the {scheme} store needs an extra: pip install 'comfyfleet[postgres]' ({exc})"
+        ) from exc
+    store: Store = getattr(module, class_name)(url, **options)
+    return store
+
+
+__all__ = [
+    "BACKENDS",
+    "Conflict",
+    "Lease",
+    "NotFound",
+    "Notification",
+    "StaleLease",
+    "Store",
+    "StoreClosed",
+    "StoreError",
+    "StoreUnavailable",
+    "TaskPage",
+    "UnknownStoreURL",
+    "open_store",
+]

@@ -1,0 +1,187 @@
+"""The store protocol: the durable queue of tasks, the worker records and cross-replica wake-ups.
+
+One protocol, one module per backend (``sqlite.py``, ``postgres.py``), picked by URL scheme in
+``comfyfleet.store.open_store``. The behavioural contract suite in ``tests/store`` runs against both.
+
+Fencing: every write about a running attempt carries a :class:`Lease` (task id, attempt number, owner).
+A write whose lease is no longer current raises :class:`StaleLease`, so a replica that lost a task can
+never overwrite what the new owner wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, Self
+
+from comfyfleet.domain import NewTask, QueueMetrics, Task, TaskPhase, TaskStatus, Worker, WorkerMetrics
+
+
+class StoreError(Exception):
+    """Root of every store error."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or is not migrated; try again later."""
+
+
+class NotFound(StoreError):
+    """No such task or worker (for this tenant)."""
+
+
+class Conflict(StoreError):
+    """The request is valid but the record's state forbids it (e.g. cancelling a finished task)."""
+
+
+class StaleLease(StoreError):
+    """A write about an attempt that is no longer current (another owner or a newer attempt has it)."""
+
+
+class StoreClosed(StoreError):
+    """Used before ``__aenter__`` or after ``__aexit__``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The fencing token for one attempt of one task, held by one dispatcher (``owner``)."""
+
+    task_id: str
+    attempt: int
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A wake-up: ``channel`` is e.g. ``"tasks"``, ``"task:<id>"``, ``"workers"``; ``payload`` is small JSON text."""
+
+    channel: str
+    payload: str
+
+
+class Store(Protocol):
+    """Async, durable state. Every long-lived store is an async context manager."""
+
+    url: str
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    # -- schema ---------------------------------------------------------------------------------
+    async def migrate(self) -> list[int]:
+        """Apply pending numbered migrations; return the versions applied (empty when up to date)."""
+
+    async def is_ready(self) -> bool:
+        """The database answers and every migration is applied."""
+
+    # -- submission and reading -----------------------------------------------------------------
+    async def create_task(self, new: NewTask) -> tuple[Task, bool]:
+        """Insert a pending task. With an idempotency key already used by the same tenant, return the
+        original task and ``False`` instead of inserting."""
+
+    async def get_task(self, task_id: str, tenant: str | None = None) -> Task:
+        """Raise :class:`NotFound` when unknown or owned by another tenant (``tenant=None`` sees all)."""
+
+    async def list_tasks(
+        self,
+        *,
+        tenant: str | None = None,
+        statuses: Collection[TaskStatus] | None = None,
+        workflow_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
+
+    async def queue_position(self, task_id: str) -> int | None:
+        """1 = next to run among pending tasks, by priority then FIFO; None when not pending."""
+
+    async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics: ...
+
+    async def demand_by_pool(self) -> dict[str | None, tuple[int, int]]:
+        """``pool -> (runnable pending, running)`` for the autoscaler; ``None`` is tasks with no pool."""
+
+    async def count_by_status_and_priority(self) -> list[tuple[TaskStatus, int, int]]:
+        """``(status, priority, count)`` rows for metrics."""
+
+    # -- cancel ---------------------------------------------------------------------------------
+    async def cancel_task(self, task_id: str, tenant: str | None = None) -> Task:
+        """A pending task becomes ``cancelled`` at once. A running one gets ``cancel_requested`` (the
+        dispatcher that owns it stops the prompt and calls :meth:`finish_cancelled`). A finished task
+        raises :class:`Conflict`; an unknown one :class:`NotFound`."""
+
+    # -- the dispatcher's side ------------------------------------------------------------------
+    async def claim(
+        self,
+        owner: str,
+        lease_s: float,
+        *,
+        limit: int = 1,
+        pools: Collection[str | None] | None = None,
+    ) -> list[Task]:
+        """Atomically take up to ``limit`` runnable pending tasks (``not_before`` passed), highest
+        priority first then oldest, and make them ``running``/``dispatching`` with ``attempt + 1`` and a
+        lease for ``owner``. Concurrent claimers never get the same task and never skip one. With
+        ``pools``, only tasks whose ``pool`` is in it (``None`` in it matches tasks with no pool)."""
+
+    async def record_dispatch(self, lease: Lease, worker_id: str, prompt_id: str) -> Task:
+        """Before submitting: remember which worker and prompt id this attempt uses."""
+
+    async def set_phase(
+        self, lease: Lease, phase: TaskPhase, progress: dict[str, Any] | None = None
+    ) -> Task: ...
+
+    async def set_progress(self, lease: Lease, progress: dict[str, Any]) -> None: ...
+
+    async def renew_leases(self, owner: str, lease_s: float) -> int:
+        """Extend every running lease held by ``owner``; return how many."""
+
+    async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task: ...
+
+    async def fail_task(
+        self, lease: Lease, error: str, kind: str, details: dict[str, Any] | None = None
+    ) -> Task: ...
+
+    async def retry_task(
+        self, lease: Lease, not_before: datetime, error: str, kind: str,
+        details: dict[str, Any] | None = None,
+    ) -> Task:
+        """Back to ``pending`` with ``retry_count + 1``; the attempt is kept in ``attempts``."""
+
+    async def finish_cancelled(self, lease: Lease, reason: str = "cancelled by request") -> Task: ...
+
+    async def release_task(self, lease: Lease) -> Task:
+        """Give a claimed task back to ``pending`` without counting a retry (e.g. no worker could take
+        it, or shutdown before the prompt was submitted)."""
+
+    async def adopt_expired(self, owner: str, lease_s: float, *, limit: int = 100) -> list[Task]:
+        """Take over running tasks whose lease expired (their owner died): same prompt, new owner.
+        The returned tasks carry the new lease (``attempt`` is bumped so the old owner is fenced out)."""
+
+    async def running_tasks(self, owner: str | None = None) -> list[Task]: ...
+
+    async def next_due_at(self) -> datetime | None:
+        """Earliest ``not_before`` among pending tasks that are not runnable yet, for the retry timer."""
+
+    # -- workers --------------------------------------------------------------------------------
+    async def upsert_worker(self, worker: Worker) -> Worker: ...
+    async def get_worker(self, worker_id: str) -> Worker: ...
+    async def list_workers(self, *, pool: str | None = None, include_gone: bool = False) -> list[Worker]: ...
+    async def delete_worker(self, worker_id: str) -> None: ...
+    async def worker_metrics(self) -> WorkerMetrics: ...
+
+    # -- coordination ---------------------------------------------------------------------------
+    async def notify(self, channel: str, payload: str = "") -> None:
+        """Wake listeners in every replica (PostgreSQL NOTIFY; in-process for SQLite)."""
+
+    def listen(self) -> AsyncIterator[Notification]:
+        """Every notification from now on, from this replica and the others."""
+
+    async def try_leader(self, name: str) -> bool:
+        """Hold (or keep holding) a named leadership lock: True in exactly one replica at a time."""
