@@ -130,6 +130,15 @@ class Store(Protocol):
         lease for ``owner``. Concurrent claimers never get the same task and never skip one. With
         ``pools``, only tasks whose ``pool`` is in it (``None`` in it matches tasks with no pool)."""
 
+    async def peek_pending(
+        self, *, limit: int, pools: Collection[str | None] | None = None
+    ) -> list[Task]:
+        """Read-only: the first ``limit`` runnable pending tasks in claim order (for placement)."""
+
+    async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
+        """Claim exactly these tasks, as :meth:`claim` would, skipping any that are no longer runnable
+        pending (another replica took them, or they were cancelled)."""
+
     async def record_dispatch(self, lease: Lease, worker_id: str, prompt_id: str) -> Task:
         """Before submitting: remember which worker and prompt id this attempt uses."""
 
@@ -160,9 +169,13 @@ class Store(Protocol):
         """Give a claimed task back to ``pending`` without counting a retry (e.g. no worker could take
         it, or shutdown before the prompt was submitted)."""
 
-    async def adopt_expired(self, owner: str, lease_s: float, *, limit: int = 100) -> list[Task]:
+    async def adopt_expired(
+        self, owner: str, lease_s: float, *, limit: int = 100, previous_owner: str | None = None
+    ) -> list[Task]:
         """Take over running tasks whose lease expired (their owner died): same prompt, new owner.
-        The returned tasks carry the new lease (``attempt`` is bumped so the old owner is fenced out)."""
+        The returned tasks carry the new lease (``attempt`` is bumped so the old owner is fenced out).
+        With ``previous_owner``, also take that owner's tasks at once, expired or not (a restarted
+        replica with a stable id recovers its own work without waiting for the leases)."""
 
     async def running_tasks(self, owner: str | None = None) -> list[Task]: ...
 
