@@ -86,6 +86,22 @@ class DispatchSettings(BaseModel):
     allow_private_input_urls: bool = False
 
 
+class FleetSettings(BaseModel):
+    """The worker manager: health probes, the autoscaler's reconciler and the reaper (see docs/providers.md)."""
+
+    namespace: str = Field(default="comfyfleet", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")  # labels / name prefix
+    probe_interval_s: float = Field(default=5.0, gt=0)
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+    failure_threshold: int = Field(default=3, ge=1)
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
+    reap_interval_s: float = Field(default=60.0, gt=0)
+    start_backoff_base_s: float = Field(default=5.0, ge=0)
+    start_backoff_max_s: float = Field(default=300.0, ge=0)
+    tasks_per_worker: int = Field(default=1, ge=1)
+    keep_terminated_s: float = Field(default=3600.0, ge=0)
+    default_pool: str | None = None  # the pool that tasks without a pool scale; first dynamic pool if unset
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COMFYFLEET_", env_nested_delimiter="__", extra="forbid")
 
@@ -101,6 +117,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     limits: Limits = Field(default_factory=Limits)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
     replica_id: str | None = None
     log_level: str = "info"
 
