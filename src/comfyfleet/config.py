@@ -81,6 +81,7 @@ class DispatchSettings(BaseModel):
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
     interrupt_grace_s: float = Field(default=30.0, ge=0)
+    retry_timeouts: bool = False  # a timed-out task is failed unless this is set
     safety_poll_s: float = Field(default=5.0, gt=0)
     placement: bool = True
     allow_private_input_urls: bool = False

@@ -1,0 +1,118 @@
+"""Live task events: an in-process fan-out that also crosses replicas through the store's notifications.
+
+The dispatcher publishes status changes and progress; the API streams them as server-sent events.
+Each subscriber has a bounded queue: a slow reader loses old progress frames, never blocks the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from comfyfleet.store import Store
+
+logger = logging.getLogger(__name__)
+
+EVENTS_CHANNEL = "events"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """``type``: ``status`` (status/phase changed), ``progress`` (node/step), ``queue_position``."""
+
+    type: str
+    task_id: str
+    tenant: str
+    data: dict[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskEvent:
+        raw = json.loads(text)
+        return cls(type=raw["type"], task_id=raw["task_id"], tenant=raw["tenant"], data=raw["data"], ts=raw["ts"])
+
+
+class Subscription:
+    def __init__(self, bus: EventBus, task_id: str | None, tenant: str | None, maxsize: int) -> None:
+        self._bus = bus
+        self.task_id = task_id
+        self.tenant = tenant
+        self.queue: asyncio.Queue[TaskEvent] = asyncio.Queue(maxsize)
+
+    def wants(self, event: TaskEvent) -> bool:
+        if self.task_id is not None and event.task_id != self.task_id:
+            return False
+        return self.tenant is None or event.tenant == self.tenant
+
+    def offer(self, event: TaskEvent) -> None:
+        if self.queue.full():
+            # Drop the oldest event: for live progress the newest frame is what matters.
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+        self.queue.put_nowait(event)
+
+    async def get(self, timeout: float | None = None) -> TaskEvent | None:
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def __aiter__(self) -> AsyncIterator[TaskEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TaskEvent]:
+        while True:
+            yield await self.queue.get()
+
+
+class EventBus:
+    """Fan-out of :class:`TaskEvent` to subscribers of this replica, relayed to the others via the store."""
+
+    def __init__(self, store: Store | None = None, *, replica_id: str = "local", shared: bool = False) -> None:
+        self._store = store
+        self._replica_id = replica_id
+        # Only a store shared by several replicas needs the relay; SQLite serves one replica.
+        self._shared = shared and store is not None
+        self._subscribers: set[Subscription] = set()
+
+    @contextlib.contextmanager
+    def subscribe(self, task_id: str | None = None, tenant: str | None = None, maxsize: int = 256) -> Iterator[Subscription]:
+        subscription = Subscription(self, task_id, tenant, maxsize)
+        self._subscribers.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscribers.discard(subscription)
+
+    def _fan_out(self, event: TaskEvent) -> None:
+        for subscription in tuple(self._subscribers):
+            if subscription.wants(event):
+                subscription.offer(event)
+
+    async def publish(self, event: TaskEvent) -> None:
+        self._fan_out(event)
+        if self._shared and self._store is not None:
+            envelope = json.dumps({"origin": self._replica_id, "event": event.to_json()})
+            try:
+                await self._store.notify(EVENTS_CHANNEL, envelope)
+            except Exception:  # a lost live event must never fail the dispatcher's write path
+                logger.warning("event_relay_failed task_id=%s", event.task_id, exc_info=True)
+
+    def receive_relayed(self, payload: str) -> None:
+        """Deliver an event another replica published (called by the runtime's notification loop)."""
+        try:
+            envelope = json.loads(payload)
+            if envelope.get("origin") == self._replica_id:
+                return
+            self._fan_out(TaskEvent.from_json(envelope["event"]))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("event_relay_malformed payload=%r", payload[:200])

@@ -1,0 +1,168 @@
+"""Task input files: fetched (base64 or URL), uploaded to the chosen worker, referenced from the graph.
+
+Each task's files go to their own subfolder of the worker's input folder, so tasks that share a worker
+never collide, and every string input of the graph equal to an input's name is rewritten to the uploaded
+path (``LoadImage`` takes ``"<subfolder>/<name>"``).
+
+URL fetches refuse loopback, private, link-local and other non-public addresses unless the config allows
+them, check every redirect hop the same way, and stop at a size cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,199}$")
+_MAX_REDIRECTS = 5
+
+
+class InputError(Exception):
+    """An input that cannot be used: bad name, bad base64, forbidden or failing URL, too large."""
+
+
+def check_input_spec(spec: Any, *, max_bytes: int) -> None:
+    """Validate one entry of a task's ``inputs`` at submission time (no network)."""
+    if not isinstance(spec, dict):
+        raise InputError("each input must be an object with 'name' and one of 'data' or 'url'")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise InputError(
+            f"input name {name!r} must be a plain file name (letters, digits, '.', '_', '-', space; no '/')"
+        )
+    has_data, has_url = "data" in spec, "url" in spec
+    if has_data == has_url:
+        raise InputError(f"input {name!r} needs exactly one of 'data' (base64) or 'url'")
+    if has_data:
+        decode_data(name, spec["data"], max_bytes=max_bytes)
+    else:
+        url = spec["url"]
+        if not isinstance(url, str) or urlsplit(url).scheme not in {"http", "https"} or not urlsplit(url).hostname:
+            raise InputError(f"input {name!r}: url must be an http(s) URL")
+
+
+def decode_data(name: str, data: Any, *, max_bytes: int) -> bytes:
+    if not isinstance(data, str):
+        raise InputError(f"input {name!r}: 'data' must be a base64 string")
+    if len(data) > max_bytes * 4 // 3 + 8:
+        raise InputError(f"input {name!r} is larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"input {name!r}: 'data' is not valid base64") from exc
+    if len(raw) > max_bytes:
+        raise InputError(f"input {name!r} is larger than {max_bytes} bytes")
+    return raw
+
+
+def _address_allowed(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def _check_host(url: str, *, allow_private: bool) -> None:
+    host = urlsplit(url).hostname
+    if not host:
+        raise InputError(f"input URL {url!r} has no host")
+    if allow_private:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InputError(f"input URL host {host!r} does not resolve") from exc
+    for info in infos:
+        if not _address_allowed(str(info[4][0])):
+            raise InputError(
+                f"input URL {url!r} points at a non-public address ({info[4][0]}); "
+                "set dispatch.allow_private_input_urls to allow it"
+            )
+
+
+async def fetch_url(
+    client: httpx.AsyncClient, url: str, *, max_bytes: int, allow_private: bool
+) -> bytes:
+    for _ in range(_MAX_REDIRECTS + 1):
+        if urlsplit(url).scheme not in {"http", "https"}:
+            raise InputError(f"input URL {url!r} must be http(s)")
+        await _check_host(url, allow_private=allow_private)
+        try:
+            async with client.stream("GET", url, follow_redirects=False) as response:
+                if response.is_redirect:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise InputError(f"input URL {url!r} redirected without a Location")
+                    url = urljoin(url, location)
+                    continue
+                if response.status_code != 200:
+                    raise InputError(f"input URL {url!r} answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise InputError(f"input URL {url!r} is larger than {max_bytes} bytes")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body.extend(chunk)
+                    if len(body) > max_bytes:
+                        raise InputError(f"input URL {url!r} is larger than {max_bytes} bytes")
+                return bytes(body)
+        except httpx.HTTPError as exc:
+            raise InputError(f"input URL {url!r} could not be fetched: {exc}") from exc
+    raise InputError(f"input URL followed more than {_MAX_REDIRECTS} redirects")
+
+
+def rewrite_graph(graph: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """A copy of ``graph`` whose string inputs equal to an input name point at the uploaded path."""
+    if not renames:
+        return graph
+    rewritten = copy.deepcopy(graph)
+    for node in rewritten.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        for key, value in inputs.items():
+            if isinstance(value, str) and value in renames:
+                inputs[key] = renames[value]
+    return rewritten
+
+
+Uploader = Callable[[bytes, str, str], Awaitable[dict[str, Any]]]
+
+
+async def prepare_inputs(
+    task_id: str,
+    graph: dict[str, Any],
+    inputs: list[dict[str, Any]] | None,
+    upload: Uploader,
+    *,
+    http: httpx.AsyncClient,
+    max_bytes: int,
+    allow_private: bool,
+) -> dict[str, Any]:
+    """Upload every input of a task to the worker (``upload(data, name, subfolder)``); return the graph to submit."""
+    if not inputs:
+        return graph
+    subfolder = f"comfyfleet/{task_id}"
+    renames: dict[str, str] = {}
+    for spec in inputs:
+        check_input_spec(spec, max_bytes=max_bytes)
+        name = spec["name"]
+        if "data" in spec:
+            data = decode_data(name, spec["data"], max_bytes=max_bytes)
+        else:
+            data = await fetch_url(http, spec["url"], max_bytes=max_bytes, allow_private=allow_private)
+        uploaded = await upload(data, name, subfolder)
+        stored_name = uploaded.get("name", name)
+        stored_folder = uploaded.get("subfolder", subfolder)
+        renames[name] = f"{stored_folder}/{stored_name}" if stored_folder else stored_name
+    return rewrite_graph(graph, renames)

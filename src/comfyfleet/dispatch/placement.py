@@ -1,0 +1,140 @@
+"""Placement: which pending task goes to which free worker slot. Pure functions, no I/O.
+
+Rules (DESIGN.md "Dispatch"): never a worker that lacks a node type the graph uses; prefer an idle worker,
+then one that already has the task's models loaded. Because a GPU that must load a checkpoint loses seconds,
+a worker with a free slot may also pick, within the highest priority present, a later task whose models it
+already holds instead of the oldest one. A task passed over ``max_skips`` times goes first regardless, so
+nothing starves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTask:
+    id: str
+    priority: int
+    pool: str | None
+    node_types: frozenset[str]
+    models: frozenset[str]
+    skips: int = 0
+
+
+@dataclass(slots=True)
+class Slot:
+    """One worker with room for ``free`` more prompts."""
+
+    worker_id: str
+    pools: frozenset[str]  # the worker's pool name and its labels
+    free: int
+    assigned: int  # prompts it already holds
+    node_types: frozenset[str] | None  # None: not known yet (any graph may be tried)
+    recent_models: Sequence[str] = field(default_factory=tuple)  # most recent first
+
+
+def accepts(slot: Slot, task: PendingTask) -> bool:
+    if task.pool is not None and task.pool not in slot.pools:
+        return False
+    return slot.node_types is None or task.node_types <= slot.node_types
+
+
+def model_affinity(slot: Slot, task: PendingTask) -> int:
+    """How well the worker's recently used models cover the task's: higher is better, 0 = none loaded."""
+    if not task.models:
+        return 0
+    recent = list(slot.recent_models)
+    score = 0
+    for model in task.models:
+        if model in recent:
+            # The most recently used model is the one most likely still resident.
+            score += 1000 - recent.index(model)
+    return score
+
+
+def unplaceable(task: PendingTask, workers: Collection[Slot]) -> bool:
+    """No usable worker (free or not) could ever run this task: every one of its pool lacks a node type."""
+    candidates = [slot for slot in workers if task.pool is None or task.pool in slot.pools]
+    if not candidates or any(slot.node_types is None for slot in candidates):
+        return False
+    return all(not task.node_types <= (slot.node_types or frozenset()) for slot in candidates)
+
+
+def plan(
+    window: Sequence[PendingTask],
+    slots: Sequence[Slot],
+    *,
+    model_aware: bool = True,
+    max_skips: int = 16,
+) -> list[tuple[str, str]]:
+    """Assign tasks of ``window`` (already in priority-then-FIFO order) to free slots.
+
+    Returns ``(task_id, worker_id)`` pairs. Higher priority always wins: a task of a lower priority is only
+    placed when no task of a higher priority can use that slot.
+    """
+    remaining = list(window)
+    free = [slot for slot in slots if slot.free > 0]
+    assignments: list[tuple[str, str]] = []
+    # Idle workers first, then the least loaded, so a burst spreads over the fleet.
+    free.sort(key=lambda slot: (slot.assigned > 0, slot.assigned, slot.worker_id))
+    progress = True
+    while remaining and progress:
+        progress = False
+        for slot in free:
+            if slot.free <= 0 or not remaining:
+                continue
+            choice = _choose(slot, remaining, free, model_aware=model_aware, max_skips=max_skips)
+            if choice is None:
+                continue
+            remaining.remove(choice)
+            assignments.append((choice.id, slot.worker_id))
+            slot.free -= 1
+            slot.assigned += 1
+            progress = True
+    return assignments
+
+
+def _choose(
+    slot: Slot,
+    remaining: Sequence[PendingTask],
+    all_slots: Sequence[Slot],
+    *,
+    model_aware: bool,
+    max_skips: int,
+) -> PendingTask | None:
+    usable = [task for task in remaining if accepts(slot, task)]
+    if not usable:
+        return None
+    top_priority = usable[0].priority
+    group = [task for task in usable if task.priority == top_priority]
+    head = group[0]
+    if not model_aware or head.skips >= max_skips:
+        return head
+    best = max(group, key=lambda task: (model_affinity(slot, task), -group.index(task)))
+    if model_affinity(slot, best) > 0:
+        return best
+    # Nothing this worker holds: take the oldest task that no other worker would serve better.
+    others = [other for other in all_slots if other is not slot]
+    for task in group:
+        if not any(model_affinity(other, task) > 0 and accepts(other, task) for other in others):
+            return task
+    return head
+
+
+def skipped_ids(window: Sequence[PendingTask], chosen: Collection[str]) -> list[str]:
+    """Tasks that were passed over: those before the last chosen one in window order that were not chosen."""
+    if not chosen:
+        return []
+    last = max(index for index, task in enumerate(window) if task.id in chosen)
+    return [task.id for task in window[:last] if task.id not in chosen]
+
+
+def recent_models_after(recent: Sequence[str], used: Collection[str], keep: int = 8) -> list[str]:
+    ordered = sorted(used)
+    return (ordered + [model for model in recent if model not in used])[:keep]
+
+
+def pools_of(pool: str, labels: Mapping[str, Sequence[str]]) -> frozenset[str]:
+    return frozenset({pool, *labels.get(pool, ())})

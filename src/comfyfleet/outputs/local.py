@@ -1,0 +1,75 @@
+"""Output files in a local directory: ``<root>/<task id>/<name>``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from comfyfleet.outputs.base import InvalidOutputName, OutputNotFound, StoredOutput
+
+_CHUNK = 256 * 1024
+
+
+def _content_type_sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".content-type")
+
+
+class LocalOutputStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def _path(self, task_id: str, name: str) -> Path:
+        for part in (task_id, name):
+            if not part or part in {".", ".."} or "/" in part or "\\" in part or "\x00" in part:
+                raise InvalidOutputName(f"invalid output name {part!r}")
+        if name.endswith(".content-type"):
+            raise InvalidOutputName(f"invalid output name {name!r}")
+        return self.root / task_id / name
+
+    async def put(self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str) -> StoredOutput:
+        path = self._path(task_id, name)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        partial = path.with_name(f".{name}.partial")
+        size = 0
+        handle = await asyncio.to_thread(partial.open, "wb")
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                await asyncio.to_thread(handle.write, chunk)
+        finally:
+            await asyncio.to_thread(handle.close)
+        await asyncio.to_thread(_content_type_sidecar(path).write_text, content_type)
+        # Rename last, so a reader never sees a half-written file under the final name.
+        await asyncio.to_thread(os.replace, partial, path)
+        return StoredOutput(name=name, size=size, content_type=content_type)
+
+    async def stat(self, task_id: str, name: str) -> StoredOutput:
+        path = self._path(task_id, name)
+        try:
+            size = (await asyncio.to_thread(path.stat)).st_size
+        except FileNotFoundError as exc:
+            raise OutputNotFound(f"no output {name!r} for task {task_id}") from exc
+        try:
+            content_type = await asyncio.to_thread(_content_type_sidecar(path).read_text)
+        except FileNotFoundError:
+            content_type = "application/octet-stream"
+        return StoredOutput(name=name, size=size, content_type=content_type)
+
+    async def read(self, task_id: str, name: str) -> AsyncIterator[bytes]:
+        path = self._path(task_id, name)
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError as exc:
+            raise OutputNotFound(f"no output {name!r} for task {task_id}") from exc
+        try:
+            while chunk := await asyncio.to_thread(handle.read, _CHUNK):
+                yield chunk
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    async def delete_task(self, task_id: str) -> None:
+        self._path(task_id, "x")
+        await asyncio.to_thread(shutil.rmtree, self.root / task_id, True)
