@@ -85,7 +85,7 @@ def plan(
         for slot in free:
             if slot.free <= 0 or not remaining:
                 continue
-            choice = _choose(slot, remaining, free, model_aware=model_aware, max_skips=max_skips)
+            choice = _choose(slot, remaining, slots, model_aware=model_aware, max_skips=max_skips)
             if choice is None:
                 continue
             remaining.remove(choice)
@@ -115,12 +115,22 @@ def _choose(
     best = max(group, key=lambda task: (model_affinity(slot, task), -group.index(task)))
     if model_affinity(slot, best) > 0:
         return best
-    # Nothing this worker holds: take the oldest task that no other worker would serve better.
+    # Nothing this worker holds: take the oldest task that no other worker would serve better; failing
+    # that, one that only a full worker would serve better (an idle GPU costs more than a model load);
+    # leave a task to another free worker that holds its models.
     others = [other for other in all_slots if other is not slot]
+
+    def wanted_by(task: PendingTask, candidates: Sequence[Slot]) -> bool:
+        return any(model_affinity(other, task) > 0 and accepts(other, task) for other in candidates)
+
     for task in group:
-        if not any(model_affinity(other, task) > 0 and accepts(other, task) for other in others):
+        if not wanted_by(task, others):
             return task
-    return head
+    free_others = [other for other in others if other.free > 0]
+    for task in group:
+        if not wanted_by(task, free_others):
+            return task
+    return None
 
 
 def skipped_ids(window: Sequence[PendingTask], chosen: Collection[str]) -> list[str]:
