@@ -28,7 +28,7 @@ import httpx
 
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.errors import ComfyError, PromptLost, WorkflowRejected
-from comfyfleet.comfy.workflow import inspect_graph
+from comfyfleet.comfy.workflow import model_names, node_types
 from comfyfleet.config import DispatchSettings, PoolConfig
 from comfyfleet.dispatch import placement
 from comfyfleet.dispatch.events import EventBus, TaskEvent
@@ -108,6 +108,7 @@ class Dispatcher:
         self._slots: dict[str, _WorkerSlot] = {}
         self._attempts: dict[str, _Attempt] = {}
         self._skips: dict[str, int] = {}
+        self._facts: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -286,6 +287,10 @@ class Dispatcher:
         window_tasks = await self.store.peek_pending(limit=window_size, pools=pools)
         if not window_tasks:
             return False
+        in_window = {task.id for task in window_tasks}
+        for cache in (self._skips, self._facts):
+            for task_id in [key for key in cache if key not in in_window]:
+                del cache[task_id]
         window = [self._pending_view(task) for task in window_tasks]
         by_id = {task.id: task for task in window_tasks}
         hopeless = [task for task in window if placement.unplaceable(task, slots)]
@@ -302,6 +307,7 @@ class Dispatcher:
         targets = dict(assignments)
         for task in claimed:
             self._skips.pop(task.id, None)
+            self._facts.pop(task.id, None)
             slot = self._slots.get(targets[task.id])
             if slot is None:  # the worker left while we claimed
                 await self._release(task)
@@ -310,15 +316,22 @@ class Dispatcher:
         return len(claimed) < len(assignments) or len(claimed) == free_total
 
     def _pending_view(self, task: Task) -> placement.PendingTask:
-        info = inspect_graph(task.payload)
+        types, models = self._graph_facts(task)
         return placement.PendingTask(
             id=task.id,
             priority=task.priority,
             pool=task.pool,
-            node_types=frozenset(info.node_types),
-            models=frozenset(info.models),
+            node_types=types,
+            models=models,
             skips=self._skips.get(task.id, 0),
         )
+
+    def _graph_facts(self, task: Task) -> tuple[frozenset[str], frozenset[str]]:
+        """Node types and model names of a task's graph, read once per task while it waits."""
+        facts = self._facts.get(task.id)
+        if facts is None:
+            facts = self._facts[task.id] = (frozenset(node_types(task.payload)), frozenset(model_names(task.payload)))
+        return facts
 
     async def _fail_unplaceable(self, hopeless: list[placement.PendingTask], by_id: dict[str, Task]) -> None:
         claimed = await self.store.claim_ids(self.owner, self.settings.lease_s, [task.id for task in hopeless])
@@ -551,9 +564,9 @@ class Dispatcher:
         if texts:
             result["text"] = texts
         completed = await self.store.complete_task(attempt.lease, result)
-        info = inspect_graph(task.payload)
-        if info.models:
-            slot.recent_models = placement.recent_models_after(slot.recent_models, info.models)
+        models = model_names(task.payload)
+        if models:
+            slot.recent_models = placement.recent_models_after(slot.recent_models, models)
             with contextlib.suppress(Exception):
                 await self.directory.note_loaded_models(slot.worker.id, slot.recent_models)
         await self._publish_status(completed)

@@ -1,0 +1,111 @@
+"""Live task events as server-sent events: one task's, or every task the caller can see."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette.sse import EventSourceResponse
+
+from comfyfleet.api.auth import Principal, authenticate
+from comfyfleet.api.deps import get_store
+from comfyfleet.api.routes.tasks import TaskId, _checked_task_id
+from comfyfleet.api.schemas import error_responses, task_json
+from comfyfleet.dispatch.events import EventBus, TaskEvent
+from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus
+from comfyfleet.store import NotFound, Store
+
+router = APIRouter(tags=["events"])
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+StoreDep = Annotated[Store, Depends(get_store)]
+
+# While a task waits, its queue position is re-read this often (only when it may have changed).
+_POSITION_REFRESH_S = 0.5
+_KEEPALIVE_S = 15
+
+
+def get_bus(request: Request) -> EventBus:
+    bus: EventBus = request.app.state.bus
+    return bus
+
+
+BusDep = Annotated[EventBus, Depends(get_bus)]
+
+
+def _sse(event: TaskEvent, counter: int) -> dict[str, Any]:
+    payload = {"task_id": event.task_id, "type": event.type, "ts": event.ts, **event.data}
+    return {"event": event.type, "id": str(counter), "data": json.dumps(payload, separators=(",", ":"), default=str)}
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    summary="Follow one task live (server-sent events)",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
+               **error_responses(401, 404, 503)},
+)
+async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep, bus: BusDep) -> EventSourceResponse:
+    """Events of one task, starting with a `snapshot` of the task as it stands:
+    `queue_position` while it waits (1 = next), `status` on every status or phase change, `progress` with
+    the executing node and sampler step (`node`, `class_type`, `value`, `max`). The stream ends after the
+    event that makes the task completed, failed or cancelled."""
+    checked = _checked_task_id(task_id)
+    task = await store.get_task(checked, tenant=principal.visible_tenant)
+
+    async def stream() -> AsyncIterator[dict[str, Any]]:
+        counter = 0
+        with bus.subscribe() as subscription:
+            current = await store.get_task(checked)
+            position = await store.queue_position(checked) if current.status is TaskStatus.PENDING else None
+            counter += 1
+            yield {"event": "snapshot", "id": str(counter),
+                   "data": json.dumps(task_json(current, queue_position=position), default=str)}
+            if current.is_terminal:
+                return
+            pending = current.status is TaskStatus.PENDING
+            while True:
+                event = await subscription.get(timeout=_POSITION_REFRESH_S if pending else None)
+                if event is not None and event.task_id == checked:
+                    counter += 1
+                    yield _sse(event, counter)
+                    if event.type == "status":
+                        pending = event.data.get("status") == TaskStatus.PENDING
+                        if event.data.get("status") in TERMINAL_STATUSES:
+                            return
+                    continue
+                if not pending:
+                    continue
+                # Another task moved (or time passed): our place in the queue may have changed.
+                try:
+                    now = await store.queue_position(checked)
+                except NotFound:
+                    return
+                if now is not None and now != position:
+                    position = now
+                    counter += 1
+                    yield _sse(TaskEvent("queue_position", checked, task.tenant, {"queue_position": now}), counter)
+
+    return EventSourceResponse(stream(), ping=_KEEPALIVE_S, send_timeout=30)
+
+
+@router.get(
+    "/events",
+    summary="Follow every visible task live (server-sent events)",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
+               **error_responses(401, 503)},
+)
+async def all_events(principal: PrincipalDep, bus: BusDep) -> EventSourceResponse:
+    """`status` and `progress` events of every task the caller can see (its tenant's; all for an admin)."""
+
+    async def stream() -> AsyncIterator[dict[str, Any]]:
+        counter = 0
+        with bus.subscribe(tenant=principal.visible_tenant, maxsize=1024) as subscription:
+            async for event in subscription:
+                counter += 1
+                yield _sse(event, counter)
+                await asyncio.sleep(0)
+
+    return EventSourceResponse(stream(), ping=_KEEPALIVE_S, send_timeout=30)
