@@ -7,6 +7,7 @@ from typing import Any
 
 from comfyfleet.store.base import (
     Conflict,
+    InvalidArgument,
     Lease,
     NotFound,
     Notification,
@@ -51,6 +52,7 @@ def open_store(url: str, **options: Any) -> Store:
 __all__ = [
     "BACKENDS",
     "Conflict",
+    "InvalidArgument",
     "Lease",
     "NotFound",
     "Notification",

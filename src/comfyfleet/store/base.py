@@ -42,6 +42,11 @@ class StoreClosed(StoreError):
     """Used before ``__aenter__`` or after ``__aexit__``."""
 
 
+class InvalidArgument(StoreError, ValueError):
+    """A malformed argument the caller passed through from its own caller (e.g. a cursor this store never
+    issued, a page limit out of range): a client error, not an outage."""
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """The fencing token for one attempt of one task, held by one dispatcher (``owner``)."""
