@@ -62,6 +62,7 @@ def serve(
 ) -> None:
     """Run the API, the dispatcher and the worker manager."""
     from comfyfleet.config import ConfigError, load_settings
+    from comfyfleet.runtime import StartupError
     from comfyfleet.runtime import serve as run_server
 
     _configure_logging(log_level)
@@ -69,7 +70,10 @@ def serve(
         settings = load_settings(host=host, port=port, store=store, config=config, workers=worker or None, outputs=outputs)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    run_server(settings)
+    try:
+        run_server(settings)
+    except StartupError as exc:
+        raise _fail(str(exc), code=1) from None
 
 
 @app.command()

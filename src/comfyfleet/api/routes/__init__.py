@@ -1,0 +1,1 @@
+"""Route modules; each exposes ``router``. ``comfyfleet.api.app`` mounts them."""

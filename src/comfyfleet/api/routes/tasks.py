@@ -1,0 +1,211 @@
+"""``/api/v1/tasks``: submit, list, read and cancel tasks (the seed's routes and fields)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Path, Query
+from starlette.responses import Response
+
+from comfyfleet.api.auth import Principal, authenticate
+from comfyfleet.api.deps import get_settings, get_store
+from comfyfleet.api.errors import ApiError, InvalidInput
+from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmission, error_responses, task_json
+from comfyfleet.config import Settings
+from comfyfleet.domain import NewTask, TaskStatus
+from comfyfleet.domain.graph import validate_graph
+from comfyfleet.store import Store
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["tasks"])
+
+MAX_LIST_LIMIT = 500
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=64)]
+
+
+def _known_pools(settings: Settings) -> set[str]:
+    names = {pool.name for pool in settings.pools}
+    if settings.workers:
+        names.add("default")  # the static workers given with --worker form the pool "default"
+    return names
+
+
+def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
+    limits = settings.limits
+    if not limits.min_priority <= submission.priority <= limits.max_priority:
+        raise InvalidInput(
+            f"priority must be an integer from {limits.min_priority} to {limits.max_priority}, "
+            f"got {submission.priority}",
+            [{"loc": ["body", "priority"], "message": "out of range", "type": "priority_out_of_range"}],
+        )
+    problems = validate_graph(submission.payload, max_nodes=limits.max_nodes)
+    if problems:
+        first = problems[0].message
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise InvalidInput(
+            f"the payload is not a valid workflow graph: {first}{more}",
+            [{"loc": ["body", "payload", *(part for part in (problem.node_id, problem.input_name) if part is not None)],
+              **problem.as_dict()} for problem in problems],
+            error="invalid_graph",
+        )
+    if submission.pool is not None:
+        known = _known_pools(settings)
+        if known and submission.pool not in known:
+            raise InvalidInput(
+                f"unknown pool {submission.pool!r}; configured pools: {', '.join(sorted(known))}",
+                [{"loc": ["body", "pool"], "message": "unknown pool", "type": "unknown_pool"}],
+                error="unknown_pool",
+            )
+
+
+@router.post(
+    "/tasks",
+    status_code=201,
+    response_model=TaskOut,
+    summary="Submit a workflow",
+    responses={
+        200: {"model": TaskOut, "description": "This Idempotency-Key was used before: the original task."},
+        **error_responses(400, 401, 413, 415, 422, 503),
+    },
+)
+async def submit_task(
+    submission: TaskSubmission,
+    principal: PrincipalDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+            description="Retry-safe submission: the same key from the same tenant returns the original task "
+            "(200) instead of creating another.",
+        ),
+    ] = None,
+) -> Response:
+    """Queue a ComfyUI workflow (an API-format graph) to run on the fleet.
+
+    The graph is checked before it is stored: every node needs a `class_type` and an `inputs` object,
+    every link `[node_id, output_index]` must name a node of the graph, and the links must not form a
+    cycle. A 422 `invalid_graph` lists every problem with the node and input at fault.
+    The task is durably stored before the 201 is sent.
+    """
+    _check_submission(submission, settings)
+    dispatch = settings.dispatch
+    new = NewTask(
+        payload=submission.payload,
+        workflow_id=submission.workflow_id,
+        priority=submission.priority,
+        max_retries=submission.max_retries if submission.max_retries is not None else dispatch.default_max_retries,
+        timeout_s=submission.timeout_s if submission.timeout_s is not None else dispatch.default_timeout_s,
+        tenant=principal.tenant,
+        idempotency_key=idempotency_key,
+        pool=submission.pool,
+        inputs=submission.inputs,
+        webhook=submission.webhook,
+        metadata=submission.metadata,
+    )
+    task, created = await store.create_task(new)
+    headers = {"Location": f"/api/v1/tasks/{task.id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONBody(task_json(task), status_code=201 if created else 200, headers=headers)
+
+
+def _parse_statuses(raw: str | None) -> list[TaskStatus] | None:
+    if raw is None:
+        return None
+    names = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    valid = {status.value for status in TaskStatus}
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise InvalidInput(
+            f"unknown status {', '.join(map(repr, unknown))}; use one or more of {', '.join(sorted(valid))}",
+            [{"loc": ["query", "status"], "message": "unknown status", "type": "enum"}],
+        )
+    return [TaskStatus(name) for name in dict.fromkeys(names)] or None
+
+
+@router.get(
+    "/tasks",
+    response_model=TaskListOut,
+    summary="List tasks",
+    responses=error_responses(401, 422, 503),
+)
+async def list_tasks(
+    principal: PrincipalDep,
+    store: StoreDep,
+    status: Annotated[
+        str | None,
+        Query(description="Only tasks in these statuses, comma-separated (e.g. pending,running).", max_length=200),
+    ] = None,
+    workflow_id: Annotated[str | None, Query(description="Only tasks with this workflow_id.", max_length=256)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="Page size.")] = 50,
+    cursor: Annotated[
+        str | None, Query(description="The next_cursor of the previous page.", max_length=200)
+    ] = None,
+) -> Response:
+    """Tasks newest first, in pages: follow `next_cursor` until it is null. A tenant sees its own tasks."""
+    page = await store.list_tasks(
+        tenant=principal.visible_tenant,
+        statuses=_parse_statuses(status),
+        workflow_id=workflow_id,
+        limit=limit,
+        cursor=cursor,
+    )
+    tasks = [task_json(task) for task in page.tasks]
+    return JSONBody({"tasks": tasks, "count": len(tasks), "next_cursor": page.next_cursor})
+
+
+def _checked_task_id(task_id: str) -> str:
+    # Ids are UUIDs; anything else cannot exist, and some databases would reject it with a type error.
+    try:
+        return str(uuid.UUID(task_id))
+    except ValueError:
+        raise ApiError(404, "not_found", f"no task {task_id[:80]!r}") from None
+
+
+@router.get(
+    "/tasks/{task_id}",
+    response_model=TaskOut,
+    summary="Get a task",
+    responses=error_responses(401, 404, 503),
+)
+async def get_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) -> Response:
+    """The whole task. A pending task also has `queue_position` (1 = next to run)."""
+    task = await store.get_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
+    return JSONBody(task_json(task, queue_position=position))
+
+
+@router.delete(
+    "/tasks/{task_id}",
+    response_model=TaskOut,
+    summary="Cancel a task",
+    responses={
+        202: {"model": TaskOut, "description": "The task is running: cancel_requested is true and the worker's "
+              "prompt is being stopped; the task becomes cancelled shortly."},
+        **error_responses(401, 404, 409, 503),
+    },
+)
+async def cancel_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) -> Response:
+    """Cancel a task. A pending task is cancelled at once (200). A running one is stopped on its worker
+    (202 with `cancel_requested: true`). A task that already ended is a 409."""
+    task = await store.cancel_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    if task.status is TaskStatus.RUNNING:
+        logger.info("task_cancel_requested task_id=%s", task.id)
+        return JSONBody(task_json(task), status_code=202)
+    if task.status is not TaskStatus.CANCELLED:
+        # The store resolved the race differently (e.g. the task ended meanwhile); say so plainly.
+        raise ApiError(409, "conflict", f"task {task.id} is already {task.status.value}")
+    logger.info("task_cancelled task_id=%s", task.id)
+    return JSONBody(task_json(task))

@@ -1,0 +1,240 @@
+"""Wire models of the REST API: what clients send and receive (also the OpenAPI schema).
+
+Responses are built as plain dicts by :func:`task_json` and serialized once by pydantic-core, which is
+several times cheaper than validating a response model per request; the models below still describe
+them exactly for ``/openapi.json`` and ``/docs``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic_core import to_json
+from starlette.responses import Response
+
+from comfyfleet.domain import QueueMetrics, Task
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_RETRIES = 100
+
+TaskStatusName = Literal["pending", "running", "completed", "failed", "cancelled"]
+TaskPhaseName = Literal["dispatching", "queued_on_worker", "executing"]
+
+
+class TaskSubmission(BaseModel):
+    """Body of ``POST /api/v1/tasks``. Unknown fields are refused so a misspelt option is not silently ignored."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{
+                "workflow_id": "text_to_image_v1",
+                "priority": 5,
+                "payload": {
+                    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev-fp8.safetensors"}},
+                    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 512, "width": 512}},
+                    "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a glass bottle"}},
+                    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "text, watermark"}},
+                    "3": {"class_type": "KSampler", "inputs": {
+                        "cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0],
+                        "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": 46588125086418,
+                        "steps": 20}},
+                    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+                    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+                },
+            }],
+        },
+    )
+
+    payload: dict[str, Any] = Field(
+        description="The workflow as a ComfyUI API-format graph: node id → {class_type, inputs}. Links are "
+        "[node_id, output_index]; every link must name a node of the graph and the links must not form a cycle.",
+    )
+    workflow_id: str | None = Field(
+        default=None, max_length=256, description="A label of your choosing (e.g. the workflow's name); filterable."
+    )
+    priority: StrictInt = Field(
+        default=0,
+        description="Higher runs first; equal priorities run in submission order. An integer within the "
+        "server's limits (by default -1,000,000 to 1,000,000).",
+    )
+    max_retries: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_RETRIES,
+        description="How many times a failed attempt may be retried (worker lost, out of memory…). "
+        "Default: the server's dispatch.default_max_retries.",
+    )
+    timeout_s: StrictFloat | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT_S,
+        description="Seconds one attempt may run before it is interrupted. Default: dispatch.default_timeout_s.",
+    )
+    pool: str | None = Field(default=None, max_length=128, description="Run only on workers of this pool.")
+    inputs: list[dict[str, Any]] | None = Field(
+        default=None, description="Input files to place on the worker before the run (see the input-file docs)."
+    )
+    webhook: dict[str, Any] | None = Field(
+        default=None, description='Where to POST the outcome: {"url": "https://…"} (a plain URL string also works).'
+    )
+    metadata: dict[str, Any] | None = Field(default=None, description="Free-form data kept with the task and returned as is.")
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _webhook_url_shorthand(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+class AttemptOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    attempt: int
+    worker_id: str | None = None
+    prompt_id: str | None = None
+    error: str | None = None
+    kind: str | None = None
+
+
+class TaskOut(BaseModel):
+    """A task: every field of the seed's Task plus the lifecycle's. Times are RFC 3339 UTC strings."""
+
+    id: str
+    workflow_id: str | None
+    priority: int
+    status: TaskStatusName
+    payload: dict[str, Any]
+    worker_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    result: dict[str, Any] | None
+    error: str | None
+    retry_count: int
+    max_retries: int
+    phase: TaskPhaseName | None = Field(description="Inside running: dispatching, queued_on_worker or executing.")
+    attempt: int = Field(description="Number of the current (or last) attempt; 0 before the first claim.")
+    prompt_id: str | None
+    timeout_s: float
+    not_before: datetime | None = Field(description="A retry waits until then.")
+    tenant: str
+    updated_at: datetime
+    pool: str | None
+    progress: dict[str, Any] | None
+    attempts: list[AttemptOut]
+    error_kind: str | None
+    error_details: dict[str, Any] | None
+    cancel_requested: bool
+    idempotency_key: str | None
+    inputs: list[dict[str, Any]] | None
+    webhook: dict[str, Any] | None
+    metadata: dict[str, Any] | None
+    queue_position: int | None = Field(
+        description="1 = next to run. Given by GET /api/v1/tasks/{id} for a pending task; null otherwise "
+        "(and in lists and submissions, where computing it would slow the queue down)."
+    )
+
+
+class TaskListOut(BaseModel):
+    tasks: list[TaskOut]
+    count: int = Field(description="Number of tasks in this page.")
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class QueueMetricsOut(BaseModel):
+    pending_tasks: int
+    running_tasks: int
+    completed_tasks: int
+    failed_tasks: int
+    cancelled_tasks: int
+    oldest_pending_age_s: float | None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready"]
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="A stable snake_case code, e.g. invalid_graph, not_found, unauthorized.")
+    code: int = Field(description="The HTTP status.")
+    message: str = Field(description="What went wrong, in a sentence.")
+    details: dict[str, Any] | None = None
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting the error shape for these statuses."""
+    return {status: {"model": ErrorOut} for status in statuses}
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # the store's times are UTC; a naive one is read as UTC, never as local time
+        return moment.replace(tzinfo=UTC)
+    offset = moment.utcoffset()
+    return moment if offset is not None and not offset else moment.astimezone(UTC)
+
+
+def _redacted_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
+    if webhook is None or "secret" not in webhook:
+        return webhook
+    return {**webhook, "secret": "********"}
+
+
+def task_json(task: Task, queue_position: int | None = None) -> dict[str, Any]:
+    """The wire form of a task (see :class:`TaskOut`)."""
+    return {
+        "id": task.id,
+        "workflow_id": task.workflow_id,
+        "priority": task.priority,
+        "status": task.status.value,
+        "payload": task.payload,
+        "worker_id": task.worker_id,
+        "created_at": _utc(task.created_at),
+        "started_at": _utc(task.started_at),
+        "completed_at": _utc(task.completed_at),
+        "result": task.result,
+        "error": task.error,
+        "retry_count": task.retry_count,
+        "max_retries": task.max_retries,
+        "phase": task.phase.value if task.phase is not None else None,
+        "attempt": task.attempt,
+        "prompt_id": task.prompt_id,
+        "timeout_s": task.timeout_s,
+        "not_before": _utc(task.not_before),
+        "tenant": task.tenant,
+        "updated_at": _utc(task.updated_at),
+        "pool": task.pool,
+        "progress": task.progress,
+        "attempts": task.attempts,
+        "error_kind": task.error_kind,
+        "error_details": task.error_details,
+        "cancel_requested": task.cancel_requested,
+        "idempotency_key": task.idempotency_key,
+        "inputs": task.inputs,
+        "webhook": _redacted_webhook(task.webhook),
+        "metadata": task.metadata,
+        "queue_position": queue_position,
+    }
+
+
+def queue_metrics_json(metrics: QueueMetrics) -> dict[str, Any]:
+    return {
+        "pending_tasks": metrics.pending_tasks,
+        "running_tasks": metrics.running_tasks,
+        "completed_tasks": metrics.completed_tasks,
+        "failed_tasks": metrics.failed_tasks,
+        "cancelled_tasks": metrics.cancelled_tasks,
+        "oldest_pending_age_s": metrics.oldest_pending_age_s,
+    }
+
+
+class JSONBody(Response):
+    """JSON rendered by pydantic-core: handles datetimes (RFC 3339, ``Z`` for UTC) and is fast."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return to_json(content)

@@ -1,0 +1,282 @@
+"""The composition root: builds every component from the settings, runs them, shuts them down.
+
+Only this module picks concrete backends (store by URL, later providers and output storage). Long-lived
+components are async context managers entered in one ``AsyncExitStack`` (closed in reverse order:
+HTTP stops before the dispatcher, the dispatcher before the store), and their loops run as named tasks
+of one ``TaskGroup`` next to the HTTP server. If a loop dies, the whole service stops loudly instead of
+limping on.
+
+``serve(settings)`` is what ``comfyfleet serve`` calls; it is the one place that installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any, Self
+
+import uvicorn
+from fastapi import FastAPI
+
+from comfyfleet.api import create_app
+from comfyfleet.config import Settings
+from comfyfleet.store import Store, StoreError, open_store
+
+logger = logging.getLogger("comfyfleet.runtime")
+
+# Seconds that open HTTP requests get to finish after a stop was asked for.
+GRACEFUL_SHUTDOWN_S = 10
+
+ServiceLoop = Callable[[], Awaitable[None]]
+
+
+class RuntimeFailure(Exception):
+    """Root of the runtime's errors: start-up failed, or a component's loop stopped on its own."""
+
+
+class StartupError(RuntimeFailure):
+    """The service could not start (store unreachable, address in use…); the message says why."""
+
+
+class ServiceDied(RuntimeFailure):
+    """A background loop raised or returned while the service was meant to be running."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume others can reach it
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: stops come from :meth:`Runtime.request_stop`, and
+    uvicorn's habit of re-raising the signal after shutdown would kill the process before the
+    runtime closed the store."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Runtime:
+    """Everything comfyfleet runs in one process: store, HTTP API and (later) dispatcher and fleet.
+
+    ``async with Runtime(settings) as runtime: await runtime.run()``. Entering opens and migrates the
+    store and builds the app; :meth:`run` serves until :meth:`request_stop` (or a loop dies).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = AsyncExitStack()
+        self._loops: list[tuple[str, ServiceLoop]] = []
+        self._services: dict[str, Any] = {}
+        self._server: _Server | None = None
+        self._stop_requested = False
+        self._store: Store | None = None
+        self._app: FastAPI | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeFailure("the runtime is not started: use 'async with Runtime(settings)'")
+        return self._store
+
+    @property
+    def app(self) -> FastAPI:
+        if self._app is None:
+            raise RuntimeFailure("the runtime is not started: use 'async with Runtime(settings)'")
+        return self._app
+
+    @property
+    def bound_port(self) -> int | None:
+        """The port actually listened on (useful with port 0), once :meth:`run` bound it."""
+        return self._socket.getsockname()[1] if self._socket is not None else None
+
+    def add_loop(self, name: str, loop: ServiceLoop) -> None:
+        """Run ``loop()`` next to the HTTP server for the life of the service (call before :meth:`run`).
+        It is cancelled at shutdown; if it raises or returns earlier, the service stops."""
+        self._loops.append((name, loop))
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        try:
+            store = await self._stack.enter_async_context(open_store(settings.store))
+            applied = await store.migrate()
+        except StoreError as exc:
+            raise StartupError(f"cannot open the store {_redact(settings.store)}: {exc}") from exc
+        if applied:
+            logger.info("store_migrated store=%s versions=%s", _redact(settings.store), ",".join(map(str, applied)))
+        self._store = store
+
+        # -- worker manager (fleet/) ----------------------------------------------------------------
+        # Plug in here: enter the FleetManager in the stack, register its loop and expose it to the API:
+        #   fleet = await self._stack.enter_async_context(FleetManager(settings, store))
+        #   self.add_loop("fleet", fleet.run); self._services["fleet"] = fleet
+        # -- dispatcher (dispatch/) -----------------------------------------------------------------
+        # Plug in here, after the fleet (it needs the WorkerDirectory), the same way:
+        #   dispatcher = await self._stack.enter_async_context(Dispatcher(settings, store, fleet))
+        #   self.add_loop("dispatcher", dispatcher.run); self._services["dispatcher"] = dispatcher
+        if "fleet" not in self._services:
+            logger.warning(
+                "running_without_workers: comfyfleet runs with no workers yet; submitted tasks wait "
+                "in the queue until workers exist"
+            )
+
+        self._app = create_app(settings, store, **self._services)
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (the first call) or stop at once (the second)."""
+        server = self._server
+        if self._stop_requested and server is not None:
+            logger.warning("shutdown_forced")
+            server.force_exit = True
+        self._stop_requested = True
+        if server is not None:
+            server.should_exit = True
+
+    async def run(self) -> None:
+        """Serve HTTP and run the loops until :meth:`request_stop`; raise :class:`ServiceDied` if a loop dies."""
+        settings = self.settings
+        self._socket = sock = _listen(settings.host, settings.port)
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",  # the runtime owns start-up and shutdown
+            log_config=None,  # logging is configured by the CLI only
+            access_log=False,
+            server_header=False,
+            http=_fastest_http(),
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        server = self._server = _Server(config)
+        if self._stop_requested:
+            server.should_exit = True
+        host, port = sock.getsockname()[:2]
+        self._warn_if_open(settings)
+        logger.info("api_listening url=http://%s:%s", f"[{host}]" if ":" in host else host, port)
+
+        failures: list[BaseException] = []
+
+        async def guarded(name: str, loop: ServiceLoop) -> None:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.exception("service_died name=%s", name)
+                failures.append(exc)
+            else:
+                if not server.should_exit:
+                    logger.error("service_died name=%s reason=returned", name)
+                    failures.append(ServiceDied(f"{name} stopped on its own"))
+            server.should_exit = True
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                loops = [group.create_task(guarded(name, loop), name=name) for name, loop in self._loops]
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    for task in loops:
+                        task.cancel()
+        finally:
+            sock.close()
+            self._socket = None
+        logger.info("api_stopped")
+        if failures:
+            raise ServiceDied(f"a background loop died: {failures[0]!r}") from failures[0]
+
+    def _warn_if_open(self, settings: Settings) -> None:
+        if not settings.api_keys and not is_loopback(settings.host):
+            logger.warning(
+                "api_unprotected host=%s: NO API KEYS ARE CONFIGURED AND THE API LISTENS ON A NON-LOOPBACK "
+                "ADDRESS: anyone who can reach %s:%s can submit, read and cancel tasks. Add api_keys to the "
+                "config (see 'comfyfleet hash-key').",
+                settings.host, settings.host, settings.port,
+            )
+
+
+def _fastest_http() -> str:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "auto"
+    return "httptools"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for ``host:port``; a clear :class:`StartupError` if the address is unusable."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _redact(url: str) -> str:
+    """The store URL without its password, for logs and messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{location}"
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def serve(settings: Settings) -> None:
+    """Run the service until SIGINT/SIGTERM (a second one forces the stop). Called by ``comfyfleet serve``.
+
+    Raises :class:`StartupError` when the service cannot start.
+    """
+
+    async def main() -> None:
+        async with Runtime(settings) as runtime:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, runtime.request_stop)
+            try:
+                await runtime.run()
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        runner.run(main())
