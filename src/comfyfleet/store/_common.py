@@ -73,9 +73,10 @@ def check_limit(limit: int) -> None:
         raise InvalidArgument(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
 
 
-def leader_key(name: str) -> int:
-    """A stable signed 64-bit advisory-lock key for a leadership name (same in every replica)."""
-    digest = hashlib.sha256(f"comfyfleet:leader:{name}".encode()).digest()
+def advisory_key(namespace: str, name: str) -> int:
+    """A stable signed 64-bit advisory-lock key (the same in every replica); namespaces keep leadership
+    names apart from the store's own locks."""
+    digest = hashlib.sha256(f"comfyfleet:{namespace}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 

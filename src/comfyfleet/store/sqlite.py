@@ -687,29 +687,53 @@ class SQLiteStore:
         limit: int = 1,
         pools: Collection[str | None] | None = None,
     ) -> list[Task]:
-        if limit < 1:
+        pool_clause, pool_params = _pool_filter(pools)
+        if limit < 1 or pool_clause is None:
             return []
         now = utcnow()
-        stamp = _ts(now)
-        pool_clause, pool_params = _pool_filter(pools)
-        if pool_clause is None:
+        picked = (
+            f"SELECT seq FROM {_PENDING} WHERE {_RUNNABLE}{pool_clause} ORDER BY priority DESC, seq LIMIT ?"
+        )
+        return await self._claim_where(f"seq IN ({picked})", (_ts(now), *pool_params, limit), owner, lease_s, now)
+
+    async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
             return []
+        now = utcnow()
+        where = f"id IN ({', '.join('?' * len(ids))}) AND {_RUNNABLE}"
+        return await self._claim_where(where, (*ids, _ts(now)), owner, lease_s, now)
+
+    async def _claim_where(
+        self, where: str, where_params: tuple[Any, ...], owner: str, lease_s: float, now: datetime
+    ) -> list[Task]:
+        stamp = _ts(now)
         sql = (
             "UPDATE tasks SET status = 'running', phase = 'dispatching', attempt = attempt + 1, "
             "started_at = coalesce(started_at, ?), attempt_started_at = ?, lease_owner = ?, lease_expires_at = ?, "
             "worker_id = NULL, prompt_id = NULL, progress = NULL, updated_at = ? "
-            f"WHERE seq IN (SELECT seq FROM {_PENDING} WHERE {_RUNNABLE}{pool_clause} "
-            "ORDER BY priority DESC, seq LIMIT ?) "
-            f"RETURNING {TASK_COLUMNS}"
+            f"WHERE {where} RETURNING {TASK_COLUMNS}"
         )
-        params = (
-            stamp, stamp, owner, _ts(now + timedelta(seconds=lease_s)), stamp, stamp, *pool_params, limit,
-        )
+        params = (stamp, stamp, owner, _ts(now + timedelta(seconds=lease_s)), stamp, *where_params)
         rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
         tasks = [_task(row) for row in rows]
         # RETURNING gives no order guarantee; callers expect claim order.
         tasks.sort(key=lambda task: (-task.priority, task.seq))
         return tasks
+
+    async def peek_pending(
+        self, *, limit: int, pools: Collection[str | None] | None = None
+    ) -> list[Task]:
+        pool_clause, pool_params = _pool_filter(pools)
+        if limit < 1 or pool_clause is None:
+            return []
+        sql = (
+            f"SELECT {TASK_COLUMNS} FROM {_PENDING} WHERE {_RUNNABLE}{pool_clause} "
+            "ORDER BY priority DESC, seq LIMIT ?"
+        )
+        params = (_ts(utcnow()), *pool_params, limit)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [_task(row) for row in rows]
 
     async def _fenced(self, lease: Lease, assignments: str, params: tuple[Any, ...]) -> Task:
         """``UPDATE`` one running attempt if ``lease`` is still current, else :class:`StaleLease`."""
@@ -827,17 +851,20 @@ class SQLiteStore:
             (reason, now, now, "cancelled", reason, "cancelled"),
         )
 
-    async def adopt_expired(self, owner: str, lease_s: float, *, limit: int = 100) -> list[Task]:
+    async def adopt_expired(
+        self, owner: str, lease_s: float, *, limit: int = 100, previous_owner: str | None = None
+    ) -> list[Task]:
         if limit < 1:
             return []
         now = utcnow()
         stamp = _ts(now)
         sql = (
             "UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, attempt = attempt + 1, updated_at = ? "
-            "WHERE seq IN (SELECT seq FROM tasks WHERE status = 'running' AND lease_expires_at <= ? "
+            "WHERE seq IN (SELECT seq FROM tasks WHERE status = 'running' "
+            "AND (lease_expires_at <= ? OR lease_owner = ?) "
             f"ORDER BY lease_expires_at LIMIT ?) RETURNING {TASK_COLUMNS}"
         )
-        params = (owner, _ts(now + timedelta(seconds=lease_s)), stamp, stamp, limit)
+        params = (owner, _ts(now + timedelta(seconds=lease_s)), stamp, stamp, previous_owner, limit)
         rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
         adopted = sorted((_task(row) for row in rows), key=lambda task: task.seq)
         for task in adopted:
