@@ -108,5 +108,80 @@ def hash_key(key: Annotated[str, typer.Argument(help="The API key to hash for th
     typer.echo(hash_api_key(key))
 
 
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(envvar="COMFYFLEET_EMULATOR_PORT", help="Port to listen on (0: a free one).")] = 8188,
+    host: Annotated[str, typer.Option(envvar="COMFYFLEET_EMULATOR_HOST", help="Address to listen on.")] = "127.0.0.1",
+    step_time: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_STEP_TIME", help="Seconds per KSampler step.")] = 0.0,
+    prompt_time: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_PROMPT_TIME", help="Fixed extra seconds of every prompt.")] = 0.0,
+    model_load_time: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_MODEL_LOAD_TIME", help="Seconds to load a model not in the LRU.")] = 0.0,
+    model_cache_size: Annotated[int, typer.Option(envvar="COMFYFLEET_EMULATOR_MODEL_CACHE_SIZE", help="Models kept loaded (LRU).")] = 2,
+    startup_delay: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_STARTUP_DELAY", help="Seconds before the port opens.")] = 0.0,
+    history_delay: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_HISTORY_DELAY", help="Gap between execution_success and the history write.")] = 0.0,
+    failure_rate: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_FAILURE_RATE", help="Probability of an execution_error.")] = 0.0,
+    oom_rate: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_OOM_RATE", help="Probability of a torch out-of-memory error.")] = 0.0,
+    crash_after: Annotated[int | None, typer.Option(envvar="COMFYFLEET_EMULATOR_CRASH_AFTER", help="Exit the process when prompt N+1 starts.", show_default=False)] = None,
+    hang: Annotated[str, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG", help="Seconds a node ignores interrupts ('inf': forever).")] = "0",
+    hang_rate: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG_RATE", help="Probability that a prompt hangs.")] = 1.0,
+    hang_node: Annotated[str | None, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG_NODE", help="class_type that hangs (default: the first node run).", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(envvar="COMFYFLEET_EMULATOR_SEED", help="Seed of the random faults.", show_default=False)] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", envvar="COMFYFLEET_EMULATOR_MODELS", help="FOLDER/NAME of a model file (repeatable; replaces the defaults).", show_default=False),
+    ] = None,
+    strict_models: Annotated[bool, typer.Option(envvar="COMFYFLEET_EMULATOR_STRICT_MODELS", help="Only listed model names are valid.")] = False,
+    cache_none: Annotated[bool, typer.Option("--cache-none", envvar="COMFYFLEET_EMULATOR_CACHE_NONE", help="No node-output cache.")] = False,
+    previews: Annotated[bool, typer.Option(envvar="COMFYFLEET_EMULATOR_PREVIEWS", help="KSampler sends binary previews.")] = False,
+    base_dir: Annotated[str | None, typer.Option(envvar="COMFYFLEET_EMULATOR_BASE_DIR", help="Folder for input/, output/, temp/ (default: a temporary one).", show_default=False)] = None,
+    log_level: Annotated[str, typer.Option(envvar="COMFYFLEET_LOG_LEVEL", help="Log level.")] = "info",
+) -> None:
+    """Run the ComfyUI emulator: a stand-in ComfyUI server for tests, demos and benchmarks."""
+    import asyncio
+    import math
+    import os
+    import signal
+
+    from comfyfleet.comfy.emulator import DEFAULT_MODELS, EmulatorOptions, OptionsError
+    from comfyfleet.comfy.emulator import serve as serve_emulator
+
+    _configure_logging(log_level)
+    models: dict[str, list[str]] = {folder: list(names) for folder, names in DEFAULT_MODELS.items()}
+    if model:
+        models = {}
+        for entry in model:
+            folder, _, name = entry.rpartition("/")
+            models.setdefault(folder or "checkpoints", []).append(name)
+    try:
+        hang_s = math.inf if hang in ("inf", "forever") else float(hang)
+        options = EmulatorOptions(
+            step_time_s=step_time, prompt_time_s=prompt_time, model_load_s=model_load_time,
+            model_cache_size=model_cache_size, startup_delay_s=startup_delay, history_delay_s=history_delay,
+            failure_rate=failure_rate, oom_rate=oom_rate, crash_after=crash_after, hang_s=hang_s,
+            hang_rate=hang_rate, hang_node=hang_node, seed=seed, cache=not cache_none, previews=previews,
+            models=models, accept_any_model=not strict_models, base_dir=base_dir,
+        )  # fmt: skip
+    except (OptionsError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+    def crash() -> None:
+        logging.getLogger("comfyfleet.emulator").warning("emulator_crash_exit code=70")
+        os._exit(70)
+
+    def listening(url: str) -> None:
+        typer.echo(f"comfyfleet emulator listening on {url}")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_emulator(options, host, port, stop, on_crash=crash, on_listening=listening)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def main() -> None:
     app()
