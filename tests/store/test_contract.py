@@ -1,0 +1,392 @@
+"""The behavioural contract of the store: every test here runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from comfyfleet.domain import NewTask, TaskPhase, TaskStatus, Worker, WorkerState
+from comfyfleet.store import (
+    Conflict,
+    InvalidArgument,
+    Lease,
+    NotFound,
+    StaleLease,
+    Store,
+)
+
+PAYLOAD: dict[str, Any] = {
+    "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20, "model": ["4", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model.safetensors"}},
+}
+
+
+def new(priority: int = 0, **fields: Any) -> NewTask:
+    return NewTask(payload=PAYLOAD, priority=priority, **fields)
+
+
+def lease_of(task: Any) -> Lease:
+    assert task.lease_owner is not None
+    return Lease(task.id, task.attempt, task.lease_owner)
+
+
+def claim_order(tasks: list[Any]) -> list[str]:
+    return [task.id for task in sorted(tasks, key=lambda task: (-task.priority, task.seq))]
+
+
+async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None:
+    before = datetime.now(UTC)
+    first, created = await store.create_task(
+        new(3, workflow_id="wf", tenant="acme", pool="gpu", inputs=[{"name": "a.png"}],
+            webhook={"url": "http://hook"}, metadata={"k": "v"}, max_retries=5, timeout_s=60.0)
+    )
+    second, _ = await store.create_task(new())
+    assert created
+    assert uuid.UUID(first.id).version == 4
+    assert second.seq > first.seq
+    assert first.status is TaskStatus.PENDING and first.attempt == 0 and first.retry_count == 0
+    assert first.created_at.utcoffset() == timedelta(0)
+    assert before - timedelta(seconds=5) <= first.created_at <= datetime.now(UTC) + timedelta(seconds=5)
+
+    stored = await store.get_task(first.id)
+    assert stored.payload == PAYLOAD
+    assert (stored.workflow_id, stored.priority, stored.tenant, stored.pool) == ("wf", 3, "acme", "gpu")
+    assert (stored.inputs, stored.webhook, stored.metadata) == ([{"name": "a.png"}], {"url": "http://hook"}, {"k": "v"})
+    assert (stored.max_retries, stored.timeout_s) == (5, 60.0)
+    assert stored.created_at == first.created_at and stored.seq == first.seq
+    assert stored.started_at is None and stored.completed_at is None and stored.attempts == []
+
+
+async def test_get_task_hides_other_tenants(store: Store) -> None:
+    task, _ = await store.create_task(new(tenant="alice"))
+    assert (await store.get_task(task.id, tenant="alice")).id == task.id
+    with pytest.raises(NotFound):
+        await store.get_task(task.id, tenant="bob")
+    with pytest.raises(NotFound):
+        await store.get_task(str(uuid.uuid4()))
+
+
+async def test_idempotency_key_returns_the_original_task(store: Store) -> None:
+    original, created = await store.create_task(new(1, idempotency_key="k1", tenant="alice"))
+    again, created_again = await store.create_task(new(9, idempotency_key="k1", tenant="alice"))
+    other_tenant, created_other = await store.create_task(new(idempotency_key="k1", tenant="bob"))
+    assert created and not created_again and created_other
+    assert again.id == original.id and again.priority == 1
+    assert other_tenant.id != original.id
+
+
+async def test_idempotency_holds_under_concurrent_submissions(store: Store) -> None:
+    results = await asyncio.gather(*(store.create_task(new(idempotency_key="same")) for _ in range(25)))
+    assert sum(created for _, created in results) == 1
+    assert len({task.id for task, _ in results}) == 1
+    assert (await store.queue_metrics()).pending_tasks == 1
+
+
+async def test_priority_then_fifo_for_queue_position_and_claims(store: Store) -> None:
+    rng = random.Random(20240501)
+    tasks = [(await store.create_task(new(rng.randint(-2, 3))))[0] for _ in range(100)]
+    expected = claim_order(tasks)
+    positions = {task.id: await store.queue_position(task.id) for task in tasks}
+    assert sorted(positions, key=lambda task_id: positions[task_id]) == expected
+    assert sorted(positions.values()) == list(range(1, 101))
+
+    claimed: list[str] = []
+    while len(claimed) < 100:
+        batch = await store.claim("dispatcher", 60, limit=rng.randint(1, 7))
+        assert batch, "a claim returned nothing while tasks were pending"
+        claimed.extend(task.id for task in batch)
+    assert claimed == expected
+    assert await store.claim("dispatcher", 60) == []
+
+
+async def test_claim_starts_an_attempt(store: Store) -> None:
+    task, _ = await store.create_task(new())
+    [claimed] = await store.claim("d1", 30)
+    assert claimed.id == task.id
+    assert claimed.status is TaskStatus.RUNNING and claimed.phase is TaskPhase.DISPATCHING
+    assert claimed.attempt == 1 and claimed.lease_owner == "d1"
+    assert claimed.started_at is not None and claimed.lease_expires_at is not None
+    assert timedelta(seconds=25) < claimed.lease_expires_at - claimed.started_at <= timedelta(seconds=31)
+    assert await store.queue_position(task.id) is None
+    assert [running.id for running in await store.running_tasks("d1")] == [task.id]
+    assert await store.running_tasks("d2") == []
+
+
+async def test_claim_filters_pools_and_skips_tasks_not_due(store: Store) -> None:
+    gpu, _ = await store.create_task(new(pool="gpu"))
+    plain, _ = await store.create_task(new())
+    assert await store.claim("d", 30, pools=[]) == []
+    assert [task.id for task in await store.claim("d", 30, pools=["gpu"])] == [gpu.id]
+    assert [task.id for task in await store.claim("d", 30, pools=["gpu", None])] == [plain.id]
+
+    later, _ = await store.create_task(new(5))
+    [running] = await store.claim("d", 30)
+    assert running.id == later.id
+    await store.retry_task(lease_of(running), datetime.now(UTC) + timedelta(hours=1), "lost", "worker_lost")
+    assert await store.claim("d", 30) == []
+    assert (await store.demand_by_pool()) == {"gpu": (0, 1), None: (0, 1)}
+
+
+async def test_peek_pending_and_claim_ids(store: Store) -> None:
+    low, _ = await store.create_task(new(0))
+    high, _ = await store.create_task(new(2))
+    peeked = await store.peek_pending(limit=5)
+    assert [task.id for task in peeked] == [high.id, low.id]
+    assert all(task.status is TaskStatus.PENDING for task in peeked)
+    claimed = await store.claim_ids("d", 30, [low.id, str(uuid.uuid4())])
+    assert [task.id for task in claimed] == [low.id] and claimed[0].attempt == 1
+    assert await store.claim_ids("d", 30, [low.id]) == []  # already running
+    assert [task.id for task in await store.peek_pending(limit=5)] == [high.id]
+
+
+async def test_writes_are_fenced_by_the_lease(store: Store) -> None:
+    task, _ = await store.create_task(new())
+    [claimed] = await store.claim("d1", 30)
+    lease = lease_of(claimed)
+    with pytest.raises(StaleLease):
+        await store.record_dispatch(Lease(task.id, lease.attempt + 1, "d1"), "w1", "p1")
+    with pytest.raises(StaleLease):
+        await store.set_phase(Lease(task.id, lease.attempt, "someone-else"), TaskPhase.EXECUTING)
+    with pytest.raises(NotFound):
+        await store.complete_task(Lease(str(uuid.uuid4()), 1, "d1"), {})
+    dispatched = await store.record_dispatch(lease, "w1", "p1")
+    assert (dispatched.worker_id, dispatched.prompt_id) == ("w1", "p1")
+    executing = await store.set_phase(lease, TaskPhase.EXECUTING, {"node": "3"})
+    assert executing.phase is TaskPhase.EXECUTING and executing.progress == {"node": "3"}
+    await store.set_progress(lease, {"node": "3", "value": 5, "max": 20})
+    assert (await store.get_task(task.id)).progress == {"node": "3", "value": 5, "max": 20}
+    await store.complete_task(lease, {"images": []})
+    for stale_write in (
+        store.set_progress(lease, {}),
+        store.fail_task(lease, "late", "x"),
+        store.retry_task(lease, datetime.now(UTC), "late", "x"),
+        store.release_task(lease),
+        store.finish_cancelled(lease),
+    ):
+        with pytest.raises(StaleLease):
+            await stale_write
+    assert (await store.get_task(task.id)).status is TaskStatus.COMPLETED
+
+
+async def test_expired_leases_are_adopted_with_the_same_prompt(store: Store) -> None:
+    task, _ = await store.create_task(new())
+    [claimed] = await store.claim("dead", 0)  # expires at once: its owner stops renewing
+    old_lease = lease_of(claimed)
+    await store.record_dispatch(old_lease, "w1", "prompt-1")
+    [adopted] = await store.adopt_expired("alive", 30)
+    assert adopted.id == task.id and adopted.lease_owner == "alive"
+    assert adopted.attempt == old_lease.attempt + 1
+    assert (adopted.worker_id, adopted.prompt_id) == ("w1", "prompt-1")
+    assert adopted.status is TaskStatus.RUNNING
+    with pytest.raises(StaleLease):
+        await store.complete_task(old_lease, {})
+    assert await store.adopt_expired("third", 30) == []  # the new lease is current
+    assert await store.renew_leases("alive", 30) == 1
+    assert await store.renew_leases("dead", 30) == 0
+    done = await store.complete_task(lease_of(adopted), {"ok": True})
+    assert done.status is TaskStatus.COMPLETED and done.result == {"ok": True}
+
+
+async def test_adopt_takes_a_previous_owners_tasks_at_once(store: Store) -> None:
+    await store.create_task(new())
+    await store.create_task(new())
+    first, second = await store.claim("replica-a", 600, limit=2)
+    assert await store.adopt_expired("replica-b", 600) == []
+    adopted = await store.adopt_expired("replica-a", 600, previous_owner="replica-a")
+    assert sorted(task.id for task in adopted) == sorted([first.id, second.id])
+    assert all(task.attempt == 2 and task.lease_owner == "replica-a" for task in adopted)
+
+
+async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) -> None:
+    task, _ = await store.create_task(new())
+    [claimed] = await store.claim("d", 30)
+    await store.record_dispatch(lease_of(claimed), "w1", "p1")
+    due = datetime.now(UTC) + timedelta(hours=1)
+    retried = await store.retry_task(lease_of(claimed), due, "worker went away", "worker_lost", {"code": 1})
+    assert retried.status is TaskStatus.PENDING and retried.retry_count == 1
+    assert retried.not_before == due
+    assert (retried.phase, retried.worker_id, retried.prompt_id, retried.lease_owner) == (None, None, None, None)
+    assert (retried.error, retried.error_kind, retried.error_details) == ("worker went away", "worker_lost", {"code": 1})
+    [attempt] = retried.attempts
+    assert attempt["attempt"] == 1 and attempt["outcome"] == "retry"
+    assert (attempt["worker_id"], attempt["prompt_id"], attempt["error"], attempt["kind"]) == (
+        "w1", "p1", "worker went away", "worker_lost"
+    )
+    assert datetime.fromisoformat(attempt["started_at"]) <= datetime.fromisoformat(attempt["ended_at"])
+    assert retried.started_at == claimed.started_at
+
+    assert await store.claim("d", 30) == []
+    assert await store.next_due_at() == due
+    assert await store.queue_position(task.id) == 1  # its place once due: nothing runnable is ahead
+    newer, _ = await store.create_task(new())
+    assert await store.queue_position(task.id) == 1  # FIFO among runnable tasks once due: it is older
+
+
+async def test_retry_once_due_starts_the_next_attempt(store: Store) -> None:
+    await store.create_task(new())
+    [claimed] = await store.claim("d", 30)
+    await store.retry_task(lease_of(claimed), datetime.now(UTC) - timedelta(seconds=1), "oom", "out_of_memory")
+    assert await store.next_due_at() is None
+    [again] = await store.claim("d", 30)
+    assert again.attempt == 2 and again.retry_count == 1
+    failed = await store.fail_task(lease_of(again), "oom again", "out_of_memory", {"vram": 1})
+    assert failed.status is TaskStatus.FAILED and failed.completed_at is not None
+    assert [entry["outcome"] for entry in failed.attempts] == ["retry", "failed"]
+    assert [entry["attempt"] for entry in failed.attempts] == [1, 2]
+
+
+async def test_release_gives_the_task_back_without_a_retry(store: Store) -> None:
+    first, _ = await store.create_task(new())
+    second, _ = await store.create_task(new())
+    [claimed] = await store.claim("d", 30)
+    released = await store.release_task(lease_of(claimed))
+    assert released.status is TaskStatus.PENDING and released.retry_count == 0 and released.attempts == []
+    assert released.lease_owner is None and released.started_at is None
+    assert await store.queue_position(first.id) == 1 and await store.queue_position(second.id) == 2
+    with pytest.raises(StaleLease):
+        await store.record_dispatch(lease_of(claimed), "w", "p")
+    [again] = await store.claim("d", 30)
+    assert again.id == first.id and again.attempt == 2
+
+
+async def test_cancel_pending_running_and_finished_tasks(store: Store) -> None:
+    pending, _ = await store.create_task(new(tenant="alice"))
+    cancelled = await store.cancel_task(pending.id, tenant="alice")
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.completed_at is not None
+    with pytest.raises(Conflict):
+        await store.cancel_task(pending.id)
+
+    running, _ = await store.create_task(new(tenant="alice"))
+    [claimed] = await store.claim("d", 30)
+    with pytest.raises(NotFound):
+        await store.cancel_task(running.id, tenant="bob")
+    with pytest.raises(NotFound):
+        await store.cancel_task(str(uuid.uuid4()))
+    requested = await store.cancel_task(running.id)
+    assert requested.status is TaskStatus.RUNNING and requested.cancel_requested
+    assert (await store.cancel_task(running.id)).cancel_requested  # asking twice is harmless
+    finished = await store.finish_cancelled(lease_of(claimed), "stopped on request")
+    assert finished.status is TaskStatus.CANCELLED and finished.error == "stopped on request"
+    assert finished.completed_at is not None and [entry["outcome"] for entry in finished.attempts] == ["cancelled"]
+    with pytest.raises(Conflict):
+        await store.cancel_task(running.id)
+
+
+async def test_a_requested_cancel_wins_over_retry_and_release(store: Store) -> None:
+    for give_back in ("retry", "release"):
+        task, _ = await store.create_task(new())
+        [claimed] = await store.claim("d", 30)
+        await store.cancel_task(task.id)
+        if give_back == "retry":
+            ended = await store.retry_task(lease_of(claimed), datetime.now(UTC), "lost", "worker_lost")
+        else:
+            ended = await store.release_task(lease_of(claimed))
+        assert ended.status is TaskStatus.CANCELLED, give_back
+    assert await store.claim("d", 30) == []
+
+
+async def test_list_tasks_pages_newest_first_with_filters(store: Store) -> None:
+    created = [(await store.create_task(new(workflow_id="a" if i % 2 else "b", tenant="t")))[0] for i in range(7)]
+    await store.create_task(new(tenant="other"))
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = await store.list_tasks(tenant="t", limit=3, cursor=cursor)
+        seen.extend(task.id for task in page.tasks)
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [task.id for task in reversed(created)] and pages == 3
+    only_a = await store.list_tasks(workflow_id="a", tenant="t")
+    assert [task.id for task in only_a.tasks] == [task.id for task in reversed(created) if task.workflow_id == "a"]
+    await store.cancel_task(created[0].id)
+    cancelled = await store.list_tasks(statuses=[TaskStatus.CANCELLED])
+    assert [task.id for task in cancelled.tasks] == [created[0].id] and cancelled.next_cursor is None
+    assert (await store.list_tasks(statuses=[])).tasks == []
+    with pytest.raises(InvalidArgument):
+        await store.list_tasks(cursor="not-a-cursor")
+    with pytest.raises(InvalidArgument):
+        await store.list_tasks(limit=0)
+
+
+async def test_queue_metrics_and_counts(store: Store) -> None:
+    empty = await store.queue_metrics()
+    assert (empty.pending_tasks, empty.oldest_pending_age_s) == (0, None)
+    for priority in (0, 0, 1, 2):
+        await store.create_task(new(priority, tenant="alice"))
+    await store.create_task(new(0, tenant="bob"))
+    [claimed] = await store.claim("d", 30)
+    await store.complete_task(lease_of(claimed), {})
+    [claimed] = await store.claim("d", 30)
+    metrics = await store.queue_metrics()
+    assert (metrics.pending_tasks, metrics.running_tasks, metrics.completed_tasks) == (3, 1, 1)
+    assert (metrics.failed_tasks, metrics.cancelled_tasks) == (0, 0)
+    assert metrics.oldest_pending_age_s is not None and 0 <= metrics.oldest_pending_age_s < 60
+    assert (await store.queue_metrics(tenant="bob")).pending_tasks == 1
+    assert await store.count_by_status_and_priority() == [
+        (TaskStatus.COMPLETED, 2, 1),
+        (TaskStatus.PENDING, 0, 3),
+        (TaskStatus.RUNNING, 1, 1),
+    ]
+    assert await store.demand_by_pool() == {None: (3, 1)}
+
+
+def worker(worker_id: str, state: WorkerState, pool: str = "gpu") -> Worker:
+    now = datetime.now(UTC)
+    return Worker(id=worker_id, pool=pool, provider="static", state=state, created_at=now, updated_at=now)
+
+
+async def test_worker_records(store: Store) -> None:
+    first = await store.upsert_worker(worker("w1", WorkerState.STARTING))
+    assert first.state is WorkerState.STARTING and first.created_at.utcoffset() == timedelta(0)
+    changed = worker("w1", WorkerState.IDLE)
+    changed.endpoint = "http://127.0.0.1:8188"
+    changed.loaded_models = ["model.safetensors"]
+    changed.node_types = ["KSampler"]
+    changed.labels = {"comfyfleet.pool": "gpu"}
+    changed.info = {"vram": 24}
+    changed.current_task_ids = ["t1"]
+    updated = await store.upsert_worker(changed)
+    assert updated.created_at == first.created_at and updated.state is WorkerState.IDLE
+    fetched = await store.get_worker("w1")
+    assert (fetched.endpoint, fetched.loaded_models, fetched.node_types) == (
+        "http://127.0.0.1:8188", ["model.safetensors"], ["KSampler"]
+    )
+    assert (fetched.labels, fetched.info, fetched.current_task_ids, fetched.port) == (
+        {"comfyfleet.pool": "gpu"}, {"vram": 24}, ["t1"], 8188
+    )
+    for worker_id, state in (("w2", WorkerState.BUSY), ("w3", WorkerState.TERMINATED), ("w4", WorkerState.FAILED),
+                             ("w5", WorkerState.PENDING), ("w6", WorkerState.TERMINATING)):
+        await store.upsert_worker(worker(worker_id, state, pool="cpu" if worker_id == "w2" else "gpu"))
+    assert [w.id for w in await store.list_workers()] == ["w1", "w2", "w4", "w5", "w6"]
+    assert [w.id for w in await store.list_workers(pool="cpu")] == ["w2"]
+    assert "w3" in [w.id for w in await store.list_workers(include_gone=True)]
+    metrics = await store.worker_metrics()
+    assert (metrics.total_workers, metrics.idle_workers, metrics.running_workers, metrics.starting_workers) == (5, 1, 1, 0)
+    assert (metrics.failed_workers, metrics.pending_workers, metrics.terminating_workers) == (1, 1, 1)
+    await store.delete_worker("w1")
+    await store.delete_worker("w1")  # deleting twice is harmless
+    with pytest.raises(NotFound):
+        await store.get_worker("w1")
+
+
+async def test_notifications_reach_listeners_of_this_store(store: Store) -> None:
+    listener = store.listen()
+    await store.notify("tasks", '{"id": "1"}')
+    await store.notify("task:1", "")
+    first = await asyncio.wait_for(anext(listener), 5)
+    second = await asyncio.wait_for(anext(listener), 5)
+    assert (first.channel, first.payload, second.channel) == ("tasks", '{"id": "1"}', "task:1")
+
+
+async def test_store_is_ready_once_migrated(store: Store) -> None:
+    assert await store.is_ready()
+    assert await store.migrate() == []
+    assert await store.try_leader("autoscaler")
