@@ -13,6 +13,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -88,13 +89,30 @@ def postgres_template() -> Iterator[str]:
     asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@asynccontextmanager
+async def scratch_database(template: str | None) -> AsyncIterator[str]:
+    """A new database (a clone of ``template``, or empty), dropped on exit; yields its URL."""
+    name = f"{TEST_DATABASE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    clone = f' TEMPLATE "{template}"' if template else ""
+    await _admin_execute(f'CREATE DATABASE "{name}"{clone}')
+    try:
+        yield postgres_database_url(name)
+    finally:
+        await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 async def postgres_url(postgres_template: str) -> AsyncIterator[str]:
     """A fresh migrated database of this test's own, cloned from the template."""
-    name = f"{TEST_DATABASE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    await _admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"')
-    yield postgres_database_url(name)
-    await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with scratch_database(postgres_template) as url:
+        yield url
+
+
+@pytest.fixture
+async def empty_postgres_url(postgres_template: str) -> AsyncIterator[str]:
+    """A fresh database without the schema (for migration tests)."""
+    async with scratch_database(None) as url:
+        yield url
 
 
 @pytest.fixture

@@ -49,7 +49,9 @@ async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None
     assert created
     assert uuid.UUID(first.id).version == 4
     assert second.seq > first.seq
-    assert first.status is TaskStatus.PENDING and first.attempt == 0 and first.retry_count == 0
+    assert first.status is TaskStatus.PENDING
+    assert first.attempt == 0
+    assert first.retry_count == 0
     assert first.created_at.utcoffset() == timedelta(0)
     assert before - timedelta(seconds=5) <= first.created_at <= datetime.now(UTC) + timedelta(seconds=5)
 
@@ -58,8 +60,11 @@ async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None
     assert (stored.workflow_id, stored.priority, stored.tenant, stored.pool) == ("wf", 3, "acme", "gpu")
     assert (stored.inputs, stored.webhook, stored.metadata) == ([{"name": "a.png"}], {"url": "http://hook"}, {"k": "v"})
     assert (stored.max_retries, stored.timeout_s) == (5, 60.0)
-    assert stored.created_at == first.created_at and stored.seq == first.seq
-    assert stored.started_at is None and stored.completed_at is None and stored.attempts == []
+    assert stored.created_at == first.created_at
+    assert stored.seq == first.seq
+    assert stored.started_at is None
+    assert stored.completed_at is None
+    assert stored.attempts == []
 
 
 async def test_get_task_hides_other_tenants(store: Store) -> None:
@@ -75,8 +80,11 @@ async def test_idempotency_key_returns_the_original_task(store: Store) -> None:
     original, created = await store.create_task(new(1, idempotency_key="k1", tenant="alice"))
     again, created_again = await store.create_task(new(9, idempotency_key="k1", tenant="alice"))
     other_tenant, created_other = await store.create_task(new(idempotency_key="k1", tenant="bob"))
-    assert created and not created_again and created_other
-    assert again.id == original.id and again.priority == 1
+    assert created
+    assert not created_again
+    assert created_other
+    assert again.id == original.id
+    assert again.priority == 1
     assert other_tenant.id != original.id
 
 
@@ -108,9 +116,12 @@ async def test_claim_starts_an_attempt(store: Store) -> None:
     task, _ = await store.create_task(new())
     [claimed] = await store.claim("d1", 30)
     assert claimed.id == task.id
-    assert claimed.status is TaskStatus.RUNNING and claimed.phase is TaskPhase.DISPATCHING
-    assert claimed.attempt == 1 and claimed.lease_owner == "d1"
-    assert claimed.started_at is not None and claimed.lease_expires_at is not None
+    assert claimed.status is TaskStatus.RUNNING
+    assert claimed.phase is TaskPhase.DISPATCHING
+    assert claimed.attempt == 1
+    assert claimed.lease_owner == "d1"
+    assert claimed.started_at is not None
+    assert claimed.lease_expires_at is not None
     assert timedelta(seconds=25) < claimed.lease_expires_at - claimed.started_at <= timedelta(seconds=31)
     assert await store.queue_position(task.id) is None
     assert [running.id for running in await store.running_tasks("d1")] == [task.id]
@@ -139,7 +150,8 @@ async def test_peek_pending_and_claim_ids(store: Store) -> None:
     assert [task.id for task in peeked] == [high.id, low.id]
     assert all(task.status is TaskStatus.PENDING for task in peeked)
     claimed = await store.claim_ids("d", 30, [low.id, str(uuid.uuid4())])
-    assert [task.id for task in claimed] == [low.id] and claimed[0].attempt == 1
+    assert [task.id for task in claimed] == [low.id]
+    assert claimed[0].attempt == 1
     assert await store.claim_ids("d", 30, [low.id]) == []  # already running
     assert [task.id for task in await store.peek_pending(limit=5)] == [high.id]
 
@@ -157,7 +169,8 @@ async def test_writes_are_fenced_by_the_lease(store: Store) -> None:
     dispatched = await store.record_dispatch(lease, "w1", "p1")
     assert (dispatched.worker_id, dispatched.prompt_id) == ("w1", "p1")
     executing = await store.set_phase(lease, TaskPhase.EXECUTING, {"node": "3"})
-    assert executing.phase is TaskPhase.EXECUTING and executing.progress == {"node": "3"}
+    assert executing.phase is TaskPhase.EXECUTING
+    assert executing.progress == {"node": "3"}
     await store.set_progress(lease, {"node": "3", "value": 5, "max": 20})
     assert (await store.get_task(task.id)).progress == {"node": "3", "value": 5, "max": 20}
     await store.complete_task(lease, {"images": []})
@@ -179,7 +192,8 @@ async def test_expired_leases_are_adopted_with_the_same_prompt(store: Store) -> 
     old_lease = lease_of(claimed)
     await store.record_dispatch(old_lease, "w1", "prompt-1")
     [adopted] = await store.adopt_expired("alive", 30)
-    assert adopted.id == task.id and adopted.lease_owner == "alive"
+    assert adopted.id == task.id
+    assert adopted.lease_owner == "alive"
     assert adopted.attempt == old_lease.attempt + 1
     assert (adopted.worker_id, adopted.prompt_id) == ("w1", "prompt-1")
     assert adopted.status is TaskStatus.RUNNING
@@ -189,7 +203,8 @@ async def test_expired_leases_are_adopted_with_the_same_prompt(store: Store) -> 
     assert await store.renew_leases("alive", 30) == 1
     assert await store.renew_leases("dead", 30) == 0
     done = await store.complete_task(lease_of(adopted), {"ok": True})
-    assert done.status is TaskStatus.COMPLETED and done.result == {"ok": True}
+    assert done.status is TaskStatus.COMPLETED
+    assert done.result == {"ok": True}
 
 
 async def test_adopt_takes_a_previous_owners_tasks_at_once(store: Store) -> None:
@@ -208,12 +223,14 @@ async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) 
     await store.record_dispatch(lease_of(claimed), "w1", "p1")
     due = datetime.now(UTC) + timedelta(hours=1)
     retried = await store.retry_task(lease_of(claimed), due, "worker went away", "worker_lost", {"code": 1})
-    assert retried.status is TaskStatus.PENDING and retried.retry_count == 1
+    assert retried.status is TaskStatus.PENDING
+    assert retried.retry_count == 1
     assert retried.not_before == due
     assert (retried.phase, retried.worker_id, retried.prompt_id, retried.lease_owner) == (None, None, None, None)
     assert (retried.error, retried.error_kind, retried.error_details) == ("worker went away", "worker_lost", {"code": 1})
     [attempt] = retried.attempts
-    assert attempt["attempt"] == 1 and attempt["outcome"] == "retry"
+    assert attempt["attempt"] == 1
+    assert attempt["outcome"] == "retry"
     assert (attempt["worker_id"], attempt["prompt_id"], attempt["error"], attempt["kind"]) == (
         "w1", "p1", "worker went away", "worker_lost"
     )
@@ -223,7 +240,7 @@ async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) 
     assert await store.claim("d", 30) == []
     assert await store.next_due_at() == due
     assert await store.queue_position(task.id) == 1  # its place once due: nothing runnable is ahead
-    newer, _ = await store.create_task(new())
+    _newer, _ = await store.create_task(new())
     assert await store.queue_position(task.id) == 1  # FIFO among runnable tasks once due: it is older
 
 
@@ -233,9 +250,11 @@ async def test_retry_once_due_starts_the_next_attempt(store: Store) -> None:
     await store.retry_task(lease_of(claimed), datetime.now(UTC) - timedelta(seconds=1), "oom", "out_of_memory")
     assert await store.next_due_at() is None
     [again] = await store.claim("d", 30)
-    assert again.attempt == 2 and again.retry_count == 1
+    assert again.attempt == 2
+    assert again.retry_count == 1
     failed = await store.fail_task(lease_of(again), "oom again", "out_of_memory", {"vram": 1})
-    assert failed.status is TaskStatus.FAILED and failed.completed_at is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.completed_at is not None
     assert [entry["outcome"] for entry in failed.attempts] == ["retry", "failed"]
     assert [entry["attempt"] for entry in failed.attempts] == [1, 2]
 
@@ -245,19 +264,25 @@ async def test_release_gives_the_task_back_without_a_retry(store: Store) -> None
     second, _ = await store.create_task(new())
     [claimed] = await store.claim("d", 30)
     released = await store.release_task(lease_of(claimed))
-    assert released.status is TaskStatus.PENDING and released.retry_count == 0 and released.attempts == []
-    assert released.lease_owner is None and released.started_at is None
-    assert await store.queue_position(first.id) == 1 and await store.queue_position(second.id) == 2
+    assert released.status is TaskStatus.PENDING
+    assert released.retry_count == 0
+    assert released.attempts == []
+    assert released.lease_owner is None
+    assert released.started_at is None
+    assert await store.queue_position(first.id) == 1
+    assert await store.queue_position(second.id) == 2
     with pytest.raises(StaleLease):
         await store.record_dispatch(lease_of(claimed), "w", "p")
     [again] = await store.claim("d", 30)
-    assert again.id == first.id and again.attempt == 2
+    assert again.id == first.id
+    assert again.attempt == 2
 
 
 async def test_cancel_pending_running_and_finished_tasks(store: Store) -> None:
     pending, _ = await store.create_task(new(tenant="alice"))
     cancelled = await store.cancel_task(pending.id, tenant="alice")
-    assert cancelled.status is TaskStatus.CANCELLED and cancelled.completed_at is not None
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert cancelled.completed_at is not None
     with pytest.raises(Conflict):
         await store.cancel_task(pending.id)
 
@@ -268,11 +293,14 @@ async def test_cancel_pending_running_and_finished_tasks(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.cancel_task(str(uuid.uuid4()))
     requested = await store.cancel_task(running.id)
-    assert requested.status is TaskStatus.RUNNING and requested.cancel_requested
+    assert requested.status is TaskStatus.RUNNING
+    assert requested.cancel_requested
     assert (await store.cancel_task(running.id)).cancel_requested  # asking twice is harmless
     finished = await store.finish_cancelled(lease_of(claimed), "stopped on request")
-    assert finished.status is TaskStatus.CANCELLED and finished.error == "stopped on request"
-    assert finished.completed_at is not None and [entry["outcome"] for entry in finished.attempts] == ["cancelled"]
+    assert finished.status is TaskStatus.CANCELLED
+    assert finished.error == "stopped on request"
+    assert finished.completed_at is not None
+    assert [entry["outcome"] for entry in finished.attempts] == ["cancelled"]
     with pytest.raises(Conflict):
         await store.cancel_task(running.id)
 
@@ -303,12 +331,14 @@ async def test_list_tasks_pages_newest_first_with_filters(store: Store) -> None:
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
-    assert seen == [task.id for task in reversed(created)] and pages == 3
+    assert seen == [task.id for task in reversed(created)]
+    assert pages == 3
     only_a = await store.list_tasks(workflow_id="a", tenant="t")
     assert [task.id for task in only_a.tasks] == [task.id for task in reversed(created) if task.workflow_id == "a"]
     await store.cancel_task(created[0].id)
     cancelled = await store.list_tasks(statuses=[TaskStatus.CANCELLED])
-    assert [task.id for task in cancelled.tasks] == [created[0].id] and cancelled.next_cursor is None
+    assert [task.id for task in cancelled.tasks] == [created[0].id]
+    assert cancelled.next_cursor is None
     assert (await store.list_tasks(statuses=[])).tasks == []
     with pytest.raises(InvalidArgument):
         await store.list_tasks(cursor="not-a-cursor")
@@ -328,7 +358,8 @@ async def test_queue_metrics_and_counts(store: Store) -> None:
     metrics = await store.queue_metrics()
     assert (metrics.pending_tasks, metrics.running_tasks, metrics.completed_tasks) == (3, 1, 1)
     assert (metrics.failed_tasks, metrics.cancelled_tasks) == (0, 0)
-    assert metrics.oldest_pending_age_s is not None and 0 <= metrics.oldest_pending_age_s < 60
+    assert metrics.oldest_pending_age_s is not None
+    assert 0 <= metrics.oldest_pending_age_s < 60
     assert (await store.queue_metrics(tenant="bob")).pending_tasks == 1
     assert await store.count_by_status_and_priority() == [
         (TaskStatus.COMPLETED, 2, 1),
@@ -345,7 +376,8 @@ def worker(worker_id: str, state: WorkerState, pool: str = "gpu") -> Worker:
 
 async def test_worker_records(store: Store) -> None:
     first = await store.upsert_worker(worker("w1", WorkerState.STARTING))
-    assert first.state is WorkerState.STARTING and first.created_at.utcoffset() == timedelta(0)
+    assert first.state is WorkerState.STARTING
+    assert first.created_at.utcoffset() == timedelta(0)
     changed = worker("w1", WorkerState.IDLE)
     changed.endpoint = "http://127.0.0.1:8188"
     changed.loaded_models = ["model.safetensors"]
@@ -354,7 +386,8 @@ async def test_worker_records(store: Store) -> None:
     changed.info = {"vram": 24}
     changed.current_task_ids = ["t1"]
     updated = await store.upsert_worker(changed)
-    assert updated.created_at == first.created_at and updated.state is WorkerState.IDLE
+    assert updated.created_at == first.created_at
+    assert updated.state is WorkerState.IDLE
     fetched = await store.get_worker("w1")
     assert (fetched.endpoint, fetched.loaded_models, fetched.node_types) == (
         "http://127.0.0.1:8188", ["model.safetensors"], ["KSampler"]
