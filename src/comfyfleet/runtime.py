@@ -84,6 +84,7 @@ class Runtime:
         self._store: Store | None = None
         self._app: FastAPI | None = None
         self._socket: socket.socket | None = None
+        self._listening = asyncio.Event()
 
     @property
     def store(self) -> Store:
@@ -101,6 +102,14 @@ class Runtime:
     def bound_port(self) -> int | None:
         """The port actually listened on (useful with port 0), once :meth:`run` bound it."""
         return self._socket.getsockname()[1] if self._socket is not None else None
+
+    async def wait_listening(self) -> int:
+        """Wait until :meth:`run` listens (connections are accepted from then on); return the port."""
+        await self._listening.wait()
+        port = self.bound_port
+        if port is None:
+            raise RuntimeFailure("the runtime stopped listening")
+        return port
 
     def add_loop(self, name: str, loop: ServiceLoop) -> None:
         """Run ``loop()`` next to the HTTP server for the life of the service (call before :meth:`run`).
@@ -125,8 +134,7 @@ class Runtime:
             applied = await store.migrate()
         except StoreError as exc:
             raise StartupError(f"cannot open the store {_redact(settings.store)}: {exc}") from exc
-        if applied:
-            logger.info("store_migrated store=%s versions=%s", _redact(settings.store), ",".join(map(str, applied)))
+        logger.info("store_opened store=%s migrations_applied=%s", _redact(settings.store), len(applied))
         self._store = store
 
         # -- worker manager (fleet/) ----------------------------------------------------------------
@@ -172,8 +180,9 @@ class Runtime:
         if self._stop_requested:
             server.should_exit = True
         host, port = sock.getsockname()[:2]
-        self._warn_if_open(settings)
+        self._warn_if_open(settings, port)
         logger.info("api_listening url=http://%s:%s", f"[{host}]" if ":" in host else host, port)
+        self._listening.set()
 
         failures: list[BaseException] = []
 
@@ -202,17 +211,18 @@ class Runtime:
         finally:
             sock.close()
             self._socket = None
+            self._listening.clear()
         logger.info("api_stopped")
         if failures:
             raise ServiceDied(f"a background loop died: {failures[0]!r}") from failures[0]
 
-    def _warn_if_open(self, settings: Settings) -> None:
+    def _warn_if_open(self, settings: Settings, port: int) -> None:
         if not settings.api_keys and not is_loopback(settings.host):
             logger.warning(
                 "api_unprotected host=%s: NO API KEYS ARE CONFIGURED AND THE API LISTENS ON A NON-LOOPBACK "
                 "ADDRESS: anyone who can reach %s:%s can submit, read and cancel tasks. Add api_keys to the "
                 "config (see 'comfyfleet hash-key').",
-                settings.host, settings.host, settings.port,
+                settings.host, settings.host, port,
             )
 
 

@@ -202,6 +202,9 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     status = exc.status_code
     code = _HTTP_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     headers = dict(exc.headers) if exc.headers else None
+    if status == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer when the body is not even text (e.g. not UTF-8): still a JSON problem to the client.
+        return error_response(400, "invalid_json", "the request body is not valid JSON (it must be UTF-8 encoded JSON)")
     if status == 404 and exc.detail == "Not Found":
         message = f"no route {request.url.path}"
     elif status == 405:

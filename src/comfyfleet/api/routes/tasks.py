@@ -16,11 +16,15 @@ from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmissio
 from comfyfleet.config import Settings
 from comfyfleet.domain import NewTask, TaskStatus
 from comfyfleet.domain.graph import validate_graph
-from comfyfleet.store import Store
+from comfyfleet.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["tasks"])
+
+# The dispatcher's wake-up channels: a new runnable task, and a running task whose cancel was asked for.
+TASKS_CHANNEL = "tasks"
+CANCEL_CHANNEL = "cancel"
 
 MAX_LIST_LIMIT = 500
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -115,10 +119,21 @@ async def submit_task(
         metadata=submission.metadata,
     )
     task, created = await store.create_task(new)
+    if created:
+        await _wake(store, TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
     headers = {"Location": f"/api/v1/tasks/{task.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONBody(task_json(task), status_code=201 if created else 200, headers=headers)
+
+
+async def _wake(store: Store, channel: str, payload: str) -> None:
+    # The change is already durable; a lost wake-up only delays the dispatcher until its safety poll,
+    # so it must not turn a stored submission or cancel into an error.
+    try:
+        await store.notify(channel, payload)
+    except StoreError as exc:
+        logger.warning("wakeup_failed channel=%s error=%s", channel, exc)
 
 
 def _parse_statuses(raw: str | None) -> list[TaskStatus] | None:
@@ -203,6 +218,7 @@ async def cancel_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep)
     task = await store.cancel_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
     if task.status is TaskStatus.RUNNING:
         logger.info("task_cancel_requested task_id=%s", task.id)
+        await _wake(store, CANCEL_CHANNEL, task.id)
         return JSONBody(task_json(task), status_code=202)
     if task.status is not TaskStatus.CANCELLED:
         # The store resolved the race differently (e.g. the task ended meanwhile); say so plainly.

@@ -1,0 +1,213 @@
+"""Structural validation of API-format graphs (``comfyfleet.domain.graph``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from comfyfleet.domain.graph import (
+    MAX_REPORTED_ERRORS,
+    GraphError,
+    GraphErrorType,
+    find_cycle,
+    iter_links,
+    validate_graph,
+)
+
+SEED = json.loads((Path(__file__).parent / "data" / "seed_task.json").read_text())
+
+
+def node(class_type: str = "Node", **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def types_of(errors: list[GraphError]) -> list[str]:
+    return [error.type for error in errors]
+
+
+def test_the_seed_workflow_is_valid() -> None:
+    assert validate_graph(SEED["payload"]) == []
+    links = list(iter_links(SEED["payload"]))
+    assert len(links) == 9
+    assert {(link.node_id, link.input_name, link.source_id, link.output_index) for link in links} >= {
+        ("3", "model", "4", 0), ("6", "clip", "4", 1), ("8", "vae", "4", 2), ("9", "images", "8", 0),
+    }
+
+
+def test_not_an_object() -> None:
+    for graph in ([], "graph", 3, None):
+        errors = validate_graph(graph)
+        assert types_of(errors) == [GraphErrorType.NOT_AN_OBJECT]
+        assert errors[0].node_id is None
+
+
+def test_empty_graph() -> None:
+    assert types_of(validate_graph({})) == [GraphErrorType.EMPTY]
+
+
+def test_node_limit() -> None:
+    graph = {str(index): node() for index in range(11)}
+    assert validate_graph(graph, max_nodes=11) == []
+    errors = validate_graph(graph, max_nodes=10)
+    assert types_of(errors) == [GraphErrorType.TOO_MANY_NODES]
+    assert "11 nodes" in errors[0].message
+    assert "10" in errors[0].message
+
+
+def test_node_shape_errors_name_the_node() -> None:
+    graph = {
+        "1": "not a node",
+        "2": {"inputs": {}},
+        "3": {"class_type": 7, "inputs": {}},
+        "4": {"class_type": "X"},
+        "5": {"class_type": "X", "inputs": []},
+        "6": {"class_type": "  ", "inputs": {}},
+    }
+    errors = validate_graph(graph)
+    assert [(error.node_id, error.type) for error in errors] == [
+        ("1", GraphErrorType.NODE_NOT_OBJECT),
+        ("2", GraphErrorType.MISSING_CLASS_TYPE),
+        ("3", GraphErrorType.INVALID_CLASS_TYPE),
+        ("4", GraphErrorType.MISSING_INPUTS),
+        ("5", GraphErrorType.INPUTS_NOT_OBJECT),
+        ("6", GraphErrorType.INVALID_CLASS_TYPE),
+    ]
+    assert all(f"'{error.node_id}'" in error.message for error in errors)
+
+
+def test_link_to_a_missing_node_names_node_and_input() -> None:
+    graph = {"1": node(), "2": node(image=["1", 0], mask=["99", 0])}
+    errors = validate_graph(graph)
+    assert errors == [GraphError("2", "mask", GraphErrorType.LINK_TO_MISSING_NODE, errors[0].message)]
+    assert "'99'" in errors[0].message
+    assert "'mask'" in errors[0].message
+
+
+def test_bad_output_index() -> None:
+    graph = {"1": node(), "2": node(a=["1", -1], b=["1", 1.5], c=["1", True], d=["1", "0"])}
+    errors = validate_graph(graph)
+    assert [(error.input_name, error.type) for error in errors] == [
+        ("a", GraphErrorType.INVALID_LINK),
+        ("b", GraphErrorType.INVALID_LINK),
+        ("c", GraphErrorType.INVALID_LINK),
+        ("d", GraphErrorType.INVALID_LINK),
+    ]
+
+
+def test_literal_lists_are_not_links() -> None:
+    graph = {"1": node(sizes=[512, 768], words=["a", "b", "c"], pair=[1, "x"], empty=[])}
+    assert validate_graph(graph) == []
+    assert list(iter_links(graph)) == []
+
+
+def test_self_loop_is_a_cycle() -> None:
+    errors = validate_graph({"1": node(x=["1", 0])})
+    assert types_of(errors) == [GraphErrorType.CYCLE]
+    assert (errors[0].node_id, errors[0].input_name) == ("1", "x")
+
+
+def test_cycle_names_the_closing_input_and_the_route() -> None:
+    graph = {"a": node(x=["c", 0]), "b": node(x=["a", 0]), "c": node(x=["b", 0]), "d": node(x=["c", 0])}
+    errors = validate_graph(graph)
+    assert types_of(errors) == [GraphErrorType.CYCLE]
+    error = errors[0]
+    assert error.node_id in {"a", "b", "c"}
+    assert error.input_name == "x"
+    for name in ("'a'", "'b'", "'c'"):
+        assert name in error.message
+    assert "'d'" not in error.message
+
+
+def test_errors_are_capped() -> None:
+    graph = {str(index): {"inputs": {}} for index in range(200)}
+    assert len(validate_graph(graph)) == MAX_REPORTED_ERRORS
+
+
+def test_a_long_chain_does_not_hit_the_recursion_limit() -> None:
+    length = 5000
+    graph = {str(index): node(x=[str(index - 1), 0]) if index else node() for index in range(length)}
+    assert validate_graph(graph) == []
+    graph["0"] = node(x=[str(length - 1), 0])
+    assert types_of(validate_graph(graph)) == [GraphErrorType.CYCLE]
+
+
+def test_as_dict() -> None:
+    error = GraphError("3", "model", GraphErrorType.LINK_TO_MISSING_NODE, "m")
+    assert error.as_dict() == {"node_id": "3", "input_name": "model", "type": "link_to_missing_node", "message": "m"}
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> dict[str, Any]:
+    """Random valid graphs: node i may only read from nodes before it, so there is never a cycle."""
+    size = draw(st.integers(min_value=1, max_value=25))
+    ids = draw(st.lists(st.text(min_size=1, max_size=4), min_size=size, max_size=size, unique=True))
+    graph: dict[str, Any] = {}
+    for index, node_id in enumerate(ids):
+        inputs: dict[str, Any] = {}
+        for input_index in range(draw(st.integers(min_value=0, max_value=4))):
+            if index and draw(st.booleans()):
+                inputs[f"in{input_index}"] = [ids[draw(st.integers(0, index - 1))], draw(st.integers(0, 5))]
+            else:
+                inputs[f"in{input_index}"] = draw(st.one_of(st.integers(), st.text(max_size=5), st.none()))
+        graph[node_id] = {"class_type": "Node", "inputs": inputs}
+    return graph
+
+
+@settings(max_examples=60, deadline=None)
+@given(dags())
+def test_acyclic_graphs_are_valid(graph: dict[str, Any]) -> None:
+    assert validate_graph(graph) == []
+    assert find_cycle(graph) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(dags(), st.data())
+def test_a_back_link_makes_a_cycle_that_is_reported(graph: dict[str, Any], data: st.DataObject) -> None:
+    ids = list(graph)
+    # Make some node read from a node that (transitively) reads from it, or from itself.
+    links = list(iter_links(graph))
+    if links:
+        link = data.draw(st.sampled_from(links))
+        consumer, source = link.source_id, link.node_id  # reverse an existing edge
+    else:
+        consumer = source = data.draw(st.sampled_from(ids))
+    graph[consumer]["inputs"]["back"] = [source, 0]
+    cycle = find_cycle(graph)
+    assert cycle is not None
+    # The cycle is a closed walk of real links: each link's source is the previous link's consumer.
+    for previous, current in zip([cycle[-1], *cycle], cycle, strict=False):
+        assert current.source_id == previous.node_id
+        assert graph[current.node_id]["inputs"][current.input_name] == [current.source_id, current.output_index]
+    errors = validate_graph(graph)
+    assert types_of(errors) == [GraphErrorType.CYCLE]
+
+
+@settings(max_examples=60, deadline=None)
+@given(dags(), st.data())
+def test_a_dangling_link_is_reported_at_its_input(graph: dict[str, Any], data: st.DataObject) -> None:
+    target = data.draw(st.sampled_from(list(graph)))
+    missing = "missing-" + "".join(graph)  # cannot be one of the ids
+    graph[target]["inputs"]["dangling"] = [missing, 0]
+    errors = validate_graph(graph)
+    assert [(error.node_id, error.input_name, error.type) for error in errors] == [
+        (target, "dangling", GraphErrorType.LINK_TO_MISSING_NODE)
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=30,
+))
+def test_any_json_value_gets_an_answer_never_an_exception(value: Any) -> None:
+    errors = validate_graph(value, max_nodes=100)
+    assert isinstance(errors, list)
+    assert all(isinstance(error, GraphError) and error.message for error in errors)
