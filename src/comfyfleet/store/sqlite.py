@@ -238,6 +238,9 @@ class _ConnectionThread:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
+        # How well group commit works, for tests and benchmarks: writes answered and commits made.
+        self.grouped_writes = 0
+        self.group_commits = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -319,8 +322,7 @@ class _ConnectionThread:
         except Exception as exc:
             return (job.future, None, exc)
 
-    @staticmethod
-    def _run_group(conn: sqlite3.Connection, group: list[_Job[Any]]) -> list[_Outcome]:
+    def _run_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> list[_Outcome]:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -339,6 +341,8 @@ class _ConnectionThread:
                     conn.execute("RELEASE job")
                     outcomes.append((job.future, result, None))
             conn.execute("COMMIT")
+            self.group_commits += 1
+            self.grouped_writes += len(group)
         except sqlite3.Error as exc:
             # Nothing of this group is durable: every caller hears the failure, none is told "stored".
             if conn.in_transaction:
@@ -375,6 +379,11 @@ class SQLiteStore:
         self._reader = _ConnectionThread(self.path, name="comfyfleet-sqlite-reader", grouped=False)
         self._hub = NotificationHub()
         self._state = "new"
+
+    @property
+    def write_stats(self) -> tuple[int, int]:
+        """``(writes, commits)`` so far: how many writes each group commit carried on average."""
+        return self._writer.grouped_writes, self._writer.group_commits
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:

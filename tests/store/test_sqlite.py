@@ -1,0 +1,87 @@
+"""What only the SQLite store does: its file, its single writer and its group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from comfyfleet.domain import NewTask, TaskStatus
+from comfyfleet.store import InvalidArgument, StoreClosed, StoreUnavailable, open_store
+from comfyfleet.store.sqlite import SQLiteStore
+
+
+def task(priority: int = 0, key: str | None = None) -> NewTask:
+    return NewTask(payload={"1": {"class_type": "X", "inputs": {}}}, priority=priority, idempotency_key=key)
+
+
+@pytest.mark.parametrize("url", ["sqlite://relative.db", "sqlite:///", "sqlite:///:memory:"])
+def test_bad_urls_are_refused_clearly(url: str) -> None:
+    with pytest.raises(InvalidArgument, match="SQLite store URL"):
+        SQLiteStore(url)
+
+
+def test_relative_and_absolute_paths(tmp_path: Path) -> None:
+    assert SQLiteStore("sqlite:///data/queue.db").path == "data/queue.db"
+    assert SQLiteStore(f"sqlite:///{tmp_path}/queue.db").path == f"{tmp_path}/queue.db"
+
+
+async def test_wal_mode_and_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "queue.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        assert not await store.is_ready()
+        with pytest.raises(StoreUnavailable, match="not migrated"):
+            await store.create_task(task())
+        assert await store.migrate() == [1]
+        assert await store.is_ready()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+
+
+async def test_unopenable_file_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "a-directory.db").mkdir()
+    with pytest.raises(StoreUnavailable, match="cannot open SQLite store"):
+        await SQLiteStore(f"sqlite:///{tmp_path / 'a-directory.db'}").__aenter__()
+
+
+async def test_use_outside_the_context_is_refused(tmp_path: Path) -> None:
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'queue.db'}")
+    with pytest.raises(StoreClosed):
+        await store.get_task("x")
+    async with store:
+        await store.migrate()
+        listener = store.listen()
+    with pytest.raises(StoreClosed):
+        await store.create_task(task())
+    with pytest.raises(StopAsyncIteration):  # closing the store ends its listeners
+        await anext(listener)
+    assert not await store.is_ready()
+
+
+async def test_concurrent_writes_are_committed_together_and_all_survive(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    async with open_store(url) as store:
+        await store.migrate()
+        assert isinstance(store, SQLiteStore)
+        created = await asyncio.gather(*(store.create_task(task(n % 3)) for n in range(2000)))
+        writes, commits = store.write_stats
+        assert writes == 2000
+        assert commits < 500, "concurrent writes were not grouped into shared commits"
+        # One bad write inside a group (an unknown lease) fails alone; its neighbours are stored.
+        mixed = await asyncio.gather(
+            store.create_task(task(key="a")),
+            store.cancel_task("no-such-task"),
+            store.create_task(task(key="b")),
+            return_exceptions=True,
+        )
+    assert [type(result).__name__ for result in mixed] == ["tuple", "NotFound", "tuple"]
+    seqs = [created_task.seq for created_task, _ in created]
+    assert len(set(seqs)) == 2000
+    async with open_store(url) as reopened:
+        metrics = await reopened.queue_metrics()
+        assert metrics.pending_tasks == 2002
+        for created_task, _ in created[:: 250]:
+            assert (await reopened.get_task(created_task.id)).status is TaskStatus.PENDING
