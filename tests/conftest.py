@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -138,3 +138,23 @@ def store(request: pytest.FixtureRequest) -> Store:
     """Each test using it runs once per backend."""
     opened: Store = request.getfixturevalue(f"{request.param}_store")
     return opened
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fresh_store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], AbstractAsyncContextManager[Store]]:
+    """``async with factory() as store``: a brand-new migrated store each call (of each backend in turn),
+    for tests that need many independent stores, such as hypothesis state machines."""
+    template = request.getfixturevalue("postgres_template") if request.param == "postgres" else None
+
+    @asynccontextmanager
+    async def fresh() -> AsyncIterator[Store]:
+        if template is None:
+            url = f"sqlite:///{tmp_path / uuid.uuid4().hex}.db"
+            async with open_store(url) as store:
+                await store.migrate()
+                yield store
+            return
+        async with scratch_database(template) as url, open_store(url, max_connections=2) as store:
+            yield store
+
+    return fresh
