@@ -183,5 +183,15 @@ def emulator(
         raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _register_client_commands() -> None:
+    # submit, tasks list|show|cancel, workers list|drain, queue: they talk to a server through the SDK.
+    from comfyfleet.sdk.commands import register
+
+    register(app)
+
+
+_register_client_commands()
+
+
 def main() -> None:
     app()

@@ -1,0 +1,471 @@
+"""What the client commands do and print (``comfyfleet submit``, ``tasks``, ``workers``, ``queue``).
+
+Exit codes: 0 success; 1 the task failed or was cancelled; 2 a problem with what was given on the
+command line (missing file, not JSON, a UI-format workflow); 3 the server cannot be reached; 4 the server
+refused the request (invalid workflow, bad API key, unknown task…); 5 ``--timeout`` passed while waiting;
+130 interrupted with Ctrl-C (the task keeps running).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from comfyfleet.sdk.client import Client
+from comfyfleet.sdk.errors import (
+    ApiError,
+    ComfyfleetError,
+    InvalidRequest,
+    InvalidWorkflow,
+    ServerUnreachable,
+    WaitTimeout,
+)
+from comfyfleet.sdk.models import Task, TaskEvent
+
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REJECTED = 4
+EXIT_TIMEOUT = 5
+EXIT_INTERRUPTED = 130
+
+UI_FORMAT_HELP = (
+    "comfyfleet runs workflows in ComfyUI's API format. Export that format from ComfyUI: in the new "
+    "interface, use the menu Workflow → Export (API); in the old interface, turn on \"Enable Dev mode "
+    "Options\" in the settings (gear icon) and use \"Save (API Format)\". Then submit the exported file."
+)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        err.print(escape(hint))
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _reporting() -> Iterator[None]:
+    """Turn the SDK's errors into one clear message and an exit code, never a traceback."""
+    try:
+        yield
+    except ServerUnreachable as exc:
+        _fail(str(exc), EXIT_UNREACHABLE, "Start it with 'comfyfleet serve', or point --server (COMFYFLEET_URL) at it.")
+    except InvalidWorkflow as exc:
+        err.print(f"[bold red]error:[/] the server rejected the workflow: {escape(exc.message)}")
+        for line in graph_error_lines(exc.errors):
+            err.print(f"  {escape(line)}")
+        raise typer.Exit(EXIT_REJECTED) from None
+    except InvalidRequest as exc:
+        err.print(f"[bold red]error:[/] the server refused the request: {escape(exc.message)}")
+        for entry in exc.errors:
+            where = ".".join(str(part) for part in entry.get("loc", []))
+            err.print(f"  {escape(where)}: {escape(str(entry.get('message', '')))}")
+        raise typer.Exit(EXIT_REJECTED) from None
+    except ApiError as exc:
+        _fail(str(exc), EXIT_REJECTED)
+    except WaitTimeout as exc:
+        _fail(str(exc), EXIT_TIMEOUT, f"Follow it later with: comfyfleet tasks show {exc.task_id}")
+    except ComfyfleetError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def graph_error_lines(errors: list[dict[str, Any]]) -> list[str]:
+    """One line per structural problem the API named (``details.errors`` of ``invalid_graph``)."""
+    lines = []
+    for entry in errors:
+        node, name = entry.get("node_id"), entry.get("input_name")
+        where = f"node {node}" if node is not None else "workflow"
+        if name is not None:
+            where += f" input {name!r}"
+        lines.append(f"{where}: {entry.get('message', entry.get('type', 'invalid'))}")
+    return lines
+
+
+def node_error_lines(task: Task) -> list[str]:
+    """ComfyUI's error and ``node_errors`` (from a worker's 400) as readable lines."""
+    lines = []
+    top = task.error_details.get("error")
+    if isinstance(top, dict) and top.get("message"):
+        lines.append(f"{top.get('type', 'error')}: {top['message']}" + (f" ({top['details']})" if top.get("details") else ""))
+    for node_id, node in task.node_errors.items():
+        if not isinstance(node, dict):
+            continue
+        class_type = node.get("class_type") or "?"
+        for problem in node.get("errors", []) or []:
+            if not isinstance(problem, dict):
+                continue
+            detail = f": {problem['details']}" if problem.get("details") else ""
+            lines.append(f"node {node_id} ({class_type}): {problem.get('message', problem.get('type', 'invalid'))}{detail}")
+    return lines
+
+
+# -- reading the workflow file ---------------------------------------------------------------------
+def load_workflow(path: Path) -> dict[str, Any]:
+    """The API-format graph in ``path``; a clear message and exit 2 for anything else."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        _fail(f"workflow file {path} does not exist", EXIT_USAGE)
+    except IsADirectoryError:
+        _fail(f"{path} is a directory, not a workflow file", EXIT_USAGE)
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read workflow file {path}: {getattr(exc, 'strerror', None) or exc}", EXIT_USAGE)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", EXIT_USAGE)
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list):
+        _fail(
+            f"{path} is a workflow saved in ComfyUI's UI format (it has top-level \"nodes\" and \"links\"), "
+            "not the API format.",
+            EXIT_USAGE,
+            UI_FORMAT_HELP,
+        )
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+        data = data["prompt"]  # a saved POST /prompt body
+    elif isinstance(data, dict) and isinstance(data.get("payload"), dict):
+        data = data["payload"]  # a saved POST /api/v1/tasks body
+    if not isinstance(data, dict) or not data or not all(isinstance(node, dict) for node in data.values()):
+        _fail(
+            f"{path} is not an API-format ComfyUI workflow: expected a JSON object of node id → "
+            '{"class_type": …, "inputs": {…}}',
+            EXIT_USAGE,
+            UI_FORMAT_HELP,
+        )
+    return data
+
+
+def parse_input_specs(specs: list[str]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, file_name = spec.partition("=")
+        if not sep or not name or not file_name:
+            _fail(f"--input {spec!r} must be NAME=FILE, e.g. --input cat.png=./photos/cat.png", EXIT_USAGE)
+        path = Path(file_name).expanduser()
+        if not path.is_file():
+            _fail(f"input file {path} (for --input {name}) does not exist", EXIT_USAGE)
+        files[name] = path
+    return files
+
+
+# -- following a task --------------------------------------------------------------------------------
+class ProgressDisplay:
+    """Queue position, then worker, node and step progress: a live bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, console: Console, nodes: Mapping[str, Any]) -> None:
+        self._console = console
+        self._nodes = nodes
+        self._live = console.is_terminal
+        self._progress: Progress | None = None
+        self._bar: Any = None
+        self._last_line = ""
+        self._last_step_print = 0.0
+
+    def __enter__(self) -> ProgressDisplay:
+        if self._live:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self._console,
+                transient=False,
+            )
+            self._progress.start()
+            self._bar = self._progress.add_task("submitted", total=None)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _show(self, line: str, *, completed: float | None = None, total: float | None = None, step: bool = False) -> None:
+        if self._progress is not None:
+            self._progress.update(self._bar, description=escape(line), completed=completed or 0, total=total)
+            return
+        if line == self._last_line:
+            return
+        now = time.monotonic()
+        # Plain output: every change of state, and sampler steps at most a few times a second.
+        if step and completed != total and now - self._last_step_print < 0.25:
+            return
+        self._last_step_print = now
+        self._last_line = line
+        self._console.print(escape(line))
+
+    def on_event(self, event: TaskEvent) -> None:
+        data = event.data
+        if event.type == "snapshot" and event.task is not None:
+            task = event.task
+            if task.status == "pending":
+                self._queued(task.queue_position)
+            elif task.status == "running":
+                self._running(task.phase, task.worker_id)
+        elif event.type == "queue_position":
+            self._queued(data.get("queue_position"))
+        elif event.type == "status":
+            status = data.get("status")
+            if status == "pending":
+                if data.get("retry_count"):
+                    self._show(f"retrying (attempt {int(data.get('attempt') or 0) + 1}): {data.get('error') or ''}".rstrip(": "))
+                else:
+                    self._queued(None)
+            elif status == "running":
+                self._running(data.get("phase"), data.get("worker_id"))
+        elif event.type == "progress":
+            node = str(data.get("node") or "?")
+            class_type = data.get("class_type") or (self._nodes.get(node) or {}).get("class_type") or "?"
+            value, maximum = data.get("value"), data.get("max")
+            if isinstance(value, int | float) and isinstance(maximum, int | float) and maximum > 0:
+                self._show(f"node {node} ({class_type}): step {value:g}/{maximum:g}", completed=value, total=maximum, step=True)
+            else:
+                self._show(f"executing node {node} ({class_type})")
+
+    def _queued(self, position: Any) -> None:
+        self._show(f"queued: position {position}" if isinstance(position, int) else "queued")
+
+    def _running(self, phase: Any, worker_id: Any) -> None:
+        worker = f" on worker {worker_id}" if worker_id else ""
+        labels = {"dispatching": "dispatching", "queued_on_worker": "queued", "executing": "executing"}
+        self._show(f"{labels.get(str(phase), 'running')}{worker}")
+
+
+def _client(server: str | None, api_key: str | None) -> Client:
+    try:
+        return Client(server, api_key=api_key)
+    except ComfyfleetError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def run_submit(
+    workflow_path: Path,
+    *,
+    priority: int,
+    pool: str | None,
+    input_specs: list[str],
+    wait: bool,
+    out_dir: Path | None,
+    workflow_id: str | None,
+    timeout: float | None,
+    server: str | None,
+    api_key: str | None,
+) -> None:
+    workflow = load_workflow(workflow_path)
+    inputs = parse_input_specs(input_specs)
+    with _reporting(), _client(server, api_key) as client:
+        task = client.submit(
+            workflow, priority=priority, pool=pool, inputs=inputs or None,
+            workflow_id=workflow_id or workflow_path.stem,
+        )
+        if not wait:
+            if out.is_terminal:
+                out.print(f"submitted task [bold]{task.id}[/] (priority {task.priority}); "
+                          f"follow it with: comfyfleet tasks show {task.id}")
+            else:
+                out.print(task.id)  # just the id, for scripts: id=$(comfyfleet submit wf.json)
+            return
+        err.print(f"submitted task {task.id} (priority {task.priority})")
+        try:
+            with ProgressDisplay(out, workflow) as display:
+                task = client.wait(task.id, timeout=timeout, on_event=display.on_event)
+        except KeyboardInterrupt:
+            err.print(f"stopped waiting; task {task.id} keeps running (comfyfleet tasks cancel {task.id} stops it)")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        _report_end(client, task, out_dir or Path("."))
+
+
+def _report_end(client: Client, task: Task, out_dir: Path) -> None:
+    if task.ok:
+        timings = (task.result or {}).get("timings") or {}
+        total = timings.get("total_s")
+        out.print(f"completed task {task.id}" + (f" in {total:.2f} s" if isinstance(total, int | float) else ""))
+        for path in client.download(task, out_dir):
+            out.print(f"saved {path} ({path.stat().st_size} bytes)")
+        if not task.outputs:
+            out.print("the workflow produced no output files")
+        return
+    err.print(f"[bold red]task {task.id} {task.status}[/]" + (f" [{escape(task.error_kind)}]" if task.error_kind else "") +
+              f": {escape(task.error or 'no reason given')}")
+    for line in node_error_lines(task):
+        err.print(f"  {escape(line)}")
+    raise typer.Exit(EXIT_TASK_FAILED)
+
+
+# -- listing ------------------------------------------------------------------------------------------
+def _age(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = max(0.0, (datetime.now(UTC) - moment).total_seconds())
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
+
+def _progress_text(task: Task) -> str:
+    if task.status == "pending":
+        return "waiting" if task.retry_count == 0 else f"retry {task.retry_count} waiting"
+    if task.status == "running":
+        progress = task.progress or {}
+        node = progress.get("node")
+        if node is not None and isinstance(progress.get("max"), int | float) and progress.get("max"):
+            return f"node {node} {progress.get('value')}/{progress.get('max')}"
+        return f"node {node}" if node is not None else (task.phase or "running")
+    if task.status == "completed":
+        return f"{len(task.outputs)} output(s)"
+    return (task.error_kind or task.error or "")[:60]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def run_tasks_list(*, status: str | None, limit: int, as_json: bool, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        page = client.list_tasks(status=status, limit=limit)
+    if as_json:
+        _print_json([task.raw for task in page.tasks])
+        return
+    if not page.tasks:
+        out.print("no tasks" + (f" with status {status}" if status else ""))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("ID", "STATUS", "PRIORITY", "WORKFLOW", "WORKER", "CREATED", "PROGRESS"):
+        table.add_column(column, no_wrap=column in {"ID", "STATUS"})
+    for task in page.tasks:
+        table.add_row(
+            task.id, task.status, str(task.priority), task.workflow_id or "-", task.worker_id or "-",
+            _age(task.created_at), _progress_text(task),
+        )
+    out.print(table)
+
+
+def run_tasks_show(task_id: str, *, as_json: bool, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        task = client.get(task_id)
+    if as_json:
+        _print_json(task.raw)
+        return
+    rows: list[tuple[str, str]] = [
+        ("id", task.id),
+        ("status", task.status + (f" ({task.phase})" if task.phase else "")),
+        ("priority", str(task.priority)),
+        ("workflow", task.workflow_id or "-"),
+        ("pool", task.pool or "-"),
+        ("worker", task.worker_id or "-"),
+        ("attempt", f"{task.attempt} (retries {task.retry_count})"),
+        ("created", f"{task.created_at.isoformat() if task.created_at else '-'} ({_age(task.created_at)})"),
+    ]
+    if task.queue_position is not None:
+        rows.append(("queue position", str(task.queue_position)))
+    if task.status == "running":
+        rows.append(("progress", _progress_text(task)))
+    timings = (task.result or {}).get("timings") or {}
+    if timings:
+        rows.append(("timings", ", ".join(f"{key} {value:.3f}" for key, value in timings.items() if isinstance(value, int | float))))
+    if task.error:
+        rows.append(("error", f"[{task.error_kind}] {task.error}" if task.error_kind else task.error))
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    out.print(table)
+    for line in node_error_lines(task):
+        out.print(f"  {escape(line)}")
+    if task.outputs:
+        out.print("[bold]outputs[/]")
+        for output in task.outputs:
+            out.print(f"  node {output.node_id} {output.kind}: {output.filename} ({output.size} bytes) {output.url}")
+    attempts = task.raw.get("attempts") or []
+    if len(attempts) > 1 or any(isinstance(a, dict) and a.get("error") for a in attempts):
+        out.print("[bold]attempts[/]")
+        for attempt in attempts:
+            if isinstance(attempt, dict):
+                out.print(
+                    f"  #{attempt.get('attempt')} worker {attempt.get('worker_id') or '-'}: "
+                    f"{attempt.get('outcome') or '-'}" + (f" ({escape(str(attempt.get('error')))})" if attempt.get("error") else "")
+                )
+    for delivery in task.webhook_deliveries:
+        out.print(
+            f"webhook {delivery.get('url')}: {delivery.get('status')} after {delivery.get('attempts')} attempt(s)"
+        )
+
+
+def run_tasks_cancel(task_id: str, *, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        task = client.cancel(task_id)
+    if task.status == "cancelled":
+        out.print(f"cancelled task {task.id}")
+    else:
+        out.print(f"cancel requested: task {task.id} is stopping on worker {task.worker_id or '-'}")
+
+
+def run_workers_list(*, as_json: bool, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        workers = client.workers()
+    if as_json:
+        _print_json(workers)
+        return
+    if not workers:
+        out.print("no workers")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("ID", "POOL", "PROVIDER", "STATE", "ENDPOINT", "TASKS", "MODELS"):
+        table.add_column(column, no_wrap=column in {"ID", "STATE"})
+    for worker in workers:
+        tasks = worker.get("current_task_ids") or ([worker["current_task_id"]] if worker.get("current_task_id") else [])
+        table.add_row(
+            str(worker.get("id")), str(worker.get("pool") or "-"), str(worker.get("provider") or "-"),
+            str(worker.get("state") or worker.get("status") or "-"), str(worker.get("endpoint") or "-"),
+            str(len(tasks)), ", ".join(worker.get("loaded_models") or []) or "-",
+        )
+    out.print(table)
+
+
+def run_workers_drain(worker_id: str, *, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        worker = client.drain_worker(worker_id)
+    out.print(f"draining worker {worker_id} (state {worker.get('state') or worker.get('status') or '?'})")
+
+
+def run_queue(*, as_json: bool, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        metrics = client.queue_metrics()
+    if as_json:
+        _print_json(metrics)
+        return
+    oldest = metrics.get("oldest_pending_age_s")
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for status in ("pending", "running", "completed", "failed", "cancelled"):
+        table.add_row(status, str(metrics.get(f"{status}_tasks", 0)))
+    table.add_row("oldest pending", f"{oldest:.1f} s" if isinstance(oldest, int | float) else "-")
+    out.print(table)
