@@ -59,6 +59,9 @@ class NewTask:
     inputs: list[dict[str, Any]] | None = None
     webhook: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    # A caller-chosen id (a canonical lowercase UUID), e.g. a ComfyUI client's own prompt_id through the
+    # gateway; None lets the store mint one. A duplicate id is refused by the store's unique index.
+    id: str | None = None
 
 
 @dataclass(slots=True)

@@ -322,7 +322,7 @@ class PostgresStore:
             # Twice at most: an insert that lost a race to a concurrent submission with the same key finds
             # that submission's task, unless it was rolled back meanwhile; then this insert can win.
             for _ in range(3):
-                task_id = str(uuid4())
+                task_id = new.id or str(uuid4())
                 row = await conn.fetchrow(
                     "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
                     "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "

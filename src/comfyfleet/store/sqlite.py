@@ -493,7 +493,7 @@ class SQLiteStore:
     # -- submission and reading -----------------------------------------------------------------
     async def create_task(self, new: NewTask) -> tuple[Task, bool]:
         now = utcnow()
-        task_id = str(uuid4())
+        task_id = new.id or str(uuid4())
         stamp = _ts(now)
         params = (
             task_id, new.tenant, new.workflow_id, new.priority, _dumps(new.payload), stamp, stamp,
