@@ -67,6 +67,17 @@ async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None
     assert stored.attempts == []
 
 
+async def test_a_caller_chosen_id_is_kept_and_never_reused(store: Store) -> None:
+    chosen = str(uuid.uuid4())
+    task, created = await store.create_task(new(id=chosen))
+    assert created
+    assert task.id == chosen
+    assert (await store.get_task(chosen)).seq == task.seq
+    with pytest.raises(Conflict):
+        await store.create_task(new(id=chosen, tenant="another"))
+    assert (await store.queue_metrics()).pending_tasks == 1
+
+
 async def test_get_task_hides_other_tenants(store: Store) -> None:
     task, _ = await store.create_task(new(tenant="alice"))
     assert (await store.get_task(task.id, tenant="alice")).id == task.id

@@ -323,15 +323,19 @@ class PostgresStore:
             # that submission's task, unless it was rolled back meanwhile; then this insert can win.
             for _ in range(3):
                 task_id = new.id or str(uuid4())
-                row = await conn.fetchrow(
-                    "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
-                    "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "
-                    "VALUES ($1, $2, $3, $4, 'pending', $5, now(), now(), $6, $7, $8, $9, $10, $11, $12) "
-                    "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
-                    "RETURNING seq, created_at",
-                    task_id, new.tenant, new.workflow_id, new.priority, new.payload, new.max_retries,
-                    new.timeout_s, new.idempotency_key, new.pool, new.inputs, new.webhook, new.metadata,
-                )
+                try:
+                    row = await conn.fetchrow(
+                        "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, "
+                        "updated_at, max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "
+                        "VALUES ($1, $2, $3, $4, 'pending', $5, now(), now(), $6, $7, $8, $9, $10, $11, $12) "
+                        "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
+                        "RETURNING seq, created_at",
+                        task_id, new.tenant, new.workflow_id, new.priority, new.payload, new.max_retries,
+                        new.timeout_s, new.idempotency_key, new.pool, new.inputs, new.webhook, new.metadata,
+                    )
+                except asyncpg.UniqueViolationError as exc:
+                    # Only a caller-chosen id can collide (a minted uuid4 does not).
+                    raise Conflict(f"a task with id {task_id} already exists") from exc
                 if row is not None:
                     return Task(
                         id=task_id,

@@ -502,14 +502,18 @@ class SQLiteStore:
         )
 
         def insert(conn: sqlite3.Connection) -> tuple[int | None, tuple[Any, ...] | None]:
-            row = conn.execute(
-                "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
-                "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
-                "RETURNING seq",
-                params,
-            ).fetchone()
+            try:
+                row = conn.execute(
+                    "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
+                    "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "
+                    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
+                    "RETURNING seq",
+                    params,
+                ).fetchone()
+            except sqlite3.IntegrityError as exc:
+                # Only a caller-chosen id can collide (a minted uuid4 does not).
+                raise Conflict(f"a task with id {task_id} already exists") from exc
             if row is not None:
                 return row[0], None
             existing = conn.execute(
