@@ -410,6 +410,8 @@ class _Validator:
                     }
                 )
 
+        if unique_id in self.validated:  # a cycle closed on this node while its inputs were checked
+            errors = self.validated[unique_id][1] + errors
         result = (False, errors, unique_id) if errors or not valid else (True, [], unique_id)
         self.validated[unique_id] = result
         return result
