@@ -78,9 +78,9 @@ WORKER_COLUMNS = (
     "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
     "last_active_at, health_failures, loaded_models, node_types, error, labels, info"
 )
-# The same columns qualified, for UPDATE … FROM … RETURNING.
-_T_COLUMNS = ", ".join(f"t.{column}" for column in TASK_COLUMNS.split(", "))
-
+# Claims and adoptions update ``seq = ANY(ARRAY(<locking sub-select>))`` rather than joining a CTE: with
+# asyncpg's prepared statements PostgreSQL soon plans generically, cannot see the LIMIT, and would hash-join
+# the whole table; a key array is always an index lookup.
 _RUNNABLE = "status = 'pending' AND (not_before IS NULL OR not_before <= now())"
 _FENCE = "id = $1 AND status = 'running' AND attempt = $2 AND lease_owner = $3"
 # The finished attempt appended to ``attempts``; the row values are the old ones.
@@ -515,11 +515,10 @@ class PostgresStore:
     async def _claim_picked(self, picked: str, args: list[Any]) -> list[Task]:
         """Claim the rows ``picked`` selects and locks; ``$1`` is the owner and ``$2`` the lease."""
         rows = await self._fetch(
-            f"WITH picked AS ({picked}) "
-            "UPDATE tasks AS t SET status = 'running', phase = 'dispatching', attempt = t.attempt + 1, "
-            "started_at = coalesce(t.started_at, now()), attempt_started_at = now(), lease_owner = $1, "
+            "UPDATE tasks SET status = 'running', phase = 'dispatching', attempt = attempt + 1, "
+            "started_at = coalesce(started_at, now()), attempt_started_at = now(), lease_owner = $1, "
             "lease_expires_at = now() + make_interval(secs => $2), worker_id = NULL, prompt_id = NULL, "
-            f"progress = NULL, updated_at = now() FROM picked WHERE t.seq = picked.seq RETURNING {_T_COLUMNS}",
+            f"progress = NULL, updated_at = now() WHERE seq = ANY(ARRAY({picked})) RETURNING {TASK_COLUMNS}",
             *args,
         )
         tasks = [_task(row) for row in rows]
@@ -664,11 +663,10 @@ class PostgresStore:
         if limit < 1:
             return []
         rows = await self._fetch(
-            "WITH expired AS (SELECT seq FROM tasks WHERE status = 'running' "
-            "AND (lease_expires_at <= now() OR lease_owner = $4) "
-            "ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED) "
-            "UPDATE tasks AS t SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2), "
-            f"attempt = t.attempt + 1, updated_at = now() FROM expired WHERE t.seq = expired.seq RETURNING {_T_COLUMNS}",
+            "UPDATE tasks SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2), "
+            "attempt = attempt + 1, updated_at = now() WHERE seq = ANY(ARRAY("
+            "SELECT seq FROM tasks WHERE status = 'running' AND (lease_expires_at <= now() OR lease_owner = $4) "
+            f"ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)) RETURNING {TASK_COLUMNS}",
             owner, float(lease_s), limit, previous_owner,
         )
         adopted = sorted((_task(row) for row in rows), key=lambda task: task.seq)
