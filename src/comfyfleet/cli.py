@@ -22,6 +22,8 @@ def _configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # One line per HTTP request to a worker drowns the service's own events.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

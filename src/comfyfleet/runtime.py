@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any, Self
@@ -26,6 +27,10 @@ from fastapi import FastAPI
 
 from comfyfleet.api import create_app
 from comfyfleet.config import Settings
+from comfyfleet.dispatch.dispatcher import Dispatcher
+from comfyfleet.dispatch.events import EventBus
+from comfyfleet.fleet.manager import FleetManager
+from comfyfleet.outputs import open_outputs
 from comfyfleet.store import Store, StoreError, open_store
 
 logger = logging.getLogger("comfyfleet.runtime")
@@ -137,18 +142,30 @@ class Runtime:
         logger.info("store_opened store=%s migrations_applied=%s", _redact(settings.store), len(applied))
         self._store = store
 
-        # -- worker manager (fleet/) ----------------------------------------------------------------
-        # Plug in here: enter the FleetManager in the stack, register its loop and expose it to the API:
-        #   fleet = await self._stack.enter_async_context(FleetManager(settings, store))
-        #   self.add_loop("fleet", fleet.run); self._services["fleet"] = fleet
-        # -- dispatcher (dispatch/) -----------------------------------------------------------------
-        # Plug in here, after the fleet (it needs the WorkerDirectory), the same way:
-        #   dispatcher = await self._stack.enter_async_context(Dispatcher(settings, store, fleet))
-        #   self.add_loop("dispatcher", dispatcher.run); self._services["dispatcher"] = dispatcher
-        if "fleet" not in self._services:
+        replica_id = _replica_id(settings)
+        bus = EventBus(store, replica_id=replica_id, shared=not settings.store.startswith("sqlite:"))
+        outputs = open_outputs(settings.outputs)
+        fleet = await self._stack.enter_async_context(FleetManager(settings, store, replica_id=replica_id))
+        # Entered after the fleet, so it is closed first: no prompt is submitted to a worker being stopped.
+        dispatcher = await self._stack.enter_async_context(
+            Dispatcher(
+                store,
+                fleet,
+                outputs,
+                settings.dispatch,
+                owner=replica_id,
+                bus=bus,
+                pools=list(fleet.pools.values()),
+                limits_max_input_bytes=settings.limits.max_input_bytes,
+            )
+        )
+        self.add_loop("fleet", fleet.run)
+        self.add_loop("dispatcher", dispatcher.run)
+        self._services.update(fleet=fleet, dispatcher=dispatcher, bus=bus, outputs=outputs)
+        if not fleet.pools:
             logger.warning(
-                "running_without_workers: comfyfleet runs with no workers yet; submitted tasks wait "
-                "in the queue until workers exist"
+                "running_without_workers: no workers are configured (--worker URL or pools in the config); "
+                "submitted tasks wait in the queue until workers exist"
             )
 
         self._app = create_app(settings, store, **self._services)
@@ -251,6 +268,16 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return sock
+
+
+def _replica_id(settings: Settings) -> str:
+    """Who owns this process's leases. SQLite serves one replica, so a stable id lets a restarted
+    process take its own running attempts back at once instead of waiting for their leases to expire."""
+    if settings.replica_id:
+        return settings.replica_id
+    if settings.store.startswith("sqlite:"):
+        return "local"
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
 def _redact(url: str) -> str:

@@ -15,9 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.auth import KeyRing, authenticate
 from comfyfleet.api.errors import RequestTooLarge, error_body, install_error_handlers
-from comfyfleet.api.routes import health, queue, tasks
+from comfyfleet.api.routes import events, health, outputs, queue, tasks
 from comfyfleet.api.schemas import JSONBody
 from comfyfleet.config import Settings
+from comfyfleet.gateway import install_gateway
+from comfyfleet.metrics import metrics_router
 from comfyfleet.store import Store
 
 API_V1_PREFIX = "/api/v1"
@@ -28,7 +30,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 # Routers mounted under /api/v1, each behind API-key authentication. Add new /api/v1 routers here.
-API_V1_ROUTERS: list[APIRouter] = [tasks.router, queue.router]
+API_V1_ROUTERS: list[APIRouter] = [tasks.router, outputs.router, events.router, queue.router]
 
 DESCRIPTION = """\
 Self-hosted serverless ComfyUI: submit ComfyUI workflows (API-format graphs) with a priority; comfyfleet
@@ -62,6 +64,8 @@ def create_app(settings: Settings, store: Store, **services: Any) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
 
     app.include_router(health.router)
+    app.include_router(metrics_router())
+    install_gateway(app)  # ComfyUI's routes (/prompt, /ws, /history, /view…) at the root and under /api
     for router in API_V1_ROUTERS:
         app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
     return app
