@@ -102,6 +102,12 @@ async def scratch_database(template: str | None) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+def postgres_admin_url(postgres_template: str) -> str:
+    """The server's own database (``COMFYFLEET_TEST_POSTGRES``), for creating and dropping others."""
+    return POSTGRES_URL
+
+
+@pytest.fixture
 async def postgres_url(postgres_template: str) -> AsyncIterator[str]:
     """A fresh migrated database of this test's own, cloned from the template."""
     async with scratch_database(postgres_template) as url:

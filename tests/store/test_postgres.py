@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from comfyfleet.domain import NewTask
 from comfyfleet.store import StoreUnavailable, open_store
 from comfyfleet.store.postgres import PostgresStore
 
@@ -156,3 +157,18 @@ async def test_concurrent_migrations_apply_each_version_once(empty_postgres_url:
     async with open_store(empty_postgres_url) as first, open_store(empty_postgres_url) as second:
         applied = await asyncio.gather(first.migrate(), second.migrate())
         assert sorted(applied) == [[], [1]]
+
+
+async def test_a_vanished_database_makes_the_store_unready_and_unavailable(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
+    async with open_store(postgres_url) as store:
+        assert await store.is_ready()
+        admin = await asyncpg.connect(postgres_admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE "{postgres_url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        assert not await store.is_ready()
+        with pytest.raises(StoreUnavailable):
+            await store.create_task(NewTask(payload={}))

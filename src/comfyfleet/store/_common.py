@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import re
@@ -38,7 +39,8 @@ class Migration:
     sql: str
 
 
-def load_migrations(dialect: str) -> list[Migration]:
+@functools.cache
+def load_migrations(dialect: str) -> tuple[Migration, ...]:
     """The numbered ``migrations/<dialect>/NNNN_name.sql`` files, in order."""
     folder = resources.files("comfyfleet.store") / "migrations" / dialect
     found: list[Migration] = []
@@ -50,7 +52,7 @@ def load_migrations(dialect: str) -> list[Migration]:
     versions = [migration.version for migration in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"duplicate migration numbers for {dialect}: {versions}")
-    return found
+    return tuple(found)
 
 
 def encode_cursor(seq: int) -> str:

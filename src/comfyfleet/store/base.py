@@ -105,7 +105,11 @@ class Store(Protocol):
         """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
 
     async def queue_position(self, task_id: str) -> int | None:
-        """1 = next to run among pending tasks, by priority then FIFO; None when not pending."""
+        """1 = next to run among pending tasks, by priority then FIFO; None when not pending.
+
+        Exactly the order of :meth:`claim` without a pool filter: the runnable pending tasks ahead, plus
+        one. A pending task not due yet (a retry waiting for ``not_before``) gets the place it will have
+        once due. Costs a count of the tasks ahead, so it grows with the depth of the queue."""
 
     async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics: ...
 
@@ -191,15 +195,22 @@ class Store(Protocol):
     async def upsert_worker(self, worker: Worker) -> Worker: ...
     async def get_worker(self, worker_id: str) -> Worker: ...
     async def list_workers(self, *, pool: str | None = None, include_gone: bool = False) -> list[Worker]: ...
-    async def delete_worker(self, worker_id: str) -> None: ...
+    async def delete_worker(self, worker_id: str) -> None:
+        """Forget a worker; deleting an unknown one is not an error (reconcilers may race)."""
+
     async def worker_metrics(self) -> WorkerMetrics: ...
 
     # -- coordination ---------------------------------------------------------------------------
     async def notify(self, channel: str, payload: str = "") -> None:
-        """Wake listeners in every replica (PostgreSQL NOTIFY; in-process for SQLite)."""
+        """Wake listeners in every replica (PostgreSQL NOTIFY; in-process for SQLite). Keep ``payload``
+        small (PostgreSQL refuses notifications near 8 kB: :class:`InvalidArgument`); send ids, not data.
+        The store never notifies on its own: callers say what changed."""
 
     def listen(self) -> AsyncIterator[Notification]:
-        """Every notification from now on, from this replica and the others."""
+        """Every notification from now on, from this replica and the others (each exactly once).
+        Registered at once, before the first ``__anext__``. The iterator has ``aclose()`` and is an async
+        context manager; it ends when the store closes. Wake-ups can be missed while PostgreSQL is
+        unreachable, so a listener keeps a slow safety poll."""
 
     async def try_leader(self, name: str) -> bool:
         """Hold (or keep holding) a named leadership lock: True in exactly one replica at a time."""

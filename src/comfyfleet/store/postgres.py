@@ -92,9 +92,12 @@ _APPEND_ATTEMPT = (
 )
 _LEAVE_RUNNING = "phase = NULL, lease_owner = NULL, lease_expires_at = NULL"
 
-# sqlstate classes that mean "the server cannot serve now": connection exception, insufficient
-# resources (too many connections), operator intervention (shutdown, starting up).
-_UNAVAILABLE_CLASSES = ("08", "53", "57")
+# sqlstate classes that mean "the database cannot serve us": connection exception, insufficient
+# resources (too many connections), operator intervention (shutdown, starting up), authorization refused,
+# no such database.
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "28", "3D")
+# /ready must answer quickly even when the server is gone.
+READY_TIMEOUT_S = 2.0
 _DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -311,8 +314,10 @@ class PostgresStore:
             return False
         latest = max(migration.version for migration in load_migrations("postgres"))
         try:
-            row = await self._fetchrow("SELECT max(version) AS version FROM schema_migrations")
-        except StoreError:
+            row = await asyncio.wait_for(
+                self._fetchrow("SELECT max(version) AS version FROM schema_migrations"), READY_TIMEOUT_S
+            )
+        except (StoreError, TimeoutError):
             return False
         return row is not None and row["version"] is not None and row["version"] >= latest
 
