@@ -14,8 +14,6 @@ The metrics live in their own :class:`~prometheus_client.CollectorRegistry`, not
 one, so embedding comfyfleet never mixes its series with the host application's.
 """
 
-from __future__ import annotations
-
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
@@ -222,9 +220,10 @@ async def render_metrics(store: Store) -> bytes:
     return generate_latest(scrape)
 
 
-def metrics_router() -> APIRouter:
+def metrics_router() -> "APIRouter":
     """The ``GET /metrics`` route. Built on demand so that components recording metrics (the dispatcher,
-    the worker manager) do not import the web framework."""
+    the worker manager) do not import the web framework. (This module evaluates annotations eagerly, so
+    FastAPI can resolve the route's parameter types imported here.)"""
     from typing import Annotated
 
     from fastapi import APIRouter, Depends

@@ -1,0 +1,100 @@
+"""What the fleet's ComfyUI servers offer: their ``object_info`` (node catalogue) and ``system_stats``.
+
+Read from the workers that are up (the store's worker records), merged (a node class any worker has is
+known), and cached for a while: the gateway validates every ``POST /prompt`` against it, as ComfyUI
+would, and answers ``/object_info`` from it. With no worker up (a pool scaled to zero) the last catalogue
+seen is kept; before any, the gateway falls back to structural checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from comfyfleet.comfy.client import ComfyClient
+from comfyfleet.comfy.errors import ComfyError
+from comfyfleet.domain import Worker, WorkerState
+from comfyfleet.store import Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+OBJECT_INFO_TTL_S = 300.0
+SYSTEM_STATS_TTL_S = 5.0
+FETCH_TIMEOUT_S = 10.0
+
+ClientFactory = Callable[[str], ComfyClient]
+
+
+def _default_client(endpoint: str) -> ComfyClient:
+    return ComfyClient(endpoint, events=False, timeout=FETCH_TIMEOUT_S)
+
+
+class WorkerCatalogue:
+    def __init__(self, store: Store, *, client_factory: ClientFactory | None = None) -> None:
+        self._store = store
+        self._client_factory = client_factory or _default_client
+        self._object_info: dict[str, tuple[float, dict[str, Any]]] = {}  # endpoint -> (fetched, info)
+        self._merged: dict[str, Any] | None = None
+        self._merged_from: tuple[str, ...] = ()
+        self._stats: tuple[float, list[tuple[Worker, dict[str, Any]]]] | None = None
+        self._lock = asyncio.Lock()
+
+    async def _live_workers(self) -> list[Worker]:
+        try:
+            workers = await self._store.list_workers()
+        except StoreError:
+            return []
+        return [w for w in workers if w.state in (WorkerState.IDLE, WorkerState.BUSY) and w.endpoint]
+
+    async def _fetch(self, endpoint: str, what: str) -> dict[str, Any] | None:
+        try:
+            async with asyncio.timeout(FETCH_TIMEOUT_S), self._client_factory(endpoint) as client:
+                data = await (client.object_info() if what == "object_info" else client.system_stats())
+        except (ComfyError, TimeoutError, OSError) as exc:
+            logger.info("worker_catalogue_fetch_failed endpoint=%s what=%s error=%s", endpoint, what, exc)
+            return None
+        return data if isinstance(data, dict) else None
+
+    async def object_info(self) -> dict[str, Any] | None:
+        """The merged node catalogue of the live workers; None when no worker was ever reachable."""
+        async with self._lock:
+            workers = await self._live_workers()
+            now = time.monotonic()
+            endpoints = sorted({w.endpoint for w in workers if w.endpoint})
+            stale = [e for e in endpoints if e not in self._object_info or now - self._object_info[e][0] > OBJECT_INFO_TTL_S]
+            if stale:
+                fetched = await asyncio.gather(*(self._fetch(endpoint, "object_info") for endpoint in stale))
+                for endpoint, info in zip(stale, fetched, strict=True):
+                    if info is not None:
+                        self._object_info[endpoint] = (now, info)
+            current = tuple(e for e in endpoints if e in self._object_info)
+            if current and (current != self._merged_from or stale):
+                merged: dict[str, Any] = {}
+                for endpoint in current:
+                    for name, info in self._object_info[endpoint][1].items():
+                        merged.setdefault(name, info)
+                self._merged, self._merged_from = merged, current
+            # Workers gone for good are forgotten, but the last merge stays for a fleet scaled to zero.
+            for endpoint in [e for e in self._object_info if e not in endpoints]:
+                del self._object_info[endpoint]
+            return self._merged
+
+    async def system_stats(self) -> list[tuple[Worker, dict[str, Any]]]:
+        """``(worker, its /system_stats)`` for every live worker that answered, cached for a few seconds."""
+        now = time.monotonic()
+        if self._stats is not None and now - self._stats[0] < SYSTEM_STATS_TTL_S:
+            return self._stats[1]
+        workers = await self._live_workers()
+        answers = await asyncio.gather(*(self._fetch(w.endpoint or "", "system_stats") for w in workers))
+        stats = [(worker, answer) for worker, answer in zip(workers, answers, strict=True) if answer is not None]
+        self._stats = (now, stats)
+        return stats
+
+    def forget(self) -> None:
+        with contextlib.suppress(Exception):
+            self._object_info.clear()
+        self._merged, self._merged_from, self._stats = None, (), None

@@ -1,0 +1,197 @@
+"""``GET /ws?clientId=X``: ComfyUI's WebSocket, fed by comfyfleet's live task events.
+
+ComfyUI's routing is kept: ``status`` frames (the queue length) go to every socket; the frames of a
+prompt (``execution_start``, ``execution_cached``, ``executing``, ``progress``, ``executed``,
+``execution_success`` / ``execution_error`` / ``execution_interrupted``, and the final ``executing`` with
+``node: null``) go only to the sockets whose clientId is the prompt's ``client_id``. The order is ComfyUI's:
+
+    status, execution_start, execution_cached, executing{node}…, progress…, executed{node}…,
+    execution_success, status, executing{node: null}
+
+``executed`` frames come once the task's outputs are stored (their files are then served by ``/view``),
+so ``executing{node: null}`` still means what ComfyUI clients rely on: the history entry is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from comfyfleet.dispatch.events import EventBus, TaskEvent
+from comfyfleet.domain import TaskStatus
+from comfyfleet.gateway import shapes
+from comfyfleet.gateway.service import Gateway
+from comfyfleet.store import NotFound, StoreError
+
+logger = logging.getLogger(__name__)
+
+_REMEMBERED_PROMPTS = 1000  # per socket: enough to ignore a late duplicate event of a finished prompt
+
+
+@dataclass(slots=True)
+class _PromptFrames:
+    """What this socket already told about one prompt."""
+
+    started: bool = False
+    node: str | None = None
+    finished: bool = False
+
+
+def _frame(kind: str, data: dict[str, Any]) -> str:
+    return json.dumps({"type": kind, "data": data}, separators=(",", ":"), default=str)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ComfySocket:
+    def __init__(self, websocket: WebSocket, gateway: Gateway, bus: EventBus | None, tenant: str | None,
+                 client_id: str | None) -> None:
+        self.websocket = websocket
+        self.gateway = gateway
+        self.bus = bus
+        self.tenant = tenant
+        self.sid = client_id or uuid.uuid4().hex
+        self.prompts: OrderedDict[str, _PromptFrames] = OrderedDict()
+        self.last_remaining: int | None = None
+
+    async def send(self, kind: str, data: dict[str, Any]) -> None:
+        await self.websocket.send_text(_frame(kind, data))
+
+    async def send_status(self, *, force: bool = False, sid: bool = False) -> None:
+        remaining = await self.gateway.queue_remaining(self.tenant)
+        if not force and remaining == self.last_remaining:
+            return
+        self.last_remaining = remaining
+        data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
+        if sid:
+            data["sid"] = self.sid
+        await self.send("status", data)
+
+    async def serve(self) -> None:
+        await self.websocket.accept()
+        if self.bus is None:
+            await self.send_status(force=True, sid=True)
+            await self._read()
+            return
+        with self.bus.subscribe(tenant=self.tenant, maxsize=4096) as subscription:
+            await self.send_status(force=True, sid=True)
+            async with asyncio.TaskGroup() as group:
+                reader = group.create_task(self._read(), name=f"ws-read-{self.sid}")
+                writer = group.create_task(self._write(subscription), name=f"ws-write-{self.sid}")
+                # Whichever ends first (the client left, or sending failed) ends the other.
+                reader.add_done_callback(lambda _: writer.cancel())
+                writer.add_done_callback(lambda _: reader.cancel())
+
+    async def _read(self) -> None:
+        first = True
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if first and text:
+                    # ComfyUI answers only a first frame announcing feature flags; it ignores the rest.
+                    with contextlib.suppress(ValueError, AttributeError):
+                        frame = json.loads(text)
+                        if frame.get("type") == "feature_flags":
+                            await self.send("feature_flags", {"supports_preview_metadata": False})
+                first = False
+
+    async def _write(self, subscription: Any) -> None:
+        try:
+            async for event in subscription:
+                await self._relay(event)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the client went away while we were sending
+
+    async def _relay(self, event: TaskEvent) -> None:
+        mine = await self.gateway.client_of(event.task_id) == self.sid
+        if event.type == "status":
+            await self._on_status(event, mine)
+        elif event.type == "progress" and mine:
+            await self._on_progress(event)
+
+    async def _start(self, task_id: str, state: _PromptFrames) -> None:
+        if state.started:
+            return
+        state.started = True
+        stamp = _now_ms()
+        await self.send("execution_start", {"prompt_id": task_id, "timestamp": stamp})
+        await self.send("execution_cached", {"nodes": [], "prompt_id": task_id, "timestamp": stamp})
+
+    def _state(self, task_id: str) -> _PromptFrames:
+        state = self.prompts.get(task_id)
+        if state is None:
+            state = self.prompts[task_id] = _PromptFrames()
+            while len(self.prompts) > _REMEMBERED_PROMPTS:
+                self.prompts.popitem(last=False)
+        return state
+
+    async def _on_progress(self, event: TaskEvent) -> None:
+        state = self._state(event.task_id)
+        if state.finished:
+            return
+        await self._start(event.task_id, state)
+        node = event.data.get("node")
+        node = None if node is None else str(node)
+        if node is not None and node != state.node:
+            state.node = node
+            await self.send("executing", {"node": node, "display_node": node, "prompt_id": event.task_id})
+        value, maximum = event.data.get("value"), event.data.get("max")
+        if node is not None and value is not None and maximum is not None:
+            await self.send("progress", {"value": value, "max": maximum, "prompt_id": event.task_id, "node": node})
+
+    async def _on_status(self, event: TaskEvent, mine: bool) -> None:
+        status = event.data.get("status")
+        terminal = status in {s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)}
+        if not mine:
+            await self.send_status()
+            return
+        state = self._state(event.task_id)
+        if state.finished:
+            return
+        if status == TaskStatus.PENDING.value:
+            state.started, state.node = False, None  # a retry: its next attempt starts afresh
+            await self.send_status()
+            return
+        if status == TaskStatus.RUNNING.value:
+            if event.data.get("phase") == "executing":
+                await self._start(event.task_id, state)
+            await self.send_status()
+            return
+        if not terminal:
+            return
+        state.finished = True
+        try:
+            task = await self.gateway.store.get_task(event.task_id)
+        except (NotFound, StoreError):
+            logger.warning("gateway_ws_task_unreadable task_id=%s", event.task_id)
+            await self.send_status(force=True)
+            return
+        if task.status is TaskStatus.CANCELLED and not shapes.enters_history(task):
+            # Deleted from the queue before it ran: ComfyUI only reports the shorter queue.
+            await self.send_status(force=True)
+            return
+        await self._start(task.id, state)
+        if task.status is TaskStatus.COMPLETED:
+            for node_id, output in shapes.outputs_by_node(task).items():
+                await self.send("executed", {"node": node_id, "display_node": node_id, "output": output, "prompt_id": task.id})
+            await self.send("execution_success", {"prompt_id": task.id, "timestamp": shapes.millis(task.completed_at)})
+        elif task.status is TaskStatus.CANCELLED:
+            await self.send("execution_interrupted", shapes.interrupted_message(task))
+        else:
+            await self.send("execution_error", shapes.error_message(task))
+        await self.send_status(force=True)
+        await self.send("executing", {"node": None, "prompt_id": task.id})
