@@ -66,8 +66,6 @@ def create_app(settings: Settings, store: Store, **services: Any) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_router())
     install_gateway(app)  # ComfyUI's routes (/prompt, /ws, /history, /view…) at the root and under /api
-    app.include_router(metrics_router())
-    install_gateway(app)  # ComfyUI's routes (/prompt, /ws, /history, /view…) at the root and under /api
     for router in API_V1_ROUTERS:
         app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
     return app
