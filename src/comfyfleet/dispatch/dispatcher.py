@@ -26,8 +26,9 @@ from urllib.parse import quote
 
 import httpx
 
-from comfyfleet.comfy.client import ComfyClient
+from comfyfleet.comfy.client import ComfyClient, PromptOutcome
 from comfyfleet.comfy.errors import ComfyError, PromptLost, WorkflowRejected
+from comfyfleet.comfy.events import ComfyEvent
 from comfyfleet.comfy.workflow import model_names, node_types
 from comfyfleet.config import DispatchSettings, PoolConfig
 from comfyfleet.dispatch import placement
@@ -308,11 +309,11 @@ class Dispatcher:
         for task in claimed:
             self._skips.pop(task.id, None)
             self._facts.pop(task.id, None)
-            slot = self._slots.get(targets[task.id])
-            if slot is None:  # the worker left while we claimed
+            target = self._slots.get(targets[task.id])
+            if target is None:  # the worker left while we claimed
                 await self._release(task)
                 continue
-            self._start_attempt(slot, task)
+            self._start_attempt(target, task)
         return len(claimed) < len(assignments) or len(claimed) == free_total
 
     def _pending_view(self, task: Task) -> placement.PendingTask:
@@ -368,7 +369,6 @@ class Dispatcher:
     # -- one attempt ----------------------------------------------------------------------------
     async def _run_attempt(self, slot: _WorkerSlot, attempt: _Attempt, *, adopted: bool) -> None:
         task = attempt.task
-        client = slot.client
         await self.directory.set_assignments(slot.worker.id, list(slot.attempts))
         try:
             if adopted and task.prompt_id and task.worker_id == slot.worker.id:
@@ -385,7 +385,7 @@ class Dispatcher:
                     await asyncio.shield(self.store.release_task(attempt.lease))
             raise
         except PromptLost as exc:
-            await self._retry_or_fail(attempt, "prompt_lost", f"the worker lost the prompt: {exc}")
+            await self._retry_or_fail(attempt, "prompt_lost", f"the worker lost the prompt: {exc.reason}")
         except ComfyError as exc:
             await self.directory.report_unreachable(slot.worker.id, str(exc))
             await self._retry_or_fail(attempt, "worker_unreachable", f"worker {slot.worker.id} failed: {exc}")
@@ -451,7 +451,7 @@ class Dispatcher:
                 # Never reached the worker (or died with it): submitting now cannot run it twice.
                 await self._submit(slot, attempt)
                 return
-            raise PromptLost(f"worker {slot.worker.id} does not know prompt {task.prompt_id}")
+            raise PromptLost(task.prompt_id, f"worker {slot.worker.id} does not know it any more")
         attempt.submitted = True
         logger.info("attempt_reattached task_id=%s prompt_id=%s status=%s", task.id, task.prompt_id, job.get("status"))
 
@@ -461,7 +461,7 @@ class Dispatcher:
         deadline = attempt.started_monotonic + attempt.task.timeout_s
         follow = asyncio.ensure_future(slot.client.follow(prompt_id, on_event=lambda event: self._on_event(attempt, event)))
         stop_wait = asyncio.ensure_future(attempt.cancel.wait())
-        outcome = None
+        outcome: PromptOutcome | None = None
         try:
             done, _ = await asyncio.wait(
                 {follow, stop_wait}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
@@ -479,7 +479,9 @@ class Dispatcher:
             await asyncio.gather(follow, stop_wait, return_exceptions=True)
         await self._finish(slot, attempt, outcome)
 
-    async def _stop_prompt(self, slot: _WorkerSlot, attempt: _Attempt, follow: asyncio.Future[Any]) -> Any:
+    async def _stop_prompt(
+        self, slot: _WorkerSlot, attempt: _Attempt, follow: asyncio.Future[PromptOutcome]
+    ) -> PromptOutcome | None:
         """Cancel or time out: dequeue or interrupt the prompt, then wait a grace period for it to stop."""
         assert attempt.prompt_id is not None
         if attempt.stop_reason != "worker_gone":
@@ -498,10 +500,10 @@ class Dispatcher:
                 await self.directory.recycle(slot.worker.id, f"prompt {attempt.prompt_id} ignored an interrupt")
             return None
 
-    async def _finish(self, slot: _WorkerSlot, attempt: _Attempt, outcome: Any) -> None:
+    async def _finish(self, slot: _WorkerSlot, attempt: _Attempt, outcome: PromptOutcome | None) -> None:
         task = attempt.task
-        status = getattr(outcome, "status", None)
-        if status == "success":
+        status = outcome.status if outcome is not None else None
+        if outcome is not None and status == "success":
             await self._collect(slot, attempt, outcome)
         elif attempt.stop_reason == "cancelled":
             await self._finish_cancelled(attempt)
@@ -513,7 +515,7 @@ class Dispatcher:
                 await self._fail(attempt, "timeout", message)
         elif attempt.stop_reason == "worker_gone":
             await self._retry_or_fail(attempt, "worker_lost", f"worker {slot.worker.id} went away")
-        elif status == "error":
+        elif outcome is not None and status == "error":
             error = outcome.error or {}
             kind = classify_execution_error(error)
             message, details = sanitize_execution_error(error)
@@ -530,7 +532,7 @@ class Dispatcher:
             with contextlib.suppress(ComfyError):
                 await slot.client.delete_history([attempt.prompt_id])
 
-    async def _collect(self, slot: _WorkerSlot, attempt: _Attempt, outcome: Any) -> None:
+    async def _collect(self, slot: _WorkerSlot, attempt: _Attempt, outcome: PromptOutcome) -> None:
         task = attempt.task
         outputs: list[dict[str, Any]] = []
         texts: dict[str, list[str]] = {}
@@ -626,9 +628,9 @@ class Dispatcher:
         await self._publish_status(cancelled)
 
     # -- events ---------------------------------------------------------------------------------
-    async def _on_event(self, attempt: _Attempt, event: Any) -> None:
-        kind = getattr(event, "type", None)
-        data = getattr(event, "data", None) or {}
+    async def _on_event(self, attempt: _Attempt, event: ComfyEvent) -> None:
+        kind = event.type
+        data = event.data or {}
         if kind == "execution_start" and attempt.execution_started_at is None:
             attempt.execution_started_at = _now()
             with contextlib.suppress(StaleLease):
@@ -703,12 +705,9 @@ class _Stop(Exception):
     """Raised inside the TaskGroup to end :meth:`Dispatcher.run` cleanly."""
 
 
-def _history_start(outcome: Any) -> datetime | None:
-    timings = getattr(outcome, "timings", None) or {}
-    started = timings.get("execution_start") if isinstance(timings, dict) else None
-    if isinstance(started, int | float):
-        return datetime.fromtimestamp(started / 1000, UTC)
-    return None
+def _history_start(outcome: PromptOutcome) -> datetime | None:
+    started = outcome.timings.started_ms
+    return datetime.fromtimestamp(started / 1000, UTC) if started is not None else None
 
 
 def _rejection_message(error: dict[str, Any], node_errors: dict[str, Any]) -> str:

@@ -60,9 +60,10 @@ class Subscription:
                 self.queue.get_nowait()
         self.queue.put_nowait(event)
 
-    async def get(self, timeout: float | None = None) -> TaskEvent | None:
+    async def get(self, wait_s: float | None = None) -> TaskEvent | None:
+        """The next event, or None after ``wait_s`` seconds without one (``None``: wait forever)."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            return await asyncio.wait_for(self.queue.get(), wait_s)
         except TimeoutError:
             return None
 

@@ -25,8 +25,8 @@ def classify_execution_error(error: dict[str, Any]) -> str:
 def backoff_s(retry_count: int, *, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Exponential back-off with full jitter: uniform in [base·2ⁿ/2, base·2ⁿ], capped at ``max_s``."""
     ceiling = min(max_s, base_s * (2 ** max(retry_count, 0)))
-    generator = rng or random
-    return ceiling / 2 + generator.random() * ceiling / 2
+    draw = (rng or random).random()
+    return float(ceiling / 2 + draw * ceiling / 2)
 
 
 def next_attempt_at(now: datetime, retry_count: int, *, base_s: float, max_s: float) -> datetime:
@@ -39,7 +39,7 @@ def sanitize_execution_error(error: dict[str, Any]) -> tuple[str, dict[str, Any]
     node_id = error.get("node_id")
     message = str(error.get("exception_message") or "execution error").strip()
     summary = f"{node} (node {node_id}): {message}" if node_id else f"{node}: {message}"
-    details = {
+    details: dict[str, Any] = {
         key: error[key]
         for key in ("node_id", "node_type", "exception_type", "exception_message", "executed")
         if key in error

@@ -67,7 +67,7 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
                 return
             pending = current.status is TaskStatus.PENDING
             while True:
-                event = await subscription.get(timeout=_POSITION_REFRESH_S if pending else None)
+                event = await subscription.get(wait_s=_POSITION_REFRESH_S if pending else None)
                 if event is not None and event.task_id == checked:
                     counter += 1
                     yield _sse(event, counter)
