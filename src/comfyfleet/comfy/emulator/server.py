@@ -508,6 +508,12 @@ class EmulatorServer:
             while not state.heap:
                 state.work.clear()
                 await state.work.wait()
+            # Upstream's executor is another thread: the POST /prompt answer does not wait for the run.
+            # Yielding a few times lets the handler that queued this prompt flush its response first.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if not state.heap:
+                continue
             _, _, item = heapq.heappop(state.heap)
             state.running = item
             try:
