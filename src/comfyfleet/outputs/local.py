@@ -40,7 +40,7 @@ class LocalOutputStore:
                 size += len(chunk)
                 await asyncio.to_thread(handle.write, chunk)
         finally:
-            await asyncio.to_thread(handle.close)
+            handle.close()
         await asyncio.to_thread(_content_type_sidecar(path).write_text, content_type)
         # Rename last, so a reader never sees a half-written file under the final name.
         await asyncio.to_thread(os.replace, partial, path)
@@ -68,7 +68,8 @@ class LocalOutputStore:
             while chunk := await asyncio.to_thread(handle.read, _CHUNK):
                 yield chunk
         finally:
-            await asyncio.to_thread(handle.close)
+            # Closed synchronously: under a cancelled (anyio) scope an awaited close would never run.
+            handle.close()
 
     async def delete_task(self, task_id: str) -> None:
         self._path(task_id, "x")

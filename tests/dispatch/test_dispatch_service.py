@@ -1,0 +1,179 @@
+"""The dispatcher end to end: a real service over real emulator workers (issue 4's must-shows 1 and 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+from pathlib import Path
+
+from PIL import Image
+
+from comfyfleet.comfy.emulator.options import EmulatorOptions
+
+from .service import SEED_WORKFLOW, emulators, seed_payload, service, tiny_payload
+
+
+async def test_seed_example_completes_and_its_png_downloads(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(), EmulatorOptions()) as (one, two), service(tmp_path, [one.url, two.url]) as svc:
+        created = await svc.submit(SEED_WORKFLOW["payload"], workflow_id="text_to_image_v1", priority=5)
+        task = await svc.wait_task(created["id"])
+        assert task["status"] == "completed", task
+        outputs = task["result"]["outputs"]
+        assert [output["node_id"] for output in outputs] == ["9"]
+        assert outputs[0]["content_type"] == "image/png"
+        response = await svc.http.get(outputs[0]["url"])
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(response.content))
+        assert image.size == (512, 512)
+        assert len(response.content) == outputs[0]["size"]
+        timings = task["result"]["timings"]
+        assert 0 <= timings["queued_s"] <= timings["total_s"]
+        # Collected, then deleted from the worker's history so long-lived workers stay small.
+        worker = one if task["worker_id"] and one.url in str(task["result"]) else None
+        for server in (one, two):
+            assert task["prompt_id"] not in server.state.history
+        del worker
+
+
+async def test_worker_crash_mid_task_is_retried_elsewhere(tmp_path: Path) -> None:
+    crashing = EmulatorOptions(crash_after=0, prompt_time_s=0.2)
+    async with emulators(crashing, EmulatorOptions()) as (bad, good), service(tmp_path, [bad.url, good.url]) as svc:
+        # Two tasks on two idle workers: one lands on the worker that dies when it starts a prompt.
+        first = await svc.submit(seed_payload(1))
+        second = await svc.submit(seed_payload(2))
+        tasks = [await svc.wait_task(task["id"]) for task in (first, second)]
+        assert [task["status"] for task in tasks] == ["completed", "completed"]
+        assert bad.stats.crashes == 1
+        retried = [task for task in tasks if len(task["attempts"]) > 1]
+        assert len(retried) == 1, tasks
+        first_try = retried[0]["attempts"][0]
+        assert first_try["kind"] in {"prompt_lost", "worker_unreachable", "worker_lost"}
+        assert retried[0]["retry_count"] == 1
+        assert retried[0]["attempts"][-1]["worker_id"] != first_try["worker_id"]
+
+
+async def test_node_error_fails_at_once_with_comfyui_message(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(failure_rate=1.0, seed=1)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(seed_payload(3), max_retries=3)
+        task = await svc.wait_task(created["id"])
+        assert task["status"] == "failed"
+        assert task["error_kind"] == "node_error"
+        assert task["retry_count"] == 0
+        assert len(task["attempts"]) == 1
+        assert worker.stats.prompts_failed == 1
+        assert task["error_details"]["exception_message"] in task["error"]
+        assert "traceback" not in task["error_details"]
+
+
+async def test_out_of_memory_is_retried(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(oom_rate=1.0, seed=1)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(seed_payload(4), max_retries=2)
+        task = await svc.wait_task(created["id"])
+        assert task["status"] == "failed"
+        assert task["error_kind"] == "out_of_memory"
+        assert task["retry_count"] == 2
+        assert len(task["attempts"]) == 3
+
+
+async def test_workflow_rejected_by_comfyui_fails_with_node_errors(tmp_path: Path) -> None:
+    payload = seed_payload(5)
+    payload["3"]["inputs"]["sampler_name"] = "magic"
+    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(payload)
+        task = await svc.wait_task(created["id"])
+        assert task["status"] == "failed"
+        assert task["error_kind"] == "workflow_invalid"
+        assert task["retry_count"] == 0
+        errors = task["error_details"]["node_errors"]["3"]["errors"]
+        assert errors[0]["type"] == "value_not_in_list"
+        assert "magic" in task["error"]
+
+
+async def test_unknown_node_type_fails_before_reaching_a_worker(tmp_path: Path) -> None:
+    payload = tiny_payload()
+    payload["1"]["class_type"] = "NoSuchNode"
+    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(payload)
+        task = await svc.wait_task(created["id"])
+        assert task["status"] == "failed"
+        assert task["error_kind"] == "missing_node_type"
+        assert task["error_details"]["missing_node_types"] == ["NoSuchNode"]
+        assert worker.stats.prompts_accepted == 0
+
+
+async def test_timeout_interrupts_then_recycles_a_worker_that_ignores_it(tmp_path: Path) -> None:
+    hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
+    async with emulators(hanging) as (worker,), service(
+        tmp_path, [worker.url], dispatch={"interrupt_grace_s": 0.3}
+    ) as svc:
+        created = await svc.submit(seed_payload(6), timeout_s=0.5, max_retries=3)
+        task = await svc.wait_task(created["id"], timeout_s=15)
+        assert task["status"] == "failed"
+        assert task["error_kind"] == "timeout"
+        assert task["retry_count"] == 0
+        fleet = svc.runtime.app.state.fleet
+        # The worker kept running the prompt past the grace period: it is taken out of service.
+        assert fleet.usable_workers() == []
+
+
+async def test_timeout_retried_elsewhere_when_configured(tmp_path: Path) -> None:
+    hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
+    async with emulators(hanging, EmulatorOptions()) as (bad, good), service(
+        tmp_path, [bad.url, good.url], dispatch={"interrupt_grace_s": 0.3, "retry_timeouts": True}
+    ) as svc:
+        tasks = [await svc.submit(seed_payload(10 + n), timeout_s=1.0) for n in range(2)]
+        done = [await svc.wait_task(task["id"], timeout_s=20) for task in tasks]
+        assert [task["status"] for task in done] == ["completed", "completed"]
+        timed_out = [task for task in done if task["attempts"][0]["kind"] == "timeout"]
+        assert len(timed_out) == 1
+        assert timed_out[0]["worker_id"] != timed_out[0]["attempts"][0]["worker_id"]
+
+
+async def test_cancel_pending_task(tmp_path: Path) -> None:
+    async with service(tmp_path, []) as svc:
+        created = await svc.submit(tiny_payload())
+        response = await svc.http.delete(f"/api/v1/tasks/{created['id']}")
+        assert response.status_code == 200
+        assert response.json()["status"] == "cancelled"
+
+
+async def test_cancel_task_queued_on_worker_never_runs_it(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        running = await svc.submit(seed_payload(20))
+        queued = await svc.submit(seed_payload(21))
+        task = await svc.wait_task(queued["id"], lambda task: task["phase"] == "queued_on_worker", timeout_s=10)
+        prompt_id = task["prompt_id"]
+        response = await svc.http.delete(f"/api/v1/tasks/{queued['id']}")
+        assert response.status_code == 202
+        assert response.json()["cancel_requested"] is True
+        cancelled = await svc.wait_task(queued["id"])
+        assert cancelled["status"] == "cancelled"
+        first = await svc.wait_task(running["id"])
+        assert first["status"] == "completed"
+        assert worker.stats.executions.get(prompt_id, 0) == 0
+
+
+async def test_cancel_executing_task_interrupts_its_prompt(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(prompt_time_s=30.0)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(seed_payload(30))
+        await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
+        started = asyncio.get_running_loop().time()
+        response = await svc.http.delete(f"/api/v1/tasks/{created['id']}")
+        assert response.status_code == 202
+        task = await svc.wait_task(created["id"], timeout_s=10)
+        assert task["status"] == "cancelled"
+        assert asyncio.get_running_loop().time() - started < 5
+        assert worker.stats.prompts_interrupted == 1
+
+
+async def test_progress_is_kept_on_the_task(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(step_time_s=0.05)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(seed_payload(40, steps=20))
+        task = await svc.wait_task(
+            created["id"], lambda task: (task.get("progress") or {}).get("class_type") == "KSampler" and (task["progress"].get("value") or 0) > 0,
+            timeout_s=10,
+        )
+        assert task["progress"]["max"] == 20
+        assert (await svc.wait_task(created["id"]))["status"] == "completed"
