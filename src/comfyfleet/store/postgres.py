@@ -415,16 +415,18 @@ class PostgresStore:
     async def queue_position(self, task_id: str) -> int | None:
         # The runnable tasks a claim would take first, plus one. A pending task not due yet (a retry
         # waiting for not_before) gets the place it will have once due.
-        row = await self._fetchrow(
-            "SELECT t.status, "
-            f"(SELECT count(*) FROM tasks o WHERE {_RUNNABLE} AND o.priority > t.priority) + "
-            f"(SELECT count(*) FROM tasks o WHERE {_RUNNABLE} AND o.priority = t.priority AND o.seq < t.seq) "
-            "AS ahead FROM tasks t WHERE t.id = $1",
-            task_id,
-        )
-        if row is None or row["status"] != TaskStatus.PENDING:
-            return None
-        return int(row["ahead"]) + 1
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT status, priority, seq FROM tasks WHERE id = $1", task_id)
+            if row is None or row["status"] != TaskStatus.PENDING:
+                return None
+            # Two plain counts with known bounds: a count correlated with the outer row gets planned
+            # blind and scans the table twice.
+            ahead = await conn.fetchval(
+                f"SELECT (SELECT count(*) FROM tasks WHERE {_RUNNABLE} AND priority > $1) + "
+                f"(SELECT count(*) FROM tasks WHERE {_RUNNABLE} AND priority = $1 AND seq < $2)",
+                row["priority"], row["seq"],
+            )
+        return int(ahead) + 1
 
     async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics:
         async with self._connection() as conn:
