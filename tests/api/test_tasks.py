@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -332,3 +335,16 @@ async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()
+
+
+async def test_the_readme_curl_example_is_the_seed_example_and_is_accepted(client: httpx.AsyncClient) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    match = re.search(r"curl -X POST http://localhost:8080/api/v1/tasks .*?-d '(\{.*?\})'\n```", readme, re.S)
+    assert match, "the README has no curl example"
+    body = json.loads(match[1])
+    assert body == seed_body()
+    response = await client.post("/api/v1/tasks", json=body)
+    assert response.status_code == 201
+    documented = re.search(r"`201 Created`.*?```json\n(\{.*?\n\})\n```", readme, re.S)
+    assert documented, "the README does not show the response"
+    assert set(json.loads(documented[1])) == set(response.json())

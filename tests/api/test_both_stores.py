@@ -1,0 +1,86 @@
+"""The API behaves the same over SQLite and PostgreSQL (the shared ``store`` fixture runs each test on both)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from api_helpers import (
+    API_KEYS,
+    SEED_TASK_FIELDS,
+    ServerThread,
+    assert_error_shape,
+    bearer,
+    seed_body,
+    small_body,
+)
+
+from comfyfleet.api import create_app
+from comfyfleet.config import Settings
+from comfyfleet.store import Lease, Store
+
+
+@pytest.fixture
+async def http(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(store=store.url, api_keys=API_KEYS), store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test") as client:
+        yield client
+
+
+async def test_submit_read_list_cancel(http: httpx.AsyncClient, store: Store) -> None:
+    created = await http.post("/api/v1/tasks", json=seed_body(), headers=bearer("alice"))
+    assert created.status_code == 201, created.text
+    task = created.json()
+    assert task["status"] == "pending"
+    assert task["created_at"].endswith("Z")
+
+    fetched = (await http.get(f"/api/v1/tasks/{task['id']}", headers=bearer("alice"))).json()
+    assert all(field in fetched for field in SEED_TASK_FIELDS)
+    assert fetched["payload"] == seed_body()["payload"]
+    assert fetched["queue_position"] == 1
+    assert fetched["created_at"] == task["created_at"]
+
+    replay = await http.post("/api/v1/tasks", json=small_body(), headers={**bearer("alice"), "Idempotency-Key": "k1"})
+    again = await http.post("/api/v1/tasks", json=small_body(), headers={**bearer("alice"), "Idempotency-Key": "k1"})
+    assert (replay.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == replay.json()["id"]
+
+    listed = (await http.get("/api/v1/tasks", params={"status": "pending", "limit": 1}, headers=bearer("alice"))).json()
+    assert [entry["id"] for entry in listed["tasks"]] == [replay.json()["id"]]
+    assert listed["next_cursor"] is not None
+    rest = (await http.get("/api/v1/tasks", params={"status": "pending", "cursor": listed["next_cursor"]},
+                           headers=bearer("alice"))).json()
+    assert [entry["id"] for entry in rest["tasks"]] == [task["id"]]
+    assert rest["next_cursor"] is None
+
+    assert_error_shape(await http.get(f"/api/v1/tasks/{task['id']}", headers=bearer("bob")), 404, "not_found")
+    assert (await http.get("/api/v1/tasks", headers=bearer("bob"))).json()["tasks"] == []
+
+    [claimed] = await store.claim("test-dispatcher", 30.0)
+    assert claimed.id == task["id"]  # priority 5 before the priority-0 task
+    running = await http.delete(f"/api/v1/tasks/{task['id']}", headers=bearer("alice"))
+    assert running.status_code == 202
+    assert running.json()["cancel_requested"] is True
+    await store.finish_cancelled(Lease(claimed.id, claimed.attempt, "test-dispatcher"))
+    assert_error_shape(await http.delete(f"/api/v1/tasks/{task['id']}", headers=bearer("alice")), 409, "conflict")
+    pending = await http.delete(f"/api/v1/tasks/{replay.json()['id']}", headers=bearer("ops"))
+    assert pending.status_code == 200
+    assert pending.json()["status"] == "cancelled"
+
+    metrics = (await http.get("/api/v1/queue/metrics", headers=bearer("alice"))).json()
+    assert metrics["cancelled_tasks"] == 2
+    assert metrics["pending_tasks"] == 0
+    assert metrics["oldest_pending_age_s"] is None
+
+
+@pytest.mark.postgres
+def test_a_real_server_migrates_and_serves_on_postgresql(empty_postgres_url: str) -> None:
+    settings = Settings(host="127.0.0.1", port=0, store=empty_postgres_url)
+    with ServerThread(settings) as server:
+        assert httpx.get(f"{server.url}/ready", timeout=10).json() == {"status": "ready"}
+        created = httpx.post(f"{server.url}/api/v1/tasks", json=seed_body(), timeout=10)
+        assert created.status_code == 201
+        fetched = httpx.get(f"{server.url}/api/v1/tasks/{created.json()['id']}", timeout=10).json()
+        assert fetched["status"] == "pending"
+        assert fetched["queue_position"] == 1
