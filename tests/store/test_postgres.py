@@ -45,6 +45,7 @@ async def start_claimer(url: str, owner: str, seed: int) -> asyncio.subprocess.P
     return process
 
 
+@pytest.mark.slow
 async def test_two_processes_claim_every_task_exactly_once(postgres_url: str) -> None:
     expected = set(await seed_tasks(postgres_url, 5000))
     claimers = [await start_claimer(postgres_url, f"process-{n}", seed=n) for n in range(2)]
