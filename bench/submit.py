@@ -330,7 +330,8 @@ def print_depth(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
     print(f"\nQueue depth: median of {args.repeats} claims (store.claim, one task) and of HTTP calls, "
           f"at 0 and {args.depth:,} pending tasks")
     columns = [(kind, label) for kind in results for label in ("depth 0", deep)]
-    print(f"{'':28}" + "".join(f"{kind + ' ' + label.split()[-1]:>18}" for kind, label in columns))
+    names = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+    print(f"{'':28}" + "".join(f"{names.get(kind, kind) + ' @' + label.split()[-1]:>20}" for kind, label in columns))
     rows: list[tuple[str, str, Callable[[float], str]]] = [
         ("claim one (ms)", "claim_s", lambda v: f"{v * 1000:.2f}"),
         ("POST /tasks (ms)", "submit_s", lambda v: f"{v * 1000:.2f}"),
@@ -340,7 +341,7 @@ def print_depth(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
         ("server RSS (MiB)", "rss_mib", lambda v: f"{v:.0f}"),
     ]
     for label, key, cell in rows:
-        print(f"{label:28}" + "".join(f"{cell(results[kind][depth][key]):>18}" for kind, depth in columns))
+        print(f"{label:28}" + "".join(f"{cell(results[kind][depth][key]):>20}" for kind, depth in columns))
     for kind in results:
         shallow, deep_figures = results[kind]["depth 0"], results[kind][deep]
         print(f"{kind}: claim {deep_figures['claim_s'] / shallow['claim_s']:.2f}x, "

@@ -106,6 +106,7 @@ def test_serve_refuses_an_unknown_store_url_clearly(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_port_in_use_clearly(tmp_path: Path, serve_process: Any) -> None:
     first = serve_process("--store", f"sqlite:///{tmp_path / 'a.db'}", name="first")
     port = first.wait_listening().rsplit(":", 1)[1]
