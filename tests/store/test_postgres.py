@@ -13,11 +13,13 @@ import pytest
 
 from comfyfleet.domain import NewTask
 from comfyfleet.store import StoreUnavailable, open_store
+from comfyfleet.store._common import load_migrations
 from comfyfleet.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.postgres
 
 CLAIMER = Path(__file__).with_name("claimer.py")
+ALL_VERSIONS = [migration.version for migration in load_migrations("postgres")]
 
 
 async def seed_tasks(url: str, count: int) -> list[str]:
@@ -150,14 +152,14 @@ async def test_not_ready_until_migrated(empty_postgres_url: str) -> None:
         assert not await store.is_ready()
         with pytest.raises(StoreUnavailable, match="not migrated"):
             await store.get_task("x")
-        assert await store.migrate() == [1]
+        assert await store.migrate() == ALL_VERSIONS
         assert await store.is_ready()
 
 
 async def test_concurrent_migrations_apply_each_version_once(empty_postgres_url: str) -> None:
     async with open_store(empty_postgres_url) as first, open_store(empty_postgres_url) as second:
         applied = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(applied) == [[], [1]]
+        assert sorted(applied) == [[], ALL_VERSIONS]
 
 
 async def test_a_vanished_database_makes_the_store_unready_and_unavailable(

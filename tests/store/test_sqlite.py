@@ -10,7 +10,10 @@ import pytest
 
 from comfyfleet.domain import NewTask, TaskStatus
 from comfyfleet.store import InvalidArgument, StoreClosed, StoreUnavailable, open_store
+from comfyfleet.store._common import load_migrations
 from comfyfleet.store.sqlite import SQLiteStore
+
+ALL_VERSIONS = [migration.version for migration in load_migrations("sqlite")]
 
 
 def task(priority: int = 0, key: str | None = None) -> NewTask:
@@ -34,11 +37,12 @@ async def test_wal_mode_and_migrations(tmp_path: Path) -> None:
         assert not await store.is_ready()
         with pytest.raises(StoreUnavailable, match="not migrated"):
             await store.create_task(task())
-        assert await store.migrate() == [1]
+        assert await store.migrate() == ALL_VERSIONS
         assert await store.is_ready()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        applied = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        assert [version for (version,) in applied] == ALL_VERSIONS
 
 
 async def test_unopenable_file_is_unavailable(tmp_path: Path) -> None:
@@ -85,3 +89,22 @@ async def test_concurrent_writes_are_committed_together_and_all_survive(tmp_path
         assert metrics.pending_tasks == 2002
         for created_task, _ in created[:: 250]:
             assert (await reopened.get_task(created_task.id)).status is TaskStatus.PENDING
+
+
+def test_migration_scripts_split_where_sqlite_ends_a_statement() -> None:
+    from comfyfleet.store.sqlite import _split_statements
+
+    script = """-- a comment; with a semicolon
+CREATE TABLE a (x TEXT DEFAULT 'semi;colon');
+CREATE TRIGGER t AFTER INSERT ON a BEGIN
+    INSERT INTO a VALUES ('x');
+    INSERT INTO a VALUES ('y');
+END;
+-- trailing comment
+"""
+    statements = _split_statements(script)
+    assert len(statements) == 2
+    assert statements[1].startswith("CREATE TRIGGER")
+    assert statements[1].endswith("END;")
+    with pytest.raises(ValueError, match="ends inside a statement"):
+        _split_statements("CREATE TABLE b (x TEXT)")

@@ -56,6 +56,7 @@ from comfyfleet.store.base import (
     StoreError,
     StoreUnavailable,
     TaskPage,
+    WebhookDelivery,
 )
 
 logger = logging.getLogger("comfyfleet.store.sqlite")
@@ -88,6 +89,10 @@ _APPEND_ATTEMPT = (
     "'started_at', attempt_started_at, 'ended_at', ?, 'outcome', ?, 'error', ?, 'kind', ?))"
 )
 _LEAVE_RUNNING = "phase = NULL, lease_owner = NULL, lease_expires_at = NULL"
+WEBHOOK_COLUMNS = (
+    "id, task_id, tenant, url, event, message_id, status, attempts, next_attempt_at, created_at, updated_at, "
+    "delivered_at, last_status_code, last_error, history"
+)
 
 
 def _ts(moment: datetime) -> str:
@@ -173,6 +178,30 @@ def _worker(row: tuple[Any, ...]) -> Worker:
         error=error,
         labels=json.loads(labels),
         info=json.loads(info),
+    )
+
+
+def _delivery(row: tuple[Any, ...]) -> WebhookDelivery:
+    (
+        id_, task_id, tenant, url, event, message_id, status, attempts, next_attempt_at, created_at, updated_at,
+        delivered_at, last_status_code, last_error, history,
+    ) = row
+    return WebhookDelivery(
+        id=id_,
+        task_id=task_id,
+        tenant=tenant,
+        url=url,
+        event=event,
+        message_id=message_id,
+        status=status,
+        attempts=attempts,
+        next_attempt_at=datetime.fromisoformat(next_attempt_at),
+        created_at=datetime.fromisoformat(created_at),
+        updated_at=datetime.fromisoformat(updated_at),
+        delivered_at=_dt(delivered_at),
+        last_status_code=last_status_code,
+        last_error=last_error,
+        history=json.loads(history),
     )
 
 
@@ -952,6 +981,76 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
         return worker_metrics_from_counts(dict(rows))
 
+    # -- webhook outbox -------------------------------------------------------------------------
+    async def claim_webhook_deliveries(self, owner: str, lease_s: float, *, limit: int = 20) -> list[WebhookDelivery]:
+        if limit < 1:
+            return []
+        now = utcnow()
+        stamp = _ts(now)
+        sql = (
+            "UPDATE webhook_deliveries SET lease_owner = ?, lease_expires_at = ?, updated_at = ? "
+            "WHERE id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ? "
+            "AND (lease_expires_at IS NULL OR lease_expires_at <= ?) ORDER BY next_attempt_at, id LIMIT ?) "
+            f"RETURNING {WEBHOOK_COLUMNS}"
+        )
+        params = (owner, _ts(now + timedelta(seconds=lease_s)), stamp, stamp, stamp, limit)
+        rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
+        return sorted((_delivery(row) for row in rows), key=lambda delivery: (delivery.next_attempt_at, delivery.id))
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: int,
+        owner: str,
+        *,
+        outcome: str,
+        status_code: int | None,
+        error: str | None,
+        duration_s: float,
+        next_attempt_at: datetime | None = None,
+    ) -> WebhookDelivery:
+        if outcome not in ("delivered", "retry", "failed"):
+            raise InvalidArgument(f"webhook attempt outcome must be delivered, retry or failed, got {outcome!r}")
+        now = _ts(utcnow())
+        status = {"delivered": "delivered", "retry": "pending", "failed": "failed"}[outcome]
+        sql = (
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, "
+            "next_attempt_at = coalesce(?, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL, "
+            "updated_at = ?, delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
+            "last_status_code = ?, last_error = ?, history = json_insert(history, '$[#]', json_object("
+            "'attempt', attempts + 1, 'at', ?, 'status_code', ?, 'error', ?, 'duration_ms', ?)) "
+            f"WHERE id = ? AND lease_owner = ? AND status = 'pending' RETURNING {WEBHOOK_COLUMNS}"
+        )
+        due = _ts(next_attempt_at) if next_attempt_at is not None else None
+        duration_ms = round(duration_s * 1000, 1)
+        params = (
+            status, due, now, status, now, status_code, error, now, status_code, error, duration_ms,
+            delivery_id, owner,
+        )
+
+        def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            row = conn.execute(sql, params).fetchone()
+            if row is None:
+                raise StaleLease(f"webhook delivery {delivery_id} is not leased to {owner} (or already finished)")
+            return tuple(row)
+
+        return _delivery(await self._write(write))
+
+    async def webhook_deliveries(self, task_id: str) -> list[WebhookDelivery]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE task_id = ? ORDER BY id", (task_id,)
+            ).fetchall()
+        )
+        return [_delivery(row) for row in rows]
+
+    async def next_webhook_due_at(self) -> datetime | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE status = 'pending'"
+            ).fetchone()
+        )
+        return _dt(row[0])
+
     # -- coordination ---------------------------------------------------------------------------
     async def notify(self, channel: str, payload: str = "") -> None:
         self._check_open()
@@ -982,6 +1081,18 @@ def _pool_filter(pools: Collection[str | None] | None) -> tuple[str | None, list
 
 
 def _split_statements(script: str) -> list[str]:
-    """The statements of a migration file (they hold no ';' inside literals or triggers)."""
-    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
-    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+    """The statements of a migration file, split where SQLite itself sees a statement end (so a trigger's
+    ``BEGIN … END`` body stays whole)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in pending.splitlines()
+    ):
+        raise ValueError(f"migration ends inside a statement: {pending.strip()[:80]!r}")
+    return statements
