@@ -587,3 +587,18 @@ def test_cli_rejects_bad_options() -> None:
     assert result.returncode == 2
     assert "failure_rate must be between 0 and 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_save_counter_follows_the_folder_like_upstream(emulator: EmulatorServer) -> None:
+    async with httpx.AsyncClient(base_url=emulator.url) as http:
+        async def save(color: int) -> str:
+            prompt_id = (await post_prompt(http, trivial_graph(color, prefix="count/me"))).json()["prompt_id"]
+            await wait_until(lambda: prompt_id in emulator.state.history)
+            name: str = emulator.state.history[prompt_id]["outputs"]["2"]["images"][0]["filename"]
+            return name
+
+        assert [await save(c) for c in (1, 2, 3)] == ["me_00001_.png", "me_00002_.png", "me_00003_.png"]
+        (Path(emulator.output_dir) / "count" / "me_00003_.png").unlink()  # someone cleans up: the counter follows
+        assert await save(4) == "me_00003_.png"
+        (Path(emulator.output_dir) / "count" / "me_00041_.png").write_bytes(b"")
+        assert await save(5) == "me_00042_.png"

@@ -287,6 +287,10 @@ def save_path(filename_prefix: str, output_dir: str, width: int, height: int) ->
             f"\n         output_dir: {output_dir}"
             f"\n         commonpath: {common}",
         )
+    key = (full_output_folder, filename)
+    cached = _NEXT_COUNTER.get(key)
+    if cached is not None and _folder_stamp(full_output_folder) == cached[0]:
+        return full_output_folder, filename, cached[1], subfolder
     prefix_len = len(filename)
     counters = []
     try:
@@ -300,6 +304,26 @@ def save_path(filename_prefix: str, output_dir: str, width: int, height: int) ->
     except FileNotFoundError:
         os.makedirs(full_output_folder, exist_ok=True)
     return full_output_folder, filename, (max(counters) + 1 if counters else 1), subfolder
+
+
+# Upstream lists the folder on every save, which grows slow with thousands of outputs. The next counter is
+# remembered per (folder, prefix) with the folder's mtime after our own write; any other change to the
+# folder (a file added or removed by someone else) changes the mtime and brings back the full scan.
+_NEXT_COUNTER: dict[tuple[str, str], tuple[int, int]] = {}
+
+
+def _folder_stamp(folder: str) -> int:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except FileNotFoundError:
+        return -1
+
+
+def saved(folder: str, filename: str, next_counter: int) -> None:
+    """Remember where the next save under this prefix starts (call after writing)."""
+    if len(_NEXT_COUNTER) >= 10_000:  # PreviewImage draws a new prefix every time
+        _NEXT_COUNTER.clear()
+    _NEXT_COUNTER[(folder, filename)] = (_folder_stamp(folder), next_counter)
 
 
 def _write(path: str, data: bytes) -> None:
@@ -330,6 +354,7 @@ async def _save_images(ctx: RunContext, images: list[Image.Image], filename_pref
                 file.write(_png_bytes(image, ctx))
             results.append({"filename": name, "subfolder": subfolder, "type": kind})
             counter += 1
+        saved(folder, filename, counter)
         return results
 
     results = await ctx.cpu(sum(i.width * i.height for i in images), work)
@@ -362,6 +387,7 @@ async def _save_latent(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
         {"__metadata__": {"latent_size": f"{latent.width}x{latent.height}x{latent.batch}", "material": latent.material[:200]}}
     ).encode()
     await ctx.cpu(0, lambda: _write(os.path.join(folder, name), len(header).to_bytes(8, "little") + header))
+    saved(folder, filename, counter + 1)
     return (), {"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]}
 
 
@@ -374,6 +400,7 @@ async def _save_text(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     folder, filename, counter, subfolder = save_path(inputs["filename_prefix"], ctx.output_dir(), 0, 0)
     name = f"{filename}_{counter:05}.{inputs['format']}"
     await ctx.cpu(0, lambda: _write(os.path.join(folder, name), text.encode()))
+    saved(folder, filename, counter + 1)
     return (), {"text": [text], "files": [{"filename": name, "subfolder": subfolder, "type": "output"}]}
 
 
