@@ -17,6 +17,7 @@ from comfyfleet.store.base import (
     StoreError,
     StoreUnavailable,
     TaskPage,
+    WebhookDelivery,
 )
 
 # scheme -> "module:Class", imported only when chosen so asyncpg loads only for PostgreSQL.
@@ -63,5 +64,6 @@ __all__ = [
     "StoreUnavailable",
     "TaskPage",
     "UnknownStoreURL",
+    "WebhookDelivery",
     "open_store",
 ]

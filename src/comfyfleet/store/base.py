@@ -63,6 +63,31 @@ class TaskPage:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """The one webhook delivery of a task that ended with a ``webhook`` URL (the outbox row).
+
+    ``status``: ``pending`` (an attempt is due at ``next_attempt_at``), ``delivered`` or ``failed`` (gave
+    up). ``history`` lists every attempt: ``{"attempt", "at", "status_code", "error", "duration_ms"}``.
+    """
+
+    id: int
+    task_id: str
+    tenant: str
+    url: str
+    event: str  # task.completed | task.failed | task.cancelled
+    message_id: str  # the webhook-id header, the same on every retry
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    history: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class Notification:
     """A wake-up: ``channel`` is e.g. ``"tasks"``, ``"task:<id>"``, ``"workers"``; ``payload`` is small JSON text."""
 
@@ -199,6 +224,33 @@ class Store(Protocol):
         """Forget a worker; deleting an unknown one is not an error (reconcilers may race)."""
 
     async def worker_metrics(self) -> WorkerMetrics: ...
+
+    # -- webhook outbox -------------------------------------------------------------------------
+    # A task with a ``webhook`` URL that reaches completed, failed or cancelled gets one delivery row,
+    # written by the database itself (a trigger) in the transaction that changed the status.
+    async def claim_webhook_deliveries(self, owner: str, lease_s: float, *, limit: int = 20) -> list[WebhookDelivery]:
+        """Lease up to ``limit`` pending deliveries that are due (and not leased by a live owner) to
+        ``owner`` for ``lease_s``, oldest due first. Concurrent claimers never get the same one."""
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: int,
+        owner: str,
+        *,
+        outcome: str,
+        status_code: int | None,
+        error: str | None,
+        duration_s: float,
+        next_attempt_at: datetime | None = None,
+    ) -> WebhookDelivery:
+        """Record one attempt by the lease holder ``owner`` (else :class:`StaleLease`): ``outcome``
+        ``delivered``, ``retry`` (pending again at ``next_attempt_at``) or ``failed`` (gave up)."""
+
+    async def webhook_deliveries(self, task_id: str) -> list[WebhookDelivery]:
+        """The deliveries of one task (none, or one), for showing on the task."""
+
+    async def next_webhook_due_at(self) -> datetime | None:
+        """The earliest ``next_attempt_at`` among pending deliveries, for the deliverer's timer."""
 
     # -- coordination ---------------------------------------------------------------------------
     async def notify(self, channel: str, payload: str = "") -> None:

@@ -57,6 +57,7 @@ from comfyfleet.store.base import (
     StoreError,
     StoreUnavailable,
     TaskPage,
+    WebhookDelivery,
 )
 
 logger = logging.getLogger("comfyfleet.store.postgres")
@@ -91,6 +92,10 @@ _APPEND_ATTEMPT = (
     "'error', {error}::text, 'kind', {kind}::text))"
 )
 _LEAVE_RUNNING = "phase = NULL, lease_owner = NULL, lease_expires_at = NULL"
+WEBHOOK_COLUMNS = (
+    "id, task_id, tenant, url, event, message_id, status, attempts, next_attempt_at, created_at, updated_at, "
+    "delivered_at, last_status_code, last_error, history"
+)
 
 # sqlstate classes that mean "the database cannot serve us": connection exception, insufficient
 # resources (too many connections), operator intervention (shutdown, starting up), authorization refused,
@@ -158,6 +163,26 @@ def _worker(record: asyncpg.Record) -> Worker:
         error=record["error"],
         labels=record["labels"],
         info=record["info"],
+    )
+
+
+def _delivery(record: asyncpg.Record) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=record["id"],
+        task_id=record["task_id"],
+        tenant=record["tenant"],
+        url=record["url"],
+        event=record["event"],
+        message_id=record["message_id"],
+        status=record["status"],
+        attempts=record["attempts"],
+        next_attempt_at=record["next_attempt_at"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
+        delivered_at=record["delivered_at"],
+        last_status_code=record["last_status_code"],
+        last_error=record["last_error"],
+        history=record["history"],
     )
 
 
@@ -738,6 +763,69 @@ class PostgresStore:
     async def worker_metrics(self) -> WorkerMetrics:
         rows = await self._fetch("SELECT state, count(*) AS n FROM workers GROUP BY state")
         return worker_metrics_from_counts({row["state"]: row["n"] for row in rows})
+
+    # -- webhook outbox -------------------------------------------------------------------------
+    async def claim_webhook_deliveries(self, owner: str, lease_s: float, *, limit: int = 20) -> list[WebhookDelivery]:
+        if limit < 1:
+            return []
+        rows = await self._fetch(
+            "UPDATE webhook_deliveries SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2), "
+            "updated_at = now() WHERE id = ANY(ARRAY(SELECT id FROM webhook_deliveries WHERE status = 'pending' "
+            "AND next_attempt_at <= now() AND (lease_expires_at IS NULL OR lease_expires_at <= now()) "
+            "ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)) "
+            f"RETURNING {WEBHOOK_COLUMNS}",
+            owner,
+            float(lease_s),
+            limit,
+        )
+        return sorted((_delivery(row) for row in rows), key=lambda delivery: (delivery.next_attempt_at, delivery.id))
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: int,
+        owner: str,
+        *,
+        outcome: str,
+        status_code: int | None,
+        error: str | None,
+        duration_s: float,
+        next_attempt_at: datetime | None = None,
+    ) -> WebhookDelivery:
+        if outcome not in ("delivered", "retry", "failed"):
+            raise InvalidArgument(f"webhook attempt outcome must be delivered, retry or failed, got {outcome!r}")
+        status = {"delivered": "delivered", "retry": "pending", "failed": "failed"}[outcome]
+        row = await self._fetchrow(
+            "UPDATE webhook_deliveries SET status = $3, attempts = attempts + 1, "
+            "next_attempt_at = coalesce($4, next_attempt_at), lease_owner = NULL, lease_expires_at = NULL, "
+            "updated_at = now(), delivered_at = CASE WHEN $3 = 'delivered' THEN now() ELSE delivered_at END, "
+            "last_status_code = $5, last_error = $6, history = history || jsonb_build_array(jsonb_build_object("
+            "'attempt', attempts + 1, 'at', now(), 'status_code', $5::int, 'error', $6::text, "
+            "'duration_ms', $7::float8)) "
+            f"WHERE id = $1 AND lease_owner = $2 AND status = 'pending' RETURNING {WEBHOOK_COLUMNS}",
+            delivery_id,
+            owner,
+            status,
+            next_attempt_at,
+            status_code,
+            error,
+            round(duration_s * 1000, 1),
+        )
+        if row is None:
+            raise StaleLease(f"webhook delivery {delivery_id} is not leased to {owner} (or already finished)")
+        return _delivery(row)
+
+    async def webhook_deliveries(self, task_id: str) -> list[WebhookDelivery]:
+        rows = await self._fetch(
+            f"SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE task_id = $1 ORDER BY id", task_id
+        )
+        return [_delivery(row) for row in rows]
+
+    async def next_webhook_due_at(self) -> datetime | None:
+        async with self._connection() as conn:
+            due: datetime | None = await conn.fetchval(
+                "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE status = 'pending'"
+            )
+        return due
 
     # -- coordination ---------------------------------------------------------------------------
     async def notify(self, channel: str, payload: str = "") -> None:
