@@ -103,6 +103,17 @@ class FleetSettings(BaseModel):
     default_pool: str | None = None  # the pool that tasks without a pool scale; first dynamic pool if unset
 
 
+class WebhookSettings(BaseModel):
+    """Deliveries of task webhooks (see docs/webhooks.md). The signing secret is ``webhook_secret``."""
+
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    retry_base_s: float = Field(default=5.0, ge=0)  # first back-off; doubles per attempt, with jitter
+    retry_max_s: float = Field(default=3600.0, ge=0)
+    timeout_s: float = Field(default=10.0, gt=0)  # one POST, connect to last byte
+    concurrency: int = Field(default=16, ge=1)
+    safety_poll_s: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COMFYFLEET_", env_nested_delimiter="__", extra="forbid")
 
@@ -115,7 +126,8 @@ class Settings(BaseSettings):
     workers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # static ComfyUI URLs (the "default" static pool)
     pools: list[PoolConfig] = Field(default_factory=list)
     api_keys: list[ApiKey] = Field(default_factory=list)
-    webhook_secret: str | None = None
+    webhook_secret: str | None = None  # "whsec_<base64>", signs webhooks (Standard Webhooks)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     limits: Limits = Field(default_factory=Limits)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
@@ -127,6 +139,24 @@ class Settings(BaseSettings):
     def _split_workers(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        import base64
+        import binascii
+
+        body = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) < 16:
+            raise ValueError("webhook_secret must be 'whsec_' followed by base64 of at least 16 random bytes, "
+                             "e.g. whsec_$(head -c 32 /dev/urandom | base64)")
         return value
 
     @model_validator(mode="after")
