@@ -177,6 +177,19 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment if offset is not None and not offset else moment.astimezone(UTC)
 
 
+def _input_summaries(inputs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Inputs without their base64 bytes: a task read back must not carry megabytes it was sent."""
+    if inputs is None:
+        return None
+    summaries = []
+    for spec in inputs:
+        summary = {key: value for key, value in spec.items() if key != "data"}
+        if isinstance(spec.get("data"), str):
+            summary["size"] = len(spec["data"]) * 3 // 4 - spec["data"][-2:].count("=")
+        summaries.append(summary)
+    return summaries
+
+
 def _redacted_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
     if webhook is None or "secret" not in webhook:
         return webhook
@@ -213,7 +226,7 @@ def task_json(task: Task, queue_position: int | None = None) -> dict[str, Any]:
         "error_details": task.error_details,
         "cancel_requested": task.cancel_requested,
         "idempotency_key": task.idempotency_key,
-        "inputs": task.inputs,
+        "inputs": _input_summaries(task.inputs),
         "webhook": _redacted_webhook(task.webhook),
         "metadata": task.metadata,
         "queue_position": queue_position,

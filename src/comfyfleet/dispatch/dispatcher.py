@@ -66,6 +66,7 @@ class _Attempt:
     stop_reason: str | None = None  # "cancelled" | "timeout" once we asked the worker to stop
     started_monotonic: float = field(default_factory=time.monotonic)
     execution_started_at: datetime | None = None
+    accepted_at: datetime | None = None  # when the worker accepted the prompt
     last_progress_write: float = 0.0
     progress: dict[str, Any] = field(default_factory=dict)
 
@@ -436,6 +437,7 @@ class Dispatcher:
             )
             return
         attempt.submitted = True
+        attempt.accepted_at = _now()
         task = attempt.task = await self.store.set_phase(attempt.lease, TaskPhase.QUEUED_ON_WORKER)
         await self._publish_status(task)
         logger.info("prompt_submitted task_id=%s worker_id=%s prompt_id=%s", task.id, slot.worker.id, prompt_id)
@@ -551,12 +553,17 @@ class Dispatcher:
                     outputs.append(await self._store_output(slot, task, str(node_id), kind, item, used_names))
         finished = _now()
         started = attempt.execution_started_at or _history_start(outcome) or task.started_at or task.created_at
-        timings = {
+        timings: dict[str, Any] = {
             "queued_s": round((started - task.created_at).total_seconds(), 6),
             "executing_s": round((finished - started).total_seconds(), 6),
             "total_s": round((finished - task.created_at).total_seconds(), 6),
             "execution_started_at": started.isoformat(),
         }
+        if attempt.accepted_at is not None:
+            timings["prompt_accepted_at"] = attempt.accepted_at.isoformat()
+        if outcome.timings.ended_ms is not None:
+            # The worker's own clock: when it finished the prompt (execution_success).
+            timings["worker_finished_at"] = datetime.fromtimestamp(outcome.timings.ended_ms / 1000, UTC).isoformat()
         result: dict[str, Any] = {
             "prompt_id": attempt.prompt_id,
             "worker_id": slot.worker.id,

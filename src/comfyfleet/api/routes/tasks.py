@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from starlette.responses import Response
 
 from comfyfleet.api.auth import Principal, authenticate
@@ -14,7 +15,9 @@ from comfyfleet.api.deps import get_settings, get_store
 from comfyfleet.api.errors import ApiError, InvalidInput
 from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmission, error_responses, task_json
 from comfyfleet.config import Settings
-from comfyfleet.domain import NewTask, TaskStatus
+from comfyfleet.dispatch.events import EventBus, Subscription
+from comfyfleet.dispatch.inputs import InputError, check_input_spec
+from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
 from comfyfleet.domain.graph import validate_graph
 from comfyfleet.store import Store, StoreError
 
@@ -28,6 +31,7 @@ CANCEL_CHANNEL = "cancel"
 
 MAX_LIST_LIMIT = 500
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_WAIT_S = 600
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 StoreDep = Annotated[Store, Depends(get_store)]
@@ -60,6 +64,14 @@ def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
               **problem.as_dict()} for problem in problems],
             error="invalid_graph",
         )
+    for index, spec in enumerate(submission.inputs or []):
+        try:
+            check_input_spec(spec, max_bytes=limits.max_input_bytes)
+        except InputError as exc:
+            raise InvalidInput(
+                str(exc), [{"loc": ["body", "inputs", index], "message": str(exc), "type": "invalid_input"}],
+                error="invalid_input",
+            ) from None
     if submission.pool is not None:
         known = _known_pools(settings)
         if known and submission.pool not in known:
@@ -81,6 +93,7 @@ def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
     },
 )
 async def submit_task(
+    request: Request,
     submission: TaskSubmission,
     principal: PrincipalDep,
     store: StoreDep,
@@ -94,6 +107,11 @@ async def submit_task(
             description="Retry-safe submission: the same key from the same tenant returns the original task "
             "(200) instead of creating another.",
         ),
+    ] = None,
+    wait: Annotated[
+        float | None,
+        Query(ge=0, le=MAX_WAIT_S, description="Answer only when the task has ended, or after this many "
+              "seconds (then with the task as it stands): synchronous use without polling."),
     ] = None,
 ) -> Response:
     """Queue a ComfyUI workflow (an API-format graph) to run on the fleet.
@@ -119,12 +137,32 @@ async def submit_task(
         metadata=submission.metadata,
     )
     task, created = await store.create_task(new)
-    if created:
+    bus: EventBus | None = getattr(request.app.state, "bus", None)
+    if wait and bus is not None:
+        # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
+        with bus.subscribe(task_id=task.id) as subscription:
+            if created:
+                await _wake(store, TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
+            task = await _wait_until_ended(store, task, subscription, wait)
+    elif created:
         await _wake(store, TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
     headers = {"Location": f"/api/v1/tasks/{task.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONBody(task_json(task), status_code=201 if created else 200, headers=headers)
+
+
+async def _wait_until_ended(store: Store, task: Task, subscription: Subscription, wait_s: float) -> Task:
+    deadline = asyncio.get_running_loop().time() + wait_s
+    task = await store.get_task(task.id)
+    while task.status not in TERMINAL_STATUSES:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            break
+        event = await subscription.get(wait_s=remaining)
+        if event is None or (event.type == "status" and event.data.get("status") in TERMINAL_STATUSES):
+            task = await store.get_task(task.id)
+    return task
 
 
 async def _wake(store: Store, channel: str, payload: str) -> None:
