@@ -46,6 +46,8 @@ EventCallback = Callable[[ComfyEvent], Awaitable[None] | None]
 TERMINAL_JOB_STATUSES = frozenset({"completed", "failed", "cancelled"})
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # Frames that carry no prompt_id but belong to the prompt running at the time.
+# How long a status frame may precede the execution_start of a prompt before a poll checks on it.
+_START_GRACE_S = 0.02
 _UNTAGGED_BELONG_TO_RUNNING = frozenset({"executing", "progress", "progress_state", "preview", "text", "executed"})
 
 
@@ -164,13 +166,14 @@ def outcome_from_history(prompt_id: str, entry: dict[str, Any]) -> PromptOutcome
 class _PromptWatch:
     """Frames of one prompt, buffered from before ``follow`` starts (the prompt may finish first)."""
 
-    __slots__ = ("changed", "client_id", "done", "events", "prompt_id")
+    __slots__ = ("changed", "client_id", "done", "events", "prompt_id", "queue_changed")
 
     def __init__(self, prompt_id: str, client_id: str | None) -> None:
         self.prompt_id = prompt_id
         self.client_id = client_id
         self.events: list[ComfyEvent] = []
         self.done = False
+        self.queue_changed = False  # a status frame came while this prompt had not started
         self.changed = asyncio.Event()
 
     def push(self, event: ComfyEvent) -> None:
@@ -230,6 +233,8 @@ class ComfyClient:
         self._http = httpx.AsyncClient(base_url=self.base_url, transport=self._transport, timeout=self._timeout)
         self._state = "open"
         if self._events:
+            # Owned by this client and cancelled and awaited in close(); not a TaskGroup because the
+            # client's lifetime spans __aenter__/__aexit__, which callers may run in different tasks.
             self._events_task = asyncio.get_running_loop().create_task(
                 self._run_events(), name=f"comfy-events {self.base_url}"
             )
@@ -484,12 +489,22 @@ class ComfyClient:
                         raise PromptLost(prompt_id, "finished but its history entry is gone")
                     watch.done = False  # the server still knows it: fall back to polling
                 routed = self._events and watch.client_id is not None and watch.client_id == self._live_client_id
-                wait_s = silence_s if routed else poll_delay
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait_s):
-                        await watch.changed.wait()
-                if watch.changed.is_set():
-                    continue  # new frames or a socket change: look again before polling
+                if routed and watch.queue_changed and not watch.events:
+                    # The queue changed while this prompt waited in it. A prompt deleted from the queue
+                    # gets no frame of its own, only this status change: ask whether it is still there,
+                    # unless its execution_start follows at once (a start's status frame precedes it).
+                    watch.queue_changed = False
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_START_GRACE_S):
+                            await watch.changed.wait()
+                    if watch.events:
+                        continue
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(silence_s if routed else poll_delay):
+                            await watch.changed.wait()
+                    if watch.changed.is_set():
+                        continue  # new frames, a queue change or a socket change: look again first
                 try:
                     job = await self.job(prompt_id)
                 except (WorkerUnreachable, ComfyTimeout):
@@ -571,6 +586,10 @@ class ComfyClient:
             exec_info = (event.data.get("status") or {}).get("exec_info") or {}
             if isinstance(exec_info.get("queue_remaining"), int):
                 self.queue_remaining = exec_info["queue_remaining"]
+            for waiting in self._watches.values():
+                if not waiting.events and waiting.client_id == self._live_client_id:
+                    waiting.queue_changed = True
+                    waiting.changed.set()
         elif prompt_id is None and event.type in _UNTAGGED_BELONG_TO_RUNNING and self._running_prompt:
             event = event.with_prompt(self._running_prompt)
             prompt_id = self._running_prompt
