@@ -32,6 +32,7 @@ from comfyfleet.dispatch.events import EventBus
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.outputs import open_outputs
 from comfyfleet.store import Store, StoreError, open_store
+from comfyfleet.webhooks import WebhookDeliverer
 
 logger = logging.getLogger("comfyfleet.runtime")
 
@@ -159,9 +160,12 @@ class Runtime:
                 limits_max_input_bytes=settings.limits.max_input_bytes,
             )
         )
+        # Webhooks of ended tasks, from the store's outbox (every replica delivers; leases keep them apart).
+        webhooks = await self._stack.enter_async_context(WebhookDeliverer(store, settings, owner=replica_id, bus=bus))
         self.add_loop("fleet", fleet.run)
         self.add_loop("dispatcher", dispatcher.run)
-        self._services.update(fleet=fleet, dispatcher=dispatcher, bus=bus, outputs=outputs)
+        self.add_loop("webhooks", webhooks.run)
+        self._services.update(fleet=fleet, dispatcher=dispatcher, bus=bus, outputs=outputs, webhooks=webhooks)
         if not fleet.pools:
             logger.warning(
                 "running_without_workers: no workers are configured (--worker URL or pools in the config); "

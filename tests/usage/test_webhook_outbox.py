@@ -3,10 +3,10 @@ webhook ends (whoever ends it), leases it to one deliverer at a time, and keeps 
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from usage_helpers import eventually
 
 from comfyfleet.domain import NewTask, TaskStatus
 from comfyfleet.store import Lease, StaleLease, Store
@@ -63,12 +63,7 @@ async def test_deliveries_are_leased_retried_and_finished(store: Store) -> None:
     with pytest.raises(StaleLease):  # the lease ended with the attempt
         await store.record_webhook_attempt(mine.id, "replica-a", outcome="delivered", status_code=200, error=None, duration_s=0)
 
-    async def due() -> list:  # type: ignore[type-arg]
-        while not (claimed := await store.claim_webhook_deliveries("replica-b", 30)):
-            await asyncio.sleep(0.02)
-        return claimed
-
-    [again] = await asyncio.wait_for(due(), 5)
+    [again] = await eventually(lambda: store.claim_webhook_deliveries("replica-b", 30), within=5)
     done = await store.record_webhook_attempt(again.id, "replica-b", outcome="delivered", status_code=204, error=None, duration_s=0.02)
     assert done.status == "delivered"
     assert done.delivered_at is not None
@@ -84,12 +79,7 @@ async def test_an_expired_lease_lets_another_deliverer_take_over(store: Store) -
     await store.complete_task(lease, {"outputs": []})
     [first] = await store.claim_webhook_deliveries("dead-replica", 0.05)
 
-    async def taken() -> list:  # type: ignore[type-arg]
-        while not (claimed := await store.claim_webhook_deliveries("live-replica", 30)):
-            await asyncio.sleep(0.02)
-        return claimed
-
-    [second] = await asyncio.wait_for(taken(), 5)
+    [second] = await eventually(lambda: store.claim_webhook_deliveries("live-replica", 30), within=5)
     assert second.id == first.id
     with pytest.raises(StaleLease):
         await store.record_webhook_attempt(first.id, "dead-replica", outcome="delivered", status_code=200, error=None, duration_s=0)

@@ -127,6 +127,11 @@ class TaskOut(BaseModel):
     inputs: list[dict[str, Any]] | None
     webhook: dict[str, Any] | None
     metadata: dict[str, Any] | None
+    webhook_deliveries: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="GET /api/v1/tasks/{id} of a task with a webhook: its delivery once the task ended (url, "
+        "event, status pending|delivered|failed, attempts, last_status_code, last_error, history of attempts).",
+    )
     queue_position: int | None = Field(
         description="1 = next to run. Given by GET /api/v1/tasks/{id} for a pending task; null otherwise "
         "(and in lists and submissions, where computing it would slow the queue down)."

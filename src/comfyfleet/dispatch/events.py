@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from comfyfleet.domain import Task
 from comfyfleet.store import Store
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,22 @@ class TaskEvent:
     def from_json(cls, text: str) -> TaskEvent:
         raw = json.loads(text)
         return cls(type=raw["type"], task_id=raw["task_id"], tenant=raw["tenant"], data=raw["data"], ts=raw["ts"])
+
+
+def status_event(task: Task) -> TaskEvent:
+    """The ``status`` event of a task as it stands, for changes made outside the dispatcher (a pending task
+    cancelled through the API or the gateway), so live listeners hear of them too."""
+    data: dict[str, Any] = {
+        "status": task.status.value,
+        "phase": task.phase.value if task.phase else None,
+        "worker_id": task.worker_id,
+        "attempt": task.attempt,
+        "retry_count": task.retry_count,
+    }
+    if task.error:
+        data["error"] = task.error
+        data["error_kind"] = task.error_kind
+    return TaskEvent("status", task.id, task.tenant, data)
 
 
 class Subscription:

@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from comfyfleet.comfy.errors import MalformedPrompt
 from comfyfleet.comfy.workflow import INPUT_FILE_NODES, MODEL_INPUTS, validate
 from comfyfleet.config import Settings
-from comfyfleet.dispatch.events import EventBus, TaskEvent
+from comfyfleet.dispatch.events import EventBus, status_event
 from comfyfleet.domain import NewTask, Task
 from comfyfleet.domain.graph import validate_graph
 from comfyfleet.gateway import shapes
@@ -50,21 +50,6 @@ class PromptRejected(Exception):
 class Queued:
     task: Task
     node_errors: dict[str, Any]
-
-
-def status_event(task: Task) -> TaskEvent:
-    """A ``status`` event as the dispatcher publishes them, for changes the gateway makes itself."""
-    data: dict[str, Any] = {
-        "status": task.status.value,
-        "phase": task.phase.value if task.phase else None,
-        "worker_id": task.worker_id,
-        "attempt": task.attempt,
-        "retry_count": task.retry_count,
-    }
-    if task.error:
-        data["error"] = task.error
-        data["error_kind"] = task.error_kind
-    return TaskEvent("status", task.id, task.tenant, data)
 
 
 def _flat_input_name(reference: str, taken: set[str]) -> str:

@@ -15,11 +15,12 @@ from comfyfleet.api.deps import get_settings, get_store
 from comfyfleet.api.errors import ApiError, InvalidInput
 from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmission, error_responses, task_json
 from comfyfleet.config import Settings
-from comfyfleet.dispatch.events import EventBus, Subscription
+from comfyfleet.dispatch.events import EventBus, Subscription, status_event
 from comfyfleet.dispatch.inputs import InputError, check_input_spec
 from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
 from comfyfleet.domain.graph import validate_graph
 from comfyfleet.store import Store, StoreError
+from comfyfleet.webhooks import check_webhook, delivery_json
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
                 str(exc), [{"loc": ["body", "inputs", index], "message": str(exc), "type": "invalid_input"}],
                 error="invalid_input",
             ) from None
+    if submission.webhook is not None:
+        problem = check_webhook(submission.webhook)
+        if problem:
+            raise InvalidInput(problem, [{"loc": ["body", "webhook"], "message": problem, "type": "invalid_webhook"}],
+                               error="invalid_webhook")
     if submission.pool is not None:
         known = _known_pools(settings)
         if known and submission.pool not in known:
@@ -237,7 +243,10 @@ async def get_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) ->
     """The whole task. A pending task also has `queue_position` (1 = next to run)."""
     task = await store.get_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
     position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
-    return JSONBody(task_json(task, queue_position=position))
+    body = task_json(task, queue_position=position)
+    if task.webhook is not None:
+        body["webhook_deliveries"] = [delivery_json(delivery) for delivery in await store.webhook_deliveries(task.id)]
+    return JSONBody(body)
 
 
 @router.delete(
@@ -250,7 +259,7 @@ async def get_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) ->
         **error_responses(401, 404, 409, 503),
     },
 )
-async def cancel_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) -> Response:
+async def cancel_task(task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep) -> Response:
     """Cancel a task. A pending task is cancelled at once (200). A running one is stopped on its worker
     (202 with `cancel_requested: true`). A task that already ended is a 409."""
     task = await store.cancel_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
@@ -262,4 +271,8 @@ async def cancel_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep)
         # The store resolved the race differently (e.g. the task ended meanwhile); say so plainly.
         raise ApiError(409, "conflict", f"task {task.id} is already {task.status.value}")
     logger.info("task_cancelled task_id=%s", task.id)
+    bus: EventBus | None = getattr(request.app.state, "bus", None)
+    if bus is not None:
+        # No dispatcher saw this one: tell live listeners (event streams, dashboard, ComfyUI sockets) here.
+        await bus.publish(status_event(task))
     return JSONBody(task_json(task))

@@ -1,0 +1,21 @@
+"""Task webhooks: signed (Standard Webhooks) POSTs of a task when it ends, from a durable outbox."""
+
+from comfyfleet.webhooks.deliverer import (
+    DelivererClosed,
+    WebhookDeliverer,
+    WebhooksError,
+    backoff_s,
+    check_webhook,
+    delivery_json,
+    signed_headers,
+)
+
+__all__ = [
+    "DelivererClosed",
+    "WebhookDeliverer",
+    "WebhooksError",
+    "backoff_s",
+    "check_webhook",
+    "delivery_json",
+    "signed_headers",
+]
