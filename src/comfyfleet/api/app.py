@@ -63,11 +63,12 @@ def create_app(settings: Settings, store: Store, **services: Any) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
 
+    # /api/v1 first: routes are matched in order, and submissions are the hot path.
+    for router in API_V1_ROUTERS:
+        app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
     app.include_router(health.router)
     app.include_router(metrics_router())
     install_gateway(app)  # ComfyUI's routes (/prompt, /ws, /history, /view…) at the root and under /api
-    for router in API_V1_ROUTERS:
-        app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
     return app
 
 

@@ -104,70 +104,90 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
                            f"the graph has {len(graph)} nodes; the limit is {max_nodes}")]
 
     errors: list[GraphError] = []
-    for node_id, node in graph.items():
-        errors.extend(_node_errors(str(node_id), node, graph))
+    # One pass: check every node and collect its well-formed links for the cycle search.
+    incoming: dict[str, list[_Edge]] = {}
+    for raw_id, node in graph.items():
+        node_id = str(raw_id)
+        edges: list[_Edge] = []
+        incoming[node_id] = edges
+        _check_node(node_id, node, graph, errors, edges)
         if len(errors) >= MAX_REPORTED_ERRORS:
             return errors[:MAX_REPORTED_ERRORS]
     # A cycle through a broken link would be reported twice in different words; report the link only.
     if not errors:
-        cycle = find_cycle(graph)
+        cycle = _find_cycle(incoming)
         if cycle is not None:
             errors.append(_cycle_error(cycle))
     return errors
 
 
-def _node_errors(node_id: str, node: object, graph: Mapping[str, Any]) -> Iterator[GraphError]:
+# (consumer node id, input name, source node id, output index): a link before it is reported.
+_Edge = tuple[str, str, str, int]
+
+
+def _check_node(
+    node_id: str, node: object, graph: Mapping[str, Any], errors: list[GraphError], edges: list[_Edge]
+) -> None:
     if not isinstance(node, Mapping):
-        yield GraphError(node_id, None, GraphErrorType.NODE_NOT_OBJECT,
-                         f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}")
+        errors.append(GraphError(
+            node_id, None, GraphErrorType.NODE_NOT_OBJECT,
+            f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}"))
         return
     class_type = node.get("class_type")
     if class_type is None:
-        yield GraphError(node_id, None, GraphErrorType.MISSING_CLASS_TYPE, f"node {node_id!r} has no class_type")
+        errors.append(GraphError(node_id, None, GraphErrorType.MISSING_CLASS_TYPE, f"node {node_id!r} has no class_type"))
     elif not isinstance(class_type, str) or not class_type.strip():
-        yield GraphError(node_id, None, GraphErrorType.INVALID_CLASS_TYPE,
-                         f"node {node_id!r}: class_type must be a non-empty string, not {_json_type(class_type)}")
+        errors.append(GraphError(
+            node_id, None, GraphErrorType.INVALID_CLASS_TYPE,
+            f"node {node_id!r}: class_type must be a non-empty string, not {_json_type(class_type)}"))
     if "inputs" not in node:
-        yield GraphError(node_id, None, GraphErrorType.MISSING_INPUTS,
-                         f"node {node_id!r} has no inputs object (use {{}} for a node without inputs)")
+        errors.append(GraphError(
+            node_id, None, GraphErrorType.MISSING_INPUTS,
+            f"node {node_id!r} has no inputs object (use {{}} for a node without inputs)"))
         return
     inputs = node["inputs"]
     if not isinstance(inputs, Mapping):
-        yield GraphError(node_id, None, GraphErrorType.INPUTS_NOT_OBJECT,
-                         f"node {node_id!r}: inputs must be an object, not {_json_type(inputs)}")
+        errors.append(GraphError(
+            node_id, None, GraphErrorType.INPUTS_NOT_OBJECT,
+            f"node {node_id!r}: inputs must be an object, not {_json_type(inputs)}"))
         return
     for input_name, value in inputs.items():
-        if not looks_like_link(value):
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
             continue
         source_id, raw_index = value
-        if _output_index(raw_index) is None:
-            yield GraphError(node_id, input_name, GraphErrorType.INVALID_LINK,
-                             f"node {node_id!r} input {input_name!r}: a link is [node_id, output_index] and the "
-                             f"output index must be a non-negative integer, not {raw_index!r}")
+        index = _output_index(raw_index)
+        if index is None:
+            errors.append(GraphError(
+                node_id, input_name, GraphErrorType.INVALID_LINK,
+                f"node {node_id!r} input {input_name!r}: a link is [node_id, output_index] and the "
+                f"output index must be a non-negative integer, not {raw_index!r}"))
         elif source_id not in graph:
-            yield GraphError(node_id, input_name, GraphErrorType.LINK_TO_MISSING_NODE,
-                             f"node {node_id!r} input {input_name!r} links to node {source_id!r}, "
-                             "which is not in the graph")
+            errors.append(GraphError(
+                node_id, input_name, GraphErrorType.LINK_TO_MISSING_NODE,
+                f"node {node_id!r} input {input_name!r} links to node {source_id!r}, which is not in the graph"))
+        else:
+            edges.append((node_id, input_name, source_id, index))
 
 
 def find_cycle(graph: Mapping[str, Any]) -> list[Link] | None:
-    """The links of one cycle (in link order: each link's source is the previous link's node), or None.
-
-    Iterative depth-first search, so a long chain cannot hit Python's recursion limit.
-    """
-    incoming: dict[str, list[Link]] = {node_id: [] for node_id in graph}
+    """The links of one cycle (in link order: each link's source is the previous link's node), or None."""
+    incoming: dict[str, list[_Edge]] = {str(node_id): [] for node_id in graph}
     for link in iter_links(graph):
         if link.source_id in incoming:
-            incoming[link.node_id].append(link)
+            incoming[link.node_id].append((link.node_id, link.input_name, link.source_id, link.output_index))
+    return _find_cycle(incoming)
 
+
+def _find_cycle(incoming: Mapping[str, list[_Edge]]) -> list[Link] | None:
+    # Iterative depth-first search, so a long chain cannot hit Python's recursion limit.
     unvisited, on_path, done = 0, 1, 2
     state = dict.fromkeys(incoming, unvisited)
     for start in incoming:
         if state[start] != unvisited:
             continue
         # Walk from a node to the nodes it reads from; a node met again while still on the path closes a cycle.
-        path: list[tuple[str, Iterator[Link]]] = [(start, iter(incoming[start]))]
-        via: list[Link] = []  # via[i] leads from path[i] to path[i + 1]
+        path: list[tuple[str, Iterator[_Edge]]] = [(start, iter(incoming[start]))]
+        via: list[_Edge] = []  # via[i] leads from path[i] to path[i + 1]
         state[start] = on_path
         while path:
             node_id, pending = path[-1]
@@ -178,12 +198,12 @@ def find_cycle(graph: Mapping[str, Any]) -> list[Link] | None:
                 if via:
                     via.pop()
                 continue
-            source = step.source_id
+            source = step[2]
             if state[source] == on_path:
                 on_cycle = [entry[0] for entry in path]
                 first = on_cycle.index(source)
                 # Reverse so the cycle reads in data-flow order: source → consumer.
-                return list(reversed([*via[first:], step]))
+                return [Link(*edge) for edge in reversed([*via[first:], step])]
             if state[source] == unvisited:
                 state[source] = on_path
                 via.append(step)
