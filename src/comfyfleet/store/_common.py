@@ -25,6 +25,18 @@ MAX_LIST_LIMIT = 1000
 # A subscriber that stops reading loses its oldest wake-ups rather than growing without bound.
 SUBSCRIPTION_BACKLOG = 10_000
 
+# The column lists both backends select, in the order their row readers unpack (same names in both schemas).
+TASK_COLUMNS = (
+    "id, seq, tenant, workflow_id, priority, status, phase, payload, created_at, updated_at, worker_id, "
+    "started_at, completed_at, result, error, error_kind, error_details, retry_count, max_retries, attempt, "
+    "prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key, "
+    "pool, inputs, webhook, metadata, progress, attempts"
+)
+WORKER_COLUMNS = (
+    "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
+    "last_active_at, health_failures, loaded_models, node_types, error, labels, info"
+)
+
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 

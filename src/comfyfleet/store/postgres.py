@@ -37,6 +37,8 @@ from comfyfleet.domain import (
     WorkerState,
 )
 from comfyfleet.store._common import (
+    TASK_COLUMNS,
+    WORKER_COLUMNS,
     NotificationHub,
     Subscription,
     advisory_key,
@@ -69,16 +71,6 @@ MAX_NOTIFY_BYTES = 7900
 LISTENER_PING_S = 5.0
 MIGRATION_LOCK = advisory_key("store", "migrations")
 
-TASK_COLUMNS = (
-    "id, seq, tenant, workflow_id, priority, status, phase, payload, created_at, updated_at, worker_id, "
-    "started_at, completed_at, result, error, error_kind, error_details, retry_count, max_retries, attempt, "
-    "prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key, "
-    "pool, inputs, webhook, metadata, progress, attempts"
-)
-WORKER_COLUMNS = (
-    "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
-    "last_active_at, health_failures, loaded_models, node_types, error, labels, info"
-)
 # Claims and adoptions update ``seq = ANY(ARRAY(<locking sub-select>))`` rather than joining a CTE: with
 # asyncpg's prepared statements PostgreSQL soon plans generically, cannot see the LIMIT, and would hash-join
 # the whole table; a key array is always an index lookup.

@@ -36,6 +36,8 @@ from comfyfleet.domain import (
     WorkerState,
 )
 from comfyfleet.store._common import (
+    TASK_COLUMNS,
+    WORKER_COLUMNS,
     NotificationHub,
     Subscription,
     check_limit,
@@ -66,16 +68,6 @@ T = TypeVar("T")
 # Enough to amortise one commit over a burst, small enough that one group never holds the lock for long.
 MAX_GROUP = 512
 
-TASK_COLUMNS = (
-    "id, seq, tenant, workflow_id, priority, status, phase, payload, created_at, updated_at, worker_id, "
-    "started_at, completed_at, result, error, error_kind, error_details, retry_count, max_retries, attempt, "
-    "prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key, "
-    "pool, inputs, webhook, metadata, progress, attempts"
-)
-WORKER_COLUMNS = (
-    "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
-    "last_active_at, health_failures, loaded_models, node_types, error, labels, info"
-)
 
 # Runnable = pending and due. Used by claim, queue_position and demand so the three agree exactly.
 _RUNNABLE = "status = 'pending' AND (not_before IS NULL OR not_before <= ?)"
