@@ -45,7 +45,7 @@ def bearer(tenant: str) -> dict[str, str]:
 def assert_error_shape(response: httpx.Response, status: int, error: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
+    body: dict[str, Any] = response.json()
     assert set(body) <= {"error", "code", "message", "details"}, body
     assert body["code"] == status
     assert isinstance(body["error"], str)

@@ -39,6 +39,7 @@ def test_the_seed_workflow_is_valid() -> None:
 
 
 def test_not_an_object() -> None:
+    graph: object
     for graph in ([], "graph", 3, None):
         errors = validate_graph(graph)
         assert types_of(errors) == [GraphErrorType.NOT_AN_OBJECT]
@@ -123,7 +124,7 @@ def test_cycle_names_the_closing_input_and_the_route() -> None:
 
 
 def test_errors_are_capped() -> None:
-    graph = {str(index): {"inputs": {}} for index in range(200)}
+    graph: dict[str, Any] = {str(index): {"inputs": {}} for index in range(200)}
     assert len(validate_graph(graph)) == MAX_REPORTED_ERRORS
 
 

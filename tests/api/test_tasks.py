@@ -235,7 +235,7 @@ async def test_cancel_pending_running_and_finished(client: httpx.AsyncClient, ap
     assert_error_shape(await client.delete(f"/api/v1/tasks/{pending['id']}"), 409, "conflict")
 
     running = await submit(client)
-    async with api_store.listen() as notifications:  # type: ignore[attr-defined]
+    async with api_store.listen() as notifications:
         [claimed] = await api_store.claim("test-dispatcher", 30.0)
         assert claimed.id == running["id"]
         response = await client.delete(f"/api/v1/tasks/{running['id']}")
@@ -264,7 +264,7 @@ async def test_cancel_pending_running_and_finished(client: httpx.AsyncClient, ap
 
 
 async def test_a_submission_wakes_the_dispatcher(client: httpx.AsyncClient, api_store: Store) -> None:
-    async with api_store.listen() as notifications:  # type: ignore[attr-defined]
+    async with api_store.listen() as notifications:
         created = await submit(client)
         note = await anext(notifications)
     assert note.channel == "tasks"
