@@ -602,3 +602,18 @@ async def test_save_counter_follows_the_folder_like_upstream(emulator: EmulatorS
         assert await save(4) == "me_00003_.png"
         (Path(emulator.output_dir) / "count" / "me_00041_.png").write_bytes(b"")
         assert await save(5) == "me_00042_.png"
+
+
+async def test_an_error_inside_a_node_is_an_execution_error_and_the_executor_goes_on(emulator: EmulatorServer) -> None:
+    async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "g") as ws:
+        await http.post("/upload/image", files={"image": ("garbage.png", b"not an image at all")})
+        graph = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "garbage.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "g"}},
+        }
+        prompt_id = (await post_prompt(http, graph, client_id="g")).json()["prompt_id"]
+        frames = await frames_until_done(ws, prompt_id)
+        error = next(f for f in frames if f["type"] == "execution_error")["data"]
+        assert (error["node_id"], error["exception_type"]) == ("1", "PIL.UnidentifiedImageError")
+        after = (await post_prompt(http, trivial_graph(123), client_id="g")).json()["prompt_id"]
+        assert types(await frames_until_done(ws, after))[-3] == "execution_success"

@@ -521,6 +521,9 @@ class EmulatorServer:
             except _Crash:
                 await self.crash()
                 return
+            except Exception:
+                # A bug of the emulator, not a node error: say so loudly; the prompt is lost like in a crash.
+                logger.exception("emulator_executor_error prompt_id=%s", item.prompt_id)
             finally:
                 state.running = None
                 state.client_id = None
@@ -643,7 +646,14 @@ class EmulatorServer:
                 spec = NODES_BY_NAME[class_type]
                 if class_type == "KSampler" and isinstance(inputs.get("model"), Model):
                     await run.load_model(_model_folder(prompt, inputs["model"]), inputs["model"].name)
-                outputs, ui = await spec.run(run, inputs)
+                try:
+                    outputs, ui = await spec.run(run, inputs)
+                except (NodeFailed, _Interrupted, _Crash, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # any error inside a node is that prompt's execution_error
+                    module = type(exc).__module__
+                    name = type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
+                    raise NodeFailed(name, str(exc)) from exc
                 values[node_id] = outputs
                 executed.append(node_id)
                 if self.options.cache:
