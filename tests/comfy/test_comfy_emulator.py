@@ -474,7 +474,8 @@ async def test_model_lru_and_load_time(emulator_factory: EmulatorFactory) -> Non
             return time.monotonic() - started
 
         assert await run("a.safetensors", 1) >= 0.15
-        assert await run("a.safetensors", 2) < 0.15
+        await run("a.safetensors", 2)  # still loaded: no load time
+        assert emu.stats.model_loads == 1
         await run("b.safetensors", 3)
         assert emu.stats_snapshot()["loaded_models"] == ["checkpoints/b.safetensors"]
         await run("a.safetensors", 4)  # evicted by b: loaded again although its loader node is cached
@@ -570,13 +571,13 @@ async def test_restart_with_down_time_and_in_process_crash(emulator_factory: Emu
 
 async def test_startup_delay_keeps_the_port_closed(tmp_path: Path) -> None:
     started = time.monotonic()
-    async with EmulatorServer(EmulatorOptions(startup_delay_s=0.3, base_dir=str(tmp_path))) as emu:
-        assert time.monotonic() - started < 0.2
+    async with EmulatorServer(EmulatorOptions(startup_delay_s=0.6, base_dir=str(tmp_path))) as emu:
+        assert time.monotonic() - started < 0.5  # entering does not wait for the port
         async with httpx.AsyncClient(base_url=emu.url) as http:
             with pytest.raises(httpx.ConnectError):
                 await http.get("/system_stats")
             await emu.wait_ready()
-            assert time.monotonic() - started >= 0.3
+            assert time.monotonic() - started >= 0.6
             assert (await http.get("/system_stats")).status_code == 200
 
 
