@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -127,3 +131,60 @@ async def service(tmp_path: Path, workers: list[str], *, wait_workers: int | Non
         finally:
             runtime.request_stop()
             await running
+
+
+class ServeProcess:
+    """``comfyfleet serve`` as a child process (so it can be killed with SIGKILL), with its own config file."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "serve") -> None:
+        import yaml
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp_path / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "comfyfleet", "serve", "--config", str(self.config_path), "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    async def wait_ready(self, http: httpx.AsyncClient, *, timeout_s: float = 20.0) -> None:
+        async def ready() -> int:
+            try:
+                return (await http.get(f"{self.url}/ready")).status_code
+            except httpx.HTTPError:
+                assert self.popen is not None and self.popen.poll() is None, self.log_path.read_text()[-3000:]
+                return 0
+
+        await poll_until(ready, lambda status: status == 200, timeout_s=timeout_s, what=f"{self.url}/ready")
+
+    def kill(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def queue_metrics(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    metrics: dict[str, Any] = (await http.get(f"{url}/api/v1/queue/metrics")).json()
+    return metrics

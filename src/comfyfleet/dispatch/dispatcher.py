@@ -39,7 +39,7 @@ from comfyfleet.dispatch.retry import (
     next_attempt_at,
     sanitize_execution_error,
 )
-from comfyfleet.domain import Task, TaskPhase, TaskStatus, Worker
+from comfyfleet.domain import Task, TaskPhase, TaskStatus, Worker, WorkerState
 from comfyfleet.fleet.base import WorkerDirectory
 from comfyfleet.outputs import OutputStore
 from comfyfleet.store import Lease, NotFound, StaleLease, Store, StoreError
@@ -111,6 +111,9 @@ class Dispatcher:
         self._attempts: dict[str, _Attempt] = {}
         self._skips: dict[str, int] = {}
         self._facts: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        # Adopted running attempts whose worker is not usable (yet), with when to stop waiting for it.
+        self._orphans: dict[str, tuple[Task, float]] = {}
+        self._orphan_wait_s = max(30.0, 4 * settings.lease_s)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -173,6 +176,8 @@ class Dispatcher:
                 return
             try:
                 await self._sync_workers()
+                if self._orphans:
+                    await self._attach_orphans()
                 while await self._dispatch_round():
                     pass
             except StoreError:
@@ -690,22 +695,42 @@ class Dispatcher:
     # -- recovery -------------------------------------------------------------------------------
     async def _adopt(self, previous_owner: str | None = None) -> None:
         adopted = await self.store.adopt_expired(self.owner, self.settings.lease_s, previous_owner=previous_owner)
+        deadline = time.monotonic() + self._orphan_wait_s
         for task in adopted:
+            if task.id not in self._attempts:
+                self._orphans[task.id] = (task, deadline)
+        await self._attach_orphans()
+
+    async def _attach_orphans(self) -> None:
+        """Re-attach adopted attempts to their workers. A worker may not be usable yet (after a restart the
+        fleet probes it first): its attempt waits for it rather than running the prompt a second time
+        elsewhere. Only a worker that is gone, or one that stays away too long, sends the task back."""
+        for task_id, (task, deadline) in list(self._orphans.items()):
+            if task_id in self._attempts:
+                del self._orphans[task_id]
+                continue
             slot = self._slots.get(task.worker_id or "")
-            if task.id in self._attempts:
+            if slot is not None and task.prompt_id:
+                del self._orphans[task_id]
+                logger.info("attempt_adopted task_id=%s worker_id=%s prompt_id=%s", task.id, task.worker_id, task.prompt_id)
+                self._start_attempt(slot, task, adopted=True)
                 continue
-            lease = Lease(task.id, task.attempt, self.owner)
-            if slot is None or not task.prompt_id:
-                # Its worker is gone (or it never got one): nothing to find, try again elsewhere.
-                attempt = _Attempt(task=task, lease=lease, worker_id=task.worker_id or "")
-                with contextlib.suppress(StaleLease):
-                    if task.phase in {None, TaskPhase.DISPATCHING} and not task.prompt_id:
-                        await self._release(task)
-                    else:
-                        await self._retry_or_fail(attempt, "worker_lost", "its worker is no longer available")
+            if task.prompt_id and task.worker_id and time.monotonic() < deadline and not await self._worker_gone(task.worker_id):
                 continue
-            logger.info("attempt_adopted task_id=%s worker_id=%s prompt_id=%s", task.id, task.worker_id, task.prompt_id)
-            self._start_attempt(slot, task, adopted=True)
+            del self._orphans[task_id]
+            attempt = _Attempt(task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=task.worker_id or "")
+            with contextlib.suppress(StaleLease):
+                if not task.prompt_id:
+                    await self._release(task)  # never reached a worker
+                else:
+                    await self._retry_or_fail(attempt, "worker_lost", f"its worker {task.worker_id} is no longer available")
+
+    async def _worker_gone(self, worker_id: str) -> bool:
+        try:
+            worker = await self.store.get_worker(worker_id)
+        except NotFound:
+            return True
+        return worker.state in {WorkerState.FAILED, WorkerState.TERMINATED, WorkerState.TERMINATING}
 
 
 class _Stop(Exception):
