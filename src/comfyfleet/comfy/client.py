@@ -461,7 +461,10 @@ class ComfyClient:
         """Follow ``prompt_id`` to its end and return its outcome, read from its history entry.
 
         Frames come from the shared socket while it is up and routed to us; otherwise (socket down,
-        reconnected under a new id, or silent for ``silence_s``) ``/api/jobs/{id}`` is polled.
+        reconnected under a new id, or silent for ``silence_s``) ``/api/jobs/{id}`` is polled. A queue
+        change (``status`` frame) while the prompt has not started also triggers one check, so a prompt
+        deleted from the queue is reported lost at once. The outcome is read from the history entry,
+        which upstream writes before ``executing{node: null}``: a completion always carries its outputs.
         Raises :class:`PromptLost` when the server no longer knows the prompt and
         :class:`WorkerUnreachable` when it cannot be reached for ``unreachable_after_s``."""
         self._check_open()
