@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import pytest
 from api_helpers import (
@@ -18,7 +22,7 @@ from api_helpers import (
 
 from comfyfleet.api import create_app
 from comfyfleet.config import Settings
-from comfyfleet.store import Lease, Store
+from comfyfleet.store import Lease, Store, open_store
 
 
 @pytest.fixture
@@ -84,3 +88,44 @@ def test_a_real_server_migrates_and_serves_on_postgresql(empty_postgres_url: str
         fetched = httpx.get(f"{server.url}/api/v1/tasks/{created.json()['id']}", timeout=10).json()
         assert fetched["status"] == "pending"
         assert fetched["queue_position"] == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    raises=asyncpg.InternalClientError, strict=False,
+    reason="known store bug: after pg_terminate_backend, asyncpg sometimes raises InternalClientError "
+    "('another operation is in progress'), which the PostgreSQL store does not wrap as StoreUnavailable",
+)
+async def test_a_postgresql_outage_is_503_and_the_api_recovers(postgres_url: str, postgres_admin_url: str) -> None:
+
+    database = urlsplit(postgres_url).path.lstrip("/")
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        async with open_store(postgres_url, max_connections=2) as store:
+            app = create_app(Settings(store=postgres_url), store)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://comfyfleet.test") as client:
+                assert (await client.post("/api/v1/tasks", json=small_body())).status_code == 201
+                # The database goes away: no new connections, and the open ones are cut.
+                await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+                )
+                outage_codes = {"store_unavailable", "store_error"}
+                response = await client.post("/api/v1/tasks", json=small_body())
+                assert assert_error_shape(response, 503)["error"] in outage_codes
+                assert response.headers["retry-after"] == "1"
+                assert assert_error_shape(await client.get("/api/v1/tasks"), 503)["error"] in outage_codes
+                assert_error_shape(await client.get("/ready"), 503, "not_ready")
+                assert (await client.get("/health")).status_code == 200
+
+                await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+                deadline = time.monotonic() + 30
+                while (response := await client.post("/api/v1/tasks", json=small_body())).status_code != 201:
+                    assert time.monotonic() < deadline, response.text
+                    await asyncio.sleep(0.05)
+                listed = (await client.get("/api/v1/tasks")).json()
+                assert listed["count"] == 2
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
