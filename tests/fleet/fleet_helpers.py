@@ -1,0 +1,78 @@
+"""Helpers shared by the fleet tests (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from comfyfleet.config import PoolConfig
+from comfyfleet.fleet.novita_emulator import NovitaEmulator
+
+EMULATOR_COMMAND = ["{python}", "-m", "comfyfleet", "emulator", "--host", "{host}", "--port", "{port}", "--log-level", "warning"]
+NOVITA_KEY = "test-novita-key"
+DEADLINE_S = 45.0
+
+
+def docker_image() -> str:
+    """The test worker image built by scripts/test.d/docker.sh; skips (fails under CI=true) without an engine."""
+    image = os.environ.get("COMFYFLEET_TEST_DOCKER_IMAGE")
+    problem = None
+    if not os.environ.get("DOCKER_HOST"):
+        problem = "no Docker engine (DOCKER_HOST unset): run the tests through scripts/test"
+    elif not image:
+        problem = "no test worker image (COMFYFLEET_TEST_DOCKER_IMAGE unset): run the tests through scripts/test"
+    else:
+        import docker
+
+        try:
+            client = docker.from_env(timeout=10)
+            try:
+                client.images.get(image)
+            finally:
+                client.close()
+        except Exception as exc:
+            problem = f"Docker engine or image {image} unusable: {exc}"
+    if problem is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    assert image is not None
+    return image
+
+
+def novita_pool_settings(emulator: NovitaEmulator, **extra: object) -> dict[str, object]:
+    return {
+        "product_id": "emu-rtx-4090-24g",
+        "image_url": "example.org/comfyui:latest",
+        "base_url": emulator.api_base,
+        "api_key": NOVITA_KEY,
+        **extra,
+    }
+
+
+def pool(name: str, provider: str, settings: dict[str, object], **policy: object) -> PoolConfig:
+    return PoolConfig.model_validate({"name": name, "provider": provider, "settings": settings, **policy})
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, deadline_s: float = DEADLINE_S) -> None:
+    """Poll ``check`` until it is true, failing the test after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {deadline_s}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def answers(endpoint: str) -> bool:
+    """The ComfyUI at ``endpoint`` answers /system_stats."""
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            response = await client.get(endpoint + "/system_stats")
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and "system" in response.json()
