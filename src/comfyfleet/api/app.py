@@ -18,6 +18,7 @@ from comfyfleet.api.errors import RequestTooLarge, error_body, install_error_han
 from comfyfleet.api.routes import events, health, outputs, queue, tasks
 from comfyfleet.api.schemas import JSONBody
 from comfyfleet.config import Settings
+from comfyfleet.dashboard import install_dashboard
 from comfyfleet.gateway import install_gateway
 from comfyfleet.metrics import metrics_router
 from comfyfleet.store import Store
@@ -69,6 +70,7 @@ def create_app(settings: Settings, store: Store, **services: Any) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_router())
     install_gateway(app)  # ComfyUI's routes (/prompt, /ws, /history, /view…) at the root and under /api
+    install_dashboard(app)  # the web dashboard at /
     return app
 
 

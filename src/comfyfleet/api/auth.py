@@ -12,6 +12,7 @@ import hmac
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from comfyfleet.api.errors import Unauthorized
 from comfyfleet.config import ApiKey, hash_api_key
@@ -65,7 +66,27 @@ class KeyRing:
         return found
 
 
+# The dashboard keeps its key in this cookie (HttpOnly, SameSite=Strict). A request that changes something
+# and is authenticated only by the cookie must also carry DASHBOARD_HEADER: a page of another site cannot
+# add a custom header without CORS permission, so it cannot make the browser act with the cookie (CSRF).
+DASHBOARD_COOKIE = "comfyfleet_key"
+DASHBOARD_HEADER = "x-comfyfleet-dashboard"
+
+
+def principal_from(connection: HTTPConnection) -> Principal:
+    """The caller of a request or WebSocket: ``Authorization: Bearer <key>``, else the dashboard's cookie."""
+    keyring: KeyRing = connection.app.state.keyring
+    authorization = connection.headers.get("authorization")
+    if authorization is None and keyring.enabled:
+        cookie = connection.cookies.get(DASHBOARD_COOKIE)
+        if cookie:
+            method = connection.scope.get("method", "GET")
+            if method not in ("GET", "HEAD") and connection.headers.get(DASHBOARD_HEADER) != "1":
+                raise Unauthorized("unauthorized", f"a change made with the dashboard's cookie needs the {DASHBOARD_HEADER} header")
+            authorization = f"Bearer {cookie}"
+    return keyring.principal_for(authorization)
+
+
 async def authenticate(request: Request) -> Principal:
     """FastAPI dependency: the caller's :class:`Principal`, or 401 in the error shape."""
-    keyring: KeyRing = request.app.state.keyring
-    return keyring.principal_for(request.headers.get("authorization"))
+    return principal_from(request)

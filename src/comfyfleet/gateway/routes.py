@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request, WebSocket
 from starlette.requests import HTTPConnection
 from starlette.responses import Response, StreamingResponse
 
-from comfyfleet.api.auth import Principal
+from comfyfleet.api.auth import Principal, principal_from
 from comfyfleet.api.errors import ApiError, Unauthorized
 from comfyfleet.api.schemas import JSONBody
 from comfyfleet.domain import TERMINAL_STATUSES, Task, TaskStatus
@@ -43,15 +43,13 @@ async def _gateway_dependency(connection: HTTPConnection) -> Gateway:
 
 
 def gateway_principal(connection: HTTPConnection) -> Principal:
-    """The caller, from ``Authorization: Bearer <key>`` or, for clients that cannot set headers (browsers'
-    WebSockets, ComfyUI scripts), ``?token=<key>``."""
-    keyring = connection.app.state.keyring
-    header = connection.headers.get("authorization")
+    """The caller, from ``Authorization: Bearer <key>`` (or the dashboard's cookie) or, for clients that
+    cannot set headers (browsers' WebSockets, ComfyUI scripts), ``?token=<key>``."""
     token = connection.query_params.get("token")
-    if not header and token:
-        header = f"Bearer {token}"
-    principal: Principal = keyring.principal_for(header)
-    return principal
+    if token and connection.headers.get("authorization") is None:
+        principal: Principal = connection.app.state.keyring.principal_for(f"Bearer {token}")
+        return principal
+    return principal_from(connection)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal_dependency)]

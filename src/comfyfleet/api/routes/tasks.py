@@ -144,6 +144,9 @@ async def submit_task(
     )
     task, created = await store.create_task(new)
     bus: EventBus | None = getattr(request.app.state, "bus", None)
+    if created and bus is not None:
+        # Live listeners (the dashboard's task list, ComfyUI sockets' queue length) see it arrive.
+        await bus.publish(status_event(task))
     if wait and bus is not None:
         # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
         with bus.subscribe(task_id=task.id) as subscription:
