@@ -501,6 +501,8 @@ class Catalogue:
     def __init__(self, options: EmulatorOptions, input_dir: str) -> None:
         self.options = options
         self.input_dir = input_dir
+        self._validation_key: str | None = None
+        self._validation_info: dict[str, Any] = {}
 
     def model_files(self, folder: str) -> list[str]:
         return sorted(self.options.models.get(folder, []))
@@ -541,3 +543,12 @@ class Catalogue:
 
     def object_info(self) -> dict[str, Any]:
         return {spec.name: self.node_info(spec) for spec in NODES}
+
+    def validation_info(self) -> dict[str, Any]:
+        """``object_info`` for validating prompts, rebuilt only when the model lists change. The input-file
+        combos in it may be stale, which is harmless: LoadImage validates its file itself."""
+        key = json.dumps(self.options.models, sort_keys=True)
+        if self._validation_key != key:
+            self._validation_info = self.object_info()
+            self._validation_key = key
+        return self._validation_info

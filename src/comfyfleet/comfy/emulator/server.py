@@ -854,7 +854,7 @@ class EmulatorServer:
         try:
             result = workflow.validate(
                 prompt,
-                self.catalogue.object_info(),
+                self.catalogue.validation_info(),
                 partial_execution_targets=body.get("partial_execution_targets"),
                 custom_validators={"LoadImage": {"image": self._validate_load_image}},
                 accept_combo=self._accept_combo,
