@@ -227,6 +227,7 @@ async def test_rejections_and_typed_errors(emulator: EmulatorServer, tmp_path: P
         assert rejected.value.type == "invalid_prompt_id"
         info = await comfy.object_info()
         assert await comfy.object_info() is info  # cached
+        assert await comfy.object_info(refresh=True) == info
         assert "KSampler" in info
         assert (await comfy.system_stats())["system"]["comfyui_version"] == "0.33.0"
         uploaded = await comfy.upload_image(b"\x89PNG not really", "in.png", subfolder="job-1")

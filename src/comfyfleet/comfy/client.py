@@ -442,10 +442,11 @@ class ComfyClient:
         except httpx.TransportError as exc:
             raise WorkerUnreachable(f"GET {self.base_url}/view: {type(exc).__name__}: {exc}") from exc
 
-    async def object_info(self) -> dict[str, Any]:
-        """Every node class of the server (cached after the first call: it is big and slow upstream)."""
+    async def object_info(self, *, refresh: bool = False) -> dict[str, Any]:
+        """Every node class of the server (cached after the first call: it is big and slow upstream;
+        ``refresh`` reads it again, e.g. after the worker restarted with other custom nodes)."""
         async with self._object_info_lock:
-            if self._object_info is None:
+            if self._object_info is None or refresh:
                 self._object_info = await self._json("GET", "/object_info")
             return self._object_info
 
