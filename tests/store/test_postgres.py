@@ -175,3 +175,24 @@ async def test_a_vanished_database_makes_the_store_unready_and_unavailable(
         assert not await store.is_ready()
         with pytest.raises(StoreUnavailable):
             await store.create_task(NewTask(payload={}))
+
+
+async def test_closing_does_not_wait_for_a_stuck_query(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url, close_timeout_s=0.2)
+    await store.__aenter__()
+    started = asyncio.Event()
+
+    async def sleep_in_the_database() -> None:
+        async with store._connection() as conn:
+            started.set()
+            await conn.execute("SELECT pg_sleep(60)")
+
+    async def stuck_query() -> None:
+        with pytest.raises(StoreUnavailable, match="closed in the middle"):
+            await sleep_in_the_database()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(stuck_query())
+        await started.wait()
+        # Closing gives up waiting for the borrowed connection and cuts it: the query fails, the close ends.
+        await asyncio.wait_for(store.__aexit__(None, None, None), 10)

@@ -95,6 +95,7 @@ WEBHOOK_COLUMNS = (
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "28", "3D")
 # /ready must answer quickly even when the server is gone.
 READY_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = 5.0
 _DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -209,6 +210,7 @@ class PostgresStore:
         min_connections: int = 1,
         max_connections: int = 10,
         connect_timeout_s: float = 5.0,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         if not url.startswith(("postgresql://", "postgres://")):
             raise InvalidArgument(f"invalid PostgreSQL store URL {redact(url)!r}: use postgresql://user@host:port/db")
@@ -217,6 +219,7 @@ class PostgresStore:
         self._min_connections = min_connections
         self._max_connections = max_connections
         self._connect_timeout_s = connect_timeout_s
+        self._close_timeout_s = close_timeout_s
         self._pool: asyncpg.Pool | None = None
         self._hub = NotificationHub()
         # Tells this replica's own notifications apart when PostgreSQL echoes them back.
@@ -265,7 +268,13 @@ class PostgresStore:
         async with self._leader_lock:
             await self._drop_leader_connection(lost=False)
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                # A graceful close waits for every borrowed connection; one stuck in a query must not hold
+                # the shutdown of the whole process.
+                await asyncio.wait_for(self._pool.close(), self._close_timeout_s)
+            except TimeoutError:
+                logger.warning("store_close_forced url=%s", self._where)
+                self._pool.terminate()
 
     def _server_settings(self) -> dict[str, str]:
         return {"timezone": "UTC", "application_name": "comfyfleet"}
