@@ -307,7 +307,7 @@ def _report_end(client: Client, task: Task, out_dir: Path) -> None:
         if not task.outputs:
             out.print("the workflow produced no output files")
         return
-    err.print(f"[bold red]task {task.id} {task.status}[/]" + (f" [{escape(task.error_kind)}]" if task.error_kind else "") +
+    err.print(f"[bold red]task {task.id} {task.status}[/]" + (" " + escape(f"[{task.error_kind}]") if task.error_kind else "") +
               f": {escape(task.error or 'no reason given')}")
     for line in node_error_lines(task):
         err.print(f"  {escape(line)}")
@@ -359,10 +359,10 @@ def run_tasks_list(*, status: str | None, limit: int, as_json: bool, server: str
     for column in ("ID", "STATUS", "PRIORITY", "WORKFLOW", "WORKER", "CREATED", "PROGRESS"):
         table.add_column(column, no_wrap=column in {"ID", "STATUS"})
     for task in page.tasks:
-        table.add_row(
+        table.add_row(*(escape(cell) for cell in (
             task.id, task.status, str(task.priority), task.workflow_id or "-", task.worker_id or "-",
             _age(task.created_at), _progress_text(task),
-        )
+        )))
     out.print(table)
 
 
@@ -441,11 +441,11 @@ def run_workers_list(*, as_json: bool, server: str | None, api_key: str | None) 
         table.add_column(column, no_wrap=column in {"ID", "STATE"})
     for worker in workers:
         tasks = worker.get("current_task_ids") or ([worker["current_task_id"]] if worker.get("current_task_id") else [])
-        table.add_row(
+        table.add_row(*(escape(cell) for cell in (
             str(worker.get("id")), str(worker.get("pool") or "-"), str(worker.get("provider") or "-"),
             str(worker.get("state") or worker.get("status") or "-"), str(worker.get("endpoint") or "-"),
             str(len(tasks)), ", ".join(worker.get("loaded_models") or []) or "-",
-        )
+        )))
     out.print(table)
 
 
