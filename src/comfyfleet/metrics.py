@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
 from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus, WorkerState
@@ -196,8 +196,11 @@ class _Forward(Collector):
         yield from self._registry.collect()
 
 
-async def render_metrics(store: Store) -> bytes:
-    """The whole exposition: this process's counters and histograms plus the store's gauges."""
+async def render_metrics(store: Store, pools: Iterable[str] = ()) -> bytes:
+    """The whole exposition: this process's counters and histograms plus the store's gauges. ``pools``
+    (the configured ones) get their start-up series at zero before their first worker starts."""
+    for pool in pools:
+        WORKER_STARTUP.labels(pool=_label("worker_startup", pool))
     tasks: list[tuple[TaskStatus, int, int]] = []
     workers: list[tuple[str, str]] = []
     oldest: float | None = None
@@ -226,7 +229,7 @@ def metrics_router() -> "APIRouter":
     FastAPI can resolve the route's parameter types imported here.)"""
     from typing import Annotated
 
-    from fastapi import APIRouter, Depends
+    from fastapi import APIRouter, Depends, Request
     from starlette.responses import Response
 
     from comfyfleet.api.deps import get_store
@@ -237,12 +240,14 @@ def metrics_router() -> "APIRouter":
         "/metrics",
         summary="Prometheus metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "The text exposition format."}},
+        responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}, "description": "The text exposition format."}},
     )
-    async def metrics(store: Annotated[Store, Depends(get_store)]) -> Response:
+    async def metrics(request: Request, store: Annotated[Store, Depends(get_store)]) -> Response:
         """Tasks by status and priority, workers by state and pool, dispatch latency and task duration
         histograms, worker start-up time, failures by kind and webhook attempts. No API key needed: it
         holds counts only, never task contents."""
-        return Response(await render_metrics(store), media_type=CONTENT_TYPE_LATEST)
+        settings = request.app.state.settings
+        pools = [pool.name for pool in settings.pools] + (["default"] if settings.workers else [])
+        return Response(await render_metrics(store, pools), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     return router
