@@ -117,12 +117,29 @@ async def test_a_non_integer_priority(http: httpx.AsyncClient, server: ServerThr
     await still_serving(server)
 
 
+@pytest.mark.parametrize("field", ["payload", "metadata"])
+async def test_values_nested_absurdly_deep(http: httpx.AsyncClient, server: ServerThread, field: str) -> None:
+    # Deep enough to be stored but not serialized back: refused up front, never a 500 after the insert.
+    deep = "[" * 500 + "]" * 500
+    if field == "payload":
+        content = '{"payload": {"1": {"class_type": "X", "inputs": {"a": DEEP}}}}'.replace("DEEP", deep)
+    else:
+        content = '{"payload": {"1": {"class_type": "X", "inputs": {}}}, "metadata": {"a": DEEP}}'.replace("DEEP", deep)
+    before = (await http.get("/api/v1/tasks", params={"limit": 500})).json()["count"]
+    error = assert_error_shape(await http.send(post_raw(http, content.encode())), 422)
+    assert "nested deeper than 64 levels" in error["message"]
+    assert (await http.get("/api/v1/tasks", params={"limit": 500})).json()["count"] == before
+    await still_serving(server)
+
+
 async def test_a_body_over_the_limit(http: httpx.AsyncClient, server: ServerThread) -> None:
     body = small_body(metadata={"padding": "x" * MAX_BODY_BYTES})
     content = json.dumps(body).encode()
     response = await http.send(post_raw(http, content))
     error = assert_error_shape(response, 413, "request_too_large")
     assert error["details"] == {"max_body_bytes": MAX_BODY_BYTES}
+    # The same keep-alive connection goes on with the next request (the refused body was skipped whole).
+    assert (await http.post("/api/v1/tasks", json=small_body())).status_code == 201
     await still_serving(server)
 
 
@@ -139,6 +156,7 @@ async def test_a_chunked_body_over_the_limit(http: httpx.AsyncClient, server: Se
     request = http.build_request("POST", "/api/v1/tasks", content=stream(), headers={"Content-Type": "application/json"})
     assert "content-length" not in request.headers
     assert_error_shape(await http.send(request), 413, "request_too_large")
+    assert (await http.post("/api/v1/tasks", json=small_body())).status_code == 201
     await still_serving(server)
 
 

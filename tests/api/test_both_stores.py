@@ -97,7 +97,6 @@ def test_a_real_server_migrates_and_serves_on_postgresql(empty_postgres_url: str
     "('another operation is in progress'), which the PostgreSQL store does not wrap as StoreUnavailable",
 )
 async def test_a_postgresql_outage_is_503_and_the_api_recovers(postgres_url: str, postgres_admin_url: str) -> None:
-
     database = urlsplit(postgres_url).path.lstrip("/")
     admin = await asyncpg.connect(postgres_admin_url)
     try:

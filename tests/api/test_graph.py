@@ -212,3 +212,28 @@ def test_any_json_value_gets_an_answer_never_an_exception(value: Any) -> None:
     errors = validate_graph(value, max_nodes=100)
     assert isinstance(errors, list)
     assert all(isinstance(error, GraphError) and error.message for error in errors)
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_values_nested_too_deep_are_refused_where_they_are() -> None:
+    from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth
+
+    assert not exceeds_depth(nested(MAX_VALUE_DEPTH), MAX_VALUE_DEPTH)
+    assert exceeds_depth(nested(MAX_VALUE_DEPTH + 1), MAX_VALUE_DEPTH)
+    assert not exceeds_depth({"a": [{"b": 1}]}, 3)
+    assert exceeds_depth({"a": [{"b": []}]}, 3)
+    assert validate_graph({"1": node(ok=nested(MAX_VALUE_DEPTH))}) == []
+    graph = {"1": {**node(deep=nested(5000)), "_meta": nested(MAX_VALUE_DEPTH + 1)}, "2": node(x=["1", nested(300)])}
+    errors = validate_graph(graph)
+    assert [(error.node_id, error.input_name, error.type) for error in errors] == [
+        ("1", None, GraphErrorType.TOO_DEEP),
+        ("1", "deep", GraphErrorType.TOO_DEEP),
+        ("2", "x", GraphErrorType.INVALID_LINK),
+    ]
+    assert all(len(error.message) < 200 for error in errors)

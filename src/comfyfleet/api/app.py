@@ -79,7 +79,8 @@ class BodyLimitMiddleware:
 
     A declared ``Content-Length`` is checked up front (the HTTP server never delivers more than it
     declares). A chunked body has no declared size, so it is read here, up to the limit, and replayed
-    to the application; one byte too many and the request is refused without reading the rest.
+    to the application; one byte too many and the request is refused at once (the HTTP server then
+    skips the rest of that body, so the connection stays usable).
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
@@ -140,8 +141,9 @@ class BodyLimitMiddleware:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                # The unread rest of the body would otherwise be parsed as the next request.
-                (b"connection", b"close"),
+                # No "Connection: close": closing with the client's unread body in our receive buffer makes
+                # the kernel reset the connection, and the client may lose this answer. The HTTP server
+                # discards the rest of the body (it knows where it ends) and keeps the connection.
             ],
         })
         await send({"type": "http.response.body", "body": body})

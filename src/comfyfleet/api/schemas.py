@@ -15,6 +15,7 @@ from pydantic_core import to_json
 from starlette.responses import Response
 
 from comfyfleet.domain import QueueMetrics, Task
+from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
@@ -82,6 +83,14 @@ class TaskSubmission(BaseModel):
     @classmethod
     def _webhook_url_shorthand(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("metadata", "webhook", "inputs")
+    @classmethod
+    def _not_absurdly_nested(cls, value: Any) -> Any:
+        # Kept values are sent back in every answer: refuse what could be stored but not serialized again.
+        if value is not None and exceeds_depth(value, MAX_VALUE_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_VALUE_DEPTH} levels")
+        return value
 
 
 class AttemptOut(BaseModel):

@@ -11,12 +11,15 @@ answer with all of them at once and the ComfyUI-format validator can reuse the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 # Stop collecting after this many problems: a broken 2,000-node graph must not produce a huge answer.
 MAX_REPORTED_ERRORS: Final = 50
+# Lists and objects inside a node nest at most this deep. Real workflows nest a few levels; a value nested
+# hundreds of levels deep could be stored but not serialized back (JSON encoders stop near 255 levels).
+MAX_VALUE_DEPTH: Final = 64
 
 
 class GraphErrorType:
@@ -33,6 +36,7 @@ class GraphErrorType:
     INVALID_LINK: Final = "invalid_link"
     LINK_TO_MISSING_NODE: Final = "link_to_missing_node"
     CYCLE: Final = "cycle"
+    TOO_DEEP: Final = "value_too_deep"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +155,17 @@ def _check_node(
             node_id, None, GraphErrorType.INPUTS_NOT_OBJECT,
             f"node {node_id!r}: inputs must be an object, not {_json_type(inputs)}"))
         return
+    for key, value in node.items():
+        if key != "inputs" and isinstance(value, list | dict) and exceeds_depth(value, MAX_VALUE_DEPTH):
+            errors.append(GraphError(
+                node_id, None, GraphErrorType.TOO_DEEP,
+                f"node {node_id!r}: {key!r} is nested deeper than {MAX_VALUE_DEPTH} levels"))
     for input_name, value in inputs.items():
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
+            if isinstance(value, list | dict) and exceeds_depth(value, MAX_VALUE_DEPTH):
+                errors.append(GraphError(
+                    node_id, input_name, GraphErrorType.TOO_DEEP,
+                    f"node {node_id!r} input {input_name!r} is nested deeper than {MAX_VALUE_DEPTH} levels"))
             continue
         source_id, raw_index = value
         index = _output_index(raw_index)
@@ -160,13 +173,33 @@ def _check_node(
             errors.append(GraphError(
                 node_id, input_name, GraphErrorType.INVALID_LINK,
                 f"node {node_id!r} input {input_name!r}: a link is [node_id, output_index] and the "
-                f"output index must be a non-negative integer, not {raw_index!r}"))
+                f"output index must be a non-negative integer, not {_short_repr(raw_index)}"))
         elif source_id not in graph:
             errors.append(GraphError(
                 node_id, input_name, GraphErrorType.LINK_TO_MISSING_NODE,
                 f"node {node_id!r} input {input_name!r} links to node {source_id!r}, which is not in the graph"))
         else:
             edges.append((node_id, input_name, source_id, index))
+
+
+def exceeds_depth(value: object, limit: int) -> bool:
+    """Whether lists and objects in ``value`` nest more than ``limit`` levels (``[[1]]`` is 2 levels).
+
+    Iterative, so an absurdly deep value cannot exhaust the stack while it is being measured.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, Mapping | list | tuple))
+    return False
 
 
 def find_cycle(graph: Mapping[str, Any]) -> list[Link] | None:
@@ -217,6 +250,13 @@ def _cycle_error(cycle: list[Link]) -> GraphError:
     return GraphError(closing.node_id, closing.input_name, GraphErrorType.CYCLE,
                       f"the graph has a cycle: {route} (node {closing.node_id!r} input "
                       f"{closing.input_name!r} closes it)")
+
+
+def _short_repr(value: object, limit: int = 40) -> str:
+    if isinstance(value, list | dict | tuple):
+        return _json_type(value)  # its repr could be huge, or nested too deep to print
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _json_type(value: object) -> str:
