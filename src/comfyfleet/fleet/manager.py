@@ -1013,8 +1013,8 @@ class FleetManager:
                 busy=bool(w.current_task_ids) or w.state is WorkerState.BUSY,
             )
             for w in self._workers.values()
-            # A start in flight is capacity; a stop in flight is neither capacity nor a candidate.
-            if w.pool == pool_name and (w.id not in self._inflight or w.state is WorkerState.PENDING)
+            # A start in flight is capacity (pending/starting); a stop in flight is `terminating`, which is not.
+            if w.pool == pool_name
         )
         return PoolSnapshot(
             pool=pool_name,
