@@ -39,7 +39,7 @@ def mutated_seed(data: st.DataObject) -> Any:
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 async def test_arbitrary_bodies_never_cause_a_500(client: httpx.AsyncClient, data: st.DataObject) -> None:
-    body = mutated_seed(data) if data.draw(st.booleans()) else data.draw(json_values)
+    body: Any = mutated_seed(data) if data.draw(st.booleans()) else data.draw(json_values)
     response = await client.post("/api/v1/tasks", content=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     if response.status_code == 201:
