@@ -84,6 +84,11 @@ class Server:
             time.sleep(0.05)
         raise SystemExit(f"serve was not ready within {timeout_s} s:\n{self.log_path.read_text()}")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process (all its threads) has used so far."""
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
     def rss_mib(self) -> float:
         return float(psutil.Process(self.process.pid).memory_info().rss) / 2**20
 
@@ -241,9 +246,12 @@ async def measure_throughput(kind: str, workdir: Path, args: argparse.Namespace)
     async with store_for(kind, workdir, args.postgres, f"{kind}-throughput") as url:
         with running_server(url, workdir, f"{kind}-throughput") as server:
             await drive(server.host, server.port, args.connections, 1.0)  # warm-up
+            server_cpu, generator_cpu = server.cpu_s(), time.process_time()
             result = await drive(server.host, server.port, args.connections, args.seconds)
+            server_cpu, generator_cpu = server.cpu_s() - server_cpu, time.process_time() - generator_cpu
             rss = server.rss_mib()
-    return {"result": result, "rss_mib": rss}
+    return {"result": result, "rss_mib": rss, "server_cpu_per_request_s": server_cpu / max(result.ok, 1),
+            "generator_cpu_per_request_s": generator_cpu / max(result.ok, 1), "load": os.getloadavg()[0]}
 
 
 async def measure_depth(kind: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +322,11 @@ def print_throughput(results: dict[str, dict[str, Any]], args: argparse.Namespac
         ("accepted (201)", lambda r: f"{r['result'].ok:,}"),
         ("other answers", lambda r: f"{r['result'].failed:,}"),
         ("server RSS after (MiB)", lambda r: f"{r['rss_mib']:.0f}"),
+        # CPU per request does not depend on what else the machine runs, unlike the rate above.
+        ("server CPU/submission (ms)", lambda r: f"{r['server_cpu_per_request_s'] * 1000:.2f}"),
+        ("  = one-core capacity (/s)", lambda r: f"{1 / r['server_cpu_per_request_s']:,.0f}"),
+        ("generator CPU/request (ms)", lambda r: f"{r['generator_cpu_per_request_s'] * 1000:.2f}"),
+        ("load average at the end", lambda r: f"{r['load']:.1f}"),
     ]
     for label, cell in rows:
         print(f"{label:28}" + "".join(f"{cell(results[kind]):>14}" for kind in kinds))
