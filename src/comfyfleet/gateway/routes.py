@@ -259,10 +259,14 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
         except Exception as exc:  # python-multipart raises several unrelated types on a broken body
             return JSONBody(shapes.prompt_error("invalid_upload", f"the body is not a valid multipart form: {exc}", ""),
                             status_code=400)
-        image = form.get("image")
-        if image is None or isinstance(image, str):
-            return Response("no image file in the 'image' field", status_code=400, media_type="text/plain")
-        data = await image.read()
+        try:
+            image = form.get("image")
+            if image is None or isinstance(image, str):
+                return Response("no image file in the 'image' field", status_code=400, media_type="text/plain")
+            data = await image.read()
+            filename, content_type = image.filename or "", image.content_type or "application/octet-stream"
+        finally:
+            await form.close()  # its spooled temporary files
         limit = gateway.settings.limits.max_input_bytes
         if len(data) > limit:
             return Response(f"the file is larger than {limit} bytes", status_code=413, media_type="text/plain")
@@ -270,8 +274,8 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
         overwrite = str(form.get("overwrite") or "").lower() in {"true", "1"}
         try:
             name, subfolder = await gateway.uploads.save(
-                principal.tenant, image.filename or "", str(form.get("subfolder") or ""), data,
-                content_type=image.content_type or "application/octet-stream", overwrite=overwrite,
+                principal.tenant, filename, str(form.get("subfolder") or ""), data,
+                content_type=content_type, overwrite=overwrite,
             )
         except UploadError as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")

@@ -1,0 +1,173 @@
+"""The rest of the ComfyUI-compatible gateway: uploads that travel with the prompt, /queue, deleting and
+interrupting, /history listings, /view, the catalogue routes, the /api aliases and API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from usage_helpers import Fleet, eventually, running_fleet, tiny_workflow, wait_task
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+
+def _png(width: int, height: int, color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _upload(fleet: Fleet, name: str, data: bytes, **form: str) -> dict[str, Any]:
+    response = await fleet.http.post("/upload/image", files={"image": (name, data, "image/png")}, data=form)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def _prompt(fleet: Fleet, graph: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    response = await fleet.http.post("/prompt", content=json.dumps({"prompt": graph, **fields}))
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def test_an_uploaded_image_is_used_by_whichever_worker_runs_the_prompt(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=2) as fleet:
+        first = await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets")
+        assert first == {"name": "cat.png", "subfolder": "pets", "type": "input"}
+        assert (await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets"))["name"] == "cat.png"
+        other = await _upload(fleet, "cat.png", _png(8, 8, (0, 250, 0)), subfolder="pets")
+        assert other["name"] == "cat (1).png"  # same name, other bytes: renamed, as ComfyUI does
+        view = await fleet.http.get("/view", params={"filename": "cat (1).png", "subfolder": "pets", "type": "input"})
+        assert view.status_code == 200
+        assert view.content == _png(8, 8, (0, 250, 0))
+
+        graph = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "pets/cat.png"}},
+            "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "area", "scale_by": 2.0}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "pets/scaled"}},
+        }
+        queued = await _prompt(fleet, graph, client_id="uploader")
+        assert queued["node_errors"] == {}
+        task = await wait_task(fleet, queued["prompt_id"])
+        assert task["status"] == "completed", task
+        history = (await fleet.http.get(f"/history/{queued['prompt_id']}")).json()[queued["prompt_id"]]
+        [image] = history["outputs"]["3"]["images"]
+        assert image["subfolder"] == queued["prompt_id"]
+        picture = await fleet.http.get("/api/view", params=image)
+        with Image.open(io.BytesIO(picture.content)) as result:
+            assert result.size == (60, 40)
+        # Not uploaded and on no worker: refused at once, as ComfyUI would.
+        graph["1"]["inputs"]["image"] = "pets/dog.png"
+        refused = await fleet.http.post("/prompt", json={"prompt": graph})
+        assert refused.status_code == 400
+        assert refused.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+        bad = await fleet.http.post("/upload/image", data={"subfolder": "x"})
+        assert bad.status_code == 400
+
+
+async def test_queue_delete_interrupt_and_history(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=1, emulator={"prompt_time_s": 3}) as fleet:
+        ids = [(await _prompt(fleet, tiny_workflow(color=c), client_id="q"))["prompt_id"] for c in (1, 2, 3)]
+        assert (await fleet.http.get("/prompt")).json() == {"exec_info": {"queue_remaining": 3}}
+
+        async def one_waits() -> dict[str, Any] | None:
+            queue = (await fleet.http.get("/queue")).json()
+            return queue if len(queue["queue_running"]) == 2 and len(queue["queue_pending"]) == 1 else None
+
+        queue = await eventually(one_waits, within=10)
+        number, prompt_id, prompt, extra, outputs = queue["queue_pending"][0]
+        assert prompt_id == ids[2]
+        assert prompt == tiny_workflow(color=3)
+        assert extra["client_id"] == "q"
+        assert outputs == ["2"]
+        assert isinstance(number, int)
+
+        # Delete acts on pending prompts only; interrupt stops a running one.
+        assert (await fleet.http.post("/queue", json={"delete": [ids[2], ids[0]]})).status_code == 200
+        assert (await fleet.http.get(f"/api/v1/tasks/{ids[2]}")).json()["status"] == "cancelled"
+        assert (await fleet.http.get(f"/api/v1/tasks/{ids[0]}")).json()["status"] == "running"
+        assert (await fleet.http.post("/api/interrupt", json={"prompt_id": ids[0]})).status_code == 200
+        assert (await wait_task(fleet, ids[0]))["status"] == "cancelled"
+        assert (await wait_task(fleet, ids[1]))["status"] == "completed"
+
+        assert (await fleet.http.get(f"/history/{ids[2]}")).json() == {}  # deleted before it ran: not in history
+        interrupted = (await fleet.http.get(f"/history/{ids[0]}")).json()[ids[0]]
+        assert interrupted["status"]["status_str"] == "error"
+        assert interrupted["status"]["completed"] is False
+        assert interrupted["status"]["messages"][-1][0] == "execution_interrupted"
+        everything = (await fleet.http.get("/history")).json()
+        assert list(everything) == [ids[0], ids[1]]  # oldest first
+        assert list((await fleet.http.get("/history", params={"max_items": 1})).json()) == [ids[1]]
+        assert list((await fleet.http.get("/history", params={"max_items": 1, "offset": 0})).json()) == [ids[0]]
+        assert (await fleet.http.get("/history", params={"max_items": "x"})).status_code == 400
+        assert (await fleet.http.get(f"/history/{uuid.uuid4()}")).json() == {}
+        assert (await fleet.http.get("/history/not-a-uuid")).json() == {}
+        assert (await fleet.http.post("/history", json={"clear": True})).status_code == 200
+        assert len((await fleet.http.get("/history")).json()) == 2  # comfyfleet keeps its records
+
+
+async def test_catalogue_routes_view_errors_and_a_client_chosen_prompt_id(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=2) as fleet:
+        info = (await fleet.http.get("/object_info")).json()
+        assert info["KSampler"]["output_node"] is False
+        assert info["SaveImage"]["output_node"] is True
+        assert list((await fleet.http.get("/api/object_info/KSampler")).json()) == ["KSampler"]
+        assert (await fleet.http.get("/object_info/NoSuchNode")).json() == {}
+        stats = (await fleet.http.get("/system_stats")).json()
+        assert stats["system"]["workers"] == 2
+        assert len(stats["devices"]) >= 2
+        assert (await fleet.http.get("/features")).json()["supports_preview_metadata"] is False
+
+        chosen = str(uuid.uuid4())
+        queued = await _prompt(fleet, tiny_workflow(), prompt_id=chosen)
+        assert queued["prompt_id"] == chosen  # the client's id is the task's id
+        again = await _prompt(fleet, tiny_workflow(), prompt_id=chosen)  # a retried POST queues nothing new
+        assert again["number"] == queued["number"]
+        assert (await wait_task(fleet, chosen))["status"] == "completed"
+        assert (await fleet.http.get("/api/v1/tasks")).json()["count"] == 1
+
+        for params, status in (({"filename": "../etc/passwd"}, 400), ({"filename": "x.png", "subfolder": "/abs"}, 400),
+                               ({"filename": "x.png", "subfolder": chosen}, 404),
+                               ({"filename": "x.png", "subfolder": "not-a-task"}, 404)):
+            assert (await fleet.http.get("/view", params=params)).status_code == status, params
+        # partial_execution_targets: only what the chosen output needs is run.
+        graph = {**tiny_workflow(), "3": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+                 "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "other"}}}
+        partial = await _prompt(fleet, graph, partial_execution_targets=["4"])
+        task = await wait_task(fleet, partial["prompt_id"])
+        assert sorted(task["payload"]) == ["3", "4"]
+        assert [output["node_id"] for output in task["result"]["outputs"]] == ["4"]
+
+
+async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=1, api_keys=[{"key": "alice-key", "tenant": "alice"},
+                                                            {"key": "bob-key", "tenant": "bob"}]) as fleet:
+        assert (await fleet.http.post("/prompt", json={"prompt": tiny_workflow()})).status_code == 401
+        ws_url = fleet.url.replace("http://", "ws://") + "/ws?clientId=a"
+        with pytest.raises(InvalidStatus) as refused:  # closed before the handshake completes: HTTP 403
+            async with connect(ws_url):
+                pass
+        assert refused.value.response.status_code == 403
+        async with connect(ws_url + "&token=alice-key") as socket:
+            hello = json.loads(await asyncio.wait_for(socket.recv(), 5))
+            assert hello == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "a"}}
+            response = await fleet.http.post("/prompt", params={"token": "alice-key"},
+                                             json={"prompt": tiny_workflow(), "client_id": "a"})
+            prompt_id = response.json()["prompt_id"]
+            frames = []
+            while True:
+                frame = json.loads(await asyncio.wait_for(socket.recv(), 10))
+                frames.append(frame["type"])
+                if frame["type"] == "executing" and frame["data"]["node"] is None:
+                    break
+            assert frames[-3:] == ["execution_success", "status", "executing"]
+        # Bob sees nothing of Alice's prompt.
+        bob = {"Authorization": "Bearer bob-key"}
+        assert (await fleet.http.get(f"/history/{prompt_id}", headers=bob)).json() == {}
+        assert (await fleet.http.get(f"/history/{prompt_id}", headers={"Authorization": "Bearer alice-key"})).json()
+        assert (await fleet.http.get("/queue", headers=bob)).json() == {"queue_running": [], "queue_pending": []}
