@@ -91,18 +91,34 @@ def service_process(config: dict[str, Any], *, expect_workers: int) -> Iterator[
         process = Process(popen, f"http://127.0.0.1:{port}")
         try:
             wait_http(process.url + "/ready")
-            deadline = time.monotonic() + 30
-            while True:
-                workers = httpx.get(process.url + "/api/v1/workers").json()["workers"]
-                if sum(worker["state"] in {"idle", "busy"} for worker in workers) >= expect_workers:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("workers did not become ready")
-                time.sleep(0.05)
+            _wait_workers_serving(process.url, expect_workers)
             yield process
         finally:
             process.stop()
             log.close()
+
+
+def _wait_workers_serving(url: str, expected: int, timeout_s: float = 30.0) -> None:
+    """Until ``expected`` distinct workers have each completed a warm-up task (they are all usable)."""
+    deadline = time.monotonic() + timeout_s
+    seen: set[str] = set()
+    variant = 10_000_000
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while len(seen) < expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(seen)} of {expected} workers became usable")
+            ids = []
+            for _ in range(expected):
+                variant += 1
+                ids.append(client.post("/api/v1/tasks", json={"payload": tiny_graph(variant)}).json()["id"])
+            for task_id in ids:
+                while True:
+                    task = client.get(f"/api/v1/tasks/{task_id}").json()
+                    if task["status"] in {"completed", "failed", "cancelled"}:
+                        break
+                    time.sleep(0.02)
+                if task["status"] == "completed":
+                    seen.add(task["worker_id"])
 
 
 def tiny_graph(variant: int) -> dict[str, Any]:

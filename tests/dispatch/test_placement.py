@@ -93,3 +93,15 @@ def test_skipped_ids() -> None:
     window = [task("t1"), task("t2"), task("t3")]
     assert skipped_ids(window, {"t3"}) == ["t1", "t2"]
     assert skipped_ids(window, set()) == []
+
+
+def test_idle_worker_leaves_a_short_backlog_to_the_busy_worker_holding_its_model() -> None:
+    window = [task("t1", models=("a",)), task("t2", models=("a",))]
+    busy_holder = slot("w-a", free=0, assigned=2, models=("a",))
+    assert plan(window, [slot("idle", models=("c",)), busy_holder]) == []
+
+
+def test_idle_worker_takes_over_a_long_backlog() -> None:
+    window = [task(f"t{n}", models=("a",)) for n in range(5)]
+    busy_holder = slot("w-a", free=0, assigned=2, models=("a",))
+    assert plan(window, [slot("idle", models=("c",)), busy_holder], steal_backlog=3) == [("t0", "idle")]

@@ -443,6 +443,11 @@ class Dispatcher:
             return
         attempt.submitted = True
         attempt.accepted_at = _now()
+        # The worker runs its prompts in order, so the models of the last one submitted are the ones it
+        # will hold: placement plans with that, not with what it held before.
+        models = model_names(task.payload)
+        if models:
+            slot.recent_models = placement.recent_models_after(slot.recent_models, models)
         task = attempt.task = await self.store.set_phase(attempt.lease, TaskPhase.QUEUED_ON_WORKER)
         await self._publish_status(task)
         logger.info("prompt_submitted task_id=%s worker_id=%s prompt_id=%s", task.id, slot.worker.id, prompt_id)
@@ -578,9 +583,7 @@ class Dispatcher:
         if texts:
             result["text"] = texts
         completed = await self.store.complete_task(attempt.lease, result)
-        models = model_names(task.payload)
-        if models:
-            slot.recent_models = placement.recent_models_after(slot.recent_models, models)
+        if model_names(task.payload):
             with contextlib.suppress(Exception):
                 await self.directory.note_loaded_models(slot.worker.id, slot.recent_models)
         await self._publish_status(completed)

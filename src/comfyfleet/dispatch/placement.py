@@ -68,6 +68,7 @@ def plan(
     *,
     model_aware: bool = True,
     max_skips: int = 16,
+    steal_backlog: int = 3,
 ) -> list[tuple[str, str]]:
     """Assign tasks of ``window`` (already in priority-then-FIFO order) to free slots.
 
@@ -85,7 +86,9 @@ def plan(
         for slot in free:
             if slot.free <= 0 or not remaining:
                 continue
-            choice = _choose(slot, remaining, slots, model_aware=model_aware, max_skips=max_skips)
+            choice = _choose(
+                slot, remaining, slots, model_aware=model_aware, max_skips=max_skips, steal_backlog=steal_backlog
+            )
             if choice is None:
                 continue
             remaining.remove(choice)
@@ -103,6 +106,7 @@ def _choose(
     *,
     model_aware: bool,
     max_skips: int,
+    steal_backlog: int,
 ) -> PendingTask | None:
     usable = [task for task in remaining if accepts(slot, task)]
     if not usable:
@@ -115,20 +119,23 @@ def _choose(
     best = max(group, key=lambda task: (model_affinity(slot, task), -group.index(task)))
     if model_affinity(slot, best) > 0:
         return best
-    # Nothing this worker holds: take the oldest task that no other worker would serve better; failing
-    # that, one that only a full worker would serve better (an idle GPU costs more than a model load);
-    # leave a task to another free worker that holds its models.
+    # Nothing this worker holds: take the oldest task that no other worker would serve better. Failing
+    # that, take over work of a model that busy workers hold only when its backlog is long enough that
+    # they would not get through it soon: loading a model costs seconds, waiting for a holder may not.
     others = [other for other in all_slots if other is not slot]
 
-    def wanted_by(task: PendingTask, candidates: Sequence[Slot]) -> bool:
-        return any(model_affinity(other, task) > 0 and accepts(other, task) for other in candidates)
+    def holders(task: PendingTask, candidates: Sequence[Slot]) -> list[Slot]:
+        return [other for other in candidates if model_affinity(other, task) > 0 and accepts(other, task)]
 
     for task in group:
-        if not wanted_by(task, others):
+        if not holders(task, others):
             return task
     free_others = [other for other in others if other.free > 0]
     for task in group:
-        if not wanted_by(task, free_others):
+        if holders(task, free_others):
+            continue  # a free worker holding its models takes it in this round
+        backlog = sum(1 for other in group if other.models == task.models)
+        if backlog > steal_backlog * len(holders(task, others)):
             return task
     return None
 
