@@ -1,0 +1,61 @@
+"""The dashboard's pages without a browser: server rendering, sign-in with an API key, and the cookie's
+CSRF guard on the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from usage_helpers import running_fleet, tiny_workflow
+
+
+async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:
+    keys = [{"key": "alice-key", "tenant": "alice"}, {"key": "bob-key", "tenant": "bob"}]
+    async with running_fleet(tmp_path, workers=0, api_keys=keys) as fleet:
+        alice_task = (await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "workflow_id": "alices"},
+                                            headers={"Authorization": "Bearer alice-key"})).json()
+        async with httpx.AsyncClient(base_url=fleet.url) as browser:
+            page = await browser.get("/")
+            assert page.status_code == 200
+            assert 'name="key"' in page.text  # the sign-in form, and no task data
+            assert alice_task["id"] not in page.text
+            wrong = await browser.post("/dashboard/login", data={"key": "nope", "next": "/"})
+            assert wrong.status_code == 401
+            assert "not valid" in wrong.text
+            signed = await browser.post("/dashboard/login", data={"key": "bob-key", "next": f"/tasks/{alice_task['id']}"})
+            assert signed.status_code == 303
+            cookie = signed.headers["set-cookie"]
+            assert "HttpOnly" in cookie
+            assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
+            # Bob sees his (empty) overview, not Alice's task.
+            overview = await browser.get("/")
+            assert "Queue" in overview.text
+            assert alice_task["id"] not in overview.text
+            assert (await browser.get(f"/tasks/{alice_task['id']}")).status_code == 404
+            await browser.post("/dashboard/logout")
+            browser.cookies.clear()
+            await browser.post("/dashboard/login", data={"key": "alice-key", "next": "/"})
+            overview = await browser.get("/")
+            assert alice_task["id"] in overview.text
+            assert "alices" in overview.text
+            task_page = await browser.get(f"/tasks/{alice_task['id']}")
+            assert task_page.status_code == 200
+            assert "pending" in task_page.text
+            # The API takes the cookie: reads as is, changes only with the dashboard's header (CSRF guard).
+            assert (await browser.get(f"/api/v1/tasks/{alice_task['id']}")).status_code == 200
+            assert (await browser.delete(f"/api/v1/tasks/{alice_task['id']}")).status_code == 401
+            cancelled = await browser.delete(f"/api/v1/tasks/{alice_task['id']}", headers={"X-Comfyfleet-Dashboard": "1"})
+            assert cancelled.status_code == 200
+            assert cancelled.json()["status"] == "cancelled"
+            assert (await browser.get("/tasks/not-a-task")).status_code == 404
+
+
+async def test_open_access_renders_without_sign_in(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=1) as fleet:
+        task = (await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "workflow_id": "visible"})).json()
+        page = await fleet.http.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert task["id"] in page.text
+        assert "default" in page.text  # the worker's pool
+        assert 'name="key"' not in page.text
