@@ -348,3 +348,18 @@ async def test_the_readme_curl_example_is_the_seed_example_and_is_accepted(clien
     documented = re.search(r"`201 Created`.*?```json\n(\{.*?\n\})\n```", readme, re.S)
     assert documented, "the README does not show the response"
     assert set(json.loads(documented[1])) == set(response.json())
+
+
+def test_task_ids_are_random_version_4_uuids() -> None:
+    import uuid
+
+    from comfyfleet.api.routes.tasks import _TaskIds
+
+    source = _TaskIds()
+    ids = [source() for _ in range(1000)]  # several refills of the randomness pool
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
