@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import secrets
 import time
@@ -76,6 +77,7 @@ NOTIFY_CHANNEL = "workers"
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*$")
 _STARTING_PROBE_S = 0.25  # a booting worker is probed often so it is used the moment it answers
 _MAX_LOADED_MODELS = 64
+_MIN_RECONCILE_GAP_S = 0.05
 _ACTIVE_STATES = frozenset({WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING})
 _GONE_STATES = frozenset({InstanceState.GONE, InstanceState.FAILED, InstanceState.STOPPED})
 
@@ -180,6 +182,8 @@ class FleetManager:
         self._flush_wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._ready = asyncio.Event()
+        self._never = asyncio.Event()  # set only by stop(): a plain timer that still ends at shutdown
+        self.reconcile_passes = 0  # completed reconciler passes (leader or not), for tests and metrics
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -270,7 +274,7 @@ class FleetManager:
             self._tg = None
 
     def _wake_all(self) -> None:
-        for event in (self._probe_wake, self._reconcile_wake, self._flush_wake):
+        for event in (self._probe_wake, self._reconcile_wake, self._flush_wake, self._never):
             event.set()
 
     async def _wait(self, event: asyncio.Event, timeout_s: float) -> None:
@@ -786,14 +790,21 @@ class FleetManager:
     # -- reconciler -------------------------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
+        last = -math.inf
         while not self._stop.is_set():
             await self._wait(self._reconcile_wake, self._fleet.reconcile_interval_s)
+            # Submissions wake this on every task; a burst needs one pass, not one per task.
+            gap = _MIN_RECONCILE_GAP_S - (time.monotonic() - last)
+            if gap > 0:
+                await self._wait(self._never, gap)
             if self._stop.is_set():
                 return
+            last = time.monotonic()
             try:
                 await self._reconcile_once()
             except StoreError as exc:
                 logger.warning("fleet_reconcile_store_error error=%s", exc)
+            self.reconcile_passes += 1
             self._ready.set()
 
     async def _reconcile_once(self) -> None:
