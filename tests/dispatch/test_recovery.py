@@ -87,6 +87,7 @@ async def test_kill_9_with_200_tasks_in_flight_loses_none_and_runs_none_twice(tm
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.timeout(400)
 async def test_two_replicas_on_postgres_complete_2000_tasks_exactly_once(tmp_path: Path, postgres_url: str) -> None:
     async with emulators(*(EmulatorOptions() for _ in range(4))) as workers, httpx.AsyncClient(
         timeout=60, limits=httpx.Limits(max_connections=32)
