@@ -195,5 +195,45 @@ def _register_client_commands() -> None:
 _register_client_commands()
 
 
+@app.command("novita-emulator")
+def novita_emulator(
+    port: Annotated[int, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_PORT", help="Port to listen on (0: a free one).")] = 8910,
+    host: Annotated[str, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_HOST", help="Address to listen on.")] = "127.0.0.1",
+    api_key: Annotated[str, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_API_KEY", help="The Bearer key it accepts.")] = "novita-emulator-key",
+    pulling_time: Annotated[float, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_PULLING_TIME", help="Seconds an instance spends pulling its image.")] = 2.0,
+    comfy_startup_delay: Annotated[float, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_COMFY_STARTUP_DELAY", help="Seconds each instance's ComfyUI takes to answer once running.")] = 1.0,
+    fail_starts: Annotated[int, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_FAIL_STARTS", help="The next N created instances fail while pulling.")] = 0,
+    log_level: Annotated[str, typer.Option(envvar="COMFYFLEET_LOG_LEVEL", help="Log level.")] = "info",
+) -> None:
+    """Run the Novita AI GPU-instance API emulator (docs/providers.md): instances that run local ComfyUI emulators."""
+    import asyncio
+    import signal
+
+    from comfyfleet.comfy.emulator import EmulatorOptions
+    from comfyfleet.fleet.novita_emulator import NovitaEmulatorOptions
+    from comfyfleet.fleet.novita_emulator import serve as serve_novita
+
+    _configure_logging(log_level)
+    options = NovitaEmulatorOptions(
+        api_key=api_key, pulling_s=pulling_time, fail_starts=fail_starts,
+        comfy=EmulatorOptions(startup_delay_s=comfy_startup_delay),
+    )  # fmt: skip
+
+    def listening(api_base: str) -> None:
+        typer.echo(f"Novita API emulator on {api_base} (Bearer {api_key})")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_novita(options, host, port, stop, on_listening=listening)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def main() -> None:
     app()
