@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,22 +157,21 @@ async def test_bad_pool_config_is_a_clear_error(sqlite_store: Store, namespace: 
 # -- process pools ------------------------------------------------------------------------------------------------
 
 
-def process_pool(name: str = "emu", **policy: Any) -> dict[str, Any]:
+def process_pool(log_dir: Path, name: str = "emu", **policy: Any) -> dict[str, Any]:
     return {
         "name": name,
         "provider": "process",
         "min_workers": 0,
         "max_workers": 2,
         "idle_timeout_s": 1.0,
-        "settings": {"command": EMULATOR_COMMAND, "terminate_grace_s": 3},
+        "settings": {"command": EMULATOR_COMMAND, "terminate_grace_s": 3, "log_dir": str(log_dir)},
         **policy,
     }
 
 
 @pytest.mark.slow
-async def test_process_pool_scales_from_zero_to_demand_and_back(sqlite_store: Store, namespace: str, tmp_path: Any) -> None:
-    pool = process_pool(max_workers=2)
-    pool["settings"]["log_dir"] = str(tmp_path / "logs")
+async def test_process_pool_scales_from_zero_to_demand_and_back(sqlite_store: Store, namespace: str, tmp_path: Path) -> None:
+    pool = process_pool(tmp_path / "logs", max_workers=2)
     async with running_fleet(settings(namespace, pools=[pool]), sqlite_store) as fleet:
         assert fleet.workers() == []
         task_ids = await add_tasks(sqlite_store, 5)
@@ -194,9 +194,9 @@ async def test_process_pool_scales_from_zero_to_demand_and_back(sqlite_store: St
 
 @pytest.mark.slow
 async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
-    sqlite_store: Store, namespace: str
+    sqlite_store: Store, namespace: str, tmp_path: Path
 ) -> None:
-    async with running_fleet(settings(namespace, pools=[process_pool(max_workers=1)]), sqlite_store) as fleet:
+    async with running_fleet(settings(namespace, pools=[process_pool(tmp_path, max_workers=1)]), sqlite_store) as fleet:
         await add_tasks(sqlite_store, 1)
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "one worker")
         victim = fleet.usable_workers()[0]
@@ -219,10 +219,10 @@ async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
 
 
 @pytest.mark.slow
-async def test_restart_adopts_its_processes_and_reaps_strangers(sqlite_store: Store, namespace: str, tmp_path: Any) -> None:
+async def test_restart_adopts_its_processes_and_reaps_strangers(sqlite_store: Store, namespace: str, tmp_path: Path) -> None:
     """A comfyfleet killed mid-run left a running worker, a record whose create never finished (but whose
     process exists), and a record whose process died; plus a process with our markers that no record knows."""
-    pool_config = process_pool(max_workers=3, idle_timeout_s=60)
+    pool_config = process_pool(tmp_path, max_workers=3, idle_timeout_s=60)
     config = settings(namespace, pools=[pool_config])
     context = ProviderContext(namespace=namespace, state_dir=tmp_path)
     from comfyfleet.config import PoolConfig
