@@ -160,6 +160,18 @@ async def test_tasks_queue_commands_and_the_config_file(tmp_path: Path) -> None:
         assert code == 0
         assert running in out
 
+        code, out, _ = await cli("workers", "list", env=env)
+        assert code == 0
+        [worker] = fleet.runtime.app.state.fleet.usable_workers()
+        assert worker.id in out
+        assert "default" in out
+        code, out, _ = await cli("workers", "drain", worker.id, env=env)
+        assert code == 0
+        assert f"draining worker {worker.id}" in out
+        code, _, err = await cli("workers", "drain", "no-such-worker", env=env)
+        assert code == EXIT_REJECTED
+        assert "no-such-worker" in err
+
 
 async def _with_status(fleet: Fleet, status: str) -> str:
     async def find() -> str | None:

@@ -99,6 +99,17 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(tmp_pat
         await page.screenshot(path=str(ARTIFACTS / "dashboard-cancelled.png"), full_page=True)
         assert (await client.get(slow.id)).status == "cancelled"
         assert (await client.get(first.id)).status == "completed"
+
+        # Drain from the overview: the worker stops taking tasks.
+        await page.goto(fleet.url + "/")
+        [worker] = fleet.runtime.app.state.fleet.usable_workers()
+        await page.locator(f"#worker-{worker.id} button.drain").click()
+        await expect(page.locator("#toast")).to_contain_text("Draining")
+
+        async def drained() -> bool:
+            return all(w["id"] != worker.id or w["state"] != "idle" for w in await client.workers())
+
+        await eventually(drained, within=10)
         assert errors == []
         await page.close()  # its event streams end before the server stops, which then need not wait for them
 

@@ -113,6 +113,9 @@ def use_blocking_client(url: str, tmp_path: Path) -> None:
         assert client.wait(second.id, timeout=30).ok
         events = list(client.events(second.id))
         assert [event.type for event in events] == ["snapshot"]  # an ended task: just where it stands
+        ran = client.run(tiny_workflow(color=11), timeout=30)  # answered by the submission itself (?wait=)
+        assert ran.ok
+        assert ran.outputs[0].kind == "images"
 
 
 async def test_unreachable_server_and_wrong_key() -> None:

@@ -29,6 +29,15 @@ EventCallback = Callable[[TaskEvent], Any]
 _RECONNECT_S = 0.2
 _RECONNECT_MAX_S = 5.0
 _STREAM_READ_TIMEOUT_S = 60.0  # the server pings every 15 s
+# run() first lets the server hold the submission until the task ends (POST ?wait=), for at most this long:
+# short enough that proxies between here and the server do not cut an idle request.
+_SERVER_WAIT_S = 50.0
+
+
+def _submit_request(wait: float | None, connect_timeout: float | None) -> dict[str, Any]:
+    if not wait or wait <= 0:
+        return {}
+    return {"params": {"wait": round(wait, 3)}, "timeout": httpx.Timeout(connect_timeout, read=wait + 30)}
 
 
 def _outputs_of(task_or_outputs: Task | Sequence[Output]) -> list[Output]:
@@ -86,15 +95,18 @@ class AsyncClient:
         max_retries: int | None = None,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        wait: float | None = None,
     ) -> Task:
         """Queue ``workflow`` (an API-format graph). ``inputs`` maps a file name used in the graph (e.g.
-        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker."""
+        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
+        ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
             workflow, priority=priority, workflow_id=workflow_id, pool=pool, inputs=inputs, webhook=webhook,
             metadata=metadata, max_retries=max_retries, timeout_s=timeout_s,
         )
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return Task.from_json(await self._call("POST", "/api/v1/tasks", json=body, headers=headers))
+        extra = _submit_request(wait, self._http.timeout.connect)
+        return Task.from_json(await self._call("POST", "/api/v1/tasks", json=body, headers=headers, **extra))
 
     async def get(self, task_id: str) -> Task:
         return Task.from_json(await self._call("GET", _core.task_path(task_id)))
@@ -181,9 +193,16 @@ class AsyncClient:
         on_event: EventCallback | None = None,
         **submit_options: Any,
     ) -> Task:
-        """Submit ``workflow`` and wait for it to end (see :meth:`submit` and :meth:`wait`)."""
+        """Submit ``workflow`` and wait for it to end (see :meth:`submit` and :meth:`wait`). Without
+        ``on_event``, a short task is answered by the submission itself (the server holds it until the end)."""
+        started = time.monotonic()
+        if on_event is None and "wait" not in submit_options:
+            submit_options["wait"] = min(timeout, _SERVER_WAIT_S) if timeout is not None else _SERVER_WAIT_S
         task = await self.submit(workflow, **submit_options)
-        return await self.wait(task.id, timeout=timeout, on_event=on_event)
+        if task.is_terminal:
+            return task
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return await self.wait(task.id, timeout=remaining, on_event=on_event)
 
     # -- outputs --------------------------------------------------------------------------------
     async def read_output(self, output: Output | str) -> bytes:
@@ -291,15 +310,18 @@ class Client:
         max_retries: int | None = None,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
+        wait: float | None = None,
     ) -> Task:
         """Queue ``workflow`` (an API-format graph). ``inputs`` maps a file name used in the graph (e.g.
-        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker."""
+        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
+        ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
             workflow, priority=priority, workflow_id=workflow_id, pool=pool, inputs=inputs, webhook=webhook,
             metadata=metadata, max_retries=max_retries, timeout_s=timeout_s,
         )
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return Task.from_json(self._call("POST", "/api/v1/tasks", json=body, headers=headers))
+        extra = _submit_request(wait, self._http.timeout.connect)
+        return Task.from_json(self._call("POST", "/api/v1/tasks", json=body, headers=headers, **extra))
 
     def get(self, task_id: str) -> Task:
         return Task.from_json(self._call("GET", _core.task_path(task_id)))
@@ -379,9 +401,16 @@ class Client:
         on_event: EventCallback | None = None,
         **submit_options: Any,
     ) -> Task:
-        """Submit ``workflow`` and wait for it to end (see :meth:`submit` and :meth:`wait`)."""
+        """Submit ``workflow`` and wait for it to end (see :meth:`submit` and :meth:`wait`). Without
+        ``on_event``, a short task is answered by the submission itself (the server holds it until the end)."""
+        started = time.monotonic()
+        if on_event is None and "wait" not in submit_options:
+            submit_options["wait"] = min(timeout, _SERVER_WAIT_S) if timeout is not None else _SERVER_WAIT_S
         task = self.submit(workflow, **submit_options)
-        return self.wait(task.id, timeout=timeout, on_event=on_event)
+        if task.is_terminal:
+            return task
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self.wait(task.id, timeout=remaining, on_event=on_event)
 
     # -- outputs --------------------------------------------------------------------------------
     def read_output(self, output: Output | str) -> bytes:
