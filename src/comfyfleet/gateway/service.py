@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 TASKS_CHANNEL = "tasks"  # the dispatcher's wake-up channel for new work
 CANCEL_CHANNEL = "cancel"  # … and for a running task whose cancel was asked for
 _OWNER_CACHE_SIZE = 10_000
-_QUEUE_REMAINING_TTL_S = 0.05
+# Every socket's status frame reads the queue length; one read per tenant this often serves them all.
+_QUEUE_REMAINING_TTL_S = 0.25
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._\- ]")
 
 
@@ -109,10 +110,14 @@ class Gateway:
             if cached is not None and now - cached[0] < _QUEUE_REMAINING_TTL_S:
                 return cached[1]
             try:
-                metrics = await self.store.queue_metrics(tenant=tenant)
+                if tenant is None:
+                    # Reads only the pending and running tasks (their indexes), however long the history.
+                    value = sum(pending + running for pending, running in (await self.store.demand_by_pool()).values())
+                else:
+                    metrics = await self.store.queue_metrics(tenant=tenant)
+                    value = metrics.pending_tasks + metrics.running_tasks
             except StoreError:
                 return cached[1] if cached else 0
-            value = metrics.pending_tasks + metrics.running_tasks
             self._remaining[tenant] = (now, value)
             return value
 
