@@ -31,9 +31,20 @@ async def submit_all(http: httpx.AsyncClient, urls: list[str], count: int, *, co
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(n: int) -> str:
+        # A dropped keep-alive connection is retried with the same Idempotency-Key, as a careful client does:
+        # the retry returns the task the first try created, if it did.
+        headers = {"Idempotency-Key": f"submit-{n}"}
         async with semaphore:
-            response = await http.post(f"{urls[n % len(urls)]}/api/v1/tasks", json={"payload": tiny_payload(color=n)})
-            assert response.status_code == 201, response.text
+            for remaining in range(2, -1, -1):
+                try:
+                    response = await http.post(
+                        f"{urls[n % len(urls)]}/api/v1/tasks", json={"payload": tiny_payload(color=n)}, headers=headers
+                    )
+                    break
+                except httpx.TransportError:
+                    if not remaining:
+                        raise
+            assert response.status_code in {200, 201}, response.text
             return str(response.json()["id"])
 
     return list(await asyncio.gather(*(one(n) for n in range(count))))
