@@ -6,9 +6,9 @@ own process, through ``comfyfleet serve`` in its own process, over HTTP on loopb
 1. Latency, workers with zero execution time, one task at a time: submit → prompt accepted by the worker,
    and worker done → task completed (targets: p50 10 ms and 20 ms).
 2. Keeping GPUs busy: 4 workers, 400 tasks of 500 ms, all submitted at once; wall time over the ideal
-   (tasks × time / workers), with prefetch off and on (target with prefetch: at most 1.03).
+   (tasks x time / workers), with prefetch off and on (target with prefetch: at most 1.03).
 3. Placement: 4 workers, 4 checkpoints used at random, model load 2 s, one model resident (LRU 1); mean
-   task latency with model-aware placement against plain FIFO on the same trace (target: at least 2×).
+   task latency with model-aware placement against plain FIFO on the same trace (target: at least 2x).
 
     python bench/dispatch.py                 # everything, as the issue sets it (about 4 minutes)
     python bench/dispatch.py --quick         # smaller runs, for a smoke check
@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import (  # noqa: E402
+from _harness import (
     checkpoint_graph,
     emulator_processes,
     parse_time,
@@ -118,7 +118,7 @@ async def keep_busy(tasks: int, task_time: float) -> None:
         wall = await busy_run(tasks, task_time, prefetch)
         results[prefetch] = wall
         print(f"   prefetch {prefetch}: wall {wall:7.2f} s   wall / ideal = {wall / ideal:.4f}")
-    print(f"   prefetch off / on = {results[0] / results[1]:.3f}×   target with prefetch: at most 1.03")
+    print(f"   prefetch off / on = {results[0] / results[1]:.3f}x   target with prefetch: at most 1.03")
 
 
 async def placement_run(trace: list[tuple[float, str]], task_time: float, placement: bool) -> list[float]:
@@ -156,7 +156,7 @@ async def placement(tasks: int, task_time: float) -> None:
         means[enabled] = statistics.fmean(latencies)
         label = "model-aware" if enabled else "FIFO       "
         print(f"   {label}: mean task latency {means[enabled]:7.2f} s   {summary_ms(latencies)}")
-    print(f"   FIFO / model-aware = {means[False] / means[True]:.2f}×   target: at least 2×")
+    print(f"   FIFO / model-aware = {means[False] / means[True]:.2f}x   target: at least 2x")
 
 
 async def main() -> None:

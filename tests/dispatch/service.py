@@ -159,7 +159,8 @@ class ServeProcess:
             try:
                 return (await http.get(f"{self.url}/ready")).status_code
             except httpx.HTTPError:
-                assert self.popen is not None and self.popen.poll() is None, self.log_path.read_text()[-3000:]
+                assert self.popen is not None
+                assert self.popen.poll() is None, self.log_path.read_text()[-3000:]
                 return 0
 
         await poll_until(ready, lambda status: status == 200, timeout_s=timeout_s, what=f"{self.url}/ready")

@@ -244,8 +244,10 @@ async def test_task_events_stream_queue_position_status_and_progress(tmp_path: P
                     seen.append((event_name, json.loads(line.split(":", 1)[1])))
         kinds = [kind for kind, _ in seen]
         assert kinds[0] == "snapshot"
-        assert kinds[-1] == "status" and seen[-1][1]["status"] == "completed"
+        assert kinds[-1] == "status"
+        assert seen[-1][1]["status"] == "completed"
         phases = [data.get("phase") for kind, data in seen if kind == "status"]
         assert "executing" in phases
         steps = [data for kind, data in seen if kind == "progress" and data.get("class_type") == "KSampler"]
-        assert steps and steps[-1]["max"] == 10
+        assert steps
+        assert steps[-1]["max"] == 10

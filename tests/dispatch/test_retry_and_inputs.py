@@ -30,7 +30,8 @@ def test_sanitized_error_drops_traceback_and_inputs() -> None:
          "traceback": ["/srv/comfy/x.py line 1"], "current_inputs": {"images": "tensor"}}
     )
     assert message == "SaveImage (node 9): boom"
-    assert "traceback" not in details and "current_inputs" not in details
+    assert "traceback" not in details
+    assert "current_inputs" not in details
 
 
 @pytest.mark.parametrize(

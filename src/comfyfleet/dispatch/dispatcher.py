@@ -32,7 +32,7 @@ from comfyfleet.comfy.events import ComfyEvent
 from comfyfleet.comfy.workflow import model_names, node_types
 from comfyfleet.config import DispatchSettings, PoolConfig
 from comfyfleet.dispatch import placement
-from comfyfleet.dispatch.events import EventBus, TaskEvent
+from comfyfleet.dispatch.events import CANCEL_CHANNEL, EVENTS_CHANNEL, TASKS_CHANNEL, EventBus, TaskEvent
 from comfyfleet.dispatch.inputs import InputError, prepare_inputs
 from comfyfleet.dispatch.retry import (
     classify_execution_error,
@@ -46,8 +46,6 @@ from comfyfleet.store import Lease, NotFound, StaleLease, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
-TASKS_CHANNEL = "tasks"
-CANCEL_CHANNEL = "cancel"
 _PROGRESS_WRITE_INTERVAL_S = 0.5
 
 
@@ -191,7 +189,7 @@ class Dispatcher:
                 attempt = self._attempts.get(note.payload)
                 if attempt is not None:
                     attempt.cancel.set()
-            elif note.channel == "events":
+            elif note.channel == EVENTS_CHANNEL:
                 self.bus.receive_relayed(note.payload)
 
     async def _worker_watch_loop(self) -> None:

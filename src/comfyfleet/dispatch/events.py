@@ -20,7 +20,10 @@ from comfyfleet.store import Store
 
 logger = logging.getLogger(__name__)
 
-EVENTS_CHANNEL = "events"
+# Notification channels, shared by every replica (PostgreSQL NOTIFY; in-process on SQLite).
+TASKS_CHANNEL = "tasks"  # new work (a submission, a task back in the queue): dispatchers look again
+CANCEL_CHANNEL = "cancel"  # payload: the id of a running task whose cancel was asked for
+EVENTS_CHANNEL = "events"  # live task events relayed between replicas
 
 
 @dataclass(frozen=True, slots=True)

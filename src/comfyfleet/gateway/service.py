@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from comfyfleet.comfy.errors import MalformedPrompt
 from comfyfleet.comfy.workflow import INPUT_FILE_NODES, MODEL_INPUTS, validate
 from comfyfleet.config import Settings
-from comfyfleet.dispatch.events import EventBus, status_event
+from comfyfleet.dispatch.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, status_event
 from comfyfleet.domain import NewTask, Task
 from comfyfleet.domain.graph import validate_graph
 from comfyfleet.gateway import shapes
@@ -31,8 +31,6 @@ from comfyfleet.store import NotFound, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
-TASKS_CHANNEL = "tasks"  # the dispatcher's wake-up channel for new work
-CANCEL_CHANNEL = "cancel"  # … and for a running task whose cancel was asked for
 _OWNER_CACHE_SIZE = 10_000
 # Every socket's status frame reads the queue length; one read per tenant this often serves them all.
 _QUEUE_REMAINING_TTL_S = 0.25

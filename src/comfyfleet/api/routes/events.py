@@ -28,7 +28,7 @@ _POSITION_REFRESH_S = 0.5
 _KEEPALIVE_S = 15
 
 
-def get_bus(request: Request) -> EventBus:
+async def get_bus(request: Request) -> EventBus:
     bus: EventBus = request.app.state.bus
     return bus
 

@@ -19,7 +19,7 @@ from comfyfleet.store import Store
 router = APIRouter(tags=["tasks"])
 
 
-def get_outputs(request: Request) -> OutputStore:
+async def get_outputs(request: Request) -> OutputStore:
     outputs: OutputStore = request.app.state.outputs
     return outputs
 

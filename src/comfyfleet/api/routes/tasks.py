@@ -16,7 +16,7 @@ from comfyfleet.api.deps import get_settings, get_store
 from comfyfleet.api.errors import ApiError, InvalidInput
 from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmission, error_responses, task_json
 from comfyfleet.config import Settings
-from comfyfleet.dispatch.events import EventBus, Subscription, status_event
+from comfyfleet.dispatch.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, status_event
 from comfyfleet.dispatch.inputs import InputError, check_input_spec
 from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
 from comfyfleet.domain.graph import validate_graph
@@ -28,8 +28,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
 
 # The dispatcher's wake-up channels: a new runnable task, and a running task whose cancel was asked for.
-TASKS_CHANNEL = "tasks"
-CANCEL_CHANNEL = "cancel"
 
 MAX_LIST_LIMIT = 500
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
