@@ -91,11 +91,6 @@ def test_a_real_server_migrates_and_serves_on_postgresql(empty_postgres_url: str
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    raises=asyncpg.InternalClientError, strict=False,
-    reason="known store bug: after pg_terminate_backend, asyncpg sometimes raises InternalClientError "
-    "('another operation is in progress'), which the PostgreSQL store does not wrap as StoreUnavailable",
-)
 async def test_a_postgresql_outage_is_503_and_the_api_recovers(postgres_url: str, postgres_admin_url: str) -> None:
     database = urlsplit(postgres_url).path.lstrip("/")
     admin = await asyncpg.connect(postgres_admin_url)
@@ -110,7 +105,7 @@ async def test_a_postgresql_outage_is_503_and_the_api_recovers(postgres_url: str
                 await admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
                 )
-                outage_codes = {"store_unavailable", "store_error"}
+                outage_codes = {"store_unavailable"}
                 response = await client.post("/api/v1/tasks", json=small_body())
                 assert assert_error_shape(response, 503)["error"] in outage_codes
                 assert response.headers["retry-after"] == "1"

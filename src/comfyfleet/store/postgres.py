@@ -96,7 +96,10 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "28", "3D")
 # /ready must answer quickly even when the server is gone.
 READY_TIMEOUT_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
-_DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError: asyncpg's "another operation is in progress" on a connection the server just cut.
+_DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+# "database is not accepting connections" (being dropped or restarted) is an outage, not a bad request.
+_UNAVAILABLE_STATES = frozenset({"55000", "55006"})
 
 
 def _task(record: asyncpg.Record) -> Task:
@@ -283,7 +286,11 @@ class PostgresStore:
         if isinstance(exc, asyncpg.UndefinedTableError):
             return StoreUnavailable(f"the PostgreSQL store at {self._where} is not migrated: run 'comfyfleet migrate'")
         sqlstate = getattr(exc, "sqlstate", None) or ""
-        if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError) or sqlstate[:2] in _UNAVAILABLE_CLASSES:
+        if (
+            isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError)
+            or sqlstate[:2] in _UNAVAILABLE_CLASSES
+            or sqlstate in _UNAVAILABLE_STATES
+        ):
             return StoreUnavailable(f"PostgreSQL at {self._where} is unavailable: {_describe(exc)}")
         return StoreError(f"PostgreSQL at {self._where}: {_describe(exc)}")
 
