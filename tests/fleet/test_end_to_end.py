@@ -1,0 +1,245 @@
+"""The whole service (HTTP API, dispatcher, worker manager) scaling real workers: local processes and Docker
+containers running the ComfyUI emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fleet_helpers import EMULATOR_COMMAND, docker_image
+
+from comfyfleet.config import load_settings
+from comfyfleet.domain import WorkerState
+from comfyfleet.fleet.manager import FleetManager
+from comfyfleet.runtime import Runtime
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def tiny_payload(color: int) -> dict[str, Any]:
+    """EmptyImage → SaveImage with a colour of its own, so no two tasks share ComfyUI's cached result."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e2e"}},
+    }
+
+
+@dataclass
+class Service:
+    runtime: Runtime
+    http: httpx.AsyncClient
+
+    @property
+    def fleet(self) -> FleetManager:
+        fleet: FleetManager = self.runtime.app.state.fleet
+        return fleet
+
+    async def submit(self, color: int) -> str:
+        response = await self.http.post("/api/v1/tasks", json={"payload": tiny_payload(color)})
+        assert response.status_code == 201, response.text
+        task_id: str = response.json()["id"]
+        return task_id
+
+    async def tasks(self, task_ids: list[str]) -> list[dict[str, Any]]:
+        found = []
+        for task_id in task_ids:
+            response = await self.http.get(f"/api/v1/tasks/{task_id}")
+            assert response.status_code == 200, response.text
+            found.append(response.json())
+        return found
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def service(tmp_path: Path, namespace: str, pool: dict[str, Any], *, db: str = "comfyfleet.db") -> AsyncIterator[Service]:
+    settings = load_settings(
+        store=f"sqlite:///{tmp_path / db}",
+        outputs=str(tmp_path / "outputs"),
+        host="127.0.0.1",
+        port=0,
+        pools=[pool],
+        dispatch={"retry_base_s": 0.05, "retry_max_s": 0.2, "lease_s": 5.0},
+        fleet={
+            "namespace": namespace,
+            "probe_interval_s": 0.2,
+            "probe_timeout_s": 1.0,
+            "failure_threshold": 2,
+            "reconcile_interval_s": 0.2,
+            "reap_interval_s": 1.0,
+        },
+    )
+    async with Runtime(settings) as runtime:
+        running = asyncio.ensure_future(runtime.run())
+        try:
+            port = await runtime.wait_listening()
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                yield Service(runtime, http)
+        finally:
+            runtime.request_stop()
+            await running
+
+
+async def all_completed(svc: Service, task_ids: list[str]) -> bool:
+    tasks = await svc.tasks(task_ids)
+    failed = [task for task in tasks if task["status"] in ("failed", "cancelled")]
+    assert not failed, failed
+    return all(task["status"] == "completed" for task in tasks)
+
+
+def process_pool(tmp_path: Path, **policy: Any) -> dict[str, Any]:
+    return {
+        "name": "emu",
+        "provider": "process",
+        "prefetch": 1,
+        "settings": {
+            "command": [*EMULATOR_COMMAND, "--prompt-time", str(policy.pop("prompt_time_s", 0.2))],
+            "log_dir": str(tmp_path / "logs"),
+            "terminate_grace_s": 3,
+        },
+        **policy,
+    }
+
+
+@pytest.mark.slow
+async def test_scale_from_zero_with_processes_runs_20_tasks_and_returns_to_zero(tmp_path: Path, namespace: str) -> None:
+    pool = process_pool(tmp_path, min_workers=0, max_workers=4, idle_timeout_s=1.0)
+    async with service(tmp_path, namespace, pool) as svc:
+        assert svc.fleet.workers() == []
+        task_ids = [await svc.submit(color) for color in range(20)]
+        seen_workers: set[str] = set()
+        most_at_once = 0
+
+        async def done() -> bool:
+            nonlocal most_at_once
+            live = [w for w in svc.fleet.workers() if w.state is not WorkerState.TERMINATED]
+            most_at_once = max(most_at_once, len(live))
+            seen_workers.update(w.id for w in live)
+            return await all_completed(svc, task_ids)
+
+        await until(done, "all 20 tasks completed")
+        tasks = await svc.tasks(task_ids)
+        used = {task["worker_id"] for task in tasks}
+        assert 1 < len(used) <= 4, used
+        assert most_at_once <= 4, "never more than max_workers"
+        assert used <= seen_workers
+        await until(lambda: _no_workers(svc), "the pool back to zero after idle_timeout", 30)
+        gone = await svc.runtime.store.list_workers(include_gone=True)
+        assert all(worker.state is WorkerState.TERMINATED for worker in gone)
+        assert all("idle for" in str(worker.info.get("stop_reason")) for worker in gone)
+
+
+async def _no_workers(svc: Service) -> bool:
+    return svc.fleet.workers() == []
+
+
+@pytest.mark.slow
+async def test_killed_process_worker_its_task_completes_elsewhere_and_a_replacement_starts(
+    tmp_path: Path, namespace: str
+) -> None:
+    pool = process_pool(tmp_path, min_workers=2, max_workers=2, idle_timeout_s=600, prompt_time_s=3.0, prefetch=0)
+    async with service(tmp_path, namespace, pool) as svc:
+        await until(lambda: _usable(svc, 2), "two workers ready")
+        task_id = await svc.submit(1)
+
+        async def executing() -> bool:
+            (task,) = await svc.tasks([task_id])
+            return task["status"] == "running" and task["phase"] == "executing"
+
+        await until(executing, "the task executes")
+        (task,) = await svc.tasks([task_id])
+        victim = next(w for w in svc.fleet.workers() if w.id == task["worker_id"])
+        killed_at = time.monotonic()
+        os.kill(int(str(victim.provider_id).split("@")[0]), signal.SIGKILL)
+        await until(lambda: _not_usable(svc, victim.id), "the killed worker is withdrawn", 10)
+        assert time.monotonic() - killed_at < 0.2 * (2 + 2) + 1.0, "within the health threshold (2 probes of 0.2 s)"
+        record = await svc.runtime.store.get_worker(victim.id)
+        assert record.state in (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
+
+        await until(lambda: all_completed(svc, [task_id]), "the task completes on the other worker")
+        (task,) = await svc.tasks([task_id])
+        assert task["worker_id"] != victim.id
+        assert task["retry_count"] + len(task["attempts"]) >= 1
+        await until(lambda: _usable(svc, 2, excluding=victim.id), "a replacement keeps the floor of 2")
+
+
+async def _usable(svc: Service, count: int, excluding: str | None = None) -> bool:
+    return len([w for w in svc.fleet.usable_workers() if w.id != excluding]) == count
+
+
+async def _not_usable(svc: Service, worker_id: str) -> bool:
+    return worker_id not in {w.id for w in svc.fleet.usable_workers()}
+
+
+# -- docker -------------------------------------------------------------------------------------------------------
+
+
+def containers(namespace: str) -> list[dict[str, Any]]:
+    import docker
+
+    client = docker.from_env()
+    try:
+        found: list[dict[str, Any]] = client.api.containers(
+            all=True, filters={"label": ["comfyfleet.managed=true", f"comfyfleet.namespace={namespace}"]}
+        )
+        return found
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_containers(tmp_path: Path, namespace: str) -> None:
+    image = docker_image()
+    pool = {
+        "name": "dock",
+        "provider": "docker",
+        "min_workers": 0,
+        "max_workers": 2,
+        "idle_timeout_s": 3.0,
+        "prefetch": 1,
+        "settings": {
+            "image": image,
+            "command": ["python", "-m", "comfyfleet", "emulator", "--host", "0.0.0.0", "--port", "8188", "--prompt-time", "0.5"],
+            "stop_timeout_s": 2,
+        },
+    }
+    async with service(tmp_path, namespace, pool) as svc:
+        first_batch = [await svc.submit(color) for color in range(6)]
+        await until(lambda: _usable(svc, 2), "two containers ready")
+        created = {c["Id"] for c in containers(namespace)}
+        assert len(created) == 2
+        for container in containers(namespace):
+            labels = container["Labels"]
+            assert labels["comfyfleet.pool"] == "dock"
+            assert labels["comfyfleet.worker-id"] in {w.id for w in svc.fleet.workers()}
+        # comfyfleet stops mid-run (tasks still pending or running); the containers stay up.
+    assert {c["Id"] for c in containers(namespace)} == created
+    async with service(tmp_path, namespace, pool) as svc:
+        second_batch = [await svc.submit(color) for color in range(6, 10)]
+        await until(lambda: all_completed(svc, first_batch + second_batch), "every task completes after the restart")
+        assert {c["Id"] for c in containers(namespace)} <= created, "the running containers were adopted, none duplicated"
+        tasks = await svc.tasks(first_batch + second_batch)
+        workers_used = {t["worker_id"] for t in tasks}
+        assert workers_used <= {c["Labels"]["comfyfleet.worker-id"] for c in containers(namespace)} | {None}
+        await until(lambda: _no_containers(namespace), "idle containers removed", 30)
+        await until(lambda: _no_workers(svc), "their workers terminated", 10)
+
+
+async def _no_containers(namespace: str) -> bool:
+    return containers(namespace) == []
