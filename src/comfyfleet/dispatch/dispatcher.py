@@ -297,10 +297,9 @@ class Dispatcher:
             for task_id in [key for key in cache if key not in in_window]:
                 del cache[task_id]
         window = [self._pending_view(task) for task in window_tasks]
-        by_id = {task.id: task for task in window_tasks}
         hopeless = [task for task in window if placement.unplaceable(task, slots)]
         if hopeless:
-            await self._fail_unplaceable(hopeless, by_id)
+            await self._fail_unplaceable(hopeless)
             return True
         assignments = placement.plan(window, slots, model_aware=self.settings.placement)
         if not assignments:
@@ -338,22 +337,22 @@ class Dispatcher:
             facts = self._facts[task.id] = (frozenset(node_types(task.payload)), frozenset(model_names(task.payload)))
         return facts
 
-    async def _fail_unplaceable(self, hopeless: list[placement.PendingTask], by_id: dict[str, Task]) -> None:
+    async def _fail_unplaceable(self, hopeless: list[placement.PendingTask]) -> None:
         claimed = await self.store.claim_ids(self.owner, self.settings.lease_s, [task.id for task in hopeless])
         known = set().union(*(set(slot.worker.node_types or ()) for slot in self._slots.values()))
         for task in claimed:
             view = next(item for item in hopeless if item.id == task.id)
             missing = sorted(view.node_types - known)
+            named = ", ".join(missing) if missing else "(each is on some worker, but none of its pool has them all)"
             lease = Lease(task.id, task.attempt, self.owner)
             with contextlib.suppress(StaleLease):
                 failed = await self.store.fail_task(
                     lease,
-                    f"no worker has the node types this workflow uses: {', '.join(missing)}",
+                    f"no worker has the node types this workflow uses: {named}",
                     "missing_node_type",
                     {"missing_node_types": missing},
                 )
                 await self._publish_status(failed)
-        del by_id
 
     async def _release(self, task: Task) -> None:
         with contextlib.suppress(StaleLease):
