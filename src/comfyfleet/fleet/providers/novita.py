@@ -288,6 +288,7 @@ class NovitaProvider:
         not documented: start at 0, stop at a short page or at ``total``, and drop repeats."""
         seen: dict[str, dict[str, Any]] = {}
         page = 0
+        stale_pages = 0  # pages that brought nothing new: one is expected when 0 and 1 are the same page
         while True:
             answer = await self._request(
                 "GET",
@@ -304,11 +305,10 @@ class NovitaProvider:
             total = answer.get("total") if isinstance(answer, dict) else None
             if len(items) < self.settings.page_size or (isinstance(total, int) and len(seen) >= total):
                 break
-            if new == 0 and page > 0:
-                break
+            stale_pages = stale_pages + 1 if new == 0 else 0
+            if stale_pages >= 2 or page >= 10_000:
+                break  # the server ignores pageNum: what we have is all we can get
             page += 1
-            if page > 10_000:
-                break
         return list(seen.values())
 
     def _instance(self, item: dict[str, Any], provider_id: str) -> Instance:
