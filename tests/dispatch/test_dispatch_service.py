@@ -251,3 +251,30 @@ async def test_task_events_stream_queue_position_status_and_progress(tmp_path: P
         steps = [data for kind, data in seen if kind == "progress" and data.get("class_type") == "KSampler"]
         assert steps
         assert steps[-1]["max"] == 10
+
+
+async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    async with emulators(EmulatorOptions(), EmulatorOptions(failure_rate=1.0, seed=3)) as (good, bad):
+        async with service(tmp_path, [good.url]) as svc:
+            before = samples((await svc.http.get("/metrics")).text)
+            task = await svc.wait_task((await svc.submit(seed_payload(70)))["id"])
+            assert task["status"] == "completed"
+            after = samples((await svc.http.get("/metrics")).text)
+        latency = ("comfyfleet_dispatch_latency_seconds_count", ())
+        completed = ("comfyfleet_task_duration_seconds_count", (("status", "completed"),))
+        assert after[latency] == before.get(latency, 0) + 1
+        assert after[completed] == before.get(completed, 0) + 1
+        async with service(tmp_path / "bad", [bad.url]) as svc:
+            task = await svc.wait_task((await svc.submit(seed_payload(71)))["id"])
+            assert task["error_kind"] == "node_error"
+            failures = samples((await svc.http.get("/metrics")).text)
+        assert failures[("comfyfleet_task_failures_total", (("kind", "node_error"),))] >= 1

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
+from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyClient, PromptOutcome
 from comfyfleet.comfy.errors import ComfyError, PromptLost, WorkflowRejected
 from comfyfleet.comfy.events import ComfyEvent
@@ -429,7 +430,11 @@ class Dispatcher:
         except InputError as exc:
             await self._fail(attempt, "input_invalid", str(exc))
             return
-        extra_data = {"comfyfleet": {"task_id": task.id, "attempt": task.attempt}}
+        # ComfyUI clients (through the gateway) send extra_data such as extra_pnginfo, which ComfyUI
+        # embeds in the PNGs it saves; pass it on.
+        comfyui = (task.metadata or {}).get("comfyui") if isinstance(task.metadata, dict) else None
+        given = comfyui.get("extra_data") if isinstance(comfyui, dict) else None
+        extra_data = {**(given if isinstance(given, dict) else {}), "comfyfleet": {"task_id": task.id, "attempt": task.attempt}}
         try:
             await slot.client.submit(graph, prompt_id=prompt_id, extra_data=extra_data)
         except WorkflowRejected as exc:
@@ -440,6 +445,8 @@ class Dispatcher:
             return
         attempt.submitted = True
         attempt.accepted_at = _now()
+        runnable_since = max(task.created_at, task.not_before) if task.not_before else task.created_at
+        metrics.observe_dispatch_latency((attempt.accepted_at - runnable_since).total_seconds())
         # The worker runs its prompts in order, so the models of the last one submitted are the ones it
         # will hold: placement plans with that, not with what it held before.
         models = model_names(task.payload)
@@ -615,6 +622,7 @@ class Dispatcher:
     # -- outcomes -------------------------------------------------------------------------------
     async def _fail(self, attempt: _Attempt, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
         failed = await self.store.fail_task(attempt.lease, message, kind, details)
+        metrics.count_failure(kind)
         await self._publish_status(failed)
         logger.info("task_failed task_id=%s kind=%s", failed.id, kind)
 
@@ -632,6 +640,7 @@ class Dispatcher:
             _now(), task.retry_count, base_s=self.settings.retry_base_s, max_s=self.settings.retry_max_s
         )
         retried = await self.store.retry_task(attempt.lease, not_before, message, kind, details)
+        metrics.count_failure(kind)
         await self._publish_status(retried)
         logger.info("task_retry_scheduled task_id=%s kind=%s not_before=%s", task.id, kind, not_before.isoformat())
 
@@ -674,6 +683,8 @@ class Dispatcher:
                 await self.store.set_progress(attempt.lease, progress)
 
     async def _publish_status(self, task: Task) -> None:
+        if task.is_terminal and task.completed_at is not None:
+            metrics.observe_task_duration(str(task.status), (task.completed_at - task.created_at).total_seconds())
         data: dict[str, Any] = {
             "status": str(task.status),
             "phase": str(task.phase) if task.phase else None,

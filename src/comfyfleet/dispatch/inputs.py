@@ -72,7 +72,8 @@ def _address_allowed(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def _check_host(url: str, *, allow_private: bool) -> None:
+async def check_public_host(url: str, *, allow_private: bool) -> None:
+    """Refuse a URL whose host resolves to a loopback, private, link-local or other non-public address."""
     host = urlsplit(url).hostname
     if not host:
         raise InputError(f"input URL {url!r} has no host")
@@ -96,7 +97,7 @@ async def fetch_url(
     for _ in range(_MAX_REDIRECTS + 1):
         if urlsplit(url).scheme not in {"http", "https"}:
             raise InputError(f"input URL {url!r} must be http(s)")
-        await _check_host(url, allow_private=allow_private)
+        await check_public_host(url, allow_private=allow_private)
         try:
             async with client.stream("GET", url, follow_redirects=False) as response:
                 if response.is_redirect:

@@ -36,7 +36,7 @@ from comfyfleet.api.schemas import task_json
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.events import EventBus
 from comfyfleet.dispatch.inputs import InputError
-from comfyfleet.dispatch.inputs import _check_host as check_url_host
+from comfyfleet.dispatch.inputs import check_public_host as check_url_host
 from comfyfleet.domain import TERMINAL_STATUSES
 from comfyfleet.store import NotFound, StaleLease, Store, StoreError, WebhookDelivery
 
