@@ -163,6 +163,9 @@ class FleetManager:
         self._verified: set[str] = set()  # answered a probe in this process: may be handed to the dispatcher
         self._suspect: set[str] = set()  # the dispatcher could not reach it; not handed out until a probe passes
         self._inflight: set[str] = set()  # a start or stop is running for it
+        self._checking: set[str] = set()  # a health check is running for it
+        self._check_tasks: set[asyncio.Task[None]] = set()
+        self._terminate_retry_at: dict[str, float] = {}  # back-off of failed terminations
         self._next_check: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._trackers = {name: _PoolTracker() for name in self.pools}
@@ -270,6 +273,10 @@ class FleetManager:
                 listener = tg.create_task(self._listen_loop(), name="fleet-listener")
                 await self._stop.wait()
                 listener.cancel()
+                # Starts and stops in flight finish (their records must not be left half-written); probes
+                # have nothing to finish.
+                for check in list(self._check_tasks):
+                    check.cancel()
         finally:
             self._tg = None
 
@@ -592,14 +599,20 @@ class FleetManager:
                 try:
                     await provider.terminate(worker.provider_id)
                 except Exception as exc:
-                    # Stays `terminating`: the reconciler tries again, so nothing is leaked.
-                    logger.warning("worker_terminate_failed worker_id=%s error=%s", worker.id, exc)
+                    # Stays `terminating`: the reconciler tries again (backing off), so nothing is leaked.
+                    failures = int(worker.info.get("terminate_failures", 0)) + 1
+                    worker.info["terminate_failures"] = failures
+                    self._terminate_retry_at[worker.id] = time.monotonic() + min(2.0**failures, 60.0)
+                    logger.warning(
+                        "worker_terminate_failed worker_id=%s failures=%d error=%s", worker.id, failures, exc
+                    )
                     return
             self._transition(worker, WorkerState.TERMINATED)
             worker.current_task_ids = []
             await self._write(worker)
             self._workers.pop(worker.id, None)
             self._next_check.pop(worker.id, None)
+            self._terminate_retry_at.pop(worker.id, None)
             self._suspect.discard(worker.id)
             self._signal_changed()
             logger.info("worker_terminated worker_id=%s pool=%s", worker.id, worker.pool)
@@ -668,11 +681,17 @@ class FleetManager:
                 and worker.pool in self.pools
                 and self._next_check.get(worker.id, 0.0) <= now
             ]
-            if not due:
-                continue
-            async with asyncio.TaskGroup() as tg:
-                for worker in due:
-                    tg.create_task(self._check(worker), name=f"probe-{worker.id}")
+            # Each check runs on its own: a provider that is slow to answer (retrying through an outage)
+            # must not hold up the probes of every other worker.
+            for worker in due:
+                if worker.id not in self._checking:
+                    self._checking.add(worker.id)
+                    task = self._spawn(self._check(worker), f"probe-{worker.id}")
+                    if task is None:
+                        self._checking.discard(worker.id)
+                    else:
+                        self._check_tasks.add(task)
+                        task.add_done_callback(self._check_tasks.discard)
 
     async def _check(self, worker: Worker) -> None:
         try:
@@ -682,6 +701,8 @@ class FleetManager:
                 await self._check_live(worker)
         except StoreError as exc:
             logger.warning("worker_probe_store_error worker_id=%s error=%s", worker.id, exc)
+        finally:
+            self._checking.discard(worker.id)
 
     async def _describe(self, worker: Worker) -> Instance | None:
         provider = self._providers[worker.pool]
@@ -824,10 +845,12 @@ class FleetManager:
         for worker in list(self._workers.values()):
             if worker.id in self._inflight:
                 continue
-            if worker.state is WorkerState.TERMINATING or (
+            wanted_gone = worker.state is WorkerState.TERMINATING or (
                 worker.info.get("terminate_requested") and worker.state is not WorkerState.TERMINATED
-            ):
-                self._spawn(self._terminate(worker, str(worker.info.get("terminate_requested") or "retry")), worker.id)
+            )
+            if wanted_gone and self._terminate_retry_at.get(worker.id, 0.0) <= time.monotonic():
+                reason = str(worker.info.get("terminate_requested") or "retry")
+                self._spawn(self._terminate(worker, reason), worker.id)
         demand: dict[str | None, tuple[int, int]] | None = None
         for pool_name, pool in self.pools.items():
             if pool.provider == "static":
@@ -840,11 +863,12 @@ class FleetManager:
             self._last_reap = time.monotonic()
             await self.reap()
 
-    def _spawn(self, operation: Any, key: str) -> None:
+    def _spawn(self, operation: Any, key: str) -> asyncio.Task[None] | None:
         if self._tg is None:
             operation.close()
-            return
-        self._tg.create_task(operation, name=f"fleet-op-{key}")
+            return None
+        task: asyncio.Task[None] = self._tg.create_task(operation, name=f"fleet-op-{key}")
+        return task
 
     async def _rediscover(self, pool_name: str) -> None:
         """Match the store's records of this pool with what the provider has: adopt, forget, reap."""
