@@ -243,3 +243,113 @@ async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_contai
 
 async def _no_containers(namespace: str) -> bool:
     return containers(namespace) == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_none(
+    tmp_path: Path, namespace: str
+) -> None:
+    """``comfyfleet serve`` killed with SIGKILL while containers run tasks: the next start finds them by their
+    labels, finishes every task on them without starting more, and removes them once idle."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    image = docker_image()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    config = {
+        "store": f"sqlite:///{tmp_path / 'serve.db'}",
+        "outputs": str(tmp_path / "outputs"),
+        "pools": [
+            {
+                "name": "dock",
+                "provider": "docker",
+                "max_workers": 2,
+                "idle_timeout_s": 2.0,
+                "settings": {
+                    "image": image,
+                    "command": ["python", "-m", "comfyfleet", "emulator", "--host", "0.0.0.0", "--port", "8188",
+                                "--prompt-time", "0.4"],
+                    "stop_timeout_s": 2,
+                },
+            }
+        ],
+        "dispatch": {"retry_base_s": 0.05, "retry_max_s": 0.2, "lease_s": 2.0},
+        "fleet": {"namespace": namespace, "probe_interval_s": 0.2, "reconcile_interval_s": 0.2, "reap_interval_s": 1.0},
+    }
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "comfyfleet", "serve", "--config", str(config_path), "--port", str(port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    async def ready(http: httpx.AsyncClient) -> bool:
+        try:
+            return (await http.get(f"{url}/ready")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    peak: set[str] = set()
+
+    async def containers_seen() -> int:
+        current = {c["Id"] for c in containers(namespace)}
+        peak.update(current)
+        return len(current)
+
+    server = start()
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            await until(lambda: ready(http), "serve answers /ready", 30)
+            task_ids = []
+            for color in range(8):
+                response = await http.post(f"{url}/api/v1/tasks", json={"payload": tiny_payload(color)})
+                assert response.status_code == 201, response.text
+                task_ids.append(response.json()["id"])
+
+            async def some_done_some_not() -> bool:
+                await containers_seen()
+                statuses = [(await http.get(f"{url}/api/v1/tasks/{t}")).json()["status"] for t in task_ids]
+                return "completed" in statuses and any(s != "completed" for s in statuses)
+
+            await until(some_done_some_not, "the containers run tasks", 60)
+            before = {c["Id"] for c in containers(namespace)}
+            assert len(before) == 2
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            assert {c["Id"] for c in containers(namespace)} == before, "containers outlive a killed comfyfleet"
+
+            server = start()
+            await until(lambda: ready(http), "serve answers /ready again", 30)
+
+            async def all_done() -> bool:
+                await containers_seen()
+                statuses = [(await http.get(f"{url}/api/v1/tasks/{t}")).json()["status"] for t in task_ids]
+                assert "failed" not in statuses
+                return all(s == "completed" for s in statuses)
+
+            await until(all_done, "every task completes after the restart", 60)
+            assert peak == before, "no container was started twice or in addition"
+            await until(lambda: _no_containers(namespace), "idle containers removed, none leaked", 30)
+            workers = (await http.get(f"{url}/api/v1/workers")).json()
+            assert workers["count"] == 0
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(20)
+        for container in containers(namespace):  # only if the test failed half-way
+            import docker
+
+            client = docker.from_env()
+            client.api.remove_container(container["Id"], force=True)
+            client.close()
