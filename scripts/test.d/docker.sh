@@ -104,8 +104,10 @@ _cf_build_test_image() {
   DOCKER_BUILDKIT=0 docker build --quiet --build-arg "DEPS=$deps_image" -t "$worker_image" "$context" \
     >"$docker_dir/build-worker.log" 2>&1 || { tail -n 30 "$docker_dir/build-worker.log" >&2; return 1; }
   rm -rf "$context"
-  # Older builds of the worker layer are of no further use.
+  # Older builds of the two layers are of no further use.
   docker images --format '{{.Repository}}:{{.Tag}}' comfyfleet-test/worker | grep -vxF "$worker_image" \
+    | xargs -r docker rmi >/dev/null 2>&1 || true
+  docker images --format '{{.Repository}}:{{.Tag}}' comfyfleet-test/deps | grep -vxF "$deps_image" \
     | xargs -r docker rmi >/dev/null 2>&1 || true
 }
 
