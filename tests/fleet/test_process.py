@@ -3,6 +3,7 @@ file per worker, SIGKILL after the grace when SIGTERM is ignored, placeholders c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -22,7 +23,11 @@ STUBBORN = [
 
 
 async def _contains(path: Path, text: str) -> bool:
-    return text in path.read_text()
+    return text in await asyncio.to_thread(path.read_text)
+
+
+async def _has_line(path: Path, line: str) -> bool:
+    return line in (await asyncio.to_thread(path.read_text)).splitlines()
 
 
 def pid_of(provider_id: str) -> int:
@@ -56,7 +61,7 @@ async def test_a_worker_ignoring_sigterm_is_killed_after_the_grace(
     async with build_provider(pool("gpu", "process", settings), provider_context) as provider:
         handle = await provider.create("gpu-00000000b1")
         log = tmp_path / "gpu-00000000b1.log"
-        await eventually(lambda: _contains(log, "ready"), "the stubborn worker ignores SIGTERM from now on")
+        await eventually(lambda: _has_line(log, "ready"), "the stubborn worker ignores SIGTERM from now on")
         started = time.monotonic()
         await provider.terminate(handle.provider_id)
         took = time.monotonic() - started
