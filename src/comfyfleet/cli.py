@@ -104,7 +104,7 @@ def migrate(store: StoreOption = None, config: ConfigOption = None) -> None:
 
 @app.command("hash-key")
 def hash_key(key: Annotated[str, typer.Argument(help="The API key to hash for the config file.")]) -> None:
-    """Print the sha256 hash of an API key, for ``api_keys[].key_hash`` in the config file."""
+    """Print the sha256 hash of an API key, for api_keys[].key_hash in the config file."""
     from comfyfleet.config import hash_api_key
 
     typer.echo(hash_api_key(key))
