@@ -367,3 +367,16 @@ async def test_only_the_leader_starts_workers(postgres_store: Store, postgres_ur
         await wait_for(second, lambda: len(second.usable_workers()) == 2, "the follower sees them too")
         assert first.is_leader != second.is_leader
         assert len([i for i in novita.instances.values() if i.status != "removed"]) == 2
+
+        leader, follower = (first, second) if first.is_leader else (second, first)
+        busy, other = sorted(follower.usable_workers(), key=lambda w: w.id)
+        # The follower's dispatcher assigns a task: the leader learns it (and so never stops that worker).
+        await follower.set_assignments(busy.id, ["task-on-follower"])
+        await wait_for(leader, lambda: leader.worker(busy.id).current_task_ids == ["task-on-follower"], "merged")
+        assert leader.worker(busy.id).state is WorkerState.BUSY
+        # A drain asked on the follower is carried out by the leader.
+        await follower.drain(other.id)
+        await wait_for(leader, lambda: other.id not in {w.id for w in leader.workers()}, "drained and terminated")
+        await eventually(lambda: _stored_state(postgres_store, other.id, WorkerState.TERMINATED), "recorded")
+        await wait_for(follower, lambda: other.id not in {w.id for w in follower.usable_workers()}, "follower sees it")
+        assert (await postgres_store.get_worker(busy.id)).state in (WorkerState.IDLE, WorkerState.BUSY)

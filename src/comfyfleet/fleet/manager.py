@@ -219,7 +219,10 @@ class FleetManager:
                 await self._stack.aclose()
 
     async def _shutdown(self) -> None:
-        await self._flush()
+        try:
+            await self._flush()
+        except StoreError as exc:
+            logger.warning("fleet_flush_failed error=%s", exc)
         if not self._is_leader:
             return
         doomed = [
@@ -447,6 +450,10 @@ class FleetManager:
         self._flush_wake.set()
 
     async def _flush(self) -> None:
+        """Write the batched assignment / loaded-model changes. The leader owns the records; a follower
+        only merges its assignment fields into the stored record, so a stale copy of its own can never undo
+        the leader's lifecycle changes (or bring a terminated worker back)."""
+        written: list[str] = []
         while self._dirty:
             worker_id = self._dirty.pop()
             worker = self._workers.get(worker_id)
@@ -454,11 +461,27 @@ class FleetManager:
                 continue
             try:
                 async with self._write_lock:
-                    await self._store.upsert_worker(dataclasses.replace(worker))
+                    if self._is_leader:
+                        await self._store.upsert_worker(dataclasses.replace(worker))
+                    else:
+                        try:
+                            record = await self._store.get_worker(worker_id)
+                        except NotFound:
+                            continue
+                        if record.state is WorkerState.TERMINATED:
+                            continue
+                        record.current_task_ids = list(worker.current_task_ids)
+                        record.last_active_at = worker.last_active_at
+                        record.loaded_models = list(worker.loaded_models)
+                        await self._store.upsert_worker(record)
+                written.append(worker_id)
             except StoreError:
                 self._dirty.add(worker_id)
                 raise
-        await self._notify("")
+        if written and self._is_leader:
+            await self._notify("")  # followers re-read the records
+        for worker_id in [] if self._is_leader else written:
+            await self._notify(worker_id)  # the leader merges this worker's assignments
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -496,7 +519,7 @@ class FleetManager:
                 self._probe_wake.set()
             elif payload:
                 await self._merge_from_store(payload)
-            else:
+            elif not self._is_leader:
                 await self._refresh_from_store()
 
     async def _merge_from_store(self, worker_id: str) -> None:
@@ -519,6 +542,8 @@ class FleetManager:
         worker.current_task_ids = record.current_task_ids
         worker.last_active_at = record.last_active_at or worker.last_active_at
         worker.loaded_models = record.loaded_models or worker.loaded_models
+        if worker.state in (WorkerState.IDLE, WorkerState.BUSY):
+            worker.state = WorkerState.BUSY if worker.current_task_ids else WorkerState.IDLE
         if record.info.get("terminate_requested") and worker.state is not WorkerState.TERMINATING:
             worker.info["terminate_requested"] = record.info["terminate_requested"]
             self._reconcile_wake.set()
