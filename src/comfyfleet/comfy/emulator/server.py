@@ -410,13 +410,23 @@ class EmulatorServer:
         self.ready.clear()
         if runner is None:
             return
+        self._abort_connections(runner, abort=abort)
+        # Stop listening, let a connection accepted a moment ago finish its set-up, then abort again, so
+        # that none that was still arriving is missed (and leaked).
+        for site in list(runner.sites):
+            await site.stop()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self._abort_connections(runner, abort=abort)
+        await runner.cleanup()
+
+    def _abort_connections(self, runner: web.AppRunner, *, abort: bool) -> None:
         for sock in list(self.state.sockets.values()):
             sock.abort()
         if abort and runner.server is not None:
             for connection in list(runner.server.connections):
                 if connection.transport is not None:
                     connection.transport.abort()
-        await runner.cleanup()
 
     def _start_executor(self) -> None:
         state = self.state
