@@ -112,6 +112,7 @@ class Dispatcher:
         self._facts: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         # Adopted running attempts whose worker is not usable (yet), with when to stop waiting for it.
         self._orphans: dict[str, tuple[Task, float]] = {}
+        self._orphans_lock = asyncio.Lock()
         self._orphan_wait_s = max(30.0, 4 * settings.lease_s)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -716,25 +717,31 @@ class Dispatcher:
         """Re-attach adopted attempts to their workers. A worker may not be usable yet (after a restart the
         fleet probes it first): its attempt waits for it rather than running the prompt a second time
         elsewhere. Only a worker that is gone, or one that stays away too long, sends the task back."""
-        for task_id, (task, deadline) in list(self._orphans.items()):
-            if task_id in self._attempts:
+        # The dispatch loop and the lease loop both come here: one at a time, or a task starts twice.
+        async with self._orphans_lock:
+            for task_id in list(self._orphans):
+                task, deadline = self._orphans[task_id]
+                if task_id in self._attempts:
+                    del self._orphans[task_id]
+                    continue
+                slot = self._slots.get(task.worker_id or "")
+                if slot is not None and task.prompt_id:
+                    del self._orphans[task_id]
+                    logger.info(
+                        "attempt_adopted task_id=%s worker_id=%s prompt_id=%s", task.id, task.worker_id, task.prompt_id
+                    )
+                    self._start_attempt(slot, task, adopted=True)
+                    continue
+                waiting = task.prompt_id and task.worker_id and time.monotonic() < deadline
+                if waiting and not await self._worker_gone(task.worker_id or ""):
+                    continue
                 del self._orphans[task_id]
-                continue
-            slot = self._slots.get(task.worker_id or "")
-            if slot is not None and task.prompt_id:
-                del self._orphans[task_id]
-                logger.info("attempt_adopted task_id=%s worker_id=%s prompt_id=%s", task.id, task.worker_id, task.prompt_id)
-                self._start_attempt(slot, task, adopted=True)
-                continue
-            if task.prompt_id and task.worker_id and time.monotonic() < deadline and not await self._worker_gone(task.worker_id):
-                continue
-            del self._orphans[task_id]
-            attempt = _Attempt(task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=task.worker_id or "")
-            with contextlib.suppress(StaleLease):
-                if not task.prompt_id:
-                    await self._release(task)  # never reached a worker
-                else:
-                    await self._retry_or_fail(attempt, "worker_lost", f"its worker {task.worker_id} is no longer available")
+                attempt = _Attempt(task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=task.worker_id or "")
+                with contextlib.suppress(StaleLease):
+                    if not task.prompt_id:
+                        await self._release(task)  # never reached a worker
+                    else:
+                        await self._retry_or_fail(attempt, "worker_lost", f"its worker {task.worker_id} is no longer available")
 
     async def _worker_gone(self, worker_id: str) -> bool:
         try:
