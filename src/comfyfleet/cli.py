@@ -48,30 +48,46 @@ StoreOption = Annotated[
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(envvar="COMFYFLEET_HOST", help="Address to listen on [default: 127.0.0.1].", show_default=False)] = None,
-    port: Annotated[int | None, typer.Option(envvar="COMFYFLEET_PORT", help="Port to listen on [default: 8080].", show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(envvar="COMFYFLEET_HOST", help="Address to listen on.", show_default="127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option(envvar="COMFYFLEET_PORT", help="Port to listen on.", show_default="8080")] = None,
     store: StoreOption = None,
     config: ConfigOption = None,
     worker: Annotated[
         list[str] | None,
-        typer.Option("--worker", envvar="COMFYFLEET_WORKERS", help="URL of a ComfyUI server to use as a static worker (repeatable).", show_default=False),
+        typer.Option(
+            "--worker",
+            envvar="COMFYFLEET_WORKERS",
+            help="URL of a ComfyUI server to use as a static worker (repeatable; in the variable, separate URLs "
+            "with spaces or commas).",
+            show_default=False,
+        ),
     ] = None,
     outputs: Annotated[
         str | None,
-        typer.Option(envvar="COMFYFLEET_OUTPUTS", help="Directory for output files [default: ./comfyfleet-outputs].", show_default=False),
+        typer.Option(envvar="COMFYFLEET_OUTPUTS", help="Directory for output files.", show_default="./comfyfleet-outputs"),
     ] = None,
-    log_level: Annotated[str, typer.Option(envvar="COMFYFLEET_LOG_LEVEL", help="Log level.")] = "info",
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            envvar="COMFYFLEET_LOG_LEVEL", help="Log level: debug, info, warning or error.", show_default="info"
+        ),
+    ] = None,
 ) -> None:
     """Run the API, the dispatcher and the worker manager."""
     from comfyfleet.config import ConfigError, load_settings
     from comfyfleet.runtime import StartupError
     from comfyfleet.runtime import serve as run_server
 
-    _configure_logging(log_level)
+    # One value of the variable may hold several URLs: "http://a:8188,http://b:8188".
+    workers = [url.strip() for value in worker or [] for url in value.split(",") if url.strip()]
     try:
-        settings = load_settings(host=host, port=port, store=store, config=config, workers=worker or None, outputs=outputs)
+        settings = load_settings(
+            host=host, port=port, store=store, config=config, workers=workers or None, outputs=outputs,
+            log_level=log_level,
+        )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    _configure_logging(settings.log_level)
     try:
         run_server(settings)
     except StartupError as exc:

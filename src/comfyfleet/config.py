@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -128,7 +129,6 @@ class Settings(BaseSettings):
     store: str = "sqlite:///comfyfleet.db"
     config: Path | None = None
     outputs: str = "./comfyfleet-outputs"
-    public_url: str | None = None  # base of download URLs; defaults to the request's own
     workers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # static ComfyUI URLs (the "default" static pool)
     pools: list[PoolConfig] = Field(default_factory=list)
     api_keys: list[ApiKey] = Field(default_factory=list)
@@ -138,14 +138,32 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     replica_id: str | None = None
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("workers", mode="before")
     @classmethod
     def _split_workers(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return [part.strip() for part in value.replace(",", " ").split()]
         return value
+
+    @field_validator("workers")
+    @classmethod
+    def _check_worker_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parts = urlsplit(url)
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError:
+                raise ValueError(f"worker URL {url!r} has an invalid port") from None
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"worker URL {url!r} must look like http://host:8188")
+        return urls
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("webhook_secret")
     @classmethod

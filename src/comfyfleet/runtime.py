@@ -29,8 +29,9 @@ from comfyfleet.api import create_app
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.dispatcher import Dispatcher
 from comfyfleet.dispatch.events import EventBus
+from comfyfleet.fleet.errors import FleetError
 from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.outputs import open_outputs
+from comfyfleet.outputs import OutputsError, open_outputs
 from comfyfleet.store import Store, StoreError, open_store
 from comfyfleet.webhooks import WebhookDeliverer
 
@@ -145,8 +146,12 @@ class Runtime:
 
         replica_id = _replica_id(settings)
         bus = EventBus(store, replica_id=replica_id, shared=not settings.store.startswith("sqlite:"))
-        outputs = open_outputs(settings.outputs)
-        fleet = await self._stack.enter_async_context(FleetManager(settings, store, replica_id=replica_id))
+        try:
+            outputs = open_outputs(settings.outputs)
+            fleet = await self._stack.enter_async_context(FleetManager(settings, store, replica_id=replica_id))
+        except (OutputsError, FleetError) as exc:
+            # A bad pool or outputs setting is a configuration problem: say which, without a traceback.
+            raise StartupError(str(exc)) from exc
         # Entered after the fleet, so it is closed first: no prompt is submitted to a worker being stopped.
         dispatcher = await self._stack.enter_async_context(
             Dispatcher(

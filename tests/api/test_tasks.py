@@ -128,8 +128,9 @@ async def test_invalid_fields_are_422_in_the_error_shape(client: httpx.AsyncClie
 
 
 async def test_unknown_pool_is_refused_when_pools_are_configured(make_client: MakeClient) -> None:
-    async with make_client(pools=[PoolConfig(name="gpu")], workers=["http://127.0.0.1:1"]) as client:
+    async with make_client(pools=[PoolConfig(name="gpu", labels=["sdxl"])], workers=["http://127.0.0.1:1"]) as client:
         assert (await submit(client, small_body(pool="gpu")))["pool"] == "gpu"
+        assert (await submit(client, small_body(pool="sdxl")))["pool"] == "sdxl"  # a label of a pool
         assert (await submit(client, small_body(pool="default")))["pool"] == "default"
         body = assert_error_shape(await client.post("/api/v1/tasks", json=small_body(pool="gpus")), 422, "unknown_pool")
         assert "'gpus'" in body["message"]

@@ -18,6 +18,7 @@ import logging
 import mimetypes
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,6 +69,7 @@ class _Attempt:
     accepted_at: datetime | None = None  # when the worker accepted the prompt
     last_progress_write: float = 0.0
     progress: dict[str, Any] = field(default_factory=dict)
+    progress_written: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -270,9 +272,11 @@ class Dispatcher:
                     worker_id=slot.worker.id,
                     pools=placement.pools_of(slot.worker.pool, self._pool_labels),
                     free=max(0, capacity - len(slot.attempts)),
-                    assigned=len(slot.attempts),
+                    # Other replicas' prompts on this worker count too (as the fleet last heard of them).
+                    assigned=max(len(slot.attempts), len(slot.worker.current_task_ids)),
                     node_types=frozenset(slot.worker.node_types) if slot.worker.node_types is not None else None,
                     recent_models=tuple(slot.recent_models),
+                    tie_break=zlib.crc32(f"{self.owner}/{slot.worker.id}".encode()),
                 )
             )
         return slots
@@ -519,6 +523,10 @@ class Dispatcher:
 
     async def _finish(self, slot: _WorkerSlot, attempt: _Attempt, outcome: PromptOutcome | None) -> None:
         task = attempt.task
+        latest = {**attempt.progress, "nodes_total": len(task.payload)} if attempt.progress else None
+        if latest is not None and latest != attempt.progress_written:
+            # Progress writes are spaced out while a prompt runs; the task keeps the last one it reached.
+            await self._write_progress(attempt, latest)
         status = outcome.status if outcome is not None else None
         if outcome is not None and status == "success":
             await self._collect(slot, attempt, outcome)
@@ -677,11 +685,14 @@ class Dispatcher:
         await self.bus.publish(
             TaskEvent(type="progress", task_id=attempt.task.id, tenant=attempt.task.tenant, data=progress)
         )
-        now = time.monotonic()
-        if now - attempt.last_progress_write >= _PROGRESS_WRITE_INTERVAL_S:
-            attempt.last_progress_write = now
-            with contextlib.suppress(StaleLease):
-                await self.store.set_progress(attempt.lease, progress)
+        if time.monotonic() - attempt.last_progress_write >= _PROGRESS_WRITE_INTERVAL_S:
+            await self._write_progress(attempt, progress)
+
+    async def _write_progress(self, attempt: _Attempt, progress: dict[str, Any]) -> None:
+        attempt.last_progress_write = time.monotonic()
+        attempt.progress_written = progress
+        with contextlib.suppress(StaleLease):
+            await self.store.set_progress(attempt.lease, progress)
 
     async def _publish_status(self, task: Task) -> None:
         if task.is_terminal and task.completed_at is not None:

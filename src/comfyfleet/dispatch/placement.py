@@ -33,6 +33,7 @@ class Slot:
     assigned: int  # prompts it already holds
     node_types: frozenset[str] | None  # None: not known yet (any graph may be tried)
     recent_models: Sequence[str] = field(default_factory=tuple)  # most recent first
+    tie_break: int = 0  # orders equally loaded workers; replicas use different orders to spread out
 
 
 def accepts(slot: Slot, task: PendingTask) -> bool:
@@ -79,7 +80,7 @@ def plan(
     free = [slot for slot in slots if slot.free > 0]
     assignments: list[tuple[str, str]] = []
     # Idle workers first, then the least loaded, so a burst spreads over the fleet.
-    free.sort(key=lambda slot: (slot.assigned > 0, slot.assigned, slot.worker_id))
+    free.sort(key=lambda slot: (slot.assigned > 0, slot.assigned, slot.tie_break, slot.worker_id))
     progress = True
     while remaining and progress:
         progress = False

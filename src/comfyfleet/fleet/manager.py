@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from comfyfleet import metrics
 from comfyfleet.domain import Worker, WorkerMetrics, WorkerState, can_transition_worker
 from comfyfleet.fleet.autoscaler import (
     Hold,
@@ -787,6 +788,7 @@ class FleetManager:
         self._trackers[worker.pool].failed_starts = 0
         self._next_check[worker.id] = time.monotonic() + self._fleet.probe_interval_s
         await self._write(worker)
+        metrics.observe_worker_startup(worker.pool, worker.info["startup_s"])
         logger.info(
             "worker_ready worker_id=%s pool=%s endpoint=%s startup_s=%s",
             worker.id, worker.pool, worker.endpoint, worker.info["startup_s"],

@@ -62,7 +62,7 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
             position = await store.queue_position(checked) if current.status is TaskStatus.PENDING else None
             counter += 1
             yield {"event": "snapshot", "id": str(counter),
-                   "data": json.dumps(task_json(current, queue_position=position), default=str)}
+                   "data": json.dumps(task_json(current, queue_position=position), separators=(",", ":"), default=str)}
             if current.is_terminal:
                 return
             pending = current.status is TaskStatus.PENDING

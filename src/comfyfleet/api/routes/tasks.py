@@ -65,7 +65,8 @@ _new_task_id = _TaskIds()
 
 
 def _known_pools(settings: Settings) -> set[str]:
-    names = {pool.name for pool in settings.pools}
+    """Pool names and the labels pools carry: a task's ``pool`` may name either."""
+    names = {pool.name for pool in settings.pools} | {label for pool in settings.pools for label in pool.labels}
     if settings.workers:
         names.add("default")  # the static workers given with --worker form the pool "default"
     return names
