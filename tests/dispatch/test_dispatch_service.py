@@ -278,3 +278,23 @@ async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path:
             assert task["error_kind"] == "node_error"
             failures = samples((await svc.http.get("/metrics")).text)
         assert failures[("comfyfleet_task_failures_total", (("kind", "node_error"),))] >= 1
+
+
+async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(prompt_time_s=0.4)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        # One worker holds two prompts (prefetch 1): the third task waits at 1, the fourth at 2.
+        tasks = [await svc.submit(seed_payload(80 + n)) for n in range(4)]
+        await svc.wait_task(tasks[1]["id"], lambda task: task["status"] == "running", timeout_s=10)
+        seen: list[tuple[str, dict[str, object]]] = []
+        async with svc.http.stream("GET", f"/api/v1/tasks/{tasks[3]['id']}/events") as response:
+            event_name = None
+            async for line in response.aiter_lines():
+                if line.startswith("event:"):
+                    event_name = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event_name:
+                    seen.append((event_name, json.loads(line.split(":", 1)[1])))
+        assert seen[0][0] == "snapshot"
+        assert seen[0][1]["queue_position"] == 2
+        positions = [data["queue_position"] for kind, data in seen if kind == "queue_position"]
+        assert positions == [1]
+        assert seen[-1][1]["status"] == "completed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ router = APIRouter(tags=["events"])
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 StoreDep = Annotated[Store, Depends(get_store)]
 
-# While a task waits, its queue position is re-read this often (only when it may have changed).
+# While a task waits, its queue position is re-read at most this often, and only after another task moved.
 _POSITION_REFRESH_S = 0.5
 _KEEPALIVE_S = 15
 
@@ -66,8 +67,11 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
             if current.is_terminal:
                 return
             pending = current.status is TaskStatus.PENDING
+            moved = False  # another task changed status since the position was last read
+            read_at = time.monotonic()
             while True:
-                event = await subscription.get(wait_s=_POSITION_REFRESH_S if pending else None)
+                wait_s = max(0.0, read_at + _POSITION_REFRESH_S - time.monotonic()) if pending and moved else None
+                event = await subscription.get(wait_s=wait_s)
                 if event is not None and event.task_id == checked:
                     counter += 1
                     yield _sse(event, counter)
@@ -78,7 +82,13 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
                     continue
                 if not pending:
                     continue
-                # Another task moved (or time passed): our place in the queue may have changed.
+                if event is not None and event.type == "status":
+                    moved = True
+                # The queue moves only when some task changes status; read the position then, at most
+                # once per refresh interval, so a deep queue is not counted over and over.
+                if not moved or time.monotonic() - read_at < _POSITION_REFRESH_S:
+                    continue
+                moved, read_at = False, time.monotonic()
                 try:
                     now = await store.queue_position(checked)
                 except NotFound:
