@@ -11,7 +11,7 @@ cookie that the API also accepts (see ``comfyfleet.api.auth``).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -23,6 +23,7 @@ from starlette.templating import Jinja2Templates
 from comfyfleet.api.auth import DASHBOARD_COOKIE, KeyRing, Principal, principal_from
 from comfyfleet.api.errors import ApiError
 from comfyfleet.domain import TaskStatus, WorkerState
+from comfyfleet.humanize import ago
 from comfyfleet.store import NotFound, Store, StoreError
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -30,24 +31,13 @@ TASK_LIST_LIMIT = 50
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
 
 
-def _age(moment: datetime | None) -> str:
-    if moment is None:
-        return "-"
-    seconds = max(0.0, (datetime.now(UTC) - moment).total_seconds())
-    if seconds < 60:
-        return f"{seconds:.0f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h ago"
-    return f"{seconds / 86400:.1f}d ago"
 
 
 def _iso(moment: datetime | None) -> str:
     return moment.isoformat() if moment is not None else ""
 
 
-TEMPLATES.env.filters["age"] = _age
+TEMPLATES.env.filters["age"] = ago
 TEMPLATES.env.filters["iso"] = _iso
 TEMPLATES.env.filters["quote"] = lambda value: quote(str(value), safe="")
 

@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from comfyfleet.humanize import ago
 from comfyfleet.sdk.client import Client
 from comfyfleet.sdk.errors import (
     ApiError,
@@ -315,17 +315,6 @@ def _report_end(client: Client, task: Task, out_dir: Path) -> None:
 
 
 # -- listing ------------------------------------------------------------------------------------------
-def _age(moment: datetime | None) -> str:
-    if moment is None:
-        return "-"
-    seconds = max(0.0, (datetime.now(UTC) - moment).total_seconds())
-    if seconds < 60:
-        return f"{seconds:.0f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h ago"
-    return f"{seconds / 86400:.1f}d ago"
 
 
 def _progress_text(task: Task) -> str:
@@ -361,7 +350,7 @@ def run_tasks_list(*, status: str | None, limit: int, as_json: bool, server: str
     for task in page.tasks:
         table.add_row(*(escape(cell) for cell in (
             task.id, task.status, str(task.priority), task.workflow_id or "-", task.worker_id or "-",
-            _age(task.created_at), _progress_text(task),
+            ago(task.created_at), _progress_text(task),
         )))
     out.print(table)
 
@@ -380,7 +369,7 @@ def run_tasks_show(task_id: str, *, as_json: bool, server: str | None, api_key: 
         ("pool", task.pool or "-"),
         ("worker", task.worker_id or "-"),
         ("attempt", f"{task.attempt} (retries {task.retry_count})"),
-        ("created", f"{task.created_at.isoformat() if task.created_at else '-'} ({_age(task.created_at)})"),
+        ("created", f"{task.created_at.isoformat() if task.created_at else '-'} ({ago(task.created_at)})"),
     ]
     if task.queue_position is not None:
         rows.append(("queue position", str(task.queue_position)))
