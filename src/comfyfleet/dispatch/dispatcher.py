@@ -78,6 +78,7 @@ class _WorkerSlot:
     client: ComfyClient
     attempts: dict[str, _Attempt] = field(default_factory=dict)
     recent_models: list[str] = field(default_factory=list)
+    retiring: bool = False  # no longer offered by the fleet: gets no new prompts, finishes what it has
 
 
 ClientFactory = Callable[[str], ComfyClient]
@@ -230,10 +231,14 @@ class Dispatcher:
         usable = {worker.id: worker for worker in self.directory.usable_workers() if worker.endpoint}
         for worker_id, slot in list(self._slots.items()):
             current = usable.get(worker_id)
-            if current is None or current.endpoint != slot.worker.endpoint:
-                await self._close_slot(slot)
+            if current is not None and current.endpoint == slot.worker.endpoint:
+                slot.worker, slot.retiring = current, False
+            elif current is None and slot.attempts and not await self._worker_gone(worker_id):
+                # Withdrawn but not gone (a failed probe, drained): its prompts may well finish, and
+                # running them again elsewhere would run them twice. Follow them; place nothing new.
+                slot.retiring = True
             else:
-                slot.worker = current
+                await self._close_slot(slot)
         for worker_id, worker in usable.items():
             if worker_id in self._slots:
                 continue
@@ -266,6 +271,8 @@ class Dispatcher:
     def _placement_slots(self) -> list[placement.Slot]:
         slots = []
         for slot in self._slots.values():
+            if slot.retiring:
+                continue
             capacity = self._capacity(slot)
             slots.append(
                 placement.Slot(
@@ -407,6 +414,8 @@ class Dispatcher:
         finally:
             slot.attempts.pop(task.id, None)
             self._attempts.pop(task.id, None)
+            if slot.retiring and not slot.attempts:
+                await self._close_slot(slot)
             if not self._stopping.is_set():
                 with contextlib.suppress(Exception):
                     await self.directory.set_assignments(slot.worker.id, list(slot.attempts))
