@@ -298,3 +298,16 @@ async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> Non
         positions = [data["queue_position"] for kind, data in seen if kind == "queue_position"]
         assert positions == [1]
         assert seen[-1][1]["status"] == "completed"
+
+
+async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(seed_payload(90))
+        running = await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
+        fleet = svc.runtime.app.state.fleet
+        # A failed request makes the fleet hold the worker back until its next probe passes.
+        await fleet.report_unreachable(running["worker_id"], "a request timed out")
+        task = await svc.wait_task(created["id"], timeout_s=15)
+        assert task["status"] == "completed"
+        assert len(task["attempts"]) == 1
+        assert worker.stats.executions == {task["prompt_id"]: 1}
