@@ -238,9 +238,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
     base = path.parent
-    # Relative paths in the file are relative to the file, not to the working directory.
+    # Relative paths in the file are relative to the file, not to the working directory (URLs such as
+    # s3://bucket are left alone).
     for key in ("outputs",):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+        if isinstance(data.get(key), str) and "://" not in data[key] and not Path(data[key]).is_absolute():
             data[key] = str(base / data[key])
     store = data.get("store")
     if isinstance(store, str) and store.startswith("sqlite:///") and not store.startswith("sqlite:////"):

@@ -23,6 +23,37 @@ class InvalidOutputName(OutputsError):
     """A name that could escape the task's folder or is otherwise unusable."""
 
 
+class OutputsUnavailable(OutputsError):
+    """The storage could not be reached or refused the request (credentials, permissions, a missing bucket)."""
+
+
+# Most file systems cap a name at 255 bytes, and the local store adds up to 13 to name its sidecar files;
+# every backend accepts the same names, so none stores a file another could not.
+MAX_NAME_BYTES = 240
+_CONTROL_CHARACTERS = frozenset(map(chr, [*range(0x20), 0x7F]))
+
+
+def check_name(part: str) -> str:
+    """``part`` (a task id or a file name) if it is one plain path segment, else :class:`InvalidOutputName`.
+
+    No separators, ``.``/``..`` or NUL, so a name never reaches another task's files; no control characters
+    (S3 listings are XML, which cannot carry most of them); valid UTF-8 of at most ``MAX_NAME_BYTES``."""
+    try:
+        encoded = part.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = b""
+    if (
+        not encoded
+        or len(encoded) > MAX_NAME_BYTES
+        or part in {".", ".."}
+        or "/" in part
+        or "\\" in part
+        or not _CONTROL_CHARACTERS.isdisjoint(part)
+    ):
+        raise InvalidOutputName(f"invalid output name {part[:300]!r}")
+    return part
+
+
 @dataclass(frozen=True, slots=True)
 class StoredOutput:
     name: str

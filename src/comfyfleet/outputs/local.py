@@ -8,9 +8,10 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from comfyfleet.outputs.base import InvalidOutputName, OutputNotFound, StoredOutput
+from comfyfleet.outputs.base import InvalidOutputName, OutputNotFound, StoredOutput, check_name
 
 _CHUNK = 256 * 1024
+_DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 def _content_type_sidecar(path: Path) -> Path:
@@ -22,25 +23,31 @@ class LocalOutputStore:
         self.root = Path(root).expanduser().resolve()
 
     def _path(self, task_id: str, name: str) -> Path:
-        for part in (task_id, name):
-            if not part or part in {".", ".."} or "/" in part or "\\" in part or "\x00" in part:
-                raise InvalidOutputName(f"invalid output name {part!r}")
+        check_name(task_id)
+        check_name(name)
+        # Reserved for the sidecars that keep each file's content type.
         if name.endswith(".content-type"):
             raise InvalidOutputName(f"invalid output name {name!r}")
         return self.root / task_id / name
 
     async def put(self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str) -> StoredOutput:
         path = self._path(task_id, name)
+        content_type = content_type or _DEFAULT_CONTENT_TYPE
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         partial = path.with_name(f".{name}.partial")
         size = 0
         handle = await asyncio.to_thread(partial.open, "wb")
         try:
-            async for chunk in chunks:
-                size += len(chunk)
-                await asyncio.to_thread(handle.write, chunk)
-        finally:
-            handle.close()
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    await asyncio.to_thread(handle.write, chunk)
+            finally:
+                handle.close()
+        except BaseException:
+            # A failed or cancelled upload leaves the previous file (if any) as it was, and no litter.
+            partial.unlink(missing_ok=True)
+            raise
         await asyncio.to_thread(_content_type_sidecar(path).write_text, content_type)
         # Rename last, so a reader never sees a half-written file under the final name.
         await asyncio.to_thread(os.replace, partial, path)
@@ -55,7 +62,7 @@ class LocalOutputStore:
         try:
             content_type = await asyncio.to_thread(_content_type_sidecar(path).read_text)
         except FileNotFoundError:
-            content_type = "application/octet-stream"
+            content_type = _DEFAULT_CONTENT_TYPE
         return StoredOutput(name=name, size=size, content_type=content_type)
 
     async def read(self, task_id: str, name: str) -> AsyncIterator[bytes]:
