@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 from urllib.parse import quote
 
@@ -13,9 +14,10 @@ from comfyfleet.api.deps import get_store
 from comfyfleet.api.errors import ApiError
 from comfyfleet.api.routes.tasks import TaskId, _checked_task_id
 from comfyfleet.api.schemas import error_responses
-from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputStore
+from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputsError, OutputStore
 from comfyfleet.store import Store
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
 
 
@@ -43,6 +45,10 @@ async def download_output(
         stored = await outputs.stat(task.id, filename)
     except (OutputNotFound, InvalidOutputName):
         raise ApiError(404, "not_found", f"task {task.id} has no output {filename[:100]!r}") from None
+    except OutputsError as exc:
+        # The storage itself failed (an S3 bucket unreachable, credentials refused): not the client's fault.
+        logger.warning("output_store_unavailable task_id=%s error=%s", task.id, exc)
+        raise ApiError(503, "outputs_unavailable", "the output store failed to answer; try again shortly") from None
     return StreamingResponse(
         outputs.read(task.id, filename),
         media_type=stored.content_type,
