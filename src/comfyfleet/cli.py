@@ -64,7 +64,11 @@ def serve(
     ] = None,
     outputs: Annotated[
         str | None,
-        typer.Option(envvar="COMFYFLEET_OUTPUTS", help="Directory for output files.", show_default="./comfyfleet-outputs"),
+        typer.Option(
+            envvar="COMFYFLEET_OUTPUTS",
+            help="Where output files are kept: a directory, or s3://BUCKET/PREFIX (needs the s3 extra).",
+            show_default="./comfyfleet-outputs",
+        ),
     ] = None,
     log_level: Annotated[
         str | None,
