@@ -61,5 +61,7 @@ async def test_a_missing_bucket_fails_the_task_after_its_retries(tmp_path: Path,
         created = await svc.submit(seed_payload(8), max_retries=1)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed", task
+        assert task["error_kind"] == "outputs_unavailable"
+        assert "could not be stored" in task["error"]
         assert len(task["attempts"]) == 2
         assert worker.stats.executions.get(task["prompt_id"]) == 1

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import stamina
 
 from comfyfleet import metrics
 from comfyfleet.comfy.client import ComfyClient, PromptOutcome
@@ -43,7 +44,8 @@ from comfyfleet.dispatch.retry import (
 )
 from comfyfleet.domain import Task, TaskPhase, TaskStatus, Worker, WorkerState
 from comfyfleet.fleet.base import WorkerDirectory
-from comfyfleet.outputs import OutputStore
+from comfyfleet.outputs import OutputsError, OutputStore
+from comfyfleet.outputs.base import OutputsUnavailable
 from comfyfleet.store import Lease, NotFound, StaleLease, Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -407,6 +409,10 @@ class Dispatcher:
             await self._retry_or_fail(attempt, "worker_unreachable", f"worker {slot.worker.id} failed: {exc}")
         except StoreError:
             logger.exception("attempt_store_error task_id=%s", task.id)
+        except OutputsError as exc:
+            logger.warning("outputs_not_stored task_id=%s error=%s", task.id, exc)
+            with contextlib.suppress(StoreError):
+                await self._retry_or_fail(attempt, "outputs_unavailable", f"the output files could not be stored: {exc}")
         except Exception:
             logger.exception("attempt_crashed task_id=%s", task.id)
             with contextlib.suppress(StoreError):
@@ -582,7 +588,16 @@ class Dispatcher:
                         texts.setdefault(str(node_id), []).append(item)
                     if not (isinstance(item, dict) and isinstance(item.get("filename"), str)):
                         continue
-                    outputs.append(await self._store_output(slot, task, str(node_id), kind, item, used_names))
+                    name = item["filename"].replace("/", "_")
+                    if name in used_names:
+                        name = f"{node_id}-{name}"
+                    used_names.add(name)
+                    # The file is still on the worker: a storage hiccup is retried here, not by running the
+                    # prompt again on the GPU.
+                    async for try_ in stamina.retry_context(on=OutputsUnavailable, attempts=4, timeout=60.0):
+                        with try_:
+                            stored = await self._store_output(slot, task, str(node_id), kind, item, name)
+                    outputs.append(stored)
         finished = _now()
         started = attempt.execution_started_at or _history_start(outcome) or task.started_at or task.created_at
         timings: dict[str, Any] = {
@@ -612,15 +627,11 @@ class Dispatcher:
         logger.info("task_completed task_id=%s worker_id=%s outputs=%d", task.id, slot.worker.id, len(outputs))
 
     async def _store_output(
-        self, slot: _WorkerSlot, task: Task, node_id: str, kind: str, item: dict[str, Any], used: set[str]
+        self, slot: _WorkerSlot, task: Task, node_id: str, kind: str, item: dict[str, Any], name: str
     ) -> dict[str, Any]:
         filename = item["filename"]
         subfolder = str(item.get("subfolder") or "")
         file_type = str(item.get("type") or "output")
-        name = filename.replace("/", "_")
-        if name in used:
-            name = f"{node_id}-{name}"
-        used.add(name)
         async with slot.client.download(filename, subfolder, file_type) as response:
             content_type = (response.headers.get("content-type") or "").split(";")[0].strip()
             if not content_type or content_type == "application/octet-stream":

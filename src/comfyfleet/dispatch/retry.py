@@ -6,10 +6,6 @@ import random
 from datetime import datetime, timedelta
 from typing import Any
 
-# Failure kinds recorded on tasks (``error_kind``) and counted in metrics.
-RETRYABLE_KINDS = frozenset({"worker_unreachable", "worker_lost", "prompt_lost", "out_of_memory", "interrupted"})
-NOT_RETRYABLE_KINDS = frozenset({"workflow_invalid", "node_error", "input_invalid", "missing_node_type"})
-
 _OOM_MARKERS = ("OutOfMemoryError", "out of memory", "Allocation on device")
 
 
