@@ -163,10 +163,14 @@ async def test_node_limit(make_client: MakeClient) -> None:
 async def test_idempotency_key_returns_the_original(client: httpx.AsyncClient, api_store: Store) -> None:
     first = await client.post("/api/v1/tasks", json=small_body(priority=1), headers={"Idempotency-Key": "order-17"})
     assert first.status_code == 201
-    again = await client.post("/api/v1/tasks", json=small_body(priority=9), headers={"Idempotency-Key": "order-17"})
+    again = await client.post("/api/v1/tasks", json=small_body(priority=1), headers={"Idempotency-Key": "order-17"})
     assert again.status_code == 200
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
+    # The same key with another request is a mistake said out loud, not a silent answer about another task.
+    changed = await client.post("/api/v1/tasks", json=small_body(priority=9), headers={"Idempotency-Key": "order-17"})
+    body = assert_error_shape(changed, 422, "idempotency_key_reused")
+    assert body["details"]["task_id"] == first.json()["id"]
     other = await client.post("/api/v1/tasks", json=small_body(), headers={"Idempotency-Key": "order-18"})
     assert other.status_code == 201
     assert other.json()["id"] != first.json()["id"]

@@ -169,6 +169,14 @@ async def submit_task(
         metadata=submission.metadata,
     )
     task, created = await store.create_task(new)
+    if not created and not _same_request(new, task):
+        # The key names one request: a retry must send the same one, or it would silently get another's task.
+        raise ApiError(
+            422, "idempotency_key_reused",
+            f"Idempotency-Key {idempotency_key!r} was already used for a different request (task {task.id}); "
+            "send the same request to get that task back, or use a new key",
+            {"task_id": task.id},
+        )
     bus: EventBus | None = getattr(request.app.state, "bus", None)
     if created and bus is not None:
         # Live listeners (the dashboard's task list, ComfyUI sockets' queue length) see it arrive.
@@ -185,6 +193,13 @@ async def submit_task(
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONBody(task_json(task), status_code=201 if created else 200, headers=headers)
+
+
+_REQUEST_FIELDS = ("payload", "workflow_id", "priority", "max_retries", "timeout_s", "pool", "inputs", "webhook", "metadata")
+
+
+def _same_request(new: NewTask, task: Task) -> bool:
+    return all(getattr(new, name) == getattr(task, name) for name in _REQUEST_FIELDS)
 
 
 async def _wait_until_ended(store: Store, task: Task, subscription: Subscription, wait_s: float) -> Task:
