@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
+import socket
 
 import httpx
 import pytest
@@ -93,3 +95,29 @@ async def test_size_cap_while_streaming() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(InputError, match="larger than"):
             await fetch_url(client, "http://127.0.0.1/x.png", max_bytes=100, allow_private=True)
+
+
+async def test_fetch_is_pinned_to_the_address_that_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No DNS here: the resolver answers for a made-up name, as a rebinding attacker's first answer would.
+    loop = asyncio.get_running_loop()
+
+    async def resolve(host: str, port: object, **kwargs: object) -> list[tuple[object, ...]]:
+        assert host == "cdn.example"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 443))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"png-bytes")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        data = await fetch_url(client, "https://cdn.example/cat.png?x=1", max_bytes=100, allow_private=False)
+    assert data == b"png-bytes"
+    # The connection goes to the checked address; the name is kept for Host and the certificate (SNI).
+    assert seen[0].url.host == "93.184.215.14"
+    assert seen[0].url.path == "/cat.png"
+    assert seen[0].url.query == b"x=1"
+    assert seen[0].headers["host"] == "cdn.example"
+    assert seen[0].extensions["sni_hostname"] == "cdn.example"

@@ -18,8 +18,9 @@ import ipaddress
 import re
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -72,23 +73,46 @@ def _address_allowed(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def check_public_host(url: str, *, allow_private: bool) -> None:
-    """Refuse a URL whose host resolves to a loopback, private, link-local or other non-public address."""
-    host = urlsplit(url).hostname
+@dataclass(frozen=True, slots=True)
+class PinnedTarget:
+    """Where to send a request so that it reaches the address that was checked, not whatever the name
+    resolves to a moment later (DNS rebinding): the URL with its host replaced by that address, the
+    ``Host`` header and, for HTTPS, the name to verify the certificate against."""
+
+    url: str
+    headers: dict[str, str]
+    extensions: dict[str, Any]
+
+
+async def pin_public_address(url: str, *, allow_private: bool) -> PinnedTarget:
+    """Resolve ``url``'s host once, refuse it when any address is loopback, private, link-local or otherwise
+    not public (unless ``allow_private``), and pin the request to the checked address."""
+    parts = urlsplit(url)
+    host = parts.hostname
     if not host:
         raise InputError(f"input URL {url!r} has no host")
     if allow_private:
-        return
+        return PinnedTarget(url, {}, {})
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InputError(f"input URL host {host!r} does not resolve") from exc
-    for info in infos:
-        if not _address_allowed(str(info[4][0])):
+    addresses = [str(info[4][0]) for info in infos]
+    for address in addresses:
+        if not _address_allowed(address):
             raise InputError(
-                f"input URL {url!r} points at a non-public address ({info[4][0]}); "
+                f"input URL {url!r} points at a non-public address ({address}); "
                 "set dispatch.allow_private_input_urls to allow it"
             )
+    address = addresses[0]
+    if address == host:
+        return PinnedTarget(url, {}, {})
+    literal = f"[{address}]" if ":" in address else address
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo + '@' if userinfo else ''}{literal}{f':{parts.port}' if parts.port else ''}"
+    host_header = parts.netloc.rpartition("@")[2]
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return PinnedTarget(urlunsplit(parts._replace(netloc=netloc)), {"Host": host_header}, extensions)
 
 
 async def fetch_url(
@@ -97,9 +121,11 @@ async def fetch_url(
     for _ in range(_MAX_REDIRECTS + 1):
         if urlsplit(url).scheme not in {"http", "https"}:
             raise InputError(f"input URL {url!r} must be http(s)")
-        await check_public_host(url, allow_private=allow_private)
+        target = await pin_public_address(url, allow_private=allow_private)
         try:
-            async with client.stream("GET", url, follow_redirects=False) as response:
+            async with client.stream(
+                "GET", target.url, headers=target.headers, extensions=target.extensions, follow_redirects=False
+            ) as response:
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:

@@ -35,8 +35,7 @@ from comfyfleet import metrics
 from comfyfleet.api.schemas import task_json
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.events import EventBus
-from comfyfleet.dispatch.inputs import InputError
-from comfyfleet.dispatch.inputs import check_public_host as check_url_host
+from comfyfleet.dispatch.inputs import InputError, pin_public_address
 from comfyfleet.domain import TERMINAL_STATUSES
 from comfyfleet.store import NotFound, StaleLease, Store, StoreError, WebhookDelivery
 
@@ -232,7 +231,7 @@ class WebhookDeliverer:
         if urlsplit(url).scheme not in {"http", "https"} or not urlsplit(url).hostname:
             return "failed", None, f"the webhook URL {url[:200]!r} is not an http(s) URL", None
         try:
-            await check_url_host(url, allow_private=self.settings.dispatch.allow_private_input_urls)
+            target = await pin_public_address(url, allow_private=self.settings.dispatch.allow_private_input_urls)
         except InputError as exc:
             return "failed", None, str(exc).replace("input URL", "webhook URL"), None
         now = datetime.now(UTC)
@@ -243,7 +242,9 @@ class WebhookDeliverer:
         )
         headers = {"Content-Type": "application/json", **signed_headers(secret, delivery.message_id, body, at=now)}
         try:
-            response = await self._http.post(url, content=body.encode(), headers=headers)
+            response = await self._http.post(
+                target.url, content=body.encode(), headers={**headers, **target.headers}, extensions=target.extensions
+            )
         except httpx.HTTPError as exc:
             return "retry", None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
         if response.is_success:
