@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import math
+import struct
 from pathlib import Path
 
 from PIL import Image
@@ -311,3 +312,49 @@ async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path
         assert task["status"] == "completed"
         assert len(task["attempts"]) == 1
         assert worker.stats.executions == {task["prompt_id"]: 1}
+
+
+async def test_latest_preview_of_a_running_task(tmp_path: Path) -> None:
+    async with emulators(EmulatorOptions(previews=True, step_time_s=0.1)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        created = await svc.submit(seed_payload(95, steps=30))
+        previews: list[dict[str, object]] = []
+        async with svc.http.stream("GET", f"/api/v1/tasks/{created['id']}/events") as response:
+            event_name = None
+            async for line in response.aiter_lines():
+                if line.startswith("event:"):
+                    event_name = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event_name == "preview":
+                    previews.append(json.loads(line.split(":", 1)[1]))
+                    if len(previews) == 2:
+                        break
+        image = await svc.http.get(f"/api/v1/tasks/{created['id']}/preview")
+        assert image.status_code == 200
+        assert image.headers["content-type"] == previews[-1]["content_type"]
+        assert int(image.headers["x-preview-sequence"]) >= 2
+        Image.open(io.BytesIO(image.content)).verify()  # a real image
+        assert (await svc.wait_task(created["id"]))["status"] == "completed"
+        gone = await svc.http.get(f"/api/v1/tasks/{created['id']}/preview")
+        assert gone.status_code == 404
+        assert gone.json()["error"] == "no_preview"
+
+
+async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    async with emulators(EmulatorOptions(previews=True, step_time_s=0.05)) as (worker,), service(tmp_path, [worker.url]) as svc:
+        socket_url = svc.url.replace("http://", "ws://") + "/ws?clientId=viewer"
+        async with connect(socket_url, open_timeout=10) as ws:
+            response = await svc.http.post("/prompt", json={"prompt": seed_payload(96, steps=10), "client_id": "viewer"})
+            assert response.status_code == 200
+            prompt_id = response.json()["prompt_id"]
+            binary: list[bytes] = []
+            async with asyncio.timeout(20):
+                async for frame in ws:
+                    if isinstance(frame, bytes):
+                        binary.append(frame)
+                    elif json.loads(frame) == {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}}:
+                        break
+        assert binary
+        event_type, image_format = struct.unpack_from(">II", binary[0])
+        assert (event_type, image_format) == (1, 1)  # PREVIEW_IMAGE, JPEG
+        Image.open(io.BytesIO(binary[0][8:])).verify()

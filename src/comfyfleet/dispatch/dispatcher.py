@@ -72,6 +72,8 @@ class _Attempt:
     last_progress_write: float = 0.0
     progress: dict[str, Any] = field(default_factory=dict)
     progress_written: dict[str, Any] | None = None
+    preview: tuple[bytes, str] | None = None  # the latest preview image and its content type
+    previews: int = 0
 
 
 @dataclass(slots=True)
@@ -678,9 +680,26 @@ class Dispatcher:
         await self._publish_status(cancelled)
 
     # -- events ---------------------------------------------------------------------------------
+    def latest_preview(self, task_id: str) -> tuple[bytes, str, int] | None:
+        """The newest preview image of a task this replica runs: bytes, content type, sequence number."""
+        attempt = self._attempts.get(task_id)
+        if attempt is None or attempt.preview is None:
+            return None
+        return (*attempt.preview, attempt.previews)
+
     async def _on_event(self, attempt: _Attempt, event: ComfyEvent) -> None:
         kind = event.type
         data = event.data or {}
+        if kind == "preview" and event.image:
+            # Kept in memory only, the newest one: previews are many and only the latest is worth showing.
+            attempt.preview = (event.image, event.image_type or "image/jpeg")
+            attempt.previews += 1
+            await self.bus.publish(
+                TaskEvent(type="preview", task_id=attempt.task.id, tenant=attempt.task.tenant,
+                          data={"preview": attempt.previews, "content_type": attempt.preview[1],
+                                "url": f"/api/v1/tasks/{attempt.task.id}/preview"})
+            )
+            return
         if kind == "execution_start" and attempt.execution_started_at is None:
             attempt.execution_started_at = _now()
             with contextlib.suppress(StaleLease):

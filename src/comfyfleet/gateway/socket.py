@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 import time
 import uuid
 from collections import OrderedDict
@@ -122,6 +123,18 @@ class ComfySocket:
             await self._on_status(event, mine)
         elif event.type == "progress" and mine:
             await self._on_progress(event)
+        elif event.type == "preview" and mine:
+            await self._on_preview(event)
+
+    async def _on_preview(self, event: TaskEvent) -> None:
+        """Relay the preview as ComfyUI's binary PREVIEW_IMAGE frame (type 1, then 1 = JPEG or 2 = PNG)."""
+        dispatcher = getattr(self.websocket.app.state, "dispatcher", None)
+        latest = dispatcher.latest_preview(event.task_id) if dispatcher is not None else None
+        if latest is None:
+            return  # run by another replica, which keeps the image
+        image, content_type, _ = latest
+        image_format = 2 if content_type == "image/png" else 1
+        await self.websocket.send_bytes(struct.pack(">II", 1, image_format) + image)
 
     async def _start(self, task_id: str, state: _PromptFrames) -> None:
         if state.started:

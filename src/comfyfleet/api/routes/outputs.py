@@ -1,4 +1,4 @@
-"""Download the output files comfyfleet collected for a task."""
+"""Download the output files comfyfleet collected for a task, and the latest preview of a running one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from comfyfleet.api.auth import Principal, authenticate
 from comfyfleet.api.deps import get_store
@@ -59,3 +59,30 @@ async def download_output(
             "Cache-Control": "private, max-age=86400, immutable",
         },
     )
+
+
+@router.get(
+    "/tasks/{task_id}/preview",
+    summary="The latest preview image of a running task",
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The newest preview."},
+               **error_responses(401, 404, 503)},
+)
+async def latest_preview(
+    task_id: TaskId,
+    request: Request,
+    principal: Annotated[Principal, Depends(authenticate)],
+    store: Annotated[Store, Depends(get_store)],
+) -> Response:
+    """The newest preview image a worker sent for a running task (samplers send one per step when ComfyUI
+    runs with previews on). `preview` events on the task's event stream say when a new one arrived.
+    Previews are kept in memory by the replica that runs the task, never stored: once the task ends, or
+    when another replica runs it, this is a 404 `no_preview`."""
+    task = await store.get_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    dispatcher = getattr(request.app.state, "dispatcher", None)
+    latest = dispatcher.latest_preview(task.id) if dispatcher is not None else None
+    if latest is None:
+        raise ApiError(404, "no_preview", f"task {task.id} has no preview here (not running on this replica, or "
+                       "its workflow sends none)")
+    image, content_type, sequence = latest
+    return Response(image, media_type=content_type,
+                    headers={"Cache-Control": "no-store", "X-Preview-Sequence": str(sequence)})
