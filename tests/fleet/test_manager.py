@@ -113,8 +113,14 @@ async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_
             await alive.close()
             await wait_for(fleet, lambda: not fleet.usable_workers(), "the dead server leaves usable_workers")
             assert changed.done(), "wait_changed() returns when a worker goes away"
+            gone = (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
+
+            async def failure_written() -> bool:
+                return (await store.get_worker(ready.id)).state in gone
+
+            # The dispatcher is told at once; the record is written right behind.
+            await eventually(failure_written, "the failure is written")
             failed = await store.get_worker(ready.id)
-            assert failed.state in (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
             assert "probe" in (failed.error or "")
             # The URL stays configured: a fresh record waits for it to answer again.
             await wait_for(
@@ -208,8 +214,13 @@ async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
         noticed_s = loop.time() - killed_at
         # Threshold 2 probes at 0.2 s; the provider also sees the exit at the first failed probe.
         assert noticed_s < FAST_FLEET["probe_interval_s"] * (FAST_FLEET["failure_threshold"] + 2)
+        gone = (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
+
+        async def failure_written() -> bool:
+            return (await sqlite_store.get_worker(victim.id)).state in gone
+
+        await eventually(failure_written, "the failure is written")
         record = await sqlite_store.get_worker(victim.id)
-        assert record.state in (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
         assert "exited" in (record.error or "")
         await wait_for(
             fleet,

@@ -604,9 +604,10 @@ class FleetManager:
             tracker = self._trackers[worker.pool]
             tracker.failed_starts += 1
             tracker.last_failed_start_at = utcnow()
-        await self._write(worker)
+        # Signalled before the write: the worker left usable_workers() the moment its state changed.
         self._signal_changed()
         self._reconcile_wake.set()
+        await self._write(worker)
 
     async def _terminate(self, worker: Worker, reason: str) -> None:
         if worker.id in self._inflight or worker.state is WorkerState.TERMINATED:
