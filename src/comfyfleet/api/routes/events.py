@@ -13,7 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from comfyfleet.api.auth import Principal, authenticate
 from comfyfleet.api.deps import get_store
-from comfyfleet.api.routes.tasks import TaskId, _checked_task_id
+from comfyfleet.api.routes.tasks import TaskId, checked_task_id
 from comfyfleet.api.schemas import error_responses, task_json
 from comfyfleet.dispatch.events import EventBus, TaskEvent
 from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus
@@ -53,7 +53,7 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
     `queue_position` while it waits (1 = next), `status` on every status or phase change, `progress` with
     the executing node and sampler step (`node`, `class_type`, `value`, `max`). The stream ends after the
     event that makes the task completed, failed or cancelled."""
-    checked = _checked_task_id(task_id)
+    checked = checked_task_id(task_id)
     task = await store.get_task(checked, tenant=principal.visible_tenant)
 
     async def stream() -> AsyncIterator[dict[str, Any]]:

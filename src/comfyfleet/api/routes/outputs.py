@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from comfyfleet.api.auth import Principal, authenticate
 from comfyfleet.api.deps import get_store
 from comfyfleet.api.errors import ApiError
-from comfyfleet.api.routes.tasks import TaskId, _checked_task_id
+from comfyfleet.api.routes.tasks import TaskId, checked_task_id
 from comfyfleet.api.schemas import error_responses
 from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputsError, OutputStore
 from comfyfleet.store import Store
@@ -40,7 +40,7 @@ async def download_output(
     outputs: Annotated[OutputStore, Depends(get_outputs)],
 ) -> StreamingResponse:
     """The bytes of one output of a finished task, with its content type."""
-    task = await store.get_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     try:
         stored = await outputs.stat(task.id, filename)
     except (OutputNotFound, InvalidOutputName):
@@ -77,7 +77,7 @@ async def latest_preview(
     runs with previews on). `preview` events on the task's event stream say when a new one arrived.
     Previews are kept in memory by the replica that runs the task, never stored: once the task ends, or
     when another replica runs it, this is a 404 `no_preview`."""
-    task = await store.get_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     dispatcher = getattr(request.app.state, "dispatcher", None)
     latest = dispatcher.latest_preview(task.id) if dispatcher is not None else None
     if latest is None:

@@ -269,7 +269,7 @@ async def list_tasks(
     return JSONBody({"tasks": tasks, "count": len(tasks), "next_cursor": page.next_cursor})
 
 
-def _checked_task_id(task_id: str) -> str:
+def checked_task_id(task_id: str) -> str:
     # Ids are UUIDs; anything else cannot exist, and some databases would reject it with a type error.
     try:
         return str(uuid.UUID(task_id))
@@ -285,7 +285,7 @@ def _checked_task_id(task_id: str) -> str:
 )
 async def get_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) -> Response:
     """The whole task. A pending task also has `queue_position` (1 = next to run)."""
-    task = await store.get_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
     body = task_json(task, queue_position=position)
     if task.webhook is not None:
@@ -306,7 +306,7 @@ async def get_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) ->
 async def cancel_task(task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep) -> Response:
     """Cancel a task. A pending task is cancelled at once (200). A running one is stopped on its worker
     (202 with `cancel_requested: true`). A task that already ended is a 409."""
-    task = await store.cancel_task(_checked_task_id(task_id), tenant=principal.visible_tenant)
+    task = await store.cancel_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     if task.status is TaskStatus.RUNNING:
         logger.info("task_cancel_requested task_id=%s", task.id)
         await _wake(store, CANCEL_CHANNEL, task.id)
