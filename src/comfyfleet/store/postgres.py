@@ -938,8 +938,18 @@ class PostgresStore:
                 logger.info("leadership_released names=%s", sorted(self._leaderships))
         self._leaderships.clear()
         conn, self._leader_connection = self._leader_connection, None
-        if conn is not None and not conn.is_closed():
-            conn.terminate()
+        if conn is None or conn.is_closed():
+            return
+        if not lost:
+            # The server frees a closed session's locks only once it notices the disconnect; unlocking first
+            # hands leadership over the moment this replica leaves.
+            try:
+                await conn.execute("SELECT pg_advisory_unlock_all()", timeout=self._connect_timeout_s)
+                await conn.close(timeout=self._connect_timeout_s)
+                return
+            except _DRIVER_ERRORS as exc:
+                logger.warning("leadership_release_failed error=%s", exc)
+        conn.terminate()
 
 
 def _pool_filter(pools: Collection[str | None] | None, args: list[Any]) -> str | None:
