@@ -139,6 +139,14 @@ def test_annotated_example_is_a_valid_configuration(tmp_path: Path, monkeypatch:
     assert settings.outputs == str(tmp_path / "outputs")  # relative to the file, as the page says
 
 
+def test_quickstart_configuration_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in [name for name in os.environ if name.upper().startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(variable)
+    settings = load_settings(config=ROOT / "examples" / "quickstart.yaml")
+    assert [pool.provider for pool in settings.pools] == ["process"]
+    assert settings.pools[0].warmup is not None  # examples/warmup.json, read relative to the file
+
+
 # -- command line ------------------------------------------------------------------------------------------
 def cli_commands() -> Iterator[tuple[str, Any]]:
     """``("comfyfleet tasks list", command)`` for every command that runs something (groups are walked).

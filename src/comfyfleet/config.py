@@ -7,6 +7,7 @@ config file (YAML, ``--config`` / ``COMFYFLEET_CONFIG``) > default.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from comfyfleet.domain.graph import validate_graph
 
 
 class ConfigError(Exception):
@@ -63,8 +66,34 @@ class PoolConfig(BaseModel):
     scale_up_cooldown_s: float = Field(default=0.0, ge=0)
     scale_down_cooldown_s: float = Field(default=0.0, ge=0)
     labels: list[str] = Field(default_factory=list)
+    # An API-format graph (inline, or the path of a JSON file) run on each new worker before it takes tasks,
+    # so that its models are loaded when the first task arrives.
+    warmup: dict[str, Any] | None = None
     # Provider-specific settings (urls, command, image, product…); each provider validates its own.
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("warmup", mode="before")
+    @classmethod
+    def _read_warmup_file(cls, value: Any) -> Any:
+        if not isinstance(value, str | Path):
+            return value
+        try:
+            value = json.loads(Path(value).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read warm-up workflow {value}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"warm-up workflow {value} is not valid JSON: {exc}") from None
+        if isinstance(value, dict) and isinstance(value.get("prompt"), dict):
+            return value["prompt"]  # a saved POST /prompt body
+        return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _check_warmup(cls, graph: dict[str, Any] | None) -> dict[str, Any] | None:
+        if graph is not None and (errors := validate_graph(graph)):
+            problems = "; ".join(error.message for error in errors[:3])
+            raise ValueError(f"warm-up workflow is not an API-format graph (export it with 'Export (API)'): {problems}")
+        return graph
 
     @model_validator(mode="after")
     def _bounds(self) -> PoolConfig:
@@ -243,6 +272,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
     for key in ("outputs",):
         if isinstance(data.get(key), str) and "://" not in data[key] and not Path(data[key]).is_absolute():
             data[key] = str(base / data[key])
+    for pool in data.get("pools") or []:
+        if isinstance(pool, dict) and isinstance(pool.get("warmup"), str) and not Path(pool["warmup"]).is_absolute():
+            pool["warmup"] = str(base / pool["warmup"])
     store = data.get("store")
     if isinstance(store, str) and store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
         data["store"] = "sqlite:///" + str(base / store.removeprefix("sqlite:///"))

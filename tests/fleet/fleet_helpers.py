@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
 
-from comfyfleet.config import PoolConfig
+from comfyfleet.config import PoolConfig, Settings
+from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.fleet.novita_emulator import NovitaEmulator
+from comfyfleet.store import Store
 
 EMULATOR_COMMAND = ["{python}", "-m", "comfyfleet", "emulator", "--host", "{host}", "--port", "{port}", "--log-level", "warning"]
 NOVITA_KEY = "test-novita-key"
@@ -76,3 +80,44 @@ async def answers(endpoint: str) -> bool:
     except httpx.HTTPError:
         return False
     return response.status_code == 200 and "system" in response.json()
+
+
+FAST_FLEET = {
+    "probe_interval_s": 0.2,
+    "probe_timeout_s": 1.0,
+    "failure_threshold": 2,
+    "reconcile_interval_s": 0.1,
+    "reap_interval_s": 0.5,
+    "start_backoff_base_s": 0.5,
+    "start_backoff_max_s": 2.0,
+}
+
+
+def settings(namespace: str, pools: list[dict[str, Any]] | None = None, **extra: Any) -> Settings:
+    return Settings(
+        pools=pools or [], fleet={**FAST_FLEET, "namespace": namespace, **extra.pop("fleet", {})}, **extra
+    )
+
+
+@asynccontextmanager
+async def running_fleet(config: Settings, store: Store, **options: Any) -> AsyncIterator[FleetManager]:
+    async with FleetManager(config, store, **options) as fleet, asyncio.TaskGroup() as tg:
+        tg.create_task(fleet.run(), name="fleet-under-test")
+        try:
+            yield fleet
+        finally:
+            fleet.stop()
+
+
+async def wait_for(fleet: FleetManager, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Wait on the manager's change signal (no polling) until ``predicate`` holds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                waiter = asyncio.ensure_future(fleet.wait_changed())
+                # Store-only changes (e.g. a record written) do not signal; re-check at least every 0.2 s.
+                await asyncio.wait([waiter], timeout=0.2)
+                waiter.cancel()
+    except TimeoutError:
+        states = [(w.id, w.state.value, w.error) for w in fleet.workers()]
+        pytest.fail(f"not within {timeout_s}s: {what}; workers: {states}")

@@ -7,62 +7,28 @@ import asyncio
 import itertools
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_helpers import EMULATOR_COMMAND, answers, eventually, novita_pool_settings
+from fleet_helpers import (
+    EMULATOR_COMMAND,
+    FAST_FLEET,
+    answers,
+    eventually,
+    novita_pool_settings,
+    running_fleet,
+    settings,
+    wait_for,
+)
 
 from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
-from comfyfleet.config import Settings
 from comfyfleet.domain import NewTask, Worker, WorkerState
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.fleet.novita_emulator import NovitaEmulator
 from comfyfleet.fleet.providers import InstanceState, ProviderContext, build_provider
 from comfyfleet.store import Store
-
-FAST_FLEET = {
-    "probe_interval_s": 0.2,
-    "probe_timeout_s": 1.0,
-    "failure_threshold": 2,
-    "reconcile_interval_s": 0.1,
-    "reap_interval_s": 0.5,
-    "start_backoff_base_s": 0.5,
-    "start_backoff_max_s": 2.0,
-}
-
-
-def settings(namespace: str, pools: list[dict[str, Any]] | None = None, **extra: Any) -> Settings:
-    return Settings(
-        pools=pools or [], fleet={**FAST_FLEET, "namespace": namespace, **extra.pop("fleet", {})}, **extra
-    )
-
-
-@asynccontextmanager
-async def running_fleet(config: Settings, store: Store, **options: Any) -> AsyncIterator[FleetManager]:
-    async with FleetManager(config, store, **options) as fleet, asyncio.TaskGroup() as tg:
-        tg.create_task(fleet.run(), name="fleet-under-test")
-        try:
-            yield fleet
-        finally:
-            fleet.stop()
-
-
-async def wait_for(fleet: FleetManager, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    """Wait on the manager's change signal (no polling) until ``predicate`` holds."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                waiter = asyncio.ensure_future(fleet.wait_changed())
-                # Store-only changes (e.g. a record written) do not signal; re-check at least every 0.2 s.
-                await asyncio.wait([waiter], timeout=0.2)
-                waiter.cancel()
-    except TimeoutError:
-        states = [(w.id, w.state.value, w.error) for w in fleet.workers()]
-        pytest.fail(f"not within {timeout_s}s: {what}; workers: {states}")
 
 
 def states(fleet: FleetManager, pool: str | None = None) -> list[WorkerState]:

@@ -65,6 +65,7 @@ from comfyfleet.fleet.errors import (
 )
 from comfyfleet.fleet.health import HealthProber
 from comfyfleet.fleet.providers import Instance, InstanceState, Provider, ProviderContext, build_provider
+from comfyfleet.fleet.warmup import run_warmup
 from comfyfleet.store.base import NotFound, StoreError
 
 if TYPE_CHECKING:
@@ -775,6 +776,9 @@ class FleetManager:
         if node_types is None:
             return  # answered /system_stats but not /object_info yet: still starting
         worker.node_types = node_types
+        warm = pool.warmup is None or worker.info.get("warmup", {}).get("state") == "done"
+        if not warm and not await self._warm_up(worker, pool.warmup or {}, pool.startup_timeout_s - age):
+            return
         worker.health_failures = 0
         worker.error = None
         worker.last_active_at = utcnow()
@@ -795,6 +799,26 @@ class FleetManager:
             worker.id, worker.pool, worker.endpoint, worker.info["startup_s"],
         )
         self._signal_changed()
+
+    async def _warm_up(self, worker: Worker, graph: dict[str, Any], budget_s: float) -> bool:
+        """Run the pool's warm-up ``graph`` on a starting worker that answers; True once it has run."""
+        if worker.endpoint is None:
+            return False
+        worker.info["warmup"] = {"state": "running"}
+        await self._write(worker)
+        outcome = await run_warmup(worker.endpoint, graph, worker.node_types or [], budget_s)
+        if not outcome.ok:
+            worker.info["warmup"] = {"state": "failed", "error": outcome.error, "seconds": outcome.seconds}
+            if outcome.fatal:
+                await self._fail(worker, outcome.error or "warm-up failed", start_failure=True)
+            else:
+                logger.warning("worker_warmup_retry worker_id=%s error=%s", worker.id, outcome.error)
+                await self._write(worker)
+            return False
+        worker.info["warmup"] = {"state": "done", "seconds": outcome.seconds}
+        worker.loaded_models = list(outcome.models)[-_MAX_LOADED_MODELS:]
+        logger.info("worker_warmed_up worker_id=%s seconds=%s models=%s", worker.id, outcome.seconds, outcome.models)
+        return True
 
     async def _check_live(self, worker: Worker) -> None:
         self._next_check[worker.id] = time.monotonic() + self._fleet.probe_interval_s
