@@ -12,12 +12,21 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-from usage_helpers import DATA, Fleet, eventually, running_fleet, seed_workflow, tiny_workflow
+from usage_helpers import (
+    DATA,
+    NO_CLIENT_CONFIG,
+    Fleet,
+    cli,
+    eventually,
+    running_fleet,
+    seed_workflow,
+    tiny_workflow,
+    write,
+)
 
 EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED = 1, 2, 3, 4
 
 
-NO_CLIENT_CONFIG = {"COMFYFLEET_CLIENT_CONFIG": "/nonexistent/comfyfleet-client.yaml"}
 
 
 async def comfyfleet(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -33,26 +42,6 @@ async def comfyfleet(*args: str, env: dict[str, str] | None = None) -> tuple[int
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
-
-
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """The same command run in this process (in a thread, so the server in this event loop keeps going):
-    much faster than a subprocess for the many small checks."""
-    from typer.testing import CliRunner
-
-    from comfyfleet.cli import app
-
-    def invoke() -> tuple[int, str, str]:
-        result = CliRunner().invoke(app, list(args), env={"COMFYFLEET_URL": None, "COMFYFLEET_API_KEY": None,
-                                                          **NO_CLIENT_CONFIG, **(env or {})})  # type: ignore[dict-item]
-        return result.exit_code, result.stdout, result.stderr
-
-    return await asyncio.to_thread(invoke)
-
-
-def write(path: Path, data: object) -> Path:
-    path.write_text(json.dumps(data))
-    return path
 
 
 async def test_submit_wait_shows_progress_and_writes_the_png(tmp_path: Path) -> None:

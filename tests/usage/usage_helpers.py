@@ -71,15 +71,17 @@ async def running_fleet(
     tmp_path: Path,
     *,
     workers: int = 2,
-    emulator: dict[str, Any] | None = None,
+    emulator: dict[str, Any] | list[dict[str, Any]] | None = None,
     wait_for_workers: bool = True,
     **settings: Any,
 ) -> AsyncIterator[Fleet]:
-    """comfyfleet serving on a free loopback port with ``workers`` emulators as its static workers."""
+    """comfyfleet serving on a free loopback port with ``workers`` emulators as its static workers (``emulator``:
+    their options, or a list of options, one per worker)."""
     async with AsyncExitStack() as stack:
         emulators = []
         for index in range(workers):
-            options = EmulatorOptions(base_dir=str(tmp_path / f"emulator-{index}"), **(emulator or {}))
+            own = emulator[index] if isinstance(emulator, list) else emulator
+            options = EmulatorOptions(base_dir=str(tmp_path / f"emulator-{index}"), **(own or {}))
             server = await stack.enter_async_context(EmulatorServer(options))
             await server.wait_ready()
             emulators.append(server)
@@ -121,3 +123,26 @@ async def wait_task(fleet: Fleet, task_id: str, within: float = 15.0) -> dict[st
         return task if task["status"] in ("completed", "failed", "cancelled") else None
 
     return await eventually(done, within=within)
+
+
+NO_CLIENT_CONFIG = {"COMFYFLEET_CLIENT_CONFIG": "/nonexistent/comfyfleet-client.yaml"}
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """The ``comfyfleet`` command run in this process (in a thread, so the server in this event loop keeps
+    going): much faster than a subprocess for the many small checks."""
+    from typer.testing import CliRunner
+
+    from comfyfleet.cli import app
+
+    def invoke() -> tuple[int, str, str]:
+        result = CliRunner().invoke(app, list(args), env={"COMFYFLEET_URL": None, "COMFYFLEET_API_KEY": None,
+                                                          **NO_CLIENT_CONFIG, **(env or {})})  # type: ignore[dict-item]
+        return result.exit_code, result.stdout, result.stderr
+
+    return await asyncio.to_thread(invoke)
+
+
+def write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path

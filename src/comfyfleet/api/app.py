@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.auth import KeyRing, authenticate
 from comfyfleet.api.errors import RequestTooLarge, error_body, install_error_handlers
-from comfyfleet.api.routes import events, health, outputs, queue, tasks, workers
+from comfyfleet.api.routes import events, health, outputs, queue, tasks, workers, workflows
 from comfyfleet.api.schemas import JSONBody
 from comfyfleet.config import Settings
 from comfyfleet.dashboard import install_dashboard
@@ -31,7 +31,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 # Routers mounted under /api/v1, each behind API-key authentication. Add new /api/v1 routers here.
-API_V1_ROUTERS: list[APIRouter] = [tasks.router, outputs.router, events.router, queue.router, workers.router]
+API_V1_ROUTERS: list[APIRouter] = [
+    tasks.router, outputs.router, events.router, queue.router, workers.router, workflows.router
+]
 
 DESCRIPTION = """\
 Self-hosted serverless ComfyUI: submit ComfyUI workflows (API-format graphs) with a priority; comfyfleet
@@ -52,6 +54,7 @@ def create_app(settings: Settings, store: Store, **services: Any) -> FastAPI:
         openapi_tags=[
             {"name": "tasks", "description": "Submit, list, read and cancel workflow runs."},
             {"name": "queue", "description": "Queue depth and age."},
+            {"name": "workflows", "description": "Check a workflow against the fleet before submitting it."},
             {"name": "health", "description": "Liveness and readiness probes."},
         ],
     )

@@ -162,6 +162,38 @@ class QueueMetricsOut(BaseModel):
     oldest_pending_age_s: float | None
 
 
+class WorkflowCheck(BaseModel):
+    """Body of ``POST /api/v1/workflows/validate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payload: dict[str, Any] = Field(description="The workflow as a ComfyUI API-format graph, as in a task submission.")
+
+
+class ModelReferenceOut(BaseModel):
+    node_id: str
+    input_name: str
+    folder: str = Field(description="The ComfyUI model folder the input reads from (checkpoints, loras…).")
+    name: str
+
+
+class WorkflowValidationOut(BaseModel):
+    valid: bool = Field(description="True when nothing is wrong: the structure, and (when checked) every node type, "
+                        "input and model against the workers' catalogue.")
+    checked_against: Literal["workers", "structure"] = Field(
+        description="'workers': the node catalogue of the fleet's workers (those up now, else the last seen), with "
+        "the model files found on any of them; 'structure': no worker was seen yet, only the graph's shape was checked."
+    )
+    errors: list[dict[str, Any]] = Field(
+        description="Structural problems ({node_id, input_name, type, message}); when any, nothing else was checked."
+    )
+    error: dict[str, Any] | None = Field(description="ComfyUI's top-level error, as its POST /prompt would answer.")
+    node_errors: dict[str, Any] = Field(description="ComfyUI's node_errors: node id → {errors, class_type, dependent_outputs}.")
+    node_types: list[str] = Field(description="The node types the graph uses.")
+    missing_node_types: list[str] = Field(description="Node types no worker offers (custom nodes not installed).")
+    models: list[ModelReferenceOut] = Field(description="The model files the graph's loaders name.")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"]
 

@@ -1,7 +1,7 @@
 """What the fleet's ComfyUI servers offer: their ``object_info`` (node catalogue) and ``system_stats``.
 
 Read from the workers that are up (the store's worker records), merged (a node class any worker has is
-known), and cached for a while: the gateway validates every ``POST /prompt`` against it, as ComfyUI
+known, and a model any worker has is listed), and cached for a while: the gateway validates every ``POST /prompt`` against it, as ComfyUI
 would, and answers ``/object_info`` from it. With no worker up (a pool scaled to zero) the last catalogue
 seen is kept; before any, the gateway falls back to structural checks.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.errors import ComfyError
+from comfyfleet.comfy.workflow import MODEL_INPUTS
 from comfyfleet.domain import Worker, WorkerState
 from comfyfleet.store import Store, StoreError
 
@@ -31,6 +33,46 @@ ClientFactory = Callable[[str], ComfyClient]
 
 def _default_client(endpoint: str) -> ComfyClient:
     return ComfyClient(endpoint, events=False, timeout=FETCH_TIMEOUT_S)
+
+
+def merge_object_info(catalogues: list[dict[str, Any]]) -> dict[str, Any]:
+    """One catalogue for several servers: a node class any of them has is known (the first one's description),
+    and a model input lists the model files found on any of them."""
+    merged: dict[str, Any] = {}
+    for catalogue in catalogues:
+        for name, info in catalogue.items():
+            if name not in merged:
+                merged[name] = copy.deepcopy(info)
+            else:
+                _add_model_options(merged[name], info)
+    return merged
+
+
+def _model_options(info: Any) -> dict[str, list[Any]]:
+    """``input name → its option list`` for the model inputs of one node description (both spec styles:
+    ``[[options…], {…}]`` and ``["COMBO", {"options": [...]}]``)."""
+    found: dict[str, list[Any]] = {}
+    inputs = info.get("input") if isinstance(info, dict) else None
+    for category in ("required", "optional"):
+        specs = inputs.get(category) if isinstance(inputs, dict) else None
+        if not isinstance(specs, dict):
+            continue
+        for input_name, spec in specs.items():
+            if input_name not in MODEL_INPUTS or not isinstance(spec, list) or not spec:
+                continue
+            if isinstance(spec[0], list):
+                found[input_name] = spec[0]
+            elif spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
+                options = spec[1].get("options")
+                if isinstance(options, list):
+                    found[input_name] = options
+    return found
+
+
+def _add_model_options(target: Any, other: Any) -> None:
+    theirs = _model_options(other)
+    for input_name, options in _model_options(target).items():
+        options.extend(value for value in theirs.get(input_name, ()) if value not in options)
 
 
 class WorkerCatalogue:
@@ -73,11 +115,8 @@ class WorkerCatalogue:
                         self._object_info[endpoint] = (now, info)
             current = tuple(e for e in endpoints if e in self._object_info)
             if current and (current != self._merged_from or stale):
-                merged: dict[str, Any] = {}
-                for endpoint in current:
-                    for name, info in self._object_info[endpoint][1].items():
-                        merged.setdefault(name, info)
-                self._merged, self._merged_from = merged, current
+                self._merged = merge_object_info([self._object_info[endpoint][1] for endpoint in current])
+                self._merged_from = current
             # Workers gone for good are forgotten, but the last merge stays for a fleet scaled to zero.
             for endpoint in [e for e in self._object_info if e not in endpoints]:
                 del self._object_info[endpoint]

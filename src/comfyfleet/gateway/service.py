@@ -272,7 +272,7 @@ class Gateway:
             raise PromptRejected(shapes.prompt_error("invalid_prompt", str(exc), "")) from exc
         if not result.ok:
             body = result.response()
-            _scrub_tracebacks(body)
+            scrub_tracebacks(body)
             raise PromptRejected(body)
         return result.node_errors
 
@@ -292,7 +292,7 @@ class Gateway:
                 logger.warning("wakeup_failed channel=%s error=%s", channel, exc)
 
 
-def _scrub_tracebacks(body: dict[str, Any]) -> None:
+def scrub_tracebacks(body: dict[str, Any]) -> None:
     """Validation exceptions carry server tracebacks with paths; clients get the message only."""
     for node in (body.get("node_errors") or {}).values():
         for problem in node.get("errors", []) if isinstance(node, dict) else []:

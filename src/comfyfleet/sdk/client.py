@@ -258,6 +258,12 @@ class AsyncClient:
         body = await self._call("GET", "/api/v1/queue/metrics")
         return body if isinstance(body, dict) else {}
 
+    async def validate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Check a workflow against the fleet without running it (``POST /api/v1/workflows/validate``): the
+        report has ``valid``, ``missing_node_types``, ComfyUI's ``error`` and ``node_errors``, and ``models``."""
+        body = await self._call("POST", "/api/v1/workflows/validate", json={"payload": payload})
+        return body if isinstance(body, dict) else {}
+
 
 class Client:
     """The comfyfleet API for ordinary (blocking) code. Use it as ``with Client() as fleet: ...``.
@@ -461,4 +467,10 @@ class Client:
 
     def queue_metrics(self) -> dict[str, Any]:
         body = self._call("GET", "/api/v1/queue/metrics")
+        return body if isinstance(body, dict) else {}
+
+    def validate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Check a workflow against the fleet without running it (``POST /api/v1/workflows/validate``): the
+        report has ``valid``, ``missing_node_types``, ComfyUI's ``error`` and ``node_errors``, and ``models``."""
+        body = self._call("POST", "/api/v1/workflows/validate", json={"payload": payload})
         return body if isinstance(body, dict) else {}

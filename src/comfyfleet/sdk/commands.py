@@ -1,4 +1,4 @@
-"""The client commands of the ``comfyfleet`` CLI: ``submit``, ``tasks``, ``workers`` and ``queue``.
+"""The client commands of the ``comfyfleet`` CLI: ``submit``, ``validate``, ``tasks``, ``workers`` and ``queue``.
 
 They talk to a running server through the SDK. Only typer is imported here; the SDK and rich are
 imported inside the commands, so ``comfyfleet --help`` and the server commands stay fast.
@@ -136,9 +136,23 @@ def queue(as_json: JsonOption = False, server: ServerOption = None, api_key: Api
     run_queue(as_json=as_json, server=server, api_key=api_key)
 
 
+def validate(
+    workflow: Annotated[Path, typer.Argument(help="The workflow: an API-format ComfyUI graph (JSON).", show_default=False)],
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Check a workflow against the fleet without running it: node types, inputs and model files the workers
+    offer. Exits 0 when it would run, 4 (and names each problem) when not."""
+    from comfyfleet.sdk.console import run_validate
+
+    run_validate(workflow, as_json=as_json, server=server, api_key=api_key)
+
+
 def register(app: typer.Typer) -> None:
     """Add the client commands to the ``comfyfleet`` CLI."""
     app.command("submit")(submit)
+    app.command("validate")(validate)
     app.add_typer(tasks_app, name="tasks")
     app.add_typer(workers_app, name="workers")
     app.command("queue")(queue)

@@ -105,11 +105,15 @@ def graph_error_lines(errors: list[dict[str, Any]]) -> list[str]:
 
 def node_error_lines(task: Task) -> list[str]:
     """ComfyUI's error and ``node_errors`` (from a worker's 400) as readable lines."""
+    return comfy_error_lines(task.error_details.get("error"), task.node_errors)
+
+
+def comfy_error_lines(top: Any, node_errors: dict[str, Any]) -> list[str]:
+    """ComfyUI's top-level ``error`` and its ``node_errors`` as readable lines."""
     lines = []
-    top = task.error_details.get("error")
     if isinstance(top, dict) and top.get("message"):
         lines.append(f"{top.get('type', 'error')}: {top['message']}" + (f" ({top['details']})" if top.get("details") else ""))
-    for node_id, node in task.node_errors.items():
+    for node_id, node in node_errors.items():
         if not isinstance(node, dict):
             continue
         class_type = node.get("class_type") or "?"
@@ -442,6 +446,27 @@ def run_workers_drain(worker_id: str, *, server: str | None, api_key: str | None
     with _reporting(), _client(server, api_key) as client:
         worker = client.drain_worker(worker_id)
     out.print(f"draining worker {worker_id} (state {worker.get('state') or worker.get('status') or '?'})")
+
+
+def run_validate(workflow_path: Path, *, as_json: bool, server: str | None, api_key: str | None) -> None:
+    graph = load_workflow(workflow_path)
+    with _reporting(), _client(server, api_key) as client:
+        report = client.validate(graph)
+    if as_json:
+        _print_json(report)
+    elif report.get("valid"):
+        against = "the fleet's workers" if report.get("checked_against") == "workers" else "its structure only (no worker seen yet)"
+        out.print(f"{workflow_path}: valid, checked against {against}")
+    else:
+        err.print(f"[bold red]error:[/] {escape(str(workflow_path))} would not run:")
+        missing = report.get("missing_node_types") or []
+        lines = [f"node types no worker offers (custom nodes not installed?): {', '.join(missing)}"] if missing else []
+        lines += graph_error_lines(report.get("errors") or [])
+        lines += comfy_error_lines(report.get("error"), report.get("node_errors") or {})
+        for line in lines:
+            err.print(f"  {escape(line)}")
+    if not report.get("valid"):
+        raise typer.Exit(EXIT_REJECTED)
 
 
 def run_queue(*, as_json: bool, server: str | None, api_key: str | None) -> None:
