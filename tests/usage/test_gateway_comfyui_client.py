@@ -110,6 +110,21 @@ async def test_a_comfyui_websocket_client_runs_unchanged_on_two_workers(tmp_path
             executed = next(f["data"] for f in frames if f["type"] == "executed")
             assert executed["node"] == "9"
             assert executed["output"]["images"][0]["filename"].endswith(".png")
+            # progress_state, ComfyUI's snapshot of the nodes: each node is announced running just before its
+            # executing frame, the sampler's steps move it, and all are finished before execution_success.
+            for index, frame in enumerate(frames):
+                if frame["type"] == "executing" and frame["data"]["node"] is not None:
+                    before = frames[index - 1]
+                    assert before["type"] == "progress_state"
+                    assert before["data"]["nodes"][frame["data"]["node"]]["state"] == "running"
+            snapshots = [f["data"] for f in frames if f["type"] == "progress_state"]
+            sampler = [s["nodes"]["3"] for s in snapshots if s["nodes"].get("3", {}).get("state") == "running"]
+            assert (sampler[-1]["value"], sampler[-1]["max"]) == (20, 20)
+            last = snapshots[-1]
+            assert max(i for i, kind in enumerate(types) if kind == "progress_state") < types.index("execution_success")
+            assert {node["state"] for node in last["nodes"].values()} == {"finished"}
+            assert set(last["nodes"]) == {n for n in executing_nodes if n is not None}
+            assert all(node["prompt_id"] == last["prompt_id"] for node in last["nodes"].values())
         # The two prompts ran on the two workers (one each, as both were free).
         executed_on = [len(emulator.stats.executions) for emulator in fleet.emulators]
         assert sorted(executed_on) == [1, 1], executed_on

@@ -70,6 +70,56 @@ async def test_an_uploaded_image_is_used_by_whichever_worker_runs_the_prompt(tmp
         assert bad.status_code == 400
 
 
+def _mask(width: int, height: int) -> bytes:
+    """Transparent left half, opaque right half (ComfyUI's mask editor paints the alpha channel)."""
+    image = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    image.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _masked(fleet: Fleet, original_ref: object, name: str = "clipspace-mask.png") -> Any:
+    return await fleet.http.post(
+        "/upload/mask",
+        files={"image": (name, _mask(30, 20), "image/png")},
+        data={"original_ref": json.dumps(original_ref), "subfolder": "clipspace", "type": "input"},
+    )
+
+
+async def test_a_mask_upload_puts_its_alpha_into_the_original_image(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=1) as fleet:
+        await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets")
+        answer = await _masked(fleet, {"filename": "cat.png", "subfolder": "pets", "type": "input"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"name": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"}
+        view = await fleet.http.get("/view", params={"filename": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"})
+        with Image.open(io.BytesIO(view.content)) as combined:
+            assert (combined.format, combined.mode, combined.size) == ("PNG", "RGBA", (30, 20))
+            assert combined.getpixel((5, 10)) == (250, 0, 0, 0)  # the original's colour, the mask's alpha
+            assert combined.getpixel((25, 10)) == (250, 0, 0, 255)
+
+        # A prompt reads the masked upload like any other (LoadImage gives its alpha as the MASK).
+        graph = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "clipspace/clipspace-mask.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "masked"}},
+        }
+        task = await wait_task(fleet, (await _prompt(fleet, graph))["prompt_id"])
+        assert task["status"] == "completed", task
+
+        # The original may be a task's output (subfolder = the task id, as /view names it).
+        [output] = task["result"]["outputs"]
+        answer = await _masked(fleet, {"filename": output["filename"], "subfolder": task["id"], "type": "output"}, "out-mask.png")
+        assert answer.status_code == 200, answer.text
+
+        assert (await _masked(fleet, {"filename": "dog.png", "subfolder": "pets", "type": "input"})).status_code == 404
+        assert (await _masked(fleet, {"filename": "x.png", "subfolder": str(uuid.uuid4()), "type": "output"})).status_code == 404
+        assert (await _masked(fleet, "not an object")).status_code == 400
+        refused = await fleet.http.post("/upload/mask", files={"image": ("m.png", _mask(4, 4), "image/png")})
+        assert refused.status_code == 400
+        assert "original_ref" in refused.text
+
+
 async def test_queue_delete_interrupt_and_history(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1, emulator={"prompt_time_s": 3}) as fleet:
         ids = [(await _prompt(fleet, tiny_workflow(color=c), client_id="q"))["prompt_id"] for c in (1, 2, 3)]

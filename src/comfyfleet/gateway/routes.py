@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import os
 import platform
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, WebSocket
+from PIL import Image
 from starlette.requests import HTTPConnection
 from starlette.responses import Response, StreamingResponse
 
@@ -78,6 +82,82 @@ async def _visible_task(gateway: Gateway, task_id: str, principal: Principal) ->
         return await gateway.store.get_task(task_id, tenant=principal.visible_tenant)
     except NotFound:
         return None
+
+
+@dataclass(slots=True)
+class _Upload:
+    data: bytes
+    filename: str
+    content_type: str
+    fields: dict[str, str]
+
+
+def _text(status: int, message: str) -> Response:
+    return Response(message, status_code=status, media_type="text/plain")
+
+
+async def _read_upload(request: Request, gateway: Gateway) -> _Upload | Response:
+    """The multipart body of an upload: its ``image`` file and the other fields; a 4xx answer when unusable."""
+    if gateway.uploads is None:
+        raise ApiError(503, "uploads_unavailable", "this server has no file storage for uploads")
+    try:
+        form = await request.form()
+    except Exception as exc:  # python-multipart raises several unrelated types on a broken body
+        return JSONBody(shapes.prompt_error("invalid_upload", f"the body is not a valid multipart form: {exc}", ""),
+                        status_code=400)
+    try:
+        image = form.get("image")
+        if image is None or isinstance(image, str):
+            return _text(400, "no image file in the 'image' field")
+        data = await image.read()
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        upload = _Upload(data, image.filename or "", image.content_type or "application/octet-stream", fields)
+    finally:
+        await form.close()  # its spooled temporary files
+    limit = gateway.settings.limits.max_input_bytes
+    if len(data) > limit:
+        return _text(413, f"the file is larger than {limit} bytes")
+    return upload
+
+
+async def _save_upload(gateway: Gateway, principal: Principal, upload: _Upload) -> Response:
+    assert gateway.uploads is not None  # checked by _read_upload
+    overwrite = upload.fields.get("overwrite", "").lower() in {"true", "1"}
+    try:
+        name, subfolder = await gateway.uploads.save(
+            principal.tenant, upload.filename, upload.fields.get("subfolder", ""), upload.data,
+            content_type=upload.content_type, overwrite=overwrite,
+        )
+    except UploadError as exc:
+        return _text(400, str(exc))
+    return JSONBody({"name": name, "subfolder": subfolder, "type": upload.fields.get("type") or "input"})
+
+
+async def _read_file(gateway: Gateway, principal: Principal, name: str, subfolder: str, kind: str) -> bytes | None:
+    """An uploaded file (``input``) or a task's output (``output``, ``subfolder`` = the task id), or None."""
+    if kind == "input":
+        reference = f"{subfolder}/{name}" if subfolder else name
+        return await gateway.uploads.load(principal.tenant, reference) if gateway.uploads is not None else None
+    task = await _visible_task(gateway, subfolder.split("/", 1)[0], principal)
+    if task is None or gateway.outputs is None:
+        return None
+    try:
+        return b"".join([chunk async for chunk in gateway.outputs.read(task.id, name)])
+    except (OutputNotFound, InvalidOutputName):
+        return None
+
+
+def _apply_mask(original: bytes, mask: bytes) -> bytes:
+    """ComfyUI's mask upload: the mask's alpha channel becomes the original image's, saved as PNG."""
+    with Image.open(io.BytesIO(original)) as image, Image.open(io.BytesIO(mask)) as mask_image:
+        combined = image.convert("RGBA")
+        alpha = mask_image.convert("RGBA").getchannel("A")
+        if alpha.size != combined.size:
+            alpha = alpha.resize(combined.size)
+        combined.putalpha(alpha)
+        buffer = io.BytesIO()
+        combined.save(buffer, format="PNG", compress_level=4)
+    return buffer.getvalue()
 
 
 async def _tasks(gateway: Gateway, principal: Principal, statuses: list[TaskStatus], cap: int) -> list[Task]:
@@ -252,34 +332,35 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
     async def upload_image(request: Request, principal: PrincipalDep, gateway: GatewayDep) -> Response:
         """Multipart `image` (+ `subfolder`, `type`, `overwrite`) → `{"name", "subfolder", "type"}`. The file
         is kept by comfyfleet and placed on whichever worker runs a prompt that reads it."""
-        if gateway.uploads is None:
-            raise ApiError(503, "uploads_unavailable", "this server has no file storage for uploads")
+        upload = await _read_upload(request, gateway)
+        if isinstance(upload, Response):
+            return upload
+        return await _save_upload(gateway, principal, upload)
+
+    @router.post("/upload/mask", summary="Upload a mask for an image (ComfyUI)")
+    async def upload_mask(request: Request, principal: PrincipalDep, gateway: GatewayDep) -> Response:
+        """As `/upload/image`, plus `original_ref` (JSON `{"filename", "subfolder", "type"}`): the upload's
+        alpha channel is copied into that image (an earlier upload, or a task's output) and the result is
+        kept as a PNG under the upload's name, as ComfyUI's mask editor expects."""
+        upload = await _read_upload(request, gateway)
+        if isinstance(upload, Response):
+            return upload
         try:
-            form = await request.form()
-        except Exception as exc:  # python-multipart raises several unrelated types on a broken body
-            return JSONBody(shapes.prompt_error("invalid_upload", f"the body is not a valid multipart form: {exc}", ""),
-                            status_code=400)
+            reference = json.loads(upload.fields.get("original_ref") or "")
+            name, annotated = strip_annotation(str(reference["filename"]))
+            folder_type = annotated or str(reference.get("type") or "output")
+            subfolder = str(reference.get("subfolder") or "")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _text(400, 'original_ref must be JSON {"filename", "subfolder", "type"}')
+        original = await _read_file(gateway, principal, name, subfolder, folder_type)
+        if original is None:
+            return _text(404, f"the original image {name!r} ({folder_type}) does not exist")
         try:
-            image = form.get("image")
-            if image is None or isinstance(image, str):
-                return Response("no image file in the 'image' field", status_code=400, media_type="text/plain")
-            data = await image.read()
-            filename, content_type = image.filename or "", image.content_type or "application/octet-stream"
-        finally:
-            await form.close()  # its spooled temporary files
-        limit = gateway.settings.limits.max_input_bytes
-        if len(data) > limit:
-            return Response(f"the file is larger than {limit} bytes", status_code=413, media_type="text/plain")
-        folder_type = str(form.get("type") or "input")
-        overwrite = str(form.get("overwrite") or "").lower() in {"true", "1"}
-        try:
-            name, subfolder = await gateway.uploads.save(
-                principal.tenant, filename, str(form.get("subfolder") or ""), data,
-                content_type=content_type, overwrite=overwrite,
-            )
-        except UploadError as exc:
-            return Response(str(exc), status_code=400, media_type="text/plain")
-        return JSONBody({"name": name, "subfolder": subfolder, "type": folder_type})
+            upload.data = await asyncio.to_thread(_apply_mask, original, upload.data)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return _text(400, f"cannot combine the mask with the image: {exc}")
+        upload.content_type = "image/png"
+        return await _save_upload(gateway, principal, upload)
 
     @router.get("/object_info", summary="Node catalogue of the fleet (ComfyUI)")
     async def object_info(principal: PrincipalDep, gateway: GatewayDep) -> Response:

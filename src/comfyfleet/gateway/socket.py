@@ -2,11 +2,15 @@
 
 ComfyUI's routing is kept: ``status`` frames (the queue length) go to every socket; the frames of a
 prompt (``execution_start``, ``execution_cached``, ``executing``, ``progress``, ``executed``,
-``execution_success`` / ``execution_error`` / ``execution_interrupted``, and the final ``executing`` with
-``node: null``) go only to the sockets whose clientId is the prompt's ``client_id``. The order is ComfyUI's:
+``progress_state``, ``execution_success`` / ``execution_error`` / ``execution_interrupted``, and the final
+``executing`` with ``node: null``) go only to the sockets whose clientId is the prompt's ``client_id``. The
+order is ComfyUI's:
 
-    status, execution_start, execution_cached, executing{node}…, progress…, executed{node}…,
-    execution_success, status, executing{node: null}
+    status, execution_start, execution_cached, (progress_state, executing{node}, (progress, progress_state)…)…,
+    executed{node}…, progress_state, execution_success, status, executing{node: null}
+
+``progress_state`` is ComfyUI's snapshot of every node that started (``running`` or ``finished``, with its
+value and max), sent when a node starts, moves and finishes.
 
 ``executed`` frames come once the task's outputs are stored (their files are then served by ``/view``),
 so ``executing{node: null}`` still means what ComfyUI clients rely on: the history entry is there.
@@ -22,7 +26,7 @@ import struct
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -45,6 +49,7 @@ class _PromptFrames:
     started: bool = False
     node: str | None = None
     finished: bool = False
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # the progress_state snapshot
 
 
 def _frame(kind: str, data: dict[str, Any]) -> str:
@@ -160,11 +165,27 @@ class ComfySocket:
         node = event.data.get("node")
         node = None if node is None else str(node)
         if node is not None and node != state.node:
+            await self._finish_node(event.task_id, state)
             state.node = node
+            await self._node_state(event.task_id, state, node, "running", 0, 1)
             await self.send("executing", {"node": node, "display_node": node, "prompt_id": event.task_id})
         value, maximum = event.data.get("value"), event.data.get("max")
         if node is not None and value is not None and maximum is not None:
             await self.send("progress", {"value": value, "max": maximum, "prompt_id": event.task_id, "node": node})
+            await self._node_state(event.task_id, state, node, "running", value, maximum)
+
+    async def _node_state(
+        self, task_id: str, state: _PromptFrames, node: str, status: str, value: float, maximum: float
+    ) -> None:
+        state.nodes[node] = {
+            "value": value, "max": maximum, "state": status, "node_id": node, "prompt_id": task_id,
+            "display_node_id": node, "parent_node_id": None, "real_node_id": node,
+        }  # fmt: skip
+        await self.send("progress_state", {"prompt_id": task_id, "nodes": dict(state.nodes)})
+
+    async def _finish_node(self, task_id: str, state: _PromptFrames) -> None:
+        if state.node is not None and state.nodes.get(state.node, {}).get("state") == "running":
+            await self._node_state(task_id, state, state.node, "finished", 1, 1)
 
     async def _on_status(self, event: TaskEvent, mine: bool) -> None:
         status = event.data.get("status")
@@ -177,6 +198,7 @@ class ComfySocket:
             return
         if status == TaskStatus.PENDING.value:
             state.started, state.node = False, None  # a retry: its next attempt starts afresh
+            state.nodes.clear()
             await self.send_status()
             return
         if status == TaskStatus.RUNNING.value:
@@ -201,6 +223,7 @@ class ComfySocket:
         if task.status is TaskStatus.COMPLETED:
             for node_id, output in shapes.outputs_by_node(task).items():
                 await self.send("executed", {"node": node_id, "display_node": node_id, "output": output, "prompt_id": task.id})
+            await self._finish_node(task.id, state)
             await self.send("execution_success", {"prompt_id": task.id, "timestamp": shapes.millis(task.completed_at)})
         elif task.status is TaskStatus.CANCELLED:
             await self.send("execution_interrupted", shapes.interrupted_message(task))
