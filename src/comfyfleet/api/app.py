@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.auth import KeyRing, authenticate
 from comfyfleet.api.errors import RequestTooLarge, error_body, install_error_handlers
+from comfyfleet.api.eta import StartEstimator
 from comfyfleet.api.routes import events, health, outputs, queue, tasks, workers, workflows
 from comfyfleet.api.schemas import JSONBody
 from comfyfleet.config import Settings
@@ -61,6 +62,7 @@ def create_app(settings: Settings, store: Store, **services: Any) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.keyring = KeyRing(settings.api_keys)
+    app.state.start_estimator = StartEstimator(store, settings)
     for name, service in services.items():
         setattr(app.state, name, service)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from comfyfleet.api.eta import StartEstimator
 from comfyfleet.config import Settings
 from comfyfleet.store import Store
 
@@ -20,3 +21,8 @@ async def get_store(request: Request) -> Store:
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+async def get_start_estimator(request: Request) -> StartEstimator:
+    estimator: StartEstimator = request.app.state.start_estimator
+    return estimator

@@ -145,6 +145,12 @@ class TaskOut(BaseModel):
         description="1 = next to run. Given by GET /api/v1/tasks/{id} for a pending task; null otherwise "
         "(and in lists and submissions, where computing it would slow the queue down)."
     )
+    estimated_start_s: float | None = Field(
+        description="Given with queue_position: a rough estimate of the seconds until the task starts, from the "
+        "ready workers that can take it and the mean execution time of recently completed tasks; null when there "
+        "is no basis (no ready worker, no completed task yet). It moves as tasks of higher priority arrive and "
+        "workers start or stop.",
+    )
 
 
 class TaskListOut(BaseModel):
@@ -242,7 +248,7 @@ def _redacted_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**webhook, "secret": "********"}
 
 
-def task_json(task: Task, queue_position: int | None = None) -> dict[str, Any]:
+def task_json(task: Task, queue_position: int | None = None, estimated_start_s: float | None = None) -> dict[str, Any]:
     """The wire form of a task (see :class:`TaskOut`)."""
     return {
         "id": task.id,
@@ -276,6 +282,7 @@ def task_json(task: Task, queue_position: int | None = None) -> dict[str, Any]:
         "webhook": _redacted_webhook(task.webhook),
         "metadata": task.metadata,
         "queue_position": queue_position,
+        "estimated_start_s": estimated_start_s,
     }
 
 

@@ -377,6 +377,8 @@ def run_tasks_show(task_id: str, *, as_json: bool, server: str | None, api_key: 
     ]
     if task.queue_position is not None:
         rows.append(("queue position", str(task.queue_position)))
+    if task.estimated_start_s is not None:
+        rows.append(("estimated start", f"in about {task.estimated_start_s:g} s"))
     if task.status == "running":
         rows.append(("progress", _progress_text(task)))
     timings = (task.result or {}).get("timings") or {}

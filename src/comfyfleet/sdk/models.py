@@ -58,6 +58,7 @@ class Task:
     pool: str | None = None
     worker_id: str | None = None
     queue_position: int | None = None
+    estimated_start_s: float | None = None
     progress: dict[str, Any] | None = None
     attempt: int = 0
     retry_count: int = 0
@@ -79,6 +80,7 @@ class Task:
             pool=raw.get("pool"),
             worker_id=raw.get("worker_id"),
             queue_position=raw.get("queue_position"),
+            estimated_start_s=raw.get("estimated_start_s"),
             progress=raw.get("progress"),
             attempt=int(raw.get("attempt") or 0),
             retry_count=int(raw.get("retry_count") or 0),

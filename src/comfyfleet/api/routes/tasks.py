@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from starlette.responses import Response
 
 from comfyfleet.api.auth import Principal, authenticate
-from comfyfleet.api.deps import get_settings, get_store
+from comfyfleet.api.deps import get_settings, get_start_estimator, get_store
 from comfyfleet.api.errors import ApiError, InvalidInput
+from comfyfleet.api.eta import StartEstimator
 from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmission, error_responses, task_json
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, status_event
@@ -283,11 +284,17 @@ def checked_task_id(task_id: str) -> str:
     summary="Get a task",
     responses=error_responses(401, 404, 503),
 )
-async def get_task(task_id: TaskId, principal: PrincipalDep, store: StoreDep) -> Response:
-    """The whole task. A pending task also has `queue_position` (1 = next to run)."""
+async def get_task(
+    task_id: TaskId,
+    principal: PrincipalDep,
+    store: StoreDep,
+    estimator: Annotated[StartEstimator, Depends(get_start_estimator)],
+) -> Response:
+    """The whole task. A pending task also has `queue_position` (1 = next to run) and `estimated_start_s`
+    (a rough estimate from the ready workers and recent execution times; null when there is no basis)."""
     task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
-    body = task_json(task, queue_position=position)
+    body = task_json(task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position))
     if task.webhook is not None:
         body["webhook_deliveries"] = [delivery_json(delivery) for delivery in await store.webhook_deliveries(task.id)]
     return JSONBody(body)
