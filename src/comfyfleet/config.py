@@ -66,6 +66,9 @@ class PoolConfig(BaseModel):
     scale_up_cooldown_s: float = Field(default=0.0, ge=0)
     scale_down_cooldown_s: float = Field(default=0.0, ge=0)
     labels: list[str] = Field(default_factory=list)
+    # Replace a worker once it has been given this many tasks (0 = never): a cure for memory that creeps up over
+    # a long-running ComfyUI. Not for static pools, whose servers comfyfleet cannot restart.
+    recycle_after_tasks: int = Field(default=0, ge=0)
     # An API-format graph (inline, or the path of a JSON file) run on each new worker before it takes tasks,
     # so that its models are loaded when the first task arrives.
     warmup: dict[str, Any] | None = None

@@ -171,6 +171,28 @@ CASES = [
         workers=(worker("t", WorkerState.TERMINATING),),
         expect_start=1,
     ),
+    Case(
+        "max_workers counts draining and stopping instances: their replacements wait",
+        ScalingPolicy(max_workers=2),
+        pending=5,
+        workers=(worker("d", WorkerState.DRAINING, busy=True), worker("t", WorkerState.TERMINATING)),
+        expect_hold="at max_workers 2",
+    ),
+    Case(
+        "a replacement starts in the room left beside a draining worker",
+        ScalingPolicy(max_workers=3),
+        pending=5,
+        workers=(worker("d", WorkerState.DRAINING, busy=True), worker("b", WorkerState.BUSY, busy=True)),
+        expect_start=1,
+    ),
+    Case(
+        "a failed worker at the cap is stopped before it is replaced",
+        ScalingPolicy(max_workers=1),
+        pending=1,
+        workers=(worker("dead", WorkerState.FAILED),),
+        expect_stop={"dead"},
+        expect_hold="until a stopping worker is gone",
+    ),
     Case("tasks per worker", ScalingPolicy(max_workers=10, tasks_per_worker=3), pending=7, expect_start=3),
     Case("max zero never starts", ScalingPolicy(min_workers=0, max_workers=0), pending=5),
 ]

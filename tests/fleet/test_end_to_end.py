@@ -178,6 +178,33 @@ async def test_killed_process_worker_its_task_completes_elsewhere_and_a_replacem
         await until(lambda: _usable(svc, 2, excluding=victim.id), "a replacement keeps the floor of 2")
 
 
+async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, namespace: str) -> None:
+    pool = process_pool(
+        tmp_path, min_workers=1, max_workers=1, idle_timeout_s=600, recycle_after_tasks=3, prompt_time_s=0.05
+    )
+    async with service(tmp_path, namespace, pool) as svc:
+        await until(lambda: _usable(svc, 1), "the first worker ready")
+        task_ids = [await svc.submit(color) for color in range(7)]
+        await until(lambda: all_completed(svc, task_ids), "all 7 tasks completed")
+        tasks = await svc.tasks(task_ids)
+        per_worker: dict[str, int] = {}
+        for task in tasks:
+            per_worker[task["worker_id"]] = per_worker.get(task["worker_id"], 0) + 1
+        # One worker at a time, each replaced once it was given 3 tasks: 3 + 3 + 1.
+        assert sorted(per_worker.values(), reverse=True) == [3, 3, 1], per_worker
+        await until(lambda: _usable(svc, 1), "a fresh worker keeps the floor of 1")
+        records = {w.id: w for w in await svc.runtime.store.list_workers(include_gone=True)}
+
+        async def recycled_ones_stopped() -> bool:
+            records.update({w.id: w for w in await svc.runtime.store.list_workers(include_gone=True)})
+            return sum(1 for w in records.values() if w.state is WorkerState.TERMINATED) >= 2
+
+        await until(recycled_ones_stopped, "the recycled workers are terminated")
+        recycled = [w for w in records.values() if w.info.get("recycled_after_tasks")]
+        assert sorted(w.id for w in recycled) == sorted(w for w, n in per_worker.items() if n == 3)
+        assert all(w.info["recycled_after_tasks"] == 3 and w.info["stop_reason"] == "drained" for w in recycled)
+
+
 async def _usable(svc: Service, count: int, excluding: str | None = None) -> bool:
     return len([w for w in svc.fleet.usable_workers() if w.id != excluding]) == count
 

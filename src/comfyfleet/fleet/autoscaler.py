@@ -9,7 +9,8 @@ Rules, per pool:
 - Wanted = ceil((runnable pending + running tasks) / tasks_per_worker), raised to ``min_workers`` and capped
   at ``max_workers``.
 - Scale up by the difference unless the pool is cooling down after a scale-up, or backing off after failed
-  starts (``start_backoff_base_s * 2^(failures-1)``, capped at ``start_backoff_max_s``).
+  starts (``start_backoff_base_s * 2^(failures-1)``, capped at ``start_backoff_max_s``). ``max_workers`` caps
+  the instances that exist, draining, failed and stopping ones included: their replacements wait.
 - Scale down only idle workers whose idle time reached ``idle_timeout_s``, longest idle first, never below
   the wanted count, and not during the scale-down cooldown. Above ``max_workers`` (the config shrank) idle
   and still-starting workers go at once. A busy worker (one with assigned tasks) is never stopped.
@@ -150,10 +151,17 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
             until = snapshot.last_scale_up_at + _delta(policy.scale_up_cooldown_s)
             actions.append(Hold(snapshot.pool, "scale-up cooldown", until))
         else:
+            # max_workers caps the instances that exist: a draining or stopping worker still holds its GPU and
+            # is still billed, so its replacement waits until it is gone.
+            existing = sum(1 for worker in snapshot.workers if worker.state is not WorkerState.TERMINATED)
+            count = min(target - live, policy.max_workers - existing)
             demand = snapshot.pending_tasks + snapshot.running_tasks
-            actions.append(
-                StartWorkers(snapshot.pool, target - live, f"demand {demand}, capacity {live}, target {target}")
-            )
+            if count > 0:
+                actions.append(
+                    StartWorkers(snapshot.pool, count, f"demand {demand}, capacity {live}, target {target}")
+                )
+            else:
+                actions.append(Hold(snapshot.pool, f"at max_workers {policy.max_workers} until a stopping worker is gone"))
         return actions
 
     if live <= target:

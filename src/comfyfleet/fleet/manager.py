@@ -328,6 +328,9 @@ class FleetManager:
         worker = self._workers.get(worker_id)
         if worker is None:
             return
+        given = len(set(task_ids) - set(worker.current_task_ids))
+        if given:
+            worker.info["tasks_given"] = int(worker.info.get("tasks_given", 0)) + given
         worker.current_task_ids = list(task_ids)
         worker.last_active_at = utcnow()
         if worker.state in (WorkerState.IDLE, WorkerState.BUSY):
@@ -336,6 +339,18 @@ class FleetManager:
                 worker.state = target
         worker.updated_at = utcnow()
         self._mark_dirty(worker)
+        pool = self.pools.get(worker.pool)
+        if (
+            given
+            and pool is not None
+            and pool.provider != "static"
+            and 0 < pool.recycle_after_tasks <= worker.info["tasks_given"]
+            and worker.state in (WorkerState.IDLE, WorkerState.BUSY)
+        ):
+            # It finishes what it holds, takes nothing new, and the autoscaler starts a fresh one if needed.
+            worker.info["recycled_after_tasks"] = worker.info["tasks_given"]
+            logger.info("worker_recycle worker_id=%s tasks=%s", worker.id, worker.info["tasks_given"])
+            await self.drain(worker.id)
 
     async def note_loaded_models(self, worker_id: str, models: Sequence[str]) -> None:
         worker = self._workers.get(worker_id)
@@ -643,6 +658,7 @@ class FleetManager:
             self._terminate_retry_at.pop(worker.id, None)
             self._suspect.discard(worker.id)
             self._signal_changed()
+            self._reconcile_wake.set()  # a replacement held back by max_workers may start now
             logger.info("worker_terminated worker_id=%s pool=%s", worker.id, worker.pool)
         finally:
             self._inflight.discard(worker.id)
