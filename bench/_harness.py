@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks: emulator and service subprocesses on loopback, graphs, statistics."""
+"""Shared pieces of the benchmarks: emulator and service subprocesses on loopback, the whole service in-process,
+graphs, statistics."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -11,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +21,10 @@ from typing import Any
 
 import httpx
 import yaml
+
+from comfyfleet.config import load_settings
+from comfyfleet.fleet.manager import FleetManager
+from comfyfleet.runtime import Runtime
 
 PYTHON = sys.executable
 
@@ -119,6 +125,46 @@ def _wait_workers_serving(url: str, expected: int, timeout_s: float = 30.0) -> N
                     time.sleep(0.02)
                 if task["status"] == "completed":
                     seen.add(task["worker_id"])
+
+
+@contextlib.asynccontextmanager
+async def in_process_service(
+    folder: Path, pool: dict[str, Any], namespace: str
+) -> AsyncIterator[tuple[FleetManager, httpx.AsyncClient]]:
+    """The whole service (SQLite store in ``folder``, HTTP API, dispatcher, worker manager) with one ``pool``,
+    in this process: its worker manager and an HTTP client on its API."""
+    settings = load_settings(
+        store=f"sqlite:///{folder / 'bench.db'}",
+        outputs=str(folder / "outputs"),
+        host="127.0.0.1",
+        port=0,
+        pools=[pool],
+        fleet={"namespace": namespace, "probe_interval_s": 1.0, "reconcile_interval_s": 0.5},
+    )
+    async with Runtime(settings) as runtime:
+        serving = asyncio.ensure_future(runtime.run())
+        try:
+            port = await runtime.wait_listening()
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+                yield runtime.app.state.fleet, http
+        finally:
+            runtime.request_stop()
+            await serving
+
+
+async def wait_all(http: httpx.AsyncClient, task_ids: list[str], deadline: float) -> list[dict[str, Any]]:
+    pending = set(task_ids)
+    final: dict[str, dict[str, Any]] = {}
+    while pending:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{len(pending)} tasks did not finish in time")
+        for task_id in list(pending):
+            task = (await http.get(f"/api/v1/tasks/{task_id}")).json()
+            if task["status"] in ("completed", "failed", "cancelled"):
+                final[task_id] = task
+                pending.discard(task_id)
+        await asyncio.sleep(0.1)
+    return [final[task_id] for task_id in task_ids]
 
 
 def tiny_graph(variant: int) -> dict[str, Any]:

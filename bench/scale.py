@@ -28,12 +28,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
+from _harness import in_process_service, wait_all
 
-from comfyfleet.config import load_settings
 from comfyfleet.domain import WorkerState
 from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.runtime import Runtime
 
 SAMPLE_S = 0.05
 
@@ -85,41 +83,25 @@ async def run_side(name: str, args: argparse.Namespace, always_on: bool, folder:
         "prefetch": 1,
         "settings": {"command": command, "log_dir": str(folder / "logs"), "terminate_grace_s": 3},
     }
-    settings = load_settings(
-        store=f"sqlite:///{folder / 'bench.db'}",
-        outputs=str(folder / "outputs"),
-        host="127.0.0.1",
-        port=0,
-        pools=[pool],
-        fleet={"namespace": f"bench-{name.replace(' ', '-')}", "probe_interval_s": 1.0, "reconcile_interval_s": 0.5},
-    )
     result = Result(name)
     trace = parse_trace(args.trace)
-    async with Runtime(settings) as runtime:
-        serving = asyncio.ensure_future(runtime.run())
-        try:
-            port = await runtime.wait_listening()
-            fleet: FleetManager = runtime.app.state.fleet
-            if always_on:
-                while len(fleet.usable_workers()) < args.max_workers:
-                    await fleet.wait_changed()
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-                task_ids: list[str] = []
-                started = time.monotonic()
-                sampler = asyncio.ensure_future(sample(fleet, result, started, args.horizon))
-                index = 0
-                for at, count in trace:
-                    await asyncio.sleep(max(0.0, started + at - time.monotonic()))
-                    answers = await asyncio.gather(
-                        *(http.post("/api/v1/tasks", json={"payload": payload(index + i)}) for i in range(count))
-                    )
-                    index += count
-                    task_ids += [answer.json()["id"] for answer in answers]
-                tasks = await wait_all(http, task_ids, started + args.horizon + 120)
-                await sampler
-        finally:
-            runtime.request_stop()
-            await serving
+    async with in_process_service(folder, pool, f"bench-{name.replace(' ', '-')}") as (fleet, http):
+        if always_on:
+            while len(fleet.usable_workers()) < args.max_workers:
+                await fleet.wait_changed()
+        task_ids: list[str] = []
+        started = time.monotonic()
+        sampler = asyncio.ensure_future(sample(fleet, result, started, args.horizon))
+        index = 0
+        for at, count in trace:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            answers = await asyncio.gather(
+                *(http.post("/api/v1/tasks", json={"payload": payload(index + i)}) for i in range(count))
+            )
+            index += count
+            task_ids += [answer.json()["id"] for answer in answers]
+        tasks = await wait_all(http, task_ids, started + args.horizon + 120)
+        await sampler
     created = [_time(task["created_at"]) for task in tasks]
     done = [task for task in tasks if task["status"] == "completed"]
     result.failed_tasks = len(tasks) - len(done)
@@ -145,21 +127,6 @@ async def sample(fleet: FleetManager, result: Result, started: float, horizon_s:
         result.idle_worker_s += step * sum(1 for w in live if w.state is WorkerState.IDLE)
         result.busy_worker_s += step * sum(1 for w in live if w.state is WorkerState.BUSY)
     result.workers_started = len(seen)
-
-
-async def wait_all(http: httpx.AsyncClient, task_ids: list[str], deadline: float) -> list[dict[str, Any]]:
-    pending = set(task_ids)
-    final: dict[str, dict[str, Any]] = {}
-    while pending:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{len(pending)} tasks did not finish in time")
-        for task_id in list(pending):
-            task = (await http.get(f"/api/v1/tasks/{task_id}")).json()
-            if task["status"] in ("completed", "failed", "cancelled"):
-                final[task_id] = task
-                pending.discard(task_id)
-        await asyncio.sleep(0.1)
-    return [final[task_id] for task_id in task_ids]
 
 
 def pct(values: list[float], q: float) -> float:
