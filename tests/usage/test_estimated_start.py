@@ -54,7 +54,7 @@ async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) ->
 
         found = await eventually(estimates, within=20)
         assert found == {position: round(position * mean_s, 1) for position in (1, 2, 3)}
-        # The SDK and `comfyfleet tasks show` carry it.
+        # The SDK, `comfyfleet tasks show` and the dashboard's task page carry it.
         positions = {(await http.get(f"/api/v1/tasks/{t}")).json()["queue_position"]: t for t in waiting}
         third = positions[3]
         async with AsyncClient(fleet.url) as client:
@@ -62,6 +62,8 @@ async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) ->
         code, stdout, _ = await cli("tasks", "show", third, "--server", fleet.url)
         assert code == 0
         assert f"in about {found[3]:g} s" in stdout
+        page = await http.get(f"/tasks/{third}")
+        assert f"(starts in about {found[3]} s)" in page.text
 
         # Not pending: no estimate.
         running = (await http.get(f"/api/v1/tasks/{waiting[0]}")).json()

@@ -99,12 +99,14 @@ async def task_page(task_id: str, request: Request) -> Response:
     except (ValueError, NotFound):
         return TEMPLATES.TemplateResponse(request, "missing.html", {"task_id": task_id[:80]}, status_code=404)
     position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
+    estimate = await request.app.state.start_estimator.start_in_s(task, position)
     deliveries = await store.webhook_deliveries(task.id) if task.webhook else []
     result: dict[str, Any] = task.result or {}
     outputs = [o for o in result.get("outputs") or [] if isinstance(o, dict)]
     return TEMPLATES.TemplateResponse(request, "task.html", {
         "task": task,
         "position": position,
+        "estimate": estimate,
         "outputs": outputs,
         "images": [o for o in outputs if str(o.get("content_type", "")).startswith("image/")],
         "files": [o for o in outputs if not str(o.get("content_type", "")).startswith("image/")],
