@@ -231,6 +231,28 @@ async def test_bad_list_parameters(client: httpx.AsyncClient, params: dict[str, 
     assert body["error"] in {"validation_error", "invalid_argument"}
 
 
+async def test_a_pending_task_is_moved_up_the_queue(client: httpx.AsyncClient, api_store: Store) -> None:
+    first, second, third = [await submit(client) for _ in range(3)]
+    moved = await client.patch(f"/api/v1/tasks/{third['id']}", json={"priority": 10})
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["priority"], moved.json()["queue_position"]) == (10, 1)
+    assert (await client.get(f"/api/v1/tasks/{first['id']}")).json()["queue_position"] == 2
+    [claimed] = await api_store.claim("test-dispatcher", 30.0)
+    assert claimed.id == third["id"]
+
+    body = assert_error_shape(await client.patch(f"/api/v1/tasks/{third['id']}", json={"priority": 1}), 409, "conflict")
+    assert "only a pending task" in body["message"]
+    assert_error_shape(await client.patch("/api/v1/tasks/8c2ffa3a-4d8e-4a5e-9d1c-3b8f6a0e7c11", json={"priority": 1}),
+                       404, "not_found")
+    assert_error_shape(await client.patch(f"/api/v1/tasks/{second['id']}", json={"priority": 10**9}), 422,
+                       "validation_error")
+    assert_error_shape(await client.patch(f"/api/v1/tasks/{second['id']}", json={"priority": "high"}), 422,
+                       "validation_error")
+    assert_error_shape(await client.patch(f"/api/v1/tasks/{second['id']}", json={"workflow_id": "x"}), 422,
+                       "validation_error")
+    assert (await client.get(f"/api/v1/tasks/{second['id']}")).json()["priority"] == 0
+
+
 async def test_cancel_pending_running_and_finished(client: httpx.AsyncClient, api_store: Store) -> None:
     pending = await submit(client)
     cancelled = await client.delete(f"/api/v1/tasks/{pending['id']}")

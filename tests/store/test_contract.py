@@ -316,6 +316,29 @@ async def test_cancel_pending_running_and_finished_tasks(store: Store) -> None:
         await store.cancel_task(running.id)
 
 
+async def test_a_pending_tasks_priority_moves_it_in_the_queue(store: Store) -> None:
+    first, second, third = [(await store.create_task(new(0, tenant="alice")))[0] for _ in range(3)]
+    assert await store.queue_position(third.id) == 3
+    raised = await store.set_priority(third.id, 5, tenant="alice")
+    assert (raised.priority, raised.status) == (5, TaskStatus.PENDING)
+    assert raised.updated_at >= third.updated_at
+    assert [await store.queue_position(t.id) for t in (third, first, second)] == [1, 2, 3]
+    # Back to the old priority: its submission order among equals is what it was.
+    await store.set_priority(third.id, 0)
+    assert [await store.queue_position(t.id) for t in (first, second, third)] == [1, 2, 3]
+    await store.set_priority(second.id, -1)
+    assert [task.id for task in await store.claim("d", 30, limit=3)] == [first.id, third.id, second.id]
+
+    with pytest.raises(Conflict, match="only a pending task"):
+        await store.set_priority(first.id, 9)  # running now
+    with pytest.raises(NotFound):
+        await store.set_priority(str(uuid.uuid4()), 1)
+    waiting, _ = await store.create_task(new(0, tenant="alice"))
+    with pytest.raises(NotFound):
+        await store.set_priority(waiting.id, 1, tenant="bob")
+    assert (await store.get_task(waiting.id)).priority == 0
+
+
 async def test_a_requested_cancel_wins_over_retry_and_release(store: Store) -> None:
     for give_back in ("retry", "release"):
         task, _ = await store.create_task(new())

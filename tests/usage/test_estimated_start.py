@@ -27,8 +27,10 @@ async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) ->
         queued = [await submit(color) for color in (2, 3)]  # one prefetched onto the worker, one pending
 
         async def pending_one() -> dict[str, Any] | None:
-            tasks = [(await http.get(f"/api/v1/tasks/{task_id}")).json() for task_id in queued]
-            return next((t for t in tasks if t["status"] == "pending"), None)
+            # Once the blocker and one more are on the worker, exactly one waits.
+            tasks = [(await http.get(f"/api/v1/tasks/{task_id}")).json() for task_id in [blocker, *queued]]
+            waiting = [t for t in tasks if t["status"] == "pending"]
+            return waiting[0] if len(waiting) == 1 else None
 
         first_wait = await eventually(pending_one)
         assert first_wait["queue_position"] == 1

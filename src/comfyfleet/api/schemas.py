@@ -93,6 +93,14 @@ class TaskSubmission(BaseModel):
         return value
 
 
+class TaskUpdate(BaseModel):
+    """Body of ``PATCH /api/v1/tasks/{id}``: what may change while a task waits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: StrictInt = Field(description="The task's new priority, within the server's limits (as at submission).")
+
+
 class AttemptOut(BaseModel):
     model_config = ConfigDict(extra="allow")
 

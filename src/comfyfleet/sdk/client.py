@@ -127,6 +127,10 @@ class AsyncClient:
         """Cancel a task: a pending one at once, a running one is stopped on its worker shortly."""
         return Task.from_json(await self._call("DELETE", _core.task_path(task_id)))
 
+    async def set_priority(self, task_id: str, priority: int) -> Task:
+        """Move a pending task up or down the queue; the answer has its new ``queue_position``."""
+        return Task.from_json(await self._call("PATCH", _core.task_path(task_id), json={"priority": priority}))
+
     async def events(self, task_id: str) -> AsyncIterator[TaskEvent]:
         """The task's live events: first a ``snapshot``, then ``queue_position``, ``status`` and ``progress``
         events; it ends after the event that makes the task completed, failed or cancelled."""
@@ -347,6 +351,10 @@ class Client:
     def cancel(self, task_id: str) -> Task:
         """Cancel a task: a pending one at once, a running one is stopped on its worker shortly."""
         return Task.from_json(self._call("DELETE", _core.task_path(task_id)))
+
+    def set_priority(self, task_id: str, priority: int) -> Task:
+        """Move a pending task up or down the queue; the answer has its new ``queue_position``."""
+        return Task.from_json(self._call("PATCH", _core.task_path(task_id), json={"priority": priority}))
 
     def events(self, task_id: str, *, read_timeout: float = _STREAM_READ_TIMEOUT_S) -> Iterator[TaskEvent]:
         """The task's live events: first a ``snapshot``, then ``queue_position``, ``status`` and ``progress``

@@ -31,7 +31,7 @@ ApiKeyOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON instead of a table.")]
 
-tasks_app = typer.Typer(help="List, show and cancel tasks.", no_args_is_help=True)
+tasks_app = typer.Typer(help="List, show, cancel and re-prioritise tasks.", no_args_is_help=True)
 workers_app = typer.Typer(help="List and drain workers.", no_args_is_help=True)
 
 
@@ -107,6 +107,19 @@ def tasks_cancel(
     from comfyfleet.sdk.console import run_tasks_cancel
 
     run_tasks_cancel(task_id, server=server, api_key=api_key)
+
+
+@tasks_app.command("priority")
+def tasks_priority(
+    task_id: Annotated[str, typer.Argument(help="The task's id.", show_default=False)],
+    priority: Annotated[int, typer.Argument(help="Its new priority: higher runs first.", show_default=False)],
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Move a pending task up or down the queue by giving it another priority."""
+    from comfyfleet.sdk.console import run_tasks_priority
+
+    run_tasks_priority(task_id, priority, server=server, api_key=api_key)
 
 
 @workers_app.command("list")

@@ -422,6 +422,13 @@ def run_tasks_cancel(task_id: str, *, server: str | None, api_key: str | None) -
         out.print(f"cancel requested: task {task.id} is stopping on worker {task.worker_id or '-'}")
 
 
+def run_tasks_priority(task_id: str, priority: int, *, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        task = client.set_priority(task_id, priority)
+    estimate = f", starts in about {task.estimated_start_s:g} s" if task.estimated_start_s is not None else ""
+    out.print(f"task {task.id}: priority {task.priority}, queue position {task.queue_position}{estimate}")
+
+
 def run_workers_list(*, as_json: bool, server: str | None, api_key: str | None) -> None:
     with _reporting(), _client(server, api_key) as client:
         workers = client.workers()

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Self
 
 from comfyfleet.domain import WorkerMetrics, WorkerState
-from comfyfleet.store.base import InvalidArgument, Notification, StoreClosed
+from comfyfleet.store.base import Conflict, InvalidArgument, NotFound, Notification, StoreClosed
 
 logger = logging.getLogger("comfyfleet.store")
 
@@ -80,6 +80,13 @@ def decode_cursor(cursor: str) -> int:
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page") from exc
+
+
+def not_pending(task_id: str, status: str | None) -> NotFound | Conflict:
+    """Why a change that needs a pending task did not apply: unknown (or another tenant's), or it moved on."""
+    if status is None:
+        return NotFound(f"task {task_id} not found")
+    return Conflict(f"task {task_id} is already {status}: only a pending task can be changed")
 
 
 def check_limit(limit: int) -> None:

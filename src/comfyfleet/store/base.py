@@ -150,6 +150,10 @@ class Store(Protocol):
         dispatcher that owns it stops the prompt and calls :meth:`finish_cancelled`). A finished task
         raises :class:`Conflict`; an unknown one :class:`NotFound`."""
 
+    async def set_priority(self, task_id: str, priority: int, tenant: str | None = None) -> Task:
+        """Move a pending task in the queue by giving it another priority (its FIFO place among equals is
+        kept: its submission order). :class:`Conflict` once it left ``pending``; :class:`NotFound` if unknown."""
+
     # -- the dispatcher's side ------------------------------------------------------------------
     async def claim(
         self,

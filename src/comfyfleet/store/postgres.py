@@ -46,6 +46,7 @@ from comfyfleet.store._common import (
     decode_cursor,
     encode_cursor,
     load_migrations,
+    not_pending,
     worker_metrics_from_counts,
 )
 from comfyfleet.store.base import (
@@ -521,6 +522,20 @@ class PostgresStore:
         if status is None:
             raise NotFound(f"task {task_id} not found")
         raise Conflict(f"task {task_id} is already {status}")
+
+    async def set_priority(self, task_id: str, priority: int, tenant: str | None = None) -> Task:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "UPDATE tasks SET priority = $3, updated_at = now() "
+                f"WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) AND status = 'pending' RETURNING {TASK_COLUMNS}",
+                task_id, tenant, priority,
+            )
+            if row is not None:
+                return _task(row)
+            status = await conn.fetchval(
+                "SELECT status FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", task_id, tenant
+            )
+        raise not_pending(task_id, status)
 
     # -- the dispatcher's side ------------------------------------------------------------------
     async def claim(

@@ -44,6 +44,7 @@ from comfyfleet.store._common import (
     decode_cursor,
     encode_cursor,
     load_migrations,
+    not_pending,
     utcnow,
     worker_metrics_from_counts,
 )
@@ -711,6 +712,24 @@ class SQLiteStore:
             raise Conflict(f"task {task_id} is already {found[0]}")
 
         return _task(await self._write(cancel))
+
+    async def set_priority(self, task_id: str, priority: int, tenant: str | None = None) -> Task:
+        now = _ts(utcnow())
+
+        def change(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            row = conn.execute(
+                "UPDATE tasks SET priority = ?, updated_at = ? "
+                f"WHERE id = ? AND (? IS NULL OR tenant = ?) AND status = 'pending' RETURNING {TASK_COLUMNS}",
+                (priority, now, task_id, tenant, tenant),
+            ).fetchone()
+            if row is not None:
+                return tuple(row)
+            found = conn.execute(
+                "SELECT status FROM tasks WHERE id = ? AND (? IS NULL OR tenant = ?)", (task_id, tenant, tenant)
+            ).fetchone()
+            raise not_pending(task_id, None if found is None else found[0])
+
+        return _task(await self._write(change))
 
     # -- the dispatcher's side ------------------------------------------------------------------
     async def claim(

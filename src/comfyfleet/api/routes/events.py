@@ -77,6 +77,7 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
                     yield _sse(event, counter)
                     if event.type == "status":
                         pending = event.data.get("status") == TaskStatus.PENDING
+                        moved = moved or pending  # back in the queue, or its priority changed
                         if event.data.get("status") in TERMINAL_STATUSES:
                             return
                     continue

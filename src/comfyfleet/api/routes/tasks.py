@@ -15,7 +15,15 @@ from comfyfleet.api.auth import Principal, authenticate
 from comfyfleet.api.deps import get_settings, get_start_estimator, get_store
 from comfyfleet.api.errors import ApiError, InvalidInput
 from comfyfleet.api.eta import StartEstimator
-from comfyfleet.api.schemas import JSONBody, TaskListOut, TaskOut, TaskSubmission, error_responses, task_json
+from comfyfleet.api.schemas import (
+    JSONBody,
+    TaskListOut,
+    TaskOut,
+    TaskSubmission,
+    TaskUpdate,
+    error_responses,
+    task_json,
+)
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, status_event
 from comfyfleet.dispatch.inputs import InputError, check_input_spec
@@ -37,6 +45,7 @@ MAX_WAIT_S = 600
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+EstimatorDep = Annotated[StartEstimator, Depends(get_start_estimator)]
 TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=64)]
 
 
@@ -73,14 +82,18 @@ def _known_pools(settings: Settings) -> set[str]:
     return names
 
 
-def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
+def _check_priority(priority: int, settings: Settings) -> None:
     limits = settings.limits
-    if not limits.min_priority <= submission.priority <= limits.max_priority:
+    if not limits.min_priority <= priority <= limits.max_priority:
         raise InvalidInput(
-            f"priority must be an integer from {limits.min_priority} to {limits.max_priority}, "
-            f"got {submission.priority}",
+            f"priority must be an integer from {limits.min_priority} to {limits.max_priority}, got {priority}",
             [{"loc": ["body", "priority"], "message": "out of range", "type": "priority_out_of_range"}],
         )
+
+
+def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
+    limits = settings.limits
+    _check_priority(submission.priority, settings)
     problems = validate_graph(submission.payload, max_nodes=limits.max_nodes)
     if problems:
         first = problems[0].message
@@ -288,7 +301,7 @@ async def get_task(
     task_id: TaskId,
     principal: PrincipalDep,
     store: StoreDep,
-    estimator: Annotated[StartEstimator, Depends(get_start_estimator)],
+    estimator: EstimatorDep,
 ) -> Response:
     """The whole task. A pending task also has `queue_position` (1 = next to run) and `estimated_start_s`
     (a rough estimate from the ready workers and recent execution times; null when there is no basis)."""
@@ -298,6 +311,33 @@ async def get_task(
     if task.webhook is not None:
         body["webhook_deliveries"] = [delivery_json(delivery) for delivery in await store.webhook_deliveries(task.id)]
     return JSONBody(body)
+
+
+@router.patch(
+    "/tasks/{task_id}",
+    response_model=TaskOut,
+    summary="Change a pending task's priority",
+    responses=error_responses(401, 404, 409, 415, 422, 503),
+)
+async def update_task(
+    task_id: TaskId,
+    update: TaskUpdate,
+    request: Request,
+    principal: PrincipalDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    estimator: EstimatorDep,
+) -> Response:
+    """Move a waiting task up or down the queue: `{"priority": N}`. Among equal priorities it keeps its
+    submission order. The answer has its new `queue_position`. A task that already started is a 409."""
+    _check_priority(update.priority, settings)
+    task = await store.set_priority(checked_task_id(task_id), update.priority, tenant=principal.visible_tenant)
+    logger.info("task_priority_changed task_id=%s priority=%d", task.id, task.priority)
+    bus: EventBus | None = getattr(request.app.state, "bus", None)
+    if bus is not None:
+        await bus.publish(status_event(task))  # live listeners re-read their queue positions
+    position = await store.queue_position(task.id)
+    return JSONBody(task_json(task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position)))
 
 
 @router.delete(
