@@ -5,8 +5,9 @@ Prints, per backend:
 
 1. ``create_task`` one at a time (latency) and many concurrently (throughput; on SQLite also how many
    writes each group commit carried);
-2. with ``--depth`` tasks pending: the median time of ``claim`` (limit 1), ``queue_position`` of the last
-   task, ``peek_pending`` and ``queue_metrics``, next to the same at depth ~0, and the ratio.
+2. with ``--depth`` tasks pending (from 10 tenants): the median time of ``claim`` (limit 1), ``queue_position``
+   of the last task, ``peek_pending``, the fair-share reads (``peek_pending_per_tenant``, ``running_per_tenant``)
+   and ``queue_metrics``, next to the same at depth ~0, and the ratio.
 
 Usage: ``.venv/bin/python bench/store.py [--depth 100000] [--repeats 200]``
 (``--postgres URL`` names the server's admin database, default ``postgresql://postgres@127.0.0.1:5432/test``;
@@ -43,8 +44,11 @@ PAYLOAD: dict[str, Any] = {
 }
 
 
-def new(priority: int = 0) -> NewTask:
-    return NewTask(payload=PAYLOAD, priority=priority, workflow_id="bench")
+TENANTS = 10  # the queue is filled by this many tenants, for the fair-share reads
+
+
+def new(priority: int = 0, tenant: str = "default") -> NewTask:
+    return NewTask(payload=PAYLOAD, priority=priority, workflow_id="bench", tenant=tenant)
 
 
 async def median_ms(action: Callable[[], Awaitable[Any]], repeats: int) -> float:
@@ -61,7 +65,9 @@ async def fill(store: Store, count: int, concurrency: int = 2000) -> float:
     started = time.perf_counter()
     for offset in range(0, count, concurrency):
         batch = min(concurrency, count - offset)
-        await asyncio.gather(*(store.create_task(new((offset + n) % 10)) for n in range(batch)))
+        await asyncio.gather(
+            *(store.create_task(new((offset + n) % 10, f"tenant-{(offset + n) % TENANTS}")) for n in range(batch))
+        )
     return count / (time.perf_counter() - started)
 
 
@@ -86,6 +92,8 @@ async def measure(label: str, store: Store, depth: int, repeats: int) -> list[st
             "claim": await median_ms(lambda: store.claim("bench", 60), repeats),
             "queue_position": await median_ms(lambda: store.queue_position(last.id), max(10, repeats // 10)),
             "peek_pending(10)": await median_ms(lambda: store.peek_pending(limit=10), repeats),
+            "peek_per_tenant(10)": await median_ms(lambda: store.peek_pending_per_tenant(limit=10), repeats),
+            "running_per_tenant": await median_ms(store.running_per_tenant, repeats),
             "queue_metrics": await median_ms(store.queue_metrics, max(10, repeats // 10)),
         }
         return result
@@ -96,7 +104,7 @@ async def measure(label: str, store: Store, depth: int, repeats: int) -> list[st
     deep = await figures()
     for name in shallow:
         lines.append(
-            f"{label:10} {name:17} depth ~0: {shallow[name]:8.3f} ms   depth {depth:,}: {deep[name]:8.3f} ms   "
+            f"{label:10} {name:19} depth ~0: {shallow[name]:8.3f} ms   depth {depth:,}: {deep[name]:8.3f} ms   "
             f"ratio {deep[name] / shallow[name]:5.1f}x"
         )
     return lines

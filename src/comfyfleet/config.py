@@ -123,6 +123,7 @@ class DispatchSettings(BaseModel):
     retry_timeouts: bool = False  # a timed-out task is failed unless this is set
     safety_poll_s: float = Field(default=5.0, gt=0)
     placement: bool = True
+    fair_share: bool = False  # tenants take turns within a priority instead of first come, first served
     allow_private_input_urls: bool = False
 
 

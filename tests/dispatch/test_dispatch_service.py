@@ -8,13 +8,15 @@ import io
 import json
 import math
 import struct
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from comfyfleet.comfy.emulator.options import EmulatorOptions
 
-from .service import SEED_WORKFLOW, emulators, seed_payload, service, tiny_payload
+from .service import SEED_WORKFLOW, TERMINAL, emulators, poll_until, seed_payload, service, tiny_payload
 
 
 async def test_seed_example_completes_and_its_png_downloads(tmp_path: Path) -> None:
@@ -358,3 +360,44 @@ async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path:
         event_type, image_format = struct.unpack_from(">II", binary[0])
         assert (event_type, image_format) == (1, 1)  # PREVIEW_IMAGE, JPEG
         Image.open(io.BytesIO(binary[0][8:])).verify()
+
+
+async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: Path) -> None:
+    keys = [{"key": "crowd-key", "tenant": "crowd"}, {"key": "lone-key", "tenant": "lone"}]
+    worker_options = EmulatorOptions(prompt_time_s=0.3)
+    async with emulators(worker_options) as (worker,), service(
+        tmp_path, [worker.url], api_keys=keys, dispatch={"fair_share": True}
+    ) as svc:
+
+        async def submit(key: str, color: int) -> str:
+            response = await svc.http.post(
+                "/api/v1/tasks", json={"payload": tiny_payload(color)}, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert response.status_code == 201, response.text
+            task_id: str = response.json()["id"]
+            return task_id
+
+        crowd = [await submit("crowd-key", color) for color in range(8)]
+        lone = await submit("lone-key", 100)
+
+        async def finished(task_id: str, key: str) -> dict[str, Any]:
+            async def read() -> dict[str, Any]:
+                answer = await svc.http.get(f"/api/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"})
+                body: dict[str, Any] = answer.json()
+                return body
+
+            done: dict[str, Any] = await poll_until(read, lambda t: t["status"] in TERMINAL, timeout_s=30, what=task_id)
+            return done
+
+        lone_task = await finished(lone, "lone-key")
+        crowd_tasks = [await finished(task_id, "crowd-key") for task_id in crowd]
+        assert all(task["status"] == "completed" for task in [lone_task, *crowd_tasks])
+        # The lone tenant's task went at the next free slot: no crowd task claimed after it arrived started
+        # before it (at most one claimed in the same instant), although the crowd still had a backlog.
+        def at(task: dict[str, Any], field: str) -> datetime:
+            return datetime.fromisoformat(task[field].replace("Z", "+00:00"))
+
+        arrived, started = at(lone_task, "created_at"), at(lone_task, "started_at")
+        passed_it = [t for t in crowd_tasks if arrived < at(t, "started_at") < started]
+        assert len(passed_it) <= 1, [t["started_at"] for t in crowd_tasks]
+        assert sum(at(t, "started_at") > started for t in crowd_tasks) >= 3

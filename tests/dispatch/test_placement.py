@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from comfyfleet.dispatch.placement import PendingTask, Slot, plan, skipped_ids, unplaceable
+from comfyfleet.dispatch.placement import PendingTask, Slot, fair_share, plan, skipped_ids, unplaceable
+from comfyfleet.domain import Task, TaskStatus
 
 
 def task(task_id: str, *, priority: int = 0, models: tuple[str, ...] = (), nodes: tuple[str, ...] = ("SaveImage",),
@@ -105,3 +108,23 @@ def test_idle_worker_takes_over_a_long_backlog() -> None:
     window = [task(f"t{n}", models=("a",)) for n in range(5)]
     busy_holder = slot("w-a", free=0, assigned=2, models=("a",))
     assert plan(window, [slot("idle", models=("c",)), busy_holder], steal_backlog=3) == [("t0", "idle")]
+
+
+def _queued(tenant: str, seq: int, priority: int = 0) -> Task:
+    now = datetime.now(UTC)
+    return Task(
+        id=f"{tenant}-{seq}", seq=seq, workflow_id=None, priority=priority, status=TaskStatus.PENDING, payload={},
+        created_at=now, updated_at=now, tenant=tenant,
+    )
+
+
+def test_fair_share_lets_tenants_take_turns_within_a_priority() -> None:
+    crowd = [_queued("crowd", seq) for seq in range(1, 6)]
+    lone = _queued("lone", 6)
+    urgent = _queued("other", 7, priority=3)
+    order = fair_share([*crowd, lone, urgent], running={"crowd": 2})
+    # Higher priority first; then the tenant with nothing running goes before the crowd's backlog.
+    assert [task.id for task in order] == ["other-7", "lone-6", "crowd-1", "crowd-2", "crowd-3", "crowd-4", "crowd-5"]
+    # Without running tasks, turns alternate: crowd-1, lone-6, then the crowd's rest in order.
+    assert [task.id for task in fair_share([*crowd[:3], lone], running={})] == ["crowd-1", "lone-6", "crowd-2", "crowd-3"]
+    assert fair_share([], running={"crowd": 1}) == []

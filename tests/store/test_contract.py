@@ -123,6 +123,29 @@ async def test_priority_then_fifo_for_queue_position_and_claims(store: Store) ->
     assert await store.claim("dispatcher", 60) == []
 
 
+async def test_peek_per_tenant_reads_the_head_of_every_tenants_queue(store: Store) -> None:
+    crowd = [(await store.create_task(new(0, tenant="crowd", pool="gpu")))[0] for _ in range(30)]
+    urgent, _ = await store.create_task(new(5, tenant="crowd", pool="gpu"))
+    lone, _ = await store.create_task(new(0, tenant="lone", pool="gpu"))
+    other_pool, _ = await store.create_task(new(0, tenant="third", pool="cpu"))
+    later, _ = await store.create_task(new(0, tenant="later", pool="gpu"))
+    [retried] = await store.claim_ids("d", 30, [later.id])
+    await store.retry_task(lease_of(retried), datetime.now(UTC) + timedelta(hours=1), "lost", "worker_lost")
+
+    heads = await store.peek_pending_per_tenant(limit=3, pools={"gpu"})
+    # Each tenant's first three runnable tasks (the lone tenant's one is not buried under the crowd's 30),
+    # all in claim order; another pool and a task not due yet are left out.
+    assert [task.id for task in heads] == [urgent.id, crowd[0].id, crowd[1].id, lone.id]
+    assert {task.id for task in await store.peek_pending_per_tenant(limit=1)} == {urgent.id, lone.id, other_pool.id}
+    assert await store.peek_pending_per_tenant(limit=0) == []
+    assert await store.peek_pending_per_tenant(limit=5, pools=set()) == []
+    assert later.id not in {task.id for task in await store.peek_pending_per_tenant(limit=50)}
+
+    assert await store.running_per_tenant() == {}
+    await store.claim_ids("d", 30, [crowd[0].id, crowd[1].id, lone.id])
+    assert await store.running_per_tenant() == {"crowd": 2, "lone": 1}
+
+
 async def test_claim_starts_an_attempt(store: Store) -> None:
     task, _ = await store.create_task(new())
     [claimed] = await store.claim("d1", 30)

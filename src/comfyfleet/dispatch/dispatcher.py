@@ -306,7 +306,12 @@ class Dispatcher:
             if slot.free > 0:
                 pools |= slot.pools
         window_size = max(32, 4 * free_total)
-        window_tasks = await self.store.peek_pending(limit=window_size, pools=pools)
+        if self.settings.fair_share:
+            # Every tenant's queue head, not only the overall head: a long backlog cannot hide another's task.
+            heads = await self.store.peek_pending_per_tenant(limit=window_size, pools=pools)
+            window_tasks = placement.fair_share(heads, await self.store.running_per_tenant()) if heads else []
+        else:
+            window_tasks = await self.store.peek_pending(limit=window_size, pools=pools)
         if not window_tasks:
             return False
         in_window = {task.id for task in window_tasks}

@@ -4,13 +4,15 @@ Rules (DESIGN.md "Dispatch"): never a worker that lacks a node type the graph us
 then one that already has the task's models loaded. Because a GPU that must load a checkpoint loses seconds,
 a worker with a free slot may also pick, within the highest priority present, a later task whose models it
 already holds instead of the oldest one. A task passed over ``max_skips`` times goes first regardless, so
-nothing starves.
+nothing starves. With fair share (``dispatch.fair_share``) tenants take turns within a priority (:func:`fair_share`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from comfyfleet.domain import Task
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,20 @@ def _choose(
         if backlog > steal_backlog * len(holders(task, others)):
             return task
     return None
+
+
+def fair_share(tasks: Sequence[Task], running: Mapping[str, int]) -> list[Task]:
+    """``tasks`` (in claim order) re-ordered so tenants take turns within each priority: a tenant's next task
+    is due after as many turns as it already has tasks running plus tasks ahead of it here. A tenant with a
+    long backlog therefore does not hold back another's single task: the other goes next, then turns alternate.
+    Higher priorities still come first."""
+    ahead: dict[str, int] = {}
+    keyed = []
+    for task in tasks:
+        turn = running.get(task.tenant, 0) + ahead.get(task.tenant, 0)
+        ahead[task.tenant] = ahead.get(task.tenant, 0) + 1
+        keyed.append((-task.priority, turn, task.seq, task))
+    return [task for *_, task in sorted(keyed, key=lambda entry: entry[:3])]
 
 
 def skipped_ids(window: Sequence[PendingTask], chosen: Collection[str]) -> list[str]:

@@ -82,6 +82,20 @@ def decode_cursor(cursor: str) -> int:
         raise InvalidArgument(f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page") from exc
 
 
+def pending_tenants_sql(tasks: str = "tasks") -> str:
+    """The tenants with pending tasks, one index probe each: a loose scan of the ``tasks_pending_tenant`` index
+    (``tasks`` names the table, with SQLite's ``INDEXED BY`` where the planner needs telling), never a walk
+    over every pending task."""
+    return (
+        "WITH RECURSIVE tenants(name) AS ("
+        f" SELECT min(tenant) FROM {tasks} WHERE status = 'pending'"
+        " UNION ALL"
+        f" SELECT (SELECT min(tenant) FROM {tasks} WHERE status = 'pending' AND tenant > tenants.name)"
+        " FROM tenants WHERE name IS NOT NULL"
+        ") SELECT name FROM tenants WHERE name IS NOT NULL"
+    )
+
+
 def not_pending(task_id: str, status: str | None) -> NotFound | Conflict:
     """Why a change that needs a pending task did not apply: unknown (or another tenant's), or it moved on."""
     if status is None:

@@ -173,6 +173,15 @@ class Store(Protocol):
     ) -> list[Task]:
         """Read-only: the first ``limit`` runnable pending tasks in claim order (for placement)."""
 
+    async def peek_pending_per_tenant(
+        self, *, limit: int, pools: Collection[str | None] | None = None
+    ) -> list[Task]:
+        """Read-only: for every tenant with runnable pending tasks, its first ``limit`` in claim order (for
+        fair share between tenants); all of them in claim order."""
+
+    async def running_per_tenant(self) -> dict[str, int]:
+        """How many tasks each tenant has running (tenants with none are left out)."""
+
     async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
         """Claim exactly these tasks, as :meth:`claim` would, skipping any that are no longer runnable
         pending (another replica took them, or they were cancelled)."""

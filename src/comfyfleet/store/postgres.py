@@ -47,6 +47,7 @@ from comfyfleet.store._common import (
     encode_cursor,
     load_migrations,
     not_pending,
+    pending_tenants_sql,
     worker_metrics_from_counts,
 )
 from comfyfleet.store.base import (
@@ -592,6 +593,25 @@ class PostgresStore:
             *args,
         )
         return [_task(row) for row in rows]
+
+    async def peek_pending_per_tenant(
+        self, *, limit: int, pools: Collection[str | None] | None = None
+    ) -> list[Task]:
+        args: list[Any] = [limit]
+        pool_clause = _pool_filter(pools, args)
+        if limit < 1 or pool_clause is None:
+            return []
+        rows = await self._fetch(
+            f"SELECT head.* FROM ({pending_tenants_sql()}) AS pending_tenants CROSS JOIN LATERAL ("
+            f" SELECT {TASK_COLUMNS} FROM tasks WHERE tenant = pending_tenants.name AND {_RUNNABLE}{pool_clause}"
+            " ORDER BY priority DESC, seq LIMIT $1) AS head ORDER BY head.priority DESC, head.seq",
+            *args,
+        )
+        return [_task(row) for row in rows]
+
+    async def running_per_tenant(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT tenant, count(*) AS running FROM tasks WHERE status = 'running' GROUP BY tenant")
+        return {str(row["tenant"]): int(row["running"]) for row in rows}
 
     async def _fence_failure(self, conn: asyncpg.Connection, lease: Lease) -> StoreError:
         row = await conn.fetchrow("SELECT status, attempt, lease_owner FROM tasks WHERE id = $1", lease.task_id)

@@ -45,6 +45,7 @@ from comfyfleet.store._common import (
     encode_cursor,
     load_migrations,
     not_pending,
+    pending_tenants_sql,
     utcnow,
     worker_metrics_from_counts,
 )
@@ -74,6 +75,7 @@ MAX_GROUP = 512
 _RUNNABLE = "status = 'pending' AND (not_before IS NULL OR not_before <= ?)"
 # Without statistics the planner may prefer tasks_status_seq and sort every pending task; name the index.
 _PENDING = "tasks INDEXED BY tasks_pending_order"
+_PENDING_TENANTS = pending_tenants_sql("tasks INDEXED BY tasks_pending_tenant")
 _FENCE = "id = ? AND status = 'running' AND attempt = ? AND lease_owner = ?"
 # The finished attempt as one JSON object appended to ``attempts``; the values are the row's old ones.
 _APPEND_ATTEMPT = (
@@ -787,6 +789,31 @@ class SQLiteStore:
         params = (_ts(utcnow()), *pool_params, limit)
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [_task(row) for row in rows]
+
+    async def peek_pending_per_tenant(
+        self, *, limit: int, pools: Collection[str | None] | None = None
+    ) -> list[Task]:
+        pool_clause, pool_params = _pool_filter(pools)
+        if limit < 1 or pool_clause is None:
+            return []
+        sql = (
+            f"SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_pending_tenant WHERE tenant = ? AND {_RUNNABLE}"
+            f"{pool_clause} ORDER BY priority DESC, seq LIMIT ?"
+        )
+        now = _ts(utcnow())
+
+        def peek(conn: sqlite3.Connection) -> list[Task]:
+            tenants = [row[0] for row in conn.execute(_PENDING_TENANTS).fetchall()]
+            rows = [row for tenant in tenants for row in conn.execute(sql, (tenant, now, *pool_params, limit))]
+            return sorted((_task(row) for row in rows), key=lambda task: (-task.priority, task.seq))
+
+        return await self._read(peek)
+
+    async def running_per_tenant(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT tenant, count(*) FROM tasks WHERE status = 'running' GROUP BY tenant").fetchall()
+        )
+        return {str(tenant): int(count) for tenant, count in rows}
 
     async def _fenced(self, lease: Lease, assignments: str, params: tuple[Any, ...]) -> Task:
         """``UPDATE`` one running attempt if ``lease`` is still current, else :class:`StaleLease`."""
