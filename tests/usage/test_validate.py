@@ -81,6 +81,9 @@ async def test_structure_is_checked_first_and_alone_without_workers(tmp_path: Pa
 
         report = (await fleet.http.post("/api/v1/workflows/validate", json={"payload": seed_workflow()})).json()
         assert (report["valid"], report["checked_against"]) == (True, "structure")
+        # No worker was ever up here: ComfyUI clients are told to come back.
+        missing = await fleet.http.get("/object_info")
+        assert (missing.status_code, missing.json()["error"]) == (503, "no_workers")
 
         refused = await fleet.http.post("/api/v1/workflows/validate", json={"graph": seed_workflow()})
         assert refused.status_code == 422
@@ -104,3 +107,19 @@ async def test_sdk_and_cli_validate(tmp_path: Path) -> None:
         assert "would not run" in stderr
         assert "node 4 (CheckpointLoaderSimple): Value not in list" in stderr
         assert "nowhere.safetensors" in stderr
+
+
+async def test_the_catalogue_outlives_a_restart_with_no_worker_up(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=2, emulator=WORKERS) as fleet:
+        live = (await fleet.http.get("/object_info")).json()
+        assert "only_on_second.safetensors" in live["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+
+    # The same server (store and outputs) started again with its pool at zero: nothing answers, but the
+    # catalogue its workers offered is kept, so validation and ComfyUI clients still know the nodes.
+    async with running_fleet(tmp_path, workers=0) as restarted:
+        assert (await restarted.http.get("/object_info")).json() == live
+        report = (
+            await restarted.http.post("/api/v1/workflows/validate", json={"payload": with_checkpoint("nowhere.safetensors")})
+        ).json()
+        assert (report["valid"], report["checked_against"]) == (False, "workers")
+        assert report["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"

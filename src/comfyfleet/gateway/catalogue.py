@@ -3,7 +3,8 @@
 Read from the workers that are up (the store's worker records), merged (a node class any worker has is
 known, and a model any worker has is listed), and cached for a while: the gateway validates every ``POST /prompt`` against it, as ComfyUI
 would, and answers ``/object_info`` from it. With no worker up (a pool scaled to zero) the last catalogue
-seen is kept; before any, the gateway falls back to structural checks.
+seen is kept, also on disk (the output store) for the next start; before any, the gateway falls back to
+structural checks.
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.errors import ComfyError
 from comfyfleet.comfy.workflow import MODEL_INPUTS
 from comfyfleet.domain import Worker, WorkerState
+from comfyfleet.outputs import OutputNotFound, OutputsError, OutputStore
 from comfyfleet.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
 OBJECT_INFO_TTL_S = 300.0
+_KEPT_FOLDER, _KEPT_NAME = "_catalogue", "object_info.json"
 SYSTEM_STATS_TTL_S = 5.0
 FETCH_TIMEOUT_S = 10.0
 
@@ -76,8 +80,15 @@ def _add_model_options(target: Any, other: Any) -> None:
 
 
 class WorkerCatalogue:
-    def __init__(self, store: Store, *, client_factory: ClientFactory | None = None) -> None:
+    """``outputs``, when given, keeps the last merged catalogue (``_catalogue/object_info.json``), so a restart
+    with every pool scaled to zero still knows the nodes and models its workers offer."""
+
+    def __init__(
+        self, store: Store, *, outputs: OutputStore | None = None, client_factory: ClientFactory | None = None
+    ) -> None:
         self._store = store
+        self._outputs = outputs
+        self._saved_read = outputs is None  # the kept catalogue is read once, when no worker is up
         self._client_factory = client_factory or _default_client
         self._object_info: dict[str, tuple[float, dict[str, Any]]] = {}  # endpoint -> (fetched, info)
         self._merged: dict[str, Any] | None = None
@@ -117,10 +128,42 @@ class WorkerCatalogue:
             if current and (current != self._merged_from or stale):
                 self._merged = merge_object_info([self._object_info[endpoint][1] for endpoint in current])
                 self._merged_from = current
+                await self._keep(self._merged)
+            elif self._merged is None and not self._saved_read:
+                self._merged = await self._kept()
             # Workers gone for good are forgotten, but the last merge stays for a fleet scaled to zero.
             for endpoint in [e for e in self._object_info if e not in endpoints]:
                 del self._object_info[endpoint]
             return self._merged
+
+    async def _keep(self, merged: dict[str, Any]) -> None:
+        self._saved_read = True  # what workers answer now wins over what was kept
+        if self._outputs is None:
+            return
+        data = json.dumps(merged, separators=(",", ":")).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data
+
+        try:
+            await self._outputs.put(_KEPT_FOLDER, _KEPT_NAME, chunks(), "application/json")
+        except OutputsError as exc:
+            logger.warning("worker_catalogue_keep_failed error=%s", exc)
+
+    async def _kept(self) -> dict[str, Any] | None:
+        self._saved_read = True
+        if self._outputs is None:
+            return None
+        try:
+            data = b"".join([chunk async for chunk in self._outputs.read(_KEPT_FOLDER, _KEPT_NAME)])
+            kept = json.loads(data)
+        except OutputNotFound:
+            return None
+        except (OutputsError, ValueError) as exc:
+            logger.warning("worker_catalogue_unreadable error=%s", exc)
+            return None
+        logger.info("worker_catalogue_restored node_types=%d", len(kept) if isinstance(kept, dict) else 0)
+        return kept if isinstance(kept, dict) else None
 
     async def system_stats(self) -> list[tuple[Worker, dict[str, Any]]]:
         """``(worker, its /system_stats)`` for every live worker that answered, cached for a few seconds."""

@@ -75,7 +75,7 @@ class Gateway:
         self.store = store
         self.outputs = outputs
         self.bus = bus
-        self.catalogue = catalogue or WorkerCatalogue(store)
+        self.catalogue = catalogue or WorkerCatalogue(store, outputs=outputs)
         self.uploads = UploadStore(outputs) if outputs is not None else None
         self._owners: OrderedDict[str, str | None] = OrderedDict()  # task id -> client id (None: no client)
         self._remaining: dict[str | None, tuple[float, int]] = {}
