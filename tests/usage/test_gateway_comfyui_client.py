@@ -81,7 +81,8 @@ def _frame_types(frames: list[dict[str, Any]]) -> list[str]:
 
 
 async def test_a_comfyui_websocket_client_runs_unchanged_on_two_workers(tmp_path: Path) -> None:
-    async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.002}) as fleet:
+    # 20 steps of 0.05 s: the first prompt still runs when the second arrives, even on a loaded machine.
+    async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.05}) as fleet:
         # Two clients at once, each with the seed example (different seeds), so both workers are used.
         results = await asyncio.gather(
             asyncio.to_thread(comfyui_websocket_client, fleet.host_port, seed_workflow(seed=1)),
