@@ -706,12 +706,10 @@ class SQLiteStore:
             ).fetchone()
             if row is not None:
                 return tuple(row)
-            found = conn.execute(
-                "SELECT status FROM tasks WHERE id = ? AND (? IS NULL OR tenant = ?)", (task_id, tenant, tenant)
-            ).fetchone()
-            if found is None:
+            status = _status_of(conn, task_id, tenant)
+            if status is None:
                 raise NotFound(f"task {task_id} not found")
-            raise Conflict(f"task {task_id} is already {found[0]}")
+            raise Conflict(f"task {task_id} is already {status}")
 
         return _task(await self._write(cancel))
 
@@ -726,10 +724,7 @@ class SQLiteStore:
             ).fetchone()
             if row is not None:
                 return tuple(row)
-            found = conn.execute(
-                "SELECT status FROM tasks WHERE id = ? AND (? IS NULL OR tenant = ?)", (task_id, tenant, tenant)
-            ).fetchone()
-            raise not_pending(task_id, None if found is None else found[0])
+            raise not_pending(task_id, _status_of(conn, task_id, tenant))
 
         return _task(await self._write(change))
 
@@ -1101,6 +1096,13 @@ class SQLiteStore:
     async def try_leader(self, name: str) -> bool:
         self._check_open()
         return True  # one replica per SQLite file: it leads everything
+
+
+def _status_of(conn: sqlite3.Connection, task_id: str, tenant: str | None) -> str | None:
+    """A task's status as ``tenant`` sees it (None: unknown to that tenant)."""
+    row = conn.execute("SELECT status FROM tasks WHERE id = ? AND (? IS NULL OR tenant = ?)", (task_id, tenant, tenant))
+    found = row.fetchone()
+    return None if found is None else str(found[0])
 
 
 def _pool_filter(pools: Collection[str | None] | None) -> tuple[str | None, list[Any]]:
