@@ -245,10 +245,13 @@ class ProcessProvider:
             except TimeoutError:
                 return False
             return True
-        # Not our child (adopted after a restart): poll until it is gone.
+        # Not our child (adopted after a restart): poll until it is gone (it may vanish between two looks).
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            try:
+                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.NoSuchProcess:
                 return True
             await asyncio.sleep(0.05)
         return not proc.is_running()
