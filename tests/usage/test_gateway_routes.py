@@ -115,6 +115,12 @@ async def test_a_mask_upload_puts_its_alpha_into_the_original_image(tmp_path: Pa
         assert (await _masked(fleet, {"filename": "dog.png", "subfolder": "pets", "type": "input"})).status_code == 404
         assert (await _masked(fleet, {"filename": "x.png", "subfolder": str(uuid.uuid4()), "type": "output"})).status_code == 404
         assert (await _masked(fleet, "not an object")).status_code == 400
+        garbage = await fleet.http.post(
+            "/upload/mask",
+            files={"image": ("m.png", b"not an image", "image/png")},
+            data={"original_ref": json.dumps({"filename": "cat.png", "subfolder": "pets", "type": "input"})},
+        )
+        assert (garbage.status_code, garbage.text.startswith("cannot combine the mask")) == (400, True)
         refused = await fleet.http.post("/upload/mask", files={"image": ("m.png", _mask(4, 4), "image/png")})
         assert refused.status_code == 400
         assert "original_ref" in refused.text

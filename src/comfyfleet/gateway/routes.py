@@ -15,7 +15,6 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, WebSocket
-from PIL import Image
 from starlette.requests import HTTPConnection
 from starlette.responses import Response, StreamingResponse
 
@@ -148,15 +147,21 @@ async def _read_file(gateway: Gateway, principal: Principal, name: str, subfolde
 
 
 def _apply_mask(original: bytes, mask: bytes) -> bytes:
-    """ComfyUI's mask upload: the mask's alpha channel becomes the original image's, saved as PNG."""
-    with Image.open(io.BytesIO(original)) as image, Image.open(io.BytesIO(mask)) as mask_image:
-        combined = image.convert("RGBA")
-        alpha = mask_image.convert("RGBA").getchannel("A")
-        if alpha.size != combined.size:
-            alpha = alpha.resize(combined.size)
-        combined.putalpha(alpha)
-        buffer = io.BytesIO()
-        combined.save(buffer, format="PNG", compress_level=4)
+    """ComfyUI's mask upload: the mask's alpha channel becomes the original image's, saved as PNG.
+    Raises ``OSError`` for data that is not an image, ``ValueError`` for one too large to decode."""
+    from PIL import Image  # only a server that takes masks pays for loading Pillow
+
+    buffer = io.BytesIO()
+    try:
+        with Image.open(io.BytesIO(original)) as image, Image.open(io.BytesIO(mask)) as mask_image:
+            combined = image.convert("RGBA")
+            alpha = mask_image.convert("RGBA").getchannel("A")
+            if alpha.size != combined.size:
+                alpha = alpha.resize(combined.size)
+            combined.putalpha(alpha)
+            combined.save(buffer, format="PNG", compress_level=4)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(str(exc)) from exc
     return buffer.getvalue()
 
 
@@ -357,7 +362,7 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
             return _text(404, f"the original image {name!r} ({folder_type}) does not exist")
         try:
             upload.data = await asyncio.to_thread(_apply_mask, original, upload.data)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError) as exc:
             return _text(400, f"cannot combine the mask with the image: {exc}")
         upload.content_type = "image/png"
         return await _save_upload(gateway, principal, upload)
