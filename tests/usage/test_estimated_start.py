@@ -61,6 +61,12 @@ async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) ->
         third = positions[3]
         async with AsyncClient(fleet.url) as client:
             assert (await client.get(third)).estimated_start_s == found[3]
+            # The live stream's snapshot carries it too (the CLI's `submit --wait` shows it while queued).
+            stream = client.events(third)
+            first_event = await anext(stream)
+            await stream.aclose()  # type: ignore[attr-defined]
+            assert first_event.task is not None
+            assert (first_event.task.queue_position, first_event.task.estimated_start_s) == (3, found[3])
         code, stdout, _ = await cli("tasks", "show", third, "--server", fleet.url)
         assert code == 0
         assert f"in about {found[3]:g} s" in stdout

@@ -225,11 +225,11 @@ class ProgressDisplay:
         if event.type == "snapshot" and event.task is not None:
             task = event.task
             if task.status == "pending":
-                self._queued(task.queue_position)
+                self._queued(task.queue_position, task.estimated_start_s)
             elif task.status == "running":
                 self._running(task.phase, task.worker_id)
         elif event.type == "queue_position":
-            self._queued(data.get("queue_position"))
+            self._queued(data.get("queue_position"), data.get("estimated_start_s"))
         elif event.type == "status":
             status = data.get("status")
             if status == "pending":
@@ -248,8 +248,9 @@ class ProgressDisplay:
             else:
                 self._show(f"executing node {node} ({class_type})")
 
-    def _queued(self, position: Any) -> None:
-        self._show(f"queued: position {position}" if isinstance(position, int) else "queued")
+    def _queued(self, position: Any, estimate: Any = None) -> None:
+        starts = f", starts in about {estimate:g} s" if isinstance(estimate, int | float) else ""
+        self._show(f"queued: position {position}{starts}" if isinstance(position, int) else "queued")
 
     def _running(self, phase: Any, worker_id: Any) -> None:
         worker = f" on worker {worker_id}" if worker_id else ""

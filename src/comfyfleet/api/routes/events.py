@@ -13,7 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from comfyfleet.api.auth import Principal, authenticate
 from comfyfleet.api.deps import get_store
-from comfyfleet.api.routes.tasks import TaskId, checked_task_id
+from comfyfleet.api.routes.tasks import EstimatorDep, TaskId, checked_task_id
 from comfyfleet.api.schemas import error_responses, task_json
 from comfyfleet.dispatch.events import EventBus, TaskEvent
 from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus
@@ -48,9 +48,17 @@ def _sse(event: TaskEvent, counter: int) -> dict[str, Any]:
     responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
                **error_responses(401, 404, 503)},
 )
-async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep, bus: BusDep) -> EventSourceResponse:
+async def task_events(
+    task_id: TaskId,
+    request: Request,
+    principal: PrincipalDep,
+    store: StoreDep,
+    bus: BusDep,
+    estimator: EstimatorDep,
+) -> EventSourceResponse:
     """Events of one task, starting with a `snapshot` of the task as it stands:
-    `queue_position` while it waits (1 = next), `status` on every status or phase change, `progress` with
+    `queue_position` while it waits (1 = next, with `estimated_start_s`), `status` on every status or phase
+    change, `progress` with
     the executing node and sampler step (`node`, `class_type`, `value`, `max`). The stream ends after the
     event that makes the task completed, failed or cancelled."""
     checked = checked_task_id(task_id)
@@ -61,9 +69,10 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
         with bus.subscribe() as subscription:
             current = await store.get_task(checked)
             position = await store.queue_position(checked) if current.status is TaskStatus.PENDING else None
+            estimate = await estimator.start_in_s(current, position)
             counter += 1
-            yield {"event": "snapshot", "id": str(counter),
-                   "data": json.dumps(task_json(current, queue_position=position), separators=(",", ":"), default=str)}
+            snapshot = task_json(current, queue_position=position, estimated_start_s=estimate)
+            yield {"event": "snapshot", "id": str(counter), "data": json.dumps(snapshot, separators=(",", ":"), default=str)}
             if current.is_terminal:
                 return
             pending = current.status is TaskStatus.PENDING
@@ -97,7 +106,8 @@ async def task_events(task_id: TaskId, request: Request, principal: PrincipalDep
                 if now is not None and now != position:
                     position = now
                     counter += 1
-                    yield _sse(TaskEvent("queue_position", checked, task.tenant, {"queue_position": now}), counter)
+                    data = {"queue_position": now, "estimated_start_s": await estimator.start_in_s(task, now)}
+                    yield _sse(TaskEvent("queue_position", checked, task.tenant, data), counter)
 
     return EventSourceResponse(stream(), ping=_KEEPALIVE_S, send_timeout=30)
 
