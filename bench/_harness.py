@@ -70,7 +70,8 @@ def emulator_processes(count: int, *args: str) -> Iterator[list[Process]]:
             port = free_port()
             popen = subprocess.Popen(
                 [PYTHON, "-m", "comfyfleet", "emulator", "--port", str(port), *args],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             processes.append(Process(popen, f"http://127.0.0.1:{port}"))
         for process in processes:
@@ -91,8 +92,21 @@ def service_process(config: dict[str, Any], *, expect_workers: int) -> Iterator[
         config_path.write_text(yaml.safe_dump(config))
         log = (Path(workdir) / "serve.log").open("wb")
         popen = subprocess.Popen(
-            [PYTHON, "-m", "comfyfleet", "serve", "--config", str(config_path), "--port", str(port), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COMFYFLEET_CONFIG": ""},
+            [
+                PYTHON,
+                "-m",
+                "comfyfleet",
+                "serve",
+                "--config",
+                str(config_path),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COMFYFLEET_CONFIG": ""},
         )
         process = Process(popen, f"http://127.0.0.1:{port}")
         try:
@@ -169,7 +183,10 @@ async def wait_all(http: httpx.AsyncClient, task_ids: list[str], deadline: float
 
 def tiny_graph(variant: int) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": variant % 16777216}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": variant % 16777216},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
     }
 
@@ -181,9 +198,21 @@ def checkpoint_graph(variant: int, checkpoint: str) -> dict[str, Any]:
         "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 64, "width": 64}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a bottle"}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "text"}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0],
-            "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": variant, "steps": 1}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "cfg": 8,
+                "denoise": 1,
+                "latent_image": ["5", 0],
+                "model": ["4", 0],
+                "negative": ["7", 0],
+                "positive": ["6", 0],
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "seed": variant,
+                "steps": 1,
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
     }

@@ -37,7 +37,10 @@ LIMIT_MS = 2.0
 
 def graph(color: int) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench/trivial"}},
     }
 
@@ -51,7 +54,9 @@ class Bare:
     async def run(self, color: int) -> tuple[float, float]:
         prompt_id = str(uuid.uuid4())
         started = time.perf_counter()
-        response = await self.http.post("/prompt", json={"prompt": graph(color), "prompt_id": prompt_id, "client_id": self.client_id})
+        response = await self.http.post(
+            "/prompt", json={"prompt": graph(color), "prompt_id": prompt_id, "client_id": self.client_id}
+        )
         accepted = time.perf_counter()
         response.raise_for_status()
         while True:
@@ -60,7 +65,11 @@ class Bare:
                 continue
             message = json.loads(frame)
             data = message.get("data", {})
-            if message.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+            if (
+                message.get("type") == "executing"
+                and data.get("node") is None
+                and data.get("prompt_id") == prompt_id
+            ):
                 break
         entry = (await self.http.get(f"/history/{prompt_id}")).json()[prompt_id]
         if not entry["outputs"]["2"]["images"]:
@@ -106,7 +115,9 @@ async def start_emulator() -> tuple[asyncio.subprocess.Process, str]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--url", help="an already running ComfyUI (or emulator); default: start the emulator")
@@ -119,7 +130,9 @@ async def main() -> None:
         bare_id = uuid.uuid4().hex
         async with (
             httpx.AsyncClient(base_url=url) as http,
-            connect(url.replace("http", "ws", 1) + f"/ws?clientId={bare_id}", compression=None, max_size=None) as ws,
+            connect(
+                url.replace("http", "ws", 1) + f"/ws?clientId={bare_id}", compression=None, max_size=None
+            ) as ws,
             ComfyClient(url) as comfy,
         ):
             bare = Bare(url, http, ws, bare_id)
@@ -137,18 +150,26 @@ async def main() -> None:
             process.terminate()
             await process.wait()
 
-    print(f"server: {url if args.url else 'comfyfleet emulator (child process)'}; trivial workflow; {args.runs} runs each, interleaved")
-    print(f"{'':8} {'accepted p50':>13} {'done p50':>9} {'done p99':>9} {'done mean':>10}  (ms, submit -> accepted / submit -> done + history)")
+    print(
+        f"server: {url if args.url else 'comfyfleet emulator (child process)'}; trivial workflow; {args.runs} runs each, interleaved"
+    )
+    print(
+        f"{'':8} {'accepted p50':>13} {'done p50':>9} {'done p99':>9} {'done mean':>10}  (ms, submit -> accepted / submit -> done + history)"
+    )
     summary: dict[str, tuple[float, float]] = {}
     for kind in ("bare", "client"):
         accepted = [a for a, _ in results[kind]]
         done = [d for _, d in results[kind]]
         summary[kind] = (percentile(done, 0.5), percentile(done, 0.99))
-        print(f"{kind:8} {percentile(accepted, 0.5):13.2f} {summary[kind][0]:9.2f} {summary[kind][1]:9.2f} {statistics.fmean(done):10.2f}")
+        print(
+            f"{kind:8} {percentile(accepted, 0.5):13.2f} {summary[kind][0]:9.2f} {summary[kind][1]:9.2f} {statistics.fmean(done):10.2f}"
+        )
     overhead = summary["client"][0] - summary["bare"][0]
     ratio = summary["client"][0] / summary["bare"][0]
     verdict = "within" if overhead <= LIMIT_MS else "OVER"
-    print(f"client overhead at p50: {overhead:+.2f} ms (x{ratio:.2f}); {verdict} the {LIMIT_MS:.0f} ms budget")
+    print(
+        f"client overhead at p50: {overhead:+.2f} ms (x{ratio:.2f}); {verdict} the {LIMIT_MS:.0f} ms budget"
+    )
 
 
 if __name__ == "__main__":

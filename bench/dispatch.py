@@ -65,18 +65,25 @@ async def wait_all(client: httpx.AsyncClient, ids: list[str], timeout_s: float) 
         tasks.append((await client.get(f"/api/v1/tasks/{task_id}")).json())
     unfinished = [task["id"] for task in tasks if task["status"] != "completed"]
     if unfinished:
-        raise RuntimeError(f"{len(unfinished)} tasks did not complete, e.g. {tasks[ids.index(unfinished[0])]}")
+        raise RuntimeError(
+            f"{len(unfinished)} tasks did not complete, e.g. {tasks[ids.index(unfinished[0])]}"
+        )
     return tasks
 
 
 async def latency(count: int) -> None:
     print(f"\n1. Latency: 2 workers with zero execution time, {count} tasks one at a time")
-    with emulator_processes(2) as workers, service_process(pool_config([w.url for w in workers]), expect_workers=2) as svc:
+    with (
+        emulator_processes(2) as workers,
+        service_process(pool_config([w.url for w in workers]), expect_workers=2) as svc,
+    ):
         async with httpx.AsyncClient(base_url=svc.url, timeout=60) as client:
             accept, collect, total = [], [], []
             for n in range(count + 20):
                 started = time.time()
-                response = await client.post("/api/v1/tasks", params={"wait": 30}, json={"payload": tiny_graph(n)})
+                response = await client.post(
+                    "/api/v1/tasks", params={"wait": 30}, json={"payload": tiny_graph(n)}
+                )
                 task = response.json()
                 if task["status"] != "completed":
                     raise RuntimeError(f"task did not complete: {task}")
@@ -93,10 +100,13 @@ async def latency(count: int) -> None:
 
 
 async def busy_run(tasks: int, task_time: float, prefetch: int) -> float:
-    with emulator_processes(4, "--prompt-time", str(task_time)) as workers, service_process(
-        pool_config([w.url for w in workers], prefetch=prefetch), expect_workers=4
-    ) as svc:
-        async with httpx.AsyncClient(base_url=svc.url, timeout=60, limits=httpx.Limits(max_connections=20)) as client:
+    with (
+        emulator_processes(4, "--prompt-time", str(task_time)) as workers,
+        service_process(pool_config([w.url for w in workers], prefetch=prefetch), expect_workers=4) as svc,
+    ):
+        async with httpx.AsyncClient(
+            base_url=svc.url, timeout=60, limits=httpx.Limits(max_connections=20)
+        ) as client:
             started = time.time()
             semaphore = asyncio.Semaphore(20)
 
@@ -112,7 +122,9 @@ async def busy_run(tasks: int, task_time: float, prefetch: int) -> float:
 
 async def keep_busy(tasks: int, task_time: float) -> None:
     ideal = tasks * task_time / 4
-    print(f"\n2. Keeping GPUs busy: 4 workers, {tasks} tasks of {task_time * 1000:.0f} ms, ideal wall time {ideal:.1f} s")
+    print(
+        f"\n2. Keeping GPUs busy: 4 workers, {tasks} tasks of {task_time * 1000:.0f} ms, ideal wall time {ideal:.1f} s"
+    )
     results = {}
     for prefetch in (0, 1):
         wall = await busy_run(tasks, task_time, prefetch)
@@ -123,9 +135,10 @@ async def keep_busy(tasks: int, task_time: float) -> None:
 
 async def placement_run(trace: list[tuple[float, str]], task_time: float, placement: bool) -> list[float]:
     args = ["--prompt-time", str(task_time), "--model-load-time", "2", "--model-cache-size", "1"]
-    with emulator_processes(4, *args) as workers, service_process(
-        pool_config([w.url for w in workers], placement=placement), expect_workers=4
-    ) as svc:
+    with (
+        emulator_processes(4, *args) as workers,
+        service_process(pool_config([w.url for w in workers], placement=placement), expect_workers=4) as svc,
+    ):
         async with httpx.AsyncClient(base_url=svc.url, timeout=60) as client:
             # Load each worker with one checkpoint first so both runs start from the same state.
             ids: list[str] = []
@@ -134,7 +147,9 @@ async def placement_run(trace: list[tuple[float, str]], task_time: float, placem
                 delay = at - (time.monotonic() - origin)
                 if delay > 0:
                     await asyncio.sleep(delay)
-                response = await client.post("/api/v1/tasks", json={"payload": checkpoint_graph(n, checkpoint)})
+                response = await client.post(
+                    "/api/v1/tasks", json={"payload": checkpoint_graph(n, checkpoint)}
+                )
                 ids.append(response.json()["id"])
             done = await wait_all(client, ids, timeout_s=600)
             return [parse_time(task["completed_at"]) - parse_time(task["created_at"]) for task in done]
@@ -148,8 +163,10 @@ async def placement(tasks: int, task_time: float) -> None:
     for _ in range(tasks):
         at += rng.expovariate(rate)
         trace.append((at, rng.choice(CHECKPOINTS)))
-    print(f"\n3. Placement: 4 workers, 4 checkpoints, load 2 s, LRU 1, {tasks} tasks of {task_time * 1000:.0f} ms "
-          f"arriving at {rate:.1f}/s (same trace for both runs)")
+    print(
+        f"\n3. Placement: 4 workers, 4 checkpoints, load 2 s, LRU 1, {tasks} tasks of {task_time * 1000:.0f} ms "
+        f"arriving at {rate:.1f}/s (same trace for both runs)"
+    )
     means = {}
     for enabled in (False, True):
         latencies = await placement_run(trace, task_time, enabled)
@@ -160,7 +177,9 @@ async def placement(tasks: int, task_time: float) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller runs")
     parser.add_argument("--only", choices=["latency", "busy", "placement"], help="run one part")
     args = parser.parse_args()

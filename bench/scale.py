@@ -60,7 +60,10 @@ def parse_trace(text: str) -> list[tuple[float, int]]:
 def payload(index: int) -> dict[str, Any]:
     # A colour of its own per task, so the emulator's output cache never replays a result.
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": index}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": index},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
     }
 
@@ -107,7 +110,9 @@ async def run_side(name: str, args: argparse.Namespace, always_on: bool, folder:
     result.failed_tasks = len(tasks) - len(done)
     result.latencies_s = [(_time(t["completed_at"]) - _time(t["created_at"])).total_seconds() for t in done]
     if done:
-        result.first_completion_s = (min(_time(t["completed_at"]) for t in done) - min(created)).total_seconds()
+        result.first_completion_s = (
+            min(_time(t["completed_at"]) for t in done) - min(created)
+        ).total_seconds()
     return result
 
 
@@ -137,12 +142,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-workers", type=int, default=4)
     parser.add_argument("--startup-delay", type=float, default=2.0, help="emulator start-up delay (s)")
     parser.add_argument("--prompt-time", type=float, default=1.0, help="seconds per prompt")
     parser.add_argument("--trace", default="0:8,15:12,35:4", help="bursts as 'at_s:tasks,…'")
-    parser.add_argument("--horizon", type=float, default=60.0, help="measurement window from the first burst (s)")
+    parser.add_argument(
+        "--horizon", type=float, default=60.0, help="measurement window from the first burst (s)"
+    )
     parser.add_argument("--idle-timeout", type=float, default=5.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -172,10 +181,14 @@ async def main() -> None:
     row("idle worker-seconds", auto.idle_worker_s, fixed.idle_worker_s, " s")
     row("alive worker-seconds (billed)", auto.alive_worker_s, fixed.alive_worker_s, " s")
     row("busy worker-seconds", auto.busy_worker_s, fixed.busy_worker_s, " s")
-    print(f"{'peak workers / workers started':34}{auto.peak_workers:>8} / {auto.workers_started:<3}{fixed.peak_workers:>8} / {fixed.workers_started:<3}")
+    print(
+        f"{'peak workers / workers started':34}{auto.peak_workers:>8} / {auto.workers_started:<3}{fixed.peak_workers:>8} / {fixed.workers_started:<3}"
+    )
     print(f"{'failed tasks':34}{auto.failed_tasks:>14}{fixed.failed_tasks:>14}")
     saved = 1 - auto.idle_worker_s / fixed.idle_worker_s if fixed.idle_worker_s else 0.0
-    print(f"autoscaling spent {saved:.0%} fewer idle worker-seconds, for {auto.first_completion_s - fixed.first_completion_s:+.2f} s on the first result after a cold start")
+    print(
+        f"autoscaling spent {saved:.0%} fewer idle worker-seconds, for {auto.first_completion_s - fixed.first_completion_s:+.2f} s on the first result after a cold start"
+    )
 
 
 if __name__ == "__main__":

@@ -32,12 +32,27 @@ from comfyfleet.domain import NewTask
 from comfyfleet.store import Store, open_store
 
 PAYLOAD: dict[str, Any] = {
-    "3": {"class_type": "KSampler", "inputs": {"seed": 156680208700286, "steps": 20, "cfg": 8, "sampler_name": "euler",
-                                               "scheduler": "normal", "denoise": 1, "model": ["4", 0],
-                                               "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+    "3": {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": 156680208700286,
+            "steps": 20,
+            "cfg": 8,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    },
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
     "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 512, "width": 512}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a bottle of wine on a table"}},
+    "6": {
+        "class_type": "CLIPTextEncode",
+        "inputs": {"clip": ["4", 1], "text": "a bottle of wine on a table"},
+    },
     "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "text, watermark"}},
     "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
     "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
@@ -66,7 +81,10 @@ async def fill(store: Store, count: int, concurrency: int = 2000) -> float:
     for offset in range(0, count, concurrency):
         batch = min(concurrency, count - offset)
         await asyncio.gather(
-            *(store.create_task(new((offset + n) % 10, f"tenant-{(offset + n) % TENANTS}")) for n in range(batch))
+            *(
+                store.create_task(new((offset + n) % 10, f"tenant-{(offset + n) % TENANTS}"))
+                for n in range(batch)
+            )
         )
     return count / (time.perf_counter() - started)
 
@@ -82,7 +100,9 @@ async def measure(label: str, store: Store, depth: int, repeats: int) -> list[st
         writes, commits = store.write_stats  # type: ignore[attr-defined]
         writes, commits = writes - before[0], commits - before[1]
         grouped = f", {writes / max(commits, 1):.0f} writes per commit"
-    lines.append(f"{label:10} create_task 2,000 in flight: {rate:,.0f}/s = {1000 / rate:.3f} ms each{grouped}")
+    lines.append(
+        f"{label:10} create_task 2,000 in flight: {rate:,.0f}/s = {1000 / rate:.3f} ms each{grouped}"
+    )
     while await store.claim("drain", 60, limit=1000):
         pass
 
@@ -126,7 +146,9 @@ async def postgres_store(admin_url: str) -> AsyncIterator[Store]:
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        async with open_store(urlsplit(admin_url)._replace(path=f"/{name}").geturl(), max_connections=10) as store:
+        async with open_store(
+            urlsplit(admin_url)._replace(path=f"/{name}").geturl(), max_connections=10
+        ) as store:
             await store.migrate()
             yield store
     finally:

@@ -60,7 +60,10 @@ class Server:
         env = {name: value for name, value in os.environ.items() if not name.startswith("COMFYFLEET_")}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "comfyfleet", "serve", "--port", "0", "--store", store_url],
-            cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.url = ""
         self.host = ""
@@ -222,11 +225,16 @@ async def fill(store: Store, count: int, *, batch: int = 500) -> float:
     started = time.perf_counter()
     for offset in range(0, count, batch):
         size = min(batch, count - offset)
-        await asyncio.gather(*(
-            store.create_task(NewTask(payload=SEED_BODY["payload"], workflow_id="bench-fill",
-                                      priority=(offset + index) % 10))
-            for index in range(size)
-        ))
+        await asyncio.gather(
+            *(
+                store.create_task(
+                    NewTask(
+                        payload=SEED_BODY["payload"], workflow_id="bench-fill", priority=(offset + index) % 10
+                    )
+                )
+                for index in range(size)
+            )
+        )
     return time.perf_counter() - started
 
 
@@ -250,8 +258,13 @@ async def measure_throughput(kind: str, workdir: Path, args: argparse.Namespace)
             result = await drive(server.host, server.port, args.connections, args.seconds)
             server_cpu, generator_cpu = server.cpu_s() - server_cpu, time.process_time() - generator_cpu
             rss = server.rss_mib()
-    return {"result": result, "rss_mib": rss, "server_cpu_per_request_s": server_cpu / max(result.ok, 1),
-            "generator_cpu_per_request_s": generator_cpu / max(result.ok, 1), "load": os.getloadavg()[0]}
+    return {
+        "result": result,
+        "rss_mib": rss,
+        "server_cpu_per_request_s": server_cpu / max(result.ok, 1),
+        "generator_cpu_per_request_s": generator_cpu / max(result.ok, 1),
+        "load": os.getloadavg()[0],
+    }
 
 
 async def measure_depth(kind: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -290,8 +303,12 @@ async def measure_depth(kind: str, workdir: Path, args: argparse.Namespace) -> d
                         "metrics_s": await median_s(read_metrics, min(args.repeats, 20)),
                     }
                     last = (await client.post("/api/v1/tasks", json=SEED_BODY)).json()["id"]
-                    figures[label]["get_task_s"] = await median_s(lambda: read_task(last), min(args.repeats, 20))
-                    figures[label]["position"] = (await client.get(f"/api/v1/tasks/{last}")).json()["queue_position"]
+                    figures[label]["get_task_s"] = await median_s(
+                        lambda: read_task(last), min(args.repeats, 20)
+                    )
+                    figures[label]["position"] = (await client.get(f"/api/v1/tasks/{last}")).json()[
+                        "queue_position"
+                    ]
                     figures[label]["rss_mib"] = server.rss_mib()
 
                 async def depth0_claims() -> float:
@@ -312,8 +329,10 @@ async def measure_depth(kind: str, workdir: Path, args: argparse.Namespace) -> d
 
 def print_throughput(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     kinds = list(results)
-    print(f"\nSubmissions through POST /api/v1/tasks (seed workflow, {args.connections} keep-alive connections, "
-          f"{args.seconds:g} s, load generator on this machine, {os.cpu_count()} CPUs)")
+    print(
+        f"\nSubmissions through POST /api/v1/tasks (seed workflow, {args.connections} keep-alive connections, "
+        f"{args.seconds:g} s, load generator on this machine, {os.cpu_count()} CPUs)"
+    )
     print(f"{'':28}" + "".join(f"{kind:>14}" for kind in kinds))
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("submissions/s", lambda r: f"{r['result'].per_s:,.0f}"),
@@ -335,16 +354,23 @@ def print_throughput(results: dict[str, dict[str, Any]], args: argparse.Namespac
         verdict = "meets" if rate >= TARGET_PER_S else "MISSES"
         print(f"SQLite {verdict} the target of {TARGET_PER_S:,}/s ({rate / TARGET_PER_S:.2f}x)")
     if len(kinds) == 2:
-        print(f"PostgreSQL / SQLite: {results[kinds[1]]['result'].per_s / max(results[kinds[0]]['result'].per_s, 1):.2f}x")
+        print(
+            f"PostgreSQL / SQLite: {results[kinds[1]]['result'].per_s / max(results[kinds[0]]['result'].per_s, 1):.2f}x"
+        )
 
 
 def print_depth(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     deep = f"depth {args.depth:,}"
-    print(f"\nQueue depth: median of {args.repeats} claims (store.claim, one task) and of HTTP calls, "
-          f"at 0 and {args.depth:,} pending tasks")
+    print(
+        f"\nQueue depth: median of {args.repeats} claims (store.claim, one task) and of HTTP calls, "
+        f"at 0 and {args.depth:,} pending tasks"
+    )
     columns = [(kind, label) for kind in results for label in ("depth 0", deep)]
     names = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
-    print(f"{'':28}" + "".join(f"{names.get(kind, kind) + ' @' + label.split()[-1]:>20}" for kind, label in columns))
+    print(
+        f"{'':28}"
+        + "".join(f"{names.get(kind, kind) + ' @' + label.split()[-1]:>20}" for kind, label in columns)
+    )
     rows: list[tuple[str, str, Callable[[float], str]]] = [
         ("claim one (ms)", "claim_s", lambda v: f"{v * 1000:.2f}"),
         ("POST /tasks (ms)", "submit_s", lambda v: f"{v * 1000:.2f}"),
@@ -357,19 +383,25 @@ def print_depth(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
         print(f"{label:28}" + "".join(f"{cell(results[kind][depth][key]):>20}" for kind, depth in columns))
     for kind in results:
         shallow, deep_figures = results[kind]["depth 0"], results[kind][deep]
-        print(f"{kind}: claim {deep_figures['claim_s'] / shallow['claim_s']:.2f}x, "
-              f"RSS {deep_figures['rss_mib'] / shallow['rss_mib']:.2f}x at {args.depth:,} vs 0 "
-              f"(filling took {results[kind]['fill_s']:.1f} s through the store)")
+        print(
+            f"{kind}: claim {deep_figures['claim_s'] / shallow['claim_s']:.2f}x, "
+            f"RSS {deep_figures['rss_mib'] / shallow['rss_mib']:.2f}x at {args.depth:,} vs 0 "
+            f"(filling took {results[kind]['fill_s']:.1f} s through the store)"
+        )
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each throughput run")
     parser.add_argument("--connections", type=int, default=64, help="concurrent keep-alive connections")
     parser.add_argument("--depth", type=int, default=100_000, help="pending tasks for the depth figures")
     parser.add_argument("--repeats", type=int, default=100, help="samples per median")
-    parser.add_argument("--postgres", default=os.environ.get("COMFYFLEET_TEST_POSTGRES",
-                                                             "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("COMFYFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-depth", action="store_true", help="only measure submission throughput")
     args = parser.parse_args()

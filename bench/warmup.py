@@ -58,22 +58,31 @@ async def run_side(name: str, args: argparse.Namespace, warmup: bool, folder: Pa
             await fleet.wait_changed()
         ready_s = time.monotonic() - booted
         answers = await asyncio.gather(
-            *(http.post("/api/v1/tasks", json={"payload": checkpoint_graph(i, CHECKPOINT)}) for i in range(args.tasks))
+            *(
+                http.post("/api/v1/tasks", json={"payload": checkpoint_graph(i, CHECKPOINT)})
+                for i in range(args.tasks)
+            )
         )
         tasks = await wait_all(http, [answer.json()["id"] for answer in answers], time.monotonic() + 300)
     if any(task["status"] != "completed" for task in tasks):
         raise SystemExit(f"{name}: not every task completed")
     latencies = [parse_time(t["completed_at"]) - parse_time(t["created_at"]) for t in tasks]
-    first = min(parse_time(t["completed_at"]) for t in tasks) - min(parse_time(t["created_at"]) for t in tasks)
+    first = min(parse_time(t["completed_at"]) for t in tasks) - min(
+        parse_time(t["created_at"]) for t in tasks
+    )
     return {"ready": ready_s, "first": first, "p50": statistics.median(latencies), "max": max(latencies)}
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--model-load", type=float, default=3.0, help="emulator checkpoint load time (s)")
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--step-time", type=float, default=0.3, help="emulator seconds per KSampler step (1 step)")
+    parser.add_argument(
+        "--step-time", type=float, default=0.3, help="emulator seconds per KSampler step (1 step)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(

@@ -58,7 +58,9 @@ async def _drop_leftovers() -> None:
 
     conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
     try:
-        names = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", TEST_DATABASE_PREFIX + "%")
+        names = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1", TEST_DATABASE_PREFIX + "%"
+        )
         for (name,) in names:
             pid_text = name.removeprefix(TEST_DATABASE_PREFIX).split("_", 1)[0]
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
@@ -147,7 +149,9 @@ def store(request: pytest.FixtureRequest) -> Store:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fresh_store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], AbstractAsyncContextManager[Store]]:
+def fresh_store_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[], AbstractAsyncContextManager[Store]]:
     """``async with factory() as store``: a brand-new migrated store each call (of each backend in turn),
     for tests that need many independent stores, such as hypothesis state machines."""
     template = request.getfixturevalue("postgres_template") if request.param == "postgres" else None

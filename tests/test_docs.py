@@ -63,7 +63,9 @@ def _default(field: FieldInfo) -> Any:
     return field.get_default(call_default_factory=True)
 
 
-def documented_settings(model: type[BaseModel] = Settings, prefix: str = "", env_prefix: str | None = ENV_PREFIX) -> Iterator[SettingDoc]:
+def documented_settings(
+    model: type[BaseModel] = Settings, prefix: str = "", env_prefix: str | None = ENV_PREFIX
+) -> Iterator[SettingDoc]:
     """Every setting a user can set, walking nested models (``dispatch.lease_s``) and list entries
     (``pools[].name``)."""
     for name, field in model.model_fields.items():
@@ -111,7 +113,9 @@ def test_configuration_page_has_every_setting_with_its_variable_and_default() ->
             continue
         env_cell, default_cell = rows[setting.name]
         if setting.env is not None and f"`{setting.env}`" not in env_cell:
-            problems.append(f"{setting.name}: environment column should say `{setting.env}`, says {env_cell!r}")
+            problems.append(
+                f"{setting.name}: environment column should say `{setting.env}`, says {env_cell!r}"
+            )
         if setting.required:
             if "required" not in default_cell:
                 problems.append(f"{setting.name}: default column should say required")
@@ -169,13 +173,19 @@ def cli_sections(text: str) -> dict[str, str]:
     """Command path → the text of its section: from a heading that names `comfyfleet …` to the next
     heading of the same or a higher level."""
     lines = text.splitlines()
-    headings = [(index, len(line) - len(line.lstrip("#"))) for index, line in enumerate(lines) if re.match(r"#{1,6} ", line)]
+    headings = [
+        (index, len(line) - len(line.lstrip("#")))
+        for index, line in enumerate(lines)
+        if re.match(r"#{1,6} ", line)
+    ]
     sections: dict[str, str] = {}
     for position, (index, level) in enumerate(headings):
         named = re.search(r"`(comfyfleet(?: [a-z][a-z-]*)*)", lines[index])
         if named is None:
             continue
-        end = next((later for later, later_level in headings[position + 1 :] if later_level <= level), len(lines))
+        end = next(
+            (later for later, later_level in headings[position + 1 :] if later_level <= level), len(lines)
+        )
         sections[named[1]] = "\n".join(lines[index:end])
     return sections
 
@@ -285,5 +295,7 @@ def test_pages_name_no_path_of_a_particular_machine() -> None:
 def test_index_maps_every_page() -> None:
     index = (DOCS / "index.md").read_text()
     linked = set(re.findall(r"\]\(([\w-]+\.md)(?:#[^)]*)?\)", index))
-    missing = sorted(page.name for page in DOCS.glob("*.md") if page.name != "index.md" and page.name not in linked)
+    missing = sorted(
+        page.name for page in DOCS.glob("*.md") if page.name != "index.md" and page.name not in linked
+    )
     assert not missing, "docs/index.md does not link " + ", ".join(missing)

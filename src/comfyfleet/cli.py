@@ -48,8 +48,13 @@ StoreOption = Annotated[
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(envvar="COMFYFLEET_HOST", help="Address to listen on.", show_default="127.0.0.1")] = None,
-    port: Annotated[int | None, typer.Option(envvar="COMFYFLEET_PORT", help="Port to listen on.", show_default="8080")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(envvar="COMFYFLEET_HOST", help="Address to listen on.", show_default="127.0.0.1"),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(envvar="COMFYFLEET_PORT", help="Port to listen on.", show_default="8080")
+    ] = None,
     store: StoreOption = None,
     config: ConfigOption = None,
     worker: Annotated[
@@ -73,7 +78,9 @@ def serve(
     log_level: Annotated[
         str | None,
         typer.Option(
-            envvar="COMFYFLEET_LOG_LEVEL", help="Log level: debug, info, warning or error.", show_default="info"
+            envvar="COMFYFLEET_LOG_LEVEL",
+            help="Log level: debug, info, warning or error.",
+            show_default="info",
         ),
     ] = None,
 ) -> None:
@@ -86,7 +93,12 @@ def serve(
     workers = [url.strip() for value in worker or [] for url in value.split(",") if url.strip()]
     try:
         settings = load_settings(
-            host=host, port=port, store=store, config=config, workers=workers or None, outputs=outputs,
+            host=host,
+            port=port,
+            store=store,
+            config=config,
+            workers=workers or None,
+            outputs=outputs,
             log_level=log_level,
         )
     except ConfigError as exc:
@@ -132,29 +144,107 @@ def hash_key(key: Annotated[str, typer.Argument(help="The API key to hash for th
 
 @app.command()
 def emulator(
-    port: Annotated[int, typer.Option(envvar="COMFYFLEET_EMULATOR_PORT", help="Port to listen on (0: a free one).")] = 8188,
-    host: Annotated[str, typer.Option(envvar="COMFYFLEET_EMULATOR_HOST", help="Address to listen on.")] = "127.0.0.1",
-    step_time: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_STEP_TIME", help="Seconds per KSampler step.")] = 0.0,
-    prompt_time: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_PROMPT_TIME", help="Fixed extra seconds of every prompt.")] = 0.0,
-    model_load_time: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_MODEL_LOAD_TIME", help="Seconds to load a model not in the LRU.")] = 0.0,
-    model_cache_size: Annotated[int, typer.Option(envvar="COMFYFLEET_EMULATOR_MODEL_CACHE_SIZE", help="Models kept loaded (LRU).")] = 2,
-    startup_delay: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_STARTUP_DELAY", help="Seconds before the port opens.")] = 0.0,
-    history_delay: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_HISTORY_DELAY", help="Gap between execution_success and the history write.")] = 0.0,
-    failure_rate: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_FAILURE_RATE", help="Probability of an execution_error.")] = 0.0,
-    oom_rate: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_OOM_RATE", help="Probability of a torch out-of-memory error.")] = 0.0,
-    crash_after: Annotated[int | None, typer.Option(envvar="COMFYFLEET_EMULATOR_CRASH_AFTER", help="Exit the process when prompt N+1 starts.", show_default=False)] = None,
-    hang: Annotated[str, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG", help="Seconds a node ignores interrupts ('inf': forever).")] = "0",
-    hang_rate: Annotated[float, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG_RATE", help="Probability that a prompt hangs.")] = 1.0,
-    hang_node: Annotated[str | None, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG_NODE", help="class_type that hangs (default: the first node run).", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(envvar="COMFYFLEET_EMULATOR_SEED", help="Seed of the random faults.", show_default=False)] = None,
+    port: Annotated[
+        int, typer.Option(envvar="COMFYFLEET_EMULATOR_PORT", help="Port to listen on (0: a free one).")
+    ] = 8188,
+    host: Annotated[
+        str, typer.Option(envvar="COMFYFLEET_EMULATOR_HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    step_time: Annotated[
+        float, typer.Option(envvar="COMFYFLEET_EMULATOR_STEP_TIME", help="Seconds per KSampler step.")
+    ] = 0.0,
+    prompt_time: Annotated[
+        float,
+        typer.Option(envvar="COMFYFLEET_EMULATOR_PROMPT_TIME", help="Fixed extra seconds of every prompt."),
+    ] = 0.0,
+    model_load_time: Annotated[
+        float,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_MODEL_LOAD_TIME", help="Seconds to load a model not in the LRU."
+        ),
+    ] = 0.0,
+    model_cache_size: Annotated[
+        int, typer.Option(envvar="COMFYFLEET_EMULATOR_MODEL_CACHE_SIZE", help="Models kept loaded (LRU).")
+    ] = 2,
+    startup_delay: Annotated[
+        float, typer.Option(envvar="COMFYFLEET_EMULATOR_STARTUP_DELAY", help="Seconds before the port opens.")
+    ] = 0.0,
+    history_delay: Annotated[
+        float,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_HISTORY_DELAY",
+            help="Gap between execution_success and the history write.",
+        ),
+    ] = 0.0,
+    failure_rate: Annotated[
+        float,
+        typer.Option(envvar="COMFYFLEET_EMULATOR_FAILURE_RATE", help="Probability of an execution_error."),
+    ] = 0.0,
+    oom_rate: Annotated[
+        float,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_OOM_RATE", help="Probability of a torch out-of-memory error."
+        ),
+    ] = 0.0,
+    crash_after: Annotated[
+        int | None,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_CRASH_AFTER",
+            help="Exit the process when prompt N+1 starts.",
+            show_default=False,
+        ),
+    ] = None,
+    hang: Annotated[
+        str,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_HANG", help="Seconds a node ignores interrupts ('inf': forever)."
+        ),
+    ] = "0",
+    hang_rate: Annotated[
+        float, typer.Option(envvar="COMFYFLEET_EMULATOR_HANG_RATE", help="Probability that a prompt hangs.")
+    ] = 1.0,
+    hang_node: Annotated[
+        str | None,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_HANG_NODE",
+            help="class_type that hangs (default: the first node run).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_SEED", help="Seed of the random faults.", show_default=False
+        ),
+    ] = None,
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", envvar="COMFYFLEET_EMULATOR_MODELS", help="FOLDER/NAME of a model file (repeatable; replaces the defaults).", show_default=False),
+        typer.Option(
+            "--model",
+            envvar="COMFYFLEET_EMULATOR_MODELS",
+            help="FOLDER/NAME of a model file (repeatable; replaces the defaults).",
+            show_default=False,
+        ),
     ] = None,
-    strict_models: Annotated[bool, typer.Option(envvar="COMFYFLEET_EMULATOR_STRICT_MODELS", help="Only listed model names are valid.")] = False,
-    cache_none: Annotated[bool, typer.Option("--cache-none", envvar="COMFYFLEET_EMULATOR_CACHE_NONE", help="No node-output cache.")] = False,
-    previews: Annotated[bool, typer.Option(envvar="COMFYFLEET_EMULATOR_PREVIEWS", help="KSampler sends binary previews.")] = False,
-    base_dir: Annotated[str | None, typer.Option(envvar="COMFYFLEET_EMULATOR_BASE_DIR", help="Folder for input/, output/, temp/ (default: a temporary one).", show_default=False)] = None,
+    strict_models: Annotated[
+        bool,
+        typer.Option(envvar="COMFYFLEET_EMULATOR_STRICT_MODELS", help="Only listed model names are valid."),
+    ] = False,
+    cache_none: Annotated[
+        bool,
+        typer.Option("--cache-none", envvar="COMFYFLEET_EMULATOR_CACHE_NONE", help="No node-output cache."),
+    ] = False,
+    previews: Annotated[
+        bool, typer.Option(envvar="COMFYFLEET_EMULATOR_PREVIEWS", help="KSampler sends binary previews.")
+    ] = False,
+    base_dir: Annotated[
+        str | None,
+        typer.Option(
+            envvar="COMFYFLEET_EMULATOR_BASE_DIR",
+            help="Folder for input/, output/, temp/ (default: a temporary one).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="COMFYFLEET_LOG_LEVEL", help="Log level.")] = "info",
 ) -> None:
     """Run the ComfyUI emulator: a stand-in ComfyUI server for tests, demos and benchmarks."""
@@ -217,12 +307,36 @@ _register_client_commands()
 
 @app.command("novita-emulator")
 def novita_emulator(
-    port: Annotated[int, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_PORT", help="Port to listen on (0: a free one).")] = 8910,
-    host: Annotated[str, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_HOST", help="Address to listen on.")] = "127.0.0.1",
-    api_key: Annotated[str, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_API_KEY", help="The Bearer key it accepts.")] = "novita-emulator-key",
-    pulling_time: Annotated[float, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_PULLING_TIME", help="Seconds an instance spends pulling its image.")] = 2.0,
-    comfy_startup_delay: Annotated[float, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_COMFY_STARTUP_DELAY", help="Seconds each instance's ComfyUI takes to answer once running.")] = 1.0,
-    fail_starts: Annotated[int, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_FAIL_STARTS", help="The next N created instances fail while pulling.")] = 0,
+    port: Annotated[
+        int, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_PORT", help="Port to listen on (0: a free one).")
+    ] = 8910,
+    host: Annotated[
+        str, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    api_key: Annotated[
+        str, typer.Option(envvar="COMFYFLEET_NOVITA_EMULATOR_API_KEY", help="The Bearer key it accepts.")
+    ] = "novita-emulator-key",
+    pulling_time: Annotated[
+        float,
+        typer.Option(
+            envvar="COMFYFLEET_NOVITA_EMULATOR_PULLING_TIME",
+            help="Seconds an instance spends pulling its image.",
+        ),
+    ] = 2.0,
+    comfy_startup_delay: Annotated[
+        float,
+        typer.Option(
+            envvar="COMFYFLEET_NOVITA_EMULATOR_COMFY_STARTUP_DELAY",
+            help="Seconds each instance's ComfyUI takes to answer once running.",
+        ),
+    ] = 1.0,
+    fail_starts: Annotated[
+        int,
+        typer.Option(
+            envvar="COMFYFLEET_NOVITA_EMULATOR_FAIL_STARTS",
+            help="The next N created instances fail while pulling.",
+        ),
+    ] = 0,
     log_level: Annotated[str, typer.Option(envvar="COMFYFLEET_LOG_LEVEL", help="Log level.")] = "info",
 ) -> None:
     """Run the Novita AI GPU-instance API emulator (docs/providers.md): instances that run local ComfyUI emulators."""

@@ -95,13 +95,17 @@ class PoolConfig(BaseModel):
     def _check_warmup(cls, graph: dict[str, Any] | None) -> dict[str, Any] | None:
         if graph is not None and (errors := validate_graph(graph)):
             problems = "; ".join(error.message for error in errors[:3])
-            raise ValueError(f"warm-up workflow is not an API-format graph (export it with 'Export (API)'): {problems}")
+            raise ValueError(
+                f"warm-up workflow is not an API-format graph (export it with 'Export (API)'): {problems}"
+            )
         return graph
 
     @model_validator(mode="after")
     def _bounds(self) -> PoolConfig:
         if self.min_workers > self.max_workers:
-            raise ValueError(f"pool {self.name!r}: min_workers {self.min_workers} > max_workers {self.max_workers}")
+            raise ValueError(
+                f"pool {self.name!r}: min_workers {self.min_workers} > max_workers {self.max_workers}"
+            )
         return self
 
 
@@ -162,7 +166,9 @@ class Settings(BaseSettings):
     store: str = "sqlite:///comfyfleet.db"
     config: Path | None = None
     outputs: str = "./comfyfleet-outputs"
-    workers: Annotated[list[str], NoDecode] = Field(default_factory=list)  # static ComfyUI URLs (the "default" static pool)
+    workers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list
+    )  # static ComfyUI URLs (the "default" static pool)
     pools: list[PoolConfig] = Field(default_factory=list)
     api_keys: list[ApiKey] = Field(default_factory=list)
     webhook_secret: str | None = None  # "whsec_<base64>", signs webhooks (Standard Webhooks)
@@ -212,8 +218,10 @@ class Settings(BaseSettings):
         except (binascii.Error, ValueError):
             key = b""
         if len(key) < 16:
-            raise ValueError("webhook_secret must be 'whsec_' followed by base64 of at least 16 random bytes, "
-                             "e.g. whsec_$(head -c 32 /dev/urandom | base64)")
+            raise ValueError(
+                "webhook_secret must be 'whsec_' followed by base64 of at least 16 random bytes, "
+                "e.g. whsec_$(head -c 32 /dev/urandom | base64)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -277,7 +285,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
         if isinstance(data.get(key), str) and "://" not in data[key] and not Path(data[key]).is_absolute():
             data[key] = str(base / data[key])
     for pool in data.get("pools") or []:
-        if isinstance(pool, dict) and isinstance(pool.get("warmup"), str) and not Path(pool["warmup"]).is_absolute():
+        if (
+            isinstance(pool, dict)
+            and isinstance(pool.get("warmup"), str)
+            and not Path(pool["warmup"]).is_absolute()
+        ):
             pool["warmup"] = str(base / pool["warmup"])
     store = data.get("store")
     if isinstance(store, str) and store.startswith("sqlite:///") and not store.startswith("sqlite:////"):

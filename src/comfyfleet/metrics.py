@@ -35,7 +35,26 @@ logger = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # From a few milliseconds (an idle fleet) to an hour (a deep queue).
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+)
 # From a trivial graph to a long video workflow.
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 # From a warm local process to a cloud GPU pulling a large image.
@@ -166,7 +185,9 @@ class _FleetSnapshot(Collector):
         yield tasks
 
         workers = GaugeMetricFamily(
-            "comfyfleet_workers", "Workers by state and pool (terminated ones excluded).", labels=["state", "pool"]
+            "comfyfleet_workers",
+            "Workers by state and pool (terminated ones excluded).",
+            labels=["state", "pool"],
         )
         pools = sorted({pool for _, pool in self._workers}) or ["default"]
         for pool in pools:
@@ -240,7 +261,9 @@ def metrics_router() -> "APIRouter":
         "/metrics",
         summary="Prometheus metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}, "description": "The text exposition format."}},
+        responses={
+            200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}, "description": "The text exposition format."}
+        },
     )
     async def metrics(request: Request, store: Annotated[Store, Depends(get_store)]) -> Response:
         """Tasks by status and priority, workers by state and pool, dispatch latency and task duration

@@ -148,7 +148,9 @@ class Runtime:
         bus = EventBus(store, replica_id=replica_id, shared=not settings.store.startswith("sqlite:"))
         try:
             outputs = open_outputs(settings.outputs)
-            fleet = await self._stack.enter_async_context(FleetManager(settings, store, replica_id=replica_id))
+            fleet = await self._stack.enter_async_context(
+                FleetManager(settings, store, replica_id=replica_id)
+            )
         except (OutputsError, FleetError) as exc:
             # A bad pool or outputs setting is a configuration problem: say which, without a traceback.
             raise StartupError(str(exc)) from exc
@@ -166,7 +168,9 @@ class Runtime:
             )
         )
         # Webhooks of ended tasks, from the store's outbox (every replica delivers; leases keep them apart).
-        webhooks = await self._stack.enter_async_context(WebhookDeliverer(store, settings, owner=replica_id, bus=bus))
+        webhooks = await self._stack.enter_async_context(
+            WebhookDeliverer(store, settings, owner=replica_id, bus=bus)
+        )
         self.add_loop("fleet", fleet.run)
         self.add_loop("dispatcher", dispatcher.run)
         self.add_loop("webhooks", webhooks.run)
@@ -248,7 +252,9 @@ class Runtime:
                 "api_unprotected host=%s: NO API KEYS ARE CONFIGURED AND THE API LISTENS ON A NON-LOOPBACK "
                 "ADDRESS: anyone who can reach %s:%s can submit, read and cancel tasks. Add api_keys to the "
                 "config (see 'comfyfleet hash-key').",
-                settings.host, settings.host, port,
+                settings.host,
+                settings.host,
+                port,
             )
 
 

@@ -16,8 +16,19 @@ from comfyfleet.runtime import Runtime
 
 SEED_BODY: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "seed_task.json").read_text())
 SEED_TASK_FIELDS = (
-    "id", "workflow_id", "priority", "status", "payload", "worker_id", "created_at", "started_at",
-    "completed_at", "result", "error", "retry_count", "max_retries",
+    "id",
+    "workflow_id",
+    "priority",
+    "status",
+    "payload",
+    "worker_id",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "result",
+    "error",
+    "retry_count",
+    "max_retries",
 )
 
 # Keys of the tenants used by the auth tests: alice and bob are tenants, ops is an admin.

@@ -29,20 +29,26 @@ async def api_store(store_url: str) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-def make_client(api_store: Store, store_url: str) -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
+def make_client(
+    api_store: Store, store_url: str
+) -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
     """``async with make_client(**settings) as client``: the app over ``api_store`` with those settings."""
 
     @asynccontextmanager
     async def make(**settings: Any) -> AsyncIterator[httpx.AsyncClient]:
         app = create_app(Settings(store=store_url, **settings), api_store)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test"
+        ) as client:
             yield client
 
     return make
 
 
 @pytest.fixture
-async def client(make_client: Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    make_client: Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]],
+) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client() as opened:
         yield opened
 

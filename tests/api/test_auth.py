@@ -40,11 +40,19 @@ async def submit_as(client: httpx.AsyncClient, tenant: str, **fields: object) ->
         ({"Authorization": "alice-secret-key"}, "unauthorized"),
     ],
 )
-async def test_every_api_route_needs_a_valid_key(keyed: httpx.AsyncClient, headers: dict[str, str], error: str) -> None:
-    for method, path in (("POST", "/api/v1/tasks"), ("GET", "/api/v1/tasks"), ("GET", "/api/v1/queue/metrics"),
-                         ("GET", "/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000"),
-                         ("DELETE", "/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000")):
-        response = await keyed.request(method, path, json=small_body() if method == "POST" else None, headers=headers)
+async def test_every_api_route_needs_a_valid_key(
+    keyed: httpx.AsyncClient, headers: dict[str, str], error: str
+) -> None:
+    for method, path in (
+        ("POST", "/api/v1/tasks"),
+        ("GET", "/api/v1/tasks"),
+        ("GET", "/api/v1/queue/metrics"),
+        ("GET", "/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000"),
+        ("DELETE", "/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000"),
+    ):
+        response = await keyed.request(
+            method, path, json=small_body() if method == "POST" else None, headers=headers
+        )
         assert_error_shape(response, 401, error)
         assert response.headers["www-authenticate"].startswith("Bearer")
     assert (await keyed.get("/api/v1/tasks")).status_code == 401
@@ -62,11 +70,19 @@ async def test_a_tenant_sees_and_cancels_only_its_own_tasks(keyed: httpx.AsyncCl
 
     assert (await keyed.get(f"/api/v1/tasks/{alice_task}", headers=bearer("alice"))).status_code == 200
     # Another tenant's task does not exist as far as bob can tell: the same 404 as an unknown id.
-    assert_error_shape(await keyed.get(f"/api/v1/tasks/{alice_task}", headers=bearer("bob")), 404, "not_found")
-    assert_error_shape(await keyed.delete(f"/api/v1/tasks/{alice_task}", headers=bearer("bob")), 404, "not_found")
-    assert (await keyed.get(f"/api/v1/tasks/{alice_task}", headers=bearer("alice"))).json()["status"] == "pending"
+    assert_error_shape(
+        await keyed.get(f"/api/v1/tasks/{alice_task}", headers=bearer("bob")), 404, "not_found"
+    )
+    assert_error_shape(
+        await keyed.delete(f"/api/v1/tasks/{alice_task}", headers=bearer("bob")), 404, "not_found"
+    )
+    assert (await keyed.get(f"/api/v1/tasks/{alice_task}", headers=bearer("alice"))).json()[
+        "status"
+    ] == "pending"
 
-    listed = (await keyed.get("/api/v1/tasks", params={"workflow_id": "shared-name"}, headers=bearer("bob"))).json()
+    listed = (
+        await keyed.get("/api/v1/tasks", params={"workflow_id": "shared-name"}, headers=bearer("bob"))
+    ).json()
     assert [task["id"] for task in listed["tasks"]] == [bob_task]
     metrics = (await keyed.get("/api/v1/queue/metrics", headers=bearer("bob"))).json()
     assert metrics["pending_tasks"] == 1
@@ -98,14 +114,18 @@ async def test_idempotency_keys_are_per_tenant(keyed: httpx.AsyncClient) -> None
 
 
 async def test_without_keys_everything_is_tenant_default(client: httpx.AsyncClient) -> None:
-    response = await client.post("/api/v1/tasks", json=small_body(), headers={"Authorization": "Bearer anything"})
+    response = await client.post(
+        "/api/v1/tasks", json=small_body(), headers={"Authorization": "Bearer anything"}
+    )
     assert response.status_code == 201
     assert response.json()["tenant"] == "default"
     assert (await client.get("/api/v1/tasks")).json()["count"] == 1
 
 
 def test_keys_are_matched_by_hash_only() -> None:
-    ring = KeyRing([ApiKey(key_hash=hash_api_key("k1"), tenant="t1"), ApiKey(key="k2", tenant="t2", admin=True)])
+    ring = KeyRing(
+        [ApiKey(key_hash=hash_api_key("k1"), tenant="t1"), ApiKey(key="k2", tenant="t2", admin=True)]
+    )
     assert ring.principal_for("Bearer k1").tenant == "t1"
     assert not ring.principal_for("Bearer k1").admin
     assert ring.principal_for("bearer  k2").admin

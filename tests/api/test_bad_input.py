@@ -17,8 +17,13 @@ MAX_BODY_BYTES = 64 * 1024
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     store = tmp_path_factory.mktemp("bad-input") / "server.db"
-    settings = Settings(host="127.0.0.1", port=0, store=f"sqlite:///{store}", api_keys=API_KEYS,
-                        limits=Limits(max_body_bytes=MAX_BODY_BYTES))
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        store=f"sqlite:///{store}",
+        api_keys=API_KEYS,
+        limits=Limits(max_body_bytes=MAX_BODY_BYTES),
+    )
     with ServerThread(settings) as running:
         yield running
 
@@ -40,11 +45,13 @@ async def still_serving(server: ServerThread) -> None:
 
 
 def post_raw(client: httpx.AsyncClient, content: bytes) -> httpx.Request:
-    return client.build_request("POST", "/api/v1/tasks", content=content, headers={"Content-Type": "application/json"})
+    return client.build_request(
+        "POST", "/api/v1/tasks", content=content, headers={"Content-Type": "application/json"}
+    )
 
 
 async def test_body_not_json(http: httpx.AsyncClient, server: ServerThread) -> None:
-    for content in (b"{\"payload\": ", b"not json at all", b"\xff\xfe\x00", b""):
+    for content in (b'{"payload": ', b"not json at all", b"\xff\xfe\x00", b""):
         response = await http.send(post_raw(http, content))
         body = assert_error_shape(response, 400 if content else 422)
         assert body["error"] in {"invalid_json", "validation_error"}
@@ -77,10 +84,15 @@ async def test_a_node_without_class_type(http: httpx.AsyncClient, server: Server
     body = seed_body()
     del body["payload"]["6"]["class_type"]
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "invalid_graph")
-    assert error["details"]["errors"] == [{
-        "loc": ["body", "payload", "6"], "node_id": "6", "input_name": None, "type": "missing_class_type",
-        "message": "node '6' has no class_type",
-    }]
+    assert error["details"]["errors"] == [
+        {
+            "loc": ["body", "payload", "6"],
+            "node_id": "6",
+            "input_name": None,
+            "type": "missing_class_type",
+            "message": "node '6' has no class_type",
+        }
+    ]
     assert "'6'" in error["message"]
     await still_serving(server)
 
@@ -90,7 +102,11 @@ async def test_a_link_to_a_missing_node(http: httpx.AsyncClient, server: ServerT
     body["payload"]["3"]["inputs"]["latent_image"] = ["55", 0]
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "invalid_graph")
     [problem] = error["details"]["errors"]
-    assert (problem["node_id"], problem["input_name"], problem["type"]) == ("3", "latent_image", "link_to_missing_node")
+    assert (problem["node_id"], problem["input_name"], problem["type"]) == (
+        "3",
+        "latent_image",
+        "link_to_missing_node",
+    )
     assert "'latent_image'" in error["message"]
     assert "'55'" in error["message"]
     await still_serving(server)
@@ -109,7 +125,9 @@ async def test_a_cycle(http: httpx.AsyncClient, server: ServerThread) -> None:
 
 
 @pytest.mark.parametrize("priority", [5.5, 5.0, "5", "high", None, [5], True])
-async def test_a_non_integer_priority(http: httpx.AsyncClient, server: ServerThread, priority: object) -> None:
+async def test_a_non_integer_priority(
+    http: httpx.AsyncClient, server: ServerThread, priority: object
+) -> None:
     body = seed_body()
     body["priority"] = priority
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "validation_error")
@@ -124,7 +142,9 @@ async def test_values_nested_absurdly_deep(http: httpx.AsyncClient, server: Serv
     if field == "payload":
         content = '{"payload": {"1": {"class_type": "X", "inputs": {"a": DEEP}}}}'.replace("DEEP", deep)
     else:
-        content = '{"payload": {"1": {"class_type": "X", "inputs": {}}}, "metadata": {"a": DEEP}}'.replace("DEEP", deep)
+        content = '{"payload": {"1": {"class_type": "X", "inputs": {}}}, "metadata": {"a": DEEP}}'.replace(
+            "DEEP", deep
+        )
     before = (await http.get("/api/v1/tasks", params={"limit": 500})).json()["count"]
     error = assert_error_shape(await http.send(post_raw(http, content.encode())), 422)
     assert "nested deeper than 64 levels" in error["message"]
@@ -153,7 +173,9 @@ async def test_a_chunked_body_over_the_limit(http: httpx.AsyncClient, server: Se
             yield chunk
         yield b'"}}'
 
-    request = http.build_request("POST", "/api/v1/tasks", content=stream(), headers={"Content-Type": "application/json"})
+    request = http.build_request(
+        "POST", "/api/v1/tasks", content=stream(), headers={"Content-Type": "application/json"}
+    )
     assert "content-length" not in request.headers
     assert_error_shape(await http.send(request), 413, "request_too_large")
     assert (await http.post("/api/v1/tasks", json=small_body())).status_code == 201
@@ -164,9 +186,11 @@ async def test_a_chunked_body_under_the_limit_is_accepted(http: httpx.AsyncClien
     async def stream() -> AsyncIterator[bytes]:
         text = json.dumps(seed_body()).encode()
         for start in range(0, len(text), 100):
-            yield text[start:start + 100]
+            yield text[start : start + 100]
 
-    request = http.build_request("POST", "/api/v1/tasks", content=stream(), headers={"Content-Type": "application/json"})
+    request = http.build_request(
+        "POST", "/api/v1/tasks", content=stream(), headers={"Content-Type": "application/json"}
+    )
     response = await http.send(request)
     assert response.status_code == 201, response.text
     assert response.json()["payload"] == seed_body()["payload"]
@@ -191,7 +215,9 @@ async def test_a_wrong_api_key(server: ServerThread) -> None:
 async def test_another_tenants_task(http: httpx.AsyncClient, server: ServerThread) -> None:
     created = await http.post("/api/v1/tasks", json=seed_body())
     task_id = created.json()["id"]
-    body = assert_error_shape(await http.get(f"/api/v1/tasks/{task_id}", headers=bearer("bob")), 404, "not_found")
+    body = assert_error_shape(
+        await http.get(f"/api/v1/tasks/{task_id}", headers=bearer("bob")), 404, "not_found"
+    )
     assert "alice" not in body["message"]
     assert_error_shape(await http.delete(f"/api/v1/tasks/{task_id}", headers=bearer("bob")), 404, "not_found")
     assert (await http.get(f"/api/v1/tasks/{task_id}")).json()["status"] == "pending"
@@ -199,8 +225,11 @@ async def test_another_tenants_task(http: httpx.AsyncClient, server: ServerThrea
 
 
 async def test_wrong_content_type(http: httpx.AsyncClient, server: ServerThread) -> None:
-    response = await http.post("/api/v1/tasks", content=json.dumps(seed_body()).encode(),
-                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = await http.post(
+        "/api/v1/tasks",
+        content=json.dumps(seed_body()).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     error = assert_error_shape(response, 415, "unsupported_media_type")
     assert "application/json" in error["message"]
     await still_serving(server)
@@ -208,6 +237,7 @@ async def test_wrong_content_type(http: httpx.AsyncClient, server: ServerThread)
 
 async def test_unknown_route_and_method(http: httpx.AsyncClient, server: ServerThread) -> None:
     assert_error_shape(await http.get("/api/v2/tasks"), 404, "not_found")
-    assert_error_shape(await http.put("/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000"), 405, "method_not_allowed")
+    assert_error_shape(
+        await http.put("/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000"), 405, "method_not_allowed"
+    )
     await still_serving(server)
-

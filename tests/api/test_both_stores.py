@@ -28,7 +28,9 @@ from comfyfleet.store import Lease, Store, open_store
 @pytest.fixture
 async def http(store: Store) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(store=store.url, api_keys=API_KEYS), store)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test"
+    ) as client:
         yield client
 
 
@@ -45,16 +47,27 @@ async def test_submit_read_list_cancel(http: httpx.AsyncClient, store: Store) ->
     assert fetched["queue_position"] == 1
     assert fetched["created_at"] == task["created_at"]
 
-    replay = await http.post("/api/v1/tasks", json=small_body(), headers={**bearer("alice"), "Idempotency-Key": "k1"})
-    again = await http.post("/api/v1/tasks", json=small_body(), headers={**bearer("alice"), "Idempotency-Key": "k1"})
+    replay = await http.post(
+        "/api/v1/tasks", json=small_body(), headers={**bearer("alice"), "Idempotency-Key": "k1"}
+    )
+    again = await http.post(
+        "/api/v1/tasks", json=small_body(), headers={**bearer("alice"), "Idempotency-Key": "k1"}
+    )
     assert (replay.status_code, again.status_code) == (201, 200)
     assert again.json()["id"] == replay.json()["id"]
 
-    listed = (await http.get("/api/v1/tasks", params={"status": "pending", "limit": 1}, headers=bearer("alice"))).json()
+    listed = (
+        await http.get("/api/v1/tasks", params={"status": "pending", "limit": 1}, headers=bearer("alice"))
+    ).json()
     assert [entry["id"] for entry in listed["tasks"]] == [replay.json()["id"]]
     assert listed["next_cursor"] is not None
-    rest = (await http.get("/api/v1/tasks", params={"status": "pending", "cursor": listed["next_cursor"]},
-                           headers=bearer("alice"))).json()
+    rest = (
+        await http.get(
+            "/api/v1/tasks",
+            params={"status": "pending", "cursor": listed["next_cursor"]},
+            headers=bearer("alice"),
+        )
+    ).json()
     assert [entry["id"] for entry in rest["tasks"]] == [task["id"]]
     assert rest["next_cursor"] is None
 
@@ -67,7 +80,9 @@ async def test_submit_read_list_cancel(http: httpx.AsyncClient, store: Store) ->
     assert running.status_code == 202
     assert running.json()["cancel_requested"] is True
     await store.finish_cancelled(Lease(claimed.id, claimed.attempt, "test-dispatcher"))
-    assert_error_shape(await http.delete(f"/api/v1/tasks/{task['id']}", headers=bearer("alice")), 409, "conflict")
+    assert_error_shape(
+        await http.delete(f"/api/v1/tasks/{task['id']}", headers=bearer("alice")), 409, "conflict"
+    )
     pending = await http.delete(f"/api/v1/tasks/{replay.json()['id']}", headers=bearer("ops"))
     assert pending.status_code == 200
     assert pending.json()["status"] == "cancelled"
@@ -91,7 +106,9 @@ def test_a_real_server_migrates_and_serves_on_postgresql(empty_postgres_url: str
 
 
 @pytest.mark.postgres
-async def test_a_postgresql_outage_is_503_and_the_api_recovers(postgres_url: str, postgres_admin_url: str) -> None:
+async def test_a_postgresql_outage_is_503_and_the_api_recovers(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
     database = urlsplit(postgres_url).path.lstrip("/")
     admin = await asyncpg.connect(postgres_admin_url)
     try:

@@ -12,12 +12,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
     max_leaves=25,
 )
-fields = st.sampled_from(["payload", "workflow_id", "priority", "max_retries", "timeout_s", "pool", "inputs",
-                          "webhook", "metadata"])
+fields = st.sampled_from(
+    [
+        "payload",
+        "workflow_id",
+        "priority",
+        "max_retries",
+        "timeout_s",
+        "pool",
+        "inputs",
+        "webhook",
+        "metadata",
+    ]
+)
 
 
 def mutated_seed(data: st.DataObject) -> Any:
@@ -40,8 +57,9 @@ def mutated_seed(data: st.DataObject) -> Any:
 @given(data=st.data())
 async def test_arbitrary_bodies_never_cause_a_500(client: httpx.AsyncClient, data: st.DataObject) -> None:
     body: Any = mutated_seed(data) if data.draw(st.booleans()) else data.draw(json_values)
-    response = await client.post("/api/v1/tasks", content=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    response = await client.post(
+        "/api/v1/tasks", content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     if response.status_code == 201:
         assert response.json()["payload"] == body["payload"]
     else:
@@ -50,8 +68,12 @@ async def test_arbitrary_bodies_never_cause_a_500(client: httpx.AsyncClient, dat
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(params=st.dictionaries(st.sampled_from(["status", "workflow_id", "limit", "cursor"]), st.text(max_size=12)),
-       task_id=st.text(min_size=1, max_size=40).filter(lambda text: text.strip(".") != ""))
+@given(
+    params=st.dictionaries(
+        st.sampled_from(["status", "workflow_id", "limit", "cursor"]), st.text(max_size=12)
+    ),
+    task_id=st.text(min_size=1, max_size=40).filter(lambda text: text.strip(".") != ""),
+)
 async def test_arbitrary_query_and_ids_never_cause_a_500(
     client: httpx.AsyncClient, params: dict[str, str], task_id: str
 ) -> None:

@@ -34,7 +34,10 @@ def test_the_seed_workflow_is_valid() -> None:
     links = list(iter_links(SEED["payload"]))
     assert len(links) == 9
     assert {(link.node_id, link.input_name, link.source_id, link.output_index) for link in links} >= {
-        ("3", "model", "4", 0), ("6", "clip", "4", 1), ("8", "vae", "4", 2), ("9", "images", "8", 0),
+        ("3", "model", "4", 0),
+        ("6", "clip", "4", 1),
+        ("8", "vae", "4", 2),
+        ("9", "images", "8", 0),
     }
 
 
@@ -138,7 +141,12 @@ def test_a_long_chain_does_not_hit_the_recursion_limit() -> None:
 
 def test_as_dict() -> None:
     error = GraphError("3", "model", GraphErrorType.LINK_TO_MISSING_NODE, "m")
-    assert error.as_dict() == {"node_id": "3", "input_name": "model", "type": "link_to_missing_node", "message": "m"}
+    assert error.as_dict() == {
+        "node_id": "3",
+        "input_name": "model",
+        "type": "link_to_missing_node",
+        "message": "m",
+    }
 
 
 # -- properties ---------------------------------------------------------------------------------
@@ -185,7 +193,10 @@ def test_a_back_link_makes_a_cycle_that_is_reported(graph: dict[str, Any], data:
     # The cycle is a closed walk of real links: each link's source is the previous link's consumer.
     for previous, current in zip([cycle[-1], *cycle], cycle, strict=False):
         assert current.source_id == previous.node_id
-        assert graph[current.node_id]["inputs"][current.input_name] == [current.source_id, current.output_index]
+        assert graph[current.node_id]["inputs"][current.input_name] == [
+            current.source_id,
+            current.output_index,
+        ]
     errors = validate_graph(graph)
     assert types_of(errors) == [GraphErrorType.CYCLE]
 
@@ -203,11 +214,15 @@ def test_a_dangling_link_is_reported_at_its_input(graph: dict[str, Any], data: s
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
-    max_leaves=30,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4)
+        ),
+        max_leaves=30,
+    )
+)
 def test_any_json_value_gets_an_answer_never_an_exception(value: Any) -> None:
     errors = validate_graph(value, max_nodes=100)
     assert isinstance(errors, list)
@@ -229,7 +244,10 @@ def test_values_nested_too_deep_are_refused_where_they_are() -> None:
     assert not exceeds_depth({"a": [{"b": 1}]}, 3)
     assert exceeds_depth({"a": [{"b": []}]}, 3)
     assert validate_graph({"1": node(ok=nested(MAX_VALUE_DEPTH))}) == []
-    graph = {"1": {**node(deep=nested(5000)), "_meta": nested(MAX_VALUE_DEPTH + 1)}, "2": node(x=["1", nested(300)])}
+    graph = {
+        "1": {**node(deep=nested(5000)), "_meta": nested(MAX_VALUE_DEPTH + 1)},
+        "2": node(x=["1", nested(300)]),
+    }
     errors = validate_graph(graph)
     assert [(error.node_id, error.input_name, error.type) for error in errors] == [
         ("1", None, GraphErrorType.TOO_DEEP),

@@ -35,7 +35,10 @@ class ServeProcess:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "comfyfleet", "serve", "--port", "0", *args],
-            cwd=workdir, env=clean_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=clean_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.url = ""
 
@@ -84,8 +87,13 @@ def serve_process(tmp_path: Path) -> Iterator[Any]:
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "comfyfleet", *args], cwd=tmp_path, env=clean_env(),
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "comfyfleet", *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -116,7 +124,9 @@ def test_serve_refuses_a_port_in_use_clearly(tmp_path: Path, serve_process: Any)
     assert "Traceback" not in result.stderr
 
 
-def test_serve_warns_loudly_without_keys_off_loopback_and_stops_gracefully(tmp_path: Path, serve_process: Any) -> None:
+def test_serve_warns_loudly_without_keys_off_loopback_and_stops_gracefully(
+    tmp_path: Path, serve_process: Any
+) -> None:
     server = serve_process("--host", "0.0.0.0", "--store", f"sqlite:///{tmp_path / 'open.db'}")
     url = server.wait_listening()
     assert httpx.get(f"{url}/ready", timeout=10).json() == {"status": "ready"}
@@ -134,7 +144,9 @@ def test_serve_on_loopback_with_keys_does_not_warn(tmp_path: Path, serve_process
     config.write_text("store: sqlite:///keyed.db\napi_keys:\n  - key: k-123\n    tenant: team\n")
     server = serve_process("--config", str(config))
     url = server.wait_listening()
-    response = httpx.post(f"{url}/api/v1/tasks", json=seed_body(), headers={"Authorization": "Bearer k-123"}, timeout=10)
+    response = httpx.post(
+        f"{url}/api/v1/tasks", json=seed_body(), headers={"Authorization": "Bearer k-123"}, timeout=10
+    )
     assert response.status_code == 201
     assert response.json()["tenant"] == "team"
     assert httpx.get(f"{url}/api/v1/tasks", timeout=10).status_code == 401
@@ -173,7 +185,10 @@ async def test_kill_9_during_a_burst_loses_no_acknowledged_task(tmp_path: Path, 
                 enough.set()
 
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-    async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client, asyncio.TaskGroup() as group:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client,
+        asyncio.TaskGroup() as group,
+    ):
         for worker in range(16):
             group.create_task(submitter(client, worker), name=f"submitter-{worker}")
         await asyncio.wait_for(enough.wait(), timeout=60)
@@ -205,7 +220,9 @@ async def all_workflow_ids(client: httpx.AsyncClient) -> list[str]:
     found: list[str] = []
     cursor: str | None = None
     while True:
-        page = (await client.get("/api/v1/tasks", params={"limit": 500, **({"cursor": cursor} if cursor else {})})).json()
+        page = (
+            await client.get("/api/v1/tasks", params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+        ).json()
         found += [task["workflow_id"] for task in page["tasks"]]
         cursor = page["next_cursor"]
         if cursor is None:

@@ -28,8 +28,12 @@ def parse_time(value: str) -> datetime:
     return parsed
 
 
-async def submit(client: httpx.AsyncClient, body: dict[str, Any] | None = None, **headers: str) -> dict[str, Any]:
-    response = await client.post("/api/v1/tasks", json=body if body is not None else small_body(), headers=headers)
+async def submit(
+    client: httpx.AsyncClient, body: dict[str, Any] | None = None, **headers: str
+) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/tasks", json=body if body is not None else small_body(), headers=headers
+    )
     assert response.status_code == 201, response.text
     created: dict[str, Any] = response.json()
     return created
@@ -38,7 +42,8 @@ async def submit(client: httpx.AsyncClient, body: dict[str, Any] | None = None, 
 async def test_seed_curl_example_gets_201_and_every_seed_field(client: httpx.AsyncClient) -> None:
     # Phase 1.1 of the seed: the same body and Content-Type the curl example sends.
     response = await client.post(
-        "/api/v1/tasks", content=httpx.Request("POST", "/", json=seed_body()).content,
+        "/api/v1/tasks",
+        content=httpx.Request("POST", "/", json=seed_body()).content,
         headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 201, response.text
@@ -72,11 +77,31 @@ async def test_seed_curl_example_gets_201_and_every_seed_field(client: httpx.Asy
 
 
 async def test_task_json_has_the_lifecycle_fields(client: httpx.AsyncClient) -> None:
-    created = await submit(client, small_body(timeout_s=90, max_retries=1, pool=None, metadata={"user": "u1"},
-                                              webhook={"url": "https://example.test/hook", "secret": "shh"},
-                                              inputs=[{"name": "a.png", "url": "https://example.test/a.png"}]))
-    for field in ("phase", "attempt", "prompt_id", "timeout_s", "not_before", "tenant", "updated_at", "pool",
-                  "progress", "attempts", "error_details", "queue_position"):
+    created = await submit(
+        client,
+        small_body(
+            timeout_s=90,
+            max_retries=1,
+            pool=None,
+            metadata={"user": "u1"},
+            webhook={"url": "https://example.test/hook", "secret": "shh"},
+            inputs=[{"name": "a.png", "url": "https://example.test/a.png"}],
+        ),
+    )
+    for field in (
+        "phase",
+        "attempt",
+        "prompt_id",
+        "timeout_s",
+        "not_before",
+        "tenant",
+        "updated_at",
+        "pool",
+        "progress",
+        "attempts",
+        "error_details",
+        "queue_position",
+    ):
         assert field in created, field
     assert created["timeout_s"] == 90
     assert created["max_retries"] == 1
@@ -116,11 +141,23 @@ async def test_priority_bounds_come_from_the_settings(make_client: MakeClient) -
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("priority", "5"), ("priority", 5.0), ("priority", True), ("max_retries", -1), ("max_retries", 1.5),
-     ("timeout_s", 0), ("timeout_s", "30"), ("workflow_id", 12), ("metadata", [1]), ("inputs", {"a": 1}),
-     ("colour", "blue")],
+    [
+        ("priority", "5"),
+        ("priority", 5.0),
+        ("priority", True),
+        ("max_retries", -1),
+        ("max_retries", 1.5),
+        ("timeout_s", 0),
+        ("timeout_s", "30"),
+        ("workflow_id", 12),
+        ("metadata", [1]),
+        ("inputs", {"a": 1}),
+        ("colour", "blue"),
+    ],
 )
-async def test_invalid_fields_are_422_in_the_error_shape(client: httpx.AsyncClient, field: str, value: Any) -> None:
+async def test_invalid_fields_are_422_in_the_error_shape(
+    client: httpx.AsyncClient, field: str, value: Any
+) -> None:
     response = await client.post("/api/v1/tasks", json=small_body(**{field: value}))
     body = assert_error_shape(response, 422, "validation_error")
     assert body["details"]["errors"][0]["loc"] == ["body", field]
@@ -128,11 +165,15 @@ async def test_invalid_fields_are_422_in_the_error_shape(client: httpx.AsyncClie
 
 
 async def test_unknown_pool_is_refused_when_pools_are_configured(make_client: MakeClient) -> None:
-    async with make_client(pools=[PoolConfig(name="gpu", labels=["sdxl"])], workers=["http://127.0.0.1:1"]) as client:
+    async with make_client(
+        pools=[PoolConfig(name="gpu", labels=["sdxl"])], workers=["http://127.0.0.1:1"]
+    ) as client:
         assert (await submit(client, small_body(pool="gpu")))["pool"] == "gpu"
         assert (await submit(client, small_body(pool="sdxl")))["pool"] == "sdxl"  # a label of a pool
         assert (await submit(client, small_body(pool="default")))["pool"] == "default"
-        body = assert_error_shape(await client.post("/api/v1/tasks", json=small_body(pool="gpus")), 422, "unknown_pool")
+        body = assert_error_shape(
+            await client.post("/api/v1/tasks", json=small_body(pool="gpus")), 422, "unknown_pool"
+        )
         assert "'gpus'" in body["message"]
         assert "gpu" in body["message"]
 
@@ -143,10 +184,14 @@ async def test_every_graph_problem_is_listed_with_node_and_input(client: httpx.A
     body["payload"]["9"]["inputs"]["images"] = ["8", -1]
     response = await client.post("/api/v1/tasks", json=body)
     error = assert_error_shape(response, 422, "invalid_graph")
-    problems = {(entry["node_id"], entry["input_name"], entry["type"]) for entry in error["details"]["errors"]}
+    problems = {
+        (entry["node_id"], entry["input_name"], entry["type"]) for entry in error["details"]["errors"]
+    }
     assert problems == {
-        ("3", "model", "link_to_missing_node"), ("6", "clip", "link_to_missing_node"),
-        ("7", "clip", "link_to_missing_node"), ("8", "vae", "link_to_missing_node"),
+        ("3", "model", "link_to_missing_node"),
+        ("6", "clip", "link_to_missing_node"),
+        ("7", "clip", "link_to_missing_node"),
+        ("8", "vae", "link_to_missing_node"),
         ("9", "images", "invalid_link"),
     }
     assert "(and 4 more problems)" in error["message"]
@@ -161,14 +206,20 @@ async def test_node_limit(make_client: MakeClient) -> None:
 
 
 async def test_idempotency_key_returns_the_original(client: httpx.AsyncClient, api_store: Store) -> None:
-    first = await client.post("/api/v1/tasks", json=small_body(priority=1), headers={"Idempotency-Key": "order-17"})
+    first = await client.post(
+        "/api/v1/tasks", json=small_body(priority=1), headers={"Idempotency-Key": "order-17"}
+    )
     assert first.status_code == 201
-    again = await client.post("/api/v1/tasks", json=small_body(priority=1), headers={"Idempotency-Key": "order-17"})
+    again = await client.post(
+        "/api/v1/tasks", json=small_body(priority=1), headers={"Idempotency-Key": "order-17"}
+    )
     assert again.status_code == 200
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
     # The same key with another request is a mistake said out loud, not a silent answer about another task.
-    changed = await client.post("/api/v1/tasks", json=small_body(priority=9), headers={"Idempotency-Key": "order-17"})
+    changed = await client.post(
+        "/api/v1/tasks", json=small_body(priority=9), headers={"Idempotency-Key": "order-17"}
+    )
     body = assert_error_shape(changed, 422, "idempotency_key_reused")
     assert body["details"]["task_id"] == first.json()["id"]
     other = await client.post("/api/v1/tasks", json=small_body(), headers={"Idempotency-Key": "order-18"})
@@ -194,7 +245,9 @@ async def test_list_filters_and_pages_newest_first(client: httpx.AsyncClient, ap
     assert empty.status_code == 200
     assert empty.json() == {"tasks": [], "count": 0, "next_cursor": None}
 
-    ids = [(await submit(client, small_body(workflow_id="a" if index % 2 else "b")))["id"] for index in range(7)]
+    ids = [
+        (await submit(client, small_body(workflow_id="a" if index % 2 else "b")))["id"] for index in range(7)
+    ]
     claimed = await api_store.claim("test-dispatcher", 30.0)
     assert [task.id for task in claimed] == [ids[0]]
 
@@ -223,7 +276,8 @@ async def test_list_filters_and_pages_newest_first(client: httpx.AsyncClient, ap
 
 
 @pytest.mark.parametrize(
-    "params", [{"limit": 0}, {"limit": 501}, {"limit": "ten"}, {"status": "pending,done"}, {"cursor": "not-a-cursor"}]
+    "params",
+    [{"limit": 0}, {"limit": 501}, {"limit": "ten"}, {"status": "pending,done"}, {"cursor": "not-a-cursor"}],
 )
 async def test_bad_list_parameters(client: httpx.AsyncClient, params: dict[str, Any]) -> None:
     response = await client.get("/api/v1/tasks", params=params)
@@ -240,16 +294,28 @@ async def test_a_pending_task_is_moved_up_the_queue(client: httpx.AsyncClient, a
     [claimed] = await api_store.claim("test-dispatcher", 30.0)
     assert claimed.id == third["id"]
 
-    body = assert_error_shape(await client.patch(f"/api/v1/tasks/{third['id']}", json={"priority": 1}), 409, "conflict")
+    body = assert_error_shape(
+        await client.patch(f"/api/v1/tasks/{third['id']}", json={"priority": 1}), 409, "conflict"
+    )
     assert "only a pending task" in body["message"]
-    assert_error_shape(await client.patch("/api/v1/tasks/8c2ffa3a-4d8e-4a5e-9d1c-3b8f6a0e7c11", json={"priority": 1}),
-                       404, "not_found")
-    assert_error_shape(await client.patch(f"/api/v1/tasks/{second['id']}", json={"priority": 10**9}), 422,
-                       "validation_error")
-    assert_error_shape(await client.patch(f"/api/v1/tasks/{second['id']}", json={"priority": "high"}), 422,
-                       "validation_error")
-    assert_error_shape(await client.patch(f"/api/v1/tasks/{second['id']}", json={"workflow_id": "x"}), 422,
-                       "validation_error")
+    assert_error_shape(
+        await client.patch("/api/v1/tasks/8c2ffa3a-4d8e-4a5e-9d1c-3b8f6a0e7c11", json={"priority": 1}),
+        404,
+        "not_found",
+    )
+    assert_error_shape(
+        await client.patch(f"/api/v1/tasks/{second['id']}", json={"priority": 10**9}), 422, "validation_error"
+    )
+    assert_error_shape(
+        await client.patch(f"/api/v1/tasks/{second['id']}", json={"priority": "high"}),
+        422,
+        "validation_error",
+    )
+    assert_error_shape(
+        await client.patch(f"/api/v1/tasks/{second['id']}", json={"workflow_id": "x"}),
+        422,
+        "validation_error",
+    )
     assert (await client.get(f"/api/v1/tasks/{second['id']}")).json()["priority"] == 0
 
 
@@ -306,8 +372,14 @@ async def test_unknown_task_is_404(client: httpx.AsyncClient, task_id: str) -> N
 
 async def test_queue_metrics(client: httpx.AsyncClient, api_store: Store) -> None:
     empty = (await client.get("/api/v1/queue/metrics")).json()
-    assert empty == {"pending_tasks": 0, "running_tasks": 0, "completed_tasks": 0, "failed_tasks": 0,
-                     "cancelled_tasks": 0, "oldest_pending_age_s": None}
+    assert empty == {
+        "pending_tasks": 0,
+        "running_tasks": 0,
+        "completed_tasks": 0,
+        "failed_tasks": 0,
+        "cancelled_tasks": 0,
+        "oldest_pending_age_s": None,
+    }
     for _ in range(3):
         await submit(client)
     await api_store.claim("test-dispatcher", 30.0)
@@ -331,7 +403,9 @@ async def test_store_outage_is_503_in_the_error_shape(store_url: str) -> None:
     async with store:
         await store.migrate()
     app = create_app(Settings(store=store_url), store)  # the store is closed from here on
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://comfyfleet.test"
+    ) as client:
         assert (await client.get("/health")).status_code == 200
         assert_error_shape(await client.get("/ready"), 503, "not_ready")
         response = await client.post("/api/v1/tasks", json=small_body())
@@ -350,8 +424,13 @@ async def test_routing_errors_use_the_error_shape(client: httpx.AsyncClient) -> 
 
 async def test_openapi_documents_every_route(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
-    for path, methods in {"/api/v1/tasks": ("get", "post"), "/api/v1/tasks/{task_id}": ("get", "delete"),
-                          "/api/v1/queue/metrics": ("get",), "/health": ("get",), "/ready": ("get",)}.items():
+    for path, methods in {
+        "/api/v1/tasks": ("get", "post"),
+        "/api/v1/tasks/{task_id}": ("get", "delete"),
+        "/api/v1/queue/metrics": ("get",),
+        "/health": ("get",),
+        "/ready": ("get",),
+    }.items():
         for method in methods:
             operation = schema["paths"][path][method]
             assert operation.get("description"), (path, method)

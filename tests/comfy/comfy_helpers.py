@@ -23,12 +23,17 @@ def seed_payload() -> dict[str, Any]:
 def trivial_graph(color: int = 0, prefix: str = "probe/empty", size: int = 64) -> dict[str, Any]:
     """Workflow 1 of the reference: EmptyImage -> SaveImage. Vary ``color`` to avoid the node cache."""
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 
 
-def sampler_graph(seed: int = 1, steps: int = 10, text: str = "a lighthouse", ckpt: str = "flux1-dev-fp8.safetensors") -> dict[str, Any]:
+def sampler_graph(
+    seed: int = 1, steps: int = 10, text: str = "a lighthouse", ckpt: str = "flux1-dev-fp8.safetensors"
+) -> dict[str, Any]:
     """The seed's shape at 64x64: a KSampler whose steps report progress and honour interrupts."""
     graph = seed_payload()
     graph["3"]["inputs"].update(seed=seed, steps=steps)

@@ -18,8 +18,12 @@ def ws_url(base_url: str, client_id: str | None = None, path: str = "/ws") -> st
 
 
 @asynccontextmanager
-async def socket(base_url: str, client_id: str | None = None, path: str = "/ws") -> AsyncIterator[ClientConnection]:
-    async with connect(ws_url(base_url, client_id, path), compression=None, max_size=None, max_queue=None) as ws:
+async def socket(
+    base_url: str, client_id: str | None = None, path: str = "/ws"
+) -> AsyncIterator[ClientConnection]:
+    async with connect(
+        ws_url(base_url, client_id, path), compression=None, max_size=None, max_queue=None
+    ) as ws:
         yield ws
 
 
@@ -32,7 +36,9 @@ async def next_json(ws: ClientConnection, within: float = 10.0) -> dict[str, Any
                 return message
 
 
-async def frames_until_done(ws: ClientConnection, prompt_id: str, within: float = 10.0) -> list[dict[str, Any]]:
+async def frames_until_done(
+    ws: ClientConnection, prompt_id: str, within: float = 10.0
+) -> list[dict[str, Any]]:
     """Every frame up to and including ``executing{node: null}`` of ``prompt_id``; binary frames appear
     as ``{"type": "<binary>", "bytes": ...}``."""
     frames: list[dict[str, Any]] = []
@@ -45,7 +51,11 @@ async def frames_until_done(ws: ClientConnection, prompt_id: str, within: float 
             message = json.loads(frame)
             frames.append(message)
             data = message.get("data", {})
-            if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+            if (
+                message["type"] == "executing"
+                and data.get("node") is None
+                and data.get("prompt_id") == prompt_id
+            ):
                 return frames
 
 

@@ -57,7 +57,9 @@ async def test_submit_and_follow_collects_outputs_and_events(emulator_factory: E
         assert prompt_id not in comfy._watches  # followed prompts leave no buffer behind
 
 
-async def test_socket_dropped_mid_prompt_the_outcome_is_still_learned(emulator_factory: EmulatorFactory) -> None:
+async def test_socket_dropped_mid_prompt_the_outcome_is_still_learned(
+    emulator_factory: EmulatorFactory,
+) -> None:
     async with emulator_factory(step_time_s=0.02) as emu, ComfyClient(emu.url, poll_interval_s=0.05) as comfy:
         first_id = comfy.client_id
         prompt_id = new_id()
@@ -96,9 +98,13 @@ async def test_server_restarted_mid_prompt_is_reported_lost(emulator_factory: Em
             await comfy.follow(queued)
 
 
-async def test_crashed_server_is_unreachable_then_lost_after_it_comes_back(emulator_factory: EmulatorFactory) -> None:
+async def test_crashed_server_is_unreachable_then_lost_after_it_comes_back(
+    emulator_factory: EmulatorFactory,
+) -> None:
     async with emulator_factory(step_time_s=0.02, crash_after=0) as emu:
-        async with ComfyClient(emu.url, poll_interval_s=0.02, max_poll_interval_s=0.05, unreachable_after_s=0.3) as comfy:
+        async with ComfyClient(
+            emu.url, poll_interval_s=0.02, max_poll_interval_s=0.05, unreachable_after_s=0.3
+        ) as comfy:
             prompt_id = new_id()
             await comfy.submit(sampler_graph(seed=41), prompt_id=prompt_id)
             await asyncio.wait_for(emu.crashed.wait(), 5)
@@ -112,7 +118,9 @@ async def test_crashed_server_is_unreachable_then_lost_after_it_comes_back(emula
                 await asyncio.wait_for(follower, 10)
 
 
-async def test_history_race_a_completion_always_comes_with_its_outputs(emulator_factory: EmulatorFactory) -> None:
+async def test_history_race_a_completion_always_comes_with_its_outputs(
+    emulator_factory: EmulatorFactory,
+) -> None:
     async with emulator_factory(history_delay_s=0.2) as emu, httpx.AsyncClient(base_url=emu.url) as http:
         # The race is real here: right after execution_success the history entry is still missing.
         async with ws_socket(emu.url, "naive") as ws:
@@ -142,7 +150,9 @@ async def test_interrupting_one_prompt_leaves_the_queued_one_alone(emulator_fact
         assert queue.is_running(first)
         assert [item.prompt_id for item in queue.pending] == [second]
         progress = asyncio.Event()
-        follower = asyncio.ensure_future(comfy.follow(first, on_event=lambda e: progress.set() if e.type == "progress" else None))
+        follower = asyncio.ensure_future(
+            comfy.follow(first, on_event=lambda e: progress.set() if e.type == "progress" else None)
+        )
         await asyncio.wait_for(progress.wait(), 5)
         await comfy.interrupt(second)  # not running: a no-op
         await comfy.interrupt(first)
@@ -171,7 +181,9 @@ async def test_failures_and_cancellation(emulator_factory: EmulatorFactory) -> N
         await comfy.delete_from_queue([waiting])
         assert waiting not in await comfy.queue()
         with pytest.raises(PromptLost):
-            await asyncio.wait_for(comfy.follow(waiting), 2)  # deleted from the queue: only a status frame says so
+            await asyncio.wait_for(
+                comfy.follow(waiting), 2
+            )  # deleted from the queue: only a status frame says so
         assert await comfy.cancel_job(blocker) is True
         assert (await comfy.follow(blocker)).status == "interrupted"
         assert await comfy.cancel_job(blocker) is False
@@ -253,7 +265,12 @@ def test_frame_parsing_never_breaks_on_odd_frames() -> None:
     assert parse_text("[1, 2]") is None
     legacy = parse_binary(struct.pack(">II", 1, 1) + b"\xff\xd8jpeg")
     assert legacy is not None
-    assert (legacy.type, legacy.image_type, legacy.image, legacy.prompt_id) == ("preview", "image/jpeg", b"\xff\xd8jpeg", None)
+    assert (legacy.type, legacy.image_type, legacy.image, legacy.prompt_id) == (
+        "preview",
+        "image/jpeg",
+        b"\xff\xd8jpeg",
+        None,
+    )
     metadata = json.dumps({"prompt_id": "p", "node_id": "3", "image_type": "image/png"}).encode()
     tagged = parse_binary(struct.pack(">II", 4, len(metadata)) + metadata + b"\x89PNG")
     assert tagged is not None
@@ -268,13 +285,19 @@ def test_frame_parsing_never_breaks_on_odd_frames() -> None:
     assert unknown.type == "binary"
 
 
-async def test_binary_previews_reach_the_prompt_without_breaking_the_stream(emulator_factory: EmulatorFactory) -> None:
+async def test_binary_previews_reach_the_prompt_without_breaking_the_stream(
+    emulator_factory: EmulatorFactory,
+) -> None:
     async with emulator_factory(previews=True, step_time_s=0.001) as emu, ComfyClient(emu.url) as comfy:
         prompt_id = new_id()
         await comfy.submit(sampler_graph(seed=101, steps=3), prompt_id=prompt_id)
         previews: list[ComfyEvent] = []
-        outcome = await comfy.follow(prompt_id, on_event=lambda e: previews.append(e) if e.type == "preview" else None)
+        outcome = await comfy.follow(
+            prompt_id, on_event=lambda e: previews.append(e) if e.type == "preview" else None
+        )
         assert outcome.ok
         assert previews
         assert all(p.image is not None and p.image[:2] == b"\xff\xd8" for p in previews)
-        assert all(p.prompt_id == prompt_id for p in previews)  # legacy frames carry no id: routed to the running prompt
+        assert all(
+            p.prompt_id == prompt_id for p in previews
+        )  # legacy frames carry no id: routed to the running prompt

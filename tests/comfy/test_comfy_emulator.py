@@ -49,7 +49,10 @@ async def test_cli_emulator_runs_the_seed_payload_end_to_end(tmp_path: Path) -> 
     try:
         async with httpx.AsyncClient(base_url=url) as http, ws_socket(url, "client-x") as ws:
             hello = await next_json(ws)
-            assert hello == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "client-x"}}
+            assert hello == {
+                "type": "status",
+                "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "client-x"},
+            }
             response = await post_prompt(http, seed_payload(), client_id="client-x")
             assert response.status_code == 200
             body = response.json()
@@ -101,17 +104,28 @@ async def test_trivial_prompt_frames_match_the_live_sequence(emulator: EmulatorS
             "progress_state", "progress_state", "executing", "executed", "progress_state", "execution_success",
             "status", "executing",
         ]  # fmt: skip
-        assert [f["data"]["status"]["exec_info"]["queue_remaining"] for f in frames if f["type"] == "status"] == [1, 1, 0]
+        assert [
+            f["data"]["status"]["exec_info"]["queue_remaining"] for f in frames if f["type"] == "status"
+        ] == [1, 1, 0]
         assert frames[3]["data"]["nodes"] == []
         assert frames[5]["data"] == {"node": "1", "display_node": "1", "prompt_id": prompt_id}
-        assert frames[9]["data"]["output"] == {"images": [{"filename": "empty_00001_.png", "subfolder": "probe", "type": "output"}]}
+        assert frames[9]["data"]["output"] == {
+            "images": [{"filename": "empty_00001_.png", "subfolder": "probe", "type": "output"}]
+        }
         assert frames[-1]["data"] == {"node": None, "prompt_id": prompt_id}
 
         # An identical resubmission is served from the node cache: replayed UI, same file, no executing{node}.
         again = (await post_prompt(http, trivial_graph(7), client_id="a")).json()["prompt_id"]
         cached = await frames_until_done(ws, again)
         assert types(cached) == [
-            "status", "status", "execution_start", "execution_cached", "executed", "execution_success", "status", "executing"
+            "status",
+            "status",
+            "execution_start",
+            "execution_cached",
+            "executed",
+            "execution_success",
+            "status",
+            "executing",
         ]
         assert cached[3]["data"]["nodes"] == ["1", "2"]
         assert cached[4]["data"]["output"]["images"][0]["filename"] == "empty_00001_.png"
@@ -126,20 +140,22 @@ async def test_frames_are_routed_by_client_id(emulator_factory: EmulatorFactory)
         ws_socket(emu.url, "other") as other,
         ws_socket(emu.url) as anonymous,
     ):
-            assert len((await next_json(anonymous))["data"]["sid"]) == 32  # a generated uuid4 hex
-            await next_json(owner)
-            await next_json(other)
-            prompt_id = (await post_prompt(http, sampler_graph(seed=3), client_id="owner")).json()["prompt_id"]
-            await frames_until_done(owner, prompt_id)
-            # A prompt without a client_id: progress is broadcast, execution frames go nowhere.
-            orphan = (await post_prompt(http, sampler_graph(seed=4))).json()["prompt_id"]
-            await wait_until(lambda: emu.state.history.get(orphan) is not None)
-            marker = (await post_prompt(http, trivial_graph(5), client_id="other")).json()["prompt_id"]
-            seen_by_other = await frames_until_done(other, marker)
-            before_marker = seen_by_other[: next(i for i, f in enumerate(seen_by_other) if f["type"] == "execution_start")]
-            assert {f["type"] for f in before_marker} == {"status", "progress", "progress_state"}
-            assert all(f["data"]["prompt_id"] == orphan for f in before_marker if f["type"] == "progress")
-            assert not any(f["data"].get("prompt_id") == prompt_id for f in seen_by_other)
+        assert len((await next_json(anonymous))["data"]["sid"]) == 32  # a generated uuid4 hex
+        await next_json(owner)
+        await next_json(other)
+        prompt_id = (await post_prompt(http, sampler_graph(seed=3), client_id="owner")).json()["prompt_id"]
+        await frames_until_done(owner, prompt_id)
+        # A prompt without a client_id: progress is broadcast, execution frames go nowhere.
+        orphan = (await post_prompt(http, sampler_graph(seed=4))).json()["prompt_id"]
+        await wait_until(lambda: emu.state.history.get(orphan) is not None)
+        marker = (await post_prompt(http, trivial_graph(5), client_id="other")).json()["prompt_id"]
+        seen_by_other = await frames_until_done(other, marker)
+        before_marker = seen_by_other[
+            : next(i for i, f in enumerate(seen_by_other) if f["type"] == "execution_start")
+        ]
+        assert {f["type"] for f in before_marker} == {"status", "progress", "progress_state"}
+        assert all(f["data"]["prompt_id"] == orphan for f in before_marker if f["type"] == "progress")
+        assert not any(f["data"].get("prompt_id") == prompt_id for f in seen_by_other)
 
 
 async def test_reusing_a_client_id_orphans_the_new_socket_like_upstream(emulator: EmulatorServer) -> None:
@@ -204,12 +220,20 @@ async def test_prompt_id_must_be_a_canonical_uuid_and_is_not_deduplicated(emulat
         second = await post_prompt(http, trivial_graph(3), prompt_id=chosen)
         assert first.json()["prompt_id"] == second.json()["prompt_id"] == chosen
         assert second.json()["number"] == first.json()["number"] + 1
-        await wait_until(lambda: emulator.stats.executions.get(chosen) == 2 and not emulator.state.heap and not emulator.state.running)
+        await wait_until(
+            lambda: (
+                emulator.stats.executions.get(chosen) == 2
+                and not emulator.state.heap
+                and not emulator.state.running
+            )
+        )
         history = (await http.get(f"/history/{chosen}")).json()[chosen]
         assert history["prompt"][2]["1"]["inputs"]["color"] == 3  # the second overwrote the first
 
 
-async def test_queue_is_a_heap_honouring_front_and_delete_touches_pending_only(emulator_factory: EmulatorFactory) -> None:
+async def test_queue_is_a_heap_honouring_front_and_delete_touches_pending_only(
+    emulator_factory: EmulatorFactory,
+) -> None:
     async with emulator_factory(step_time_s=0.02) as emu, httpx.AsyncClient(base_url=emu.url) as http:
         j1, j2, j3, j4 = new_id(), new_id(), new_id(), new_id()
         await post_prompt(http, sampler_graph(seed=1, steps=500), prompt_id=j1)
@@ -274,7 +298,14 @@ async def test_history_and_jobs_shapes(emulator: EmulatorServer) -> None:
     async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "h") as ws:
         ids = []
         for color in (1, 2, 3):
-            prompt_id = (await post_prompt(http, trivial_graph(color), client_id="h", extra_data={"extra_pnginfo": {"workflow": {"id": "wf-1"}}})).json()["prompt_id"]
+            prompt_id = (
+                await post_prompt(
+                    http,
+                    trivial_graph(color),
+                    client_id="h",
+                    extra_data={"extra_pnginfo": {"workflow": {"id": "wf-1"}}},
+                )
+            ).json()["prompt_id"]
             await frames_until_done(ws, prompt_id)
             ids.append(prompt_id)
         entry = (await http.get(f"/history/{ids[0]}")).json()[ids[0]]
@@ -284,8 +315,14 @@ async def test_history_and_jobs_shapes(emulator: EmulatorServer) -> None:
         assert graph["1"]["class_type"] == "EmptyImage"
         assert entry["status"]["status_str"] == "success"
         assert entry["status"]["completed"] is True
-        assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
-        assert entry["meta"] == {"2": {"node_id": "2", "display_node": "2", "parent_node": None, "real_node_id": "2"}}
+        assert [m[0] for m in entry["status"]["messages"]] == [
+            "execution_start",
+            "execution_cached",
+            "execution_success",
+        ]
+        assert entry["meta"] == {
+            "2": {"node_id": "2", "display_node": "2", "parent_node": None, "real_node_id": "2"}
+        }
         assert list((await http.get("/history", params={"max_items": 1})).json()) == [ids[2]]
         assert list((await http.get("/history", params={"max_items": 1, "offset": 0})).json()) == [ids[0]]
 
@@ -297,7 +334,9 @@ async def test_history_and_jobs_shapes(emulator: EmulatorServer) -> None:
         assert job["preview_output"]["mediaType"] == "images"
         assert job["execution_start_time"] <= job["execution_end_time"]
         assert set(job["workflow"]) == {"prompt", "extra_data"}
-        listing = (await http.get("/api/jobs", params={"status": "completed", "limit": 2, "sort_order": "asc"})).json()
+        listing = (
+            await http.get("/api/jobs", params={"status": "completed", "limit": 2, "sort_order": "asc"})
+        ).json()
         assert [j["id"] for j in listing["jobs"]] == ids[:2]
         assert listing["pagination"] == {"offset": 0, "limit": 2, "total": 3, "has_more": True}
 
@@ -308,6 +347,7 @@ async def test_history_and_jobs_shapes(emulator: EmulatorServer) -> None:
 
 async def test_free_memory_resets_the_node_cache_and_unloads_models(emulator: EmulatorServer) -> None:
     async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "f") as ws:
+
         async def run(graph: dict[str, object]) -> list[str]:
             prompt_id = (await post_prompt(http, graph, client_id="f")).json()["prompt_id"]
             frames = await frames_until_done(ws, prompt_id)
@@ -330,23 +370,49 @@ async def test_uploads_and_view(emulator_factory: EmulatorFactory) -> None:
         Image.new("RGB", size, color).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    async with emulator_factory(max_upload_size=64 * 1024) as emu, httpx.AsyncClient(base_url=emu.url) as http:
+    async with (
+        emulator_factory(max_upload_size=64 * 1024) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+    ):
+
         async def upload(data: bytes, **fields: str) -> httpx.Response:
             return await http.post("/upload/image", files={"image": ("probe_upload.png", data)}, data=fields)
 
-        assert (await upload(png("red"))).json() == {"name": "probe_upload.png", "subfolder": "", "type": "input"}
+        assert (await upload(png("red"))).json() == {
+            "name": "probe_upload.png",
+            "subfolder": "",
+            "type": "input",
+        }
         assert (await upload(png("red"))).json()["name"] == "probe_upload.png"  # same bytes: no copy
         assert (await upload(png("blue"))).json()["name"] == "probe_upload (1).png"
         assert (await upload(png("green"), overwrite="true")).json()["name"] == "probe_upload.png"
-        assert (await upload(png("red"), subfolder="probe_sub")).json() == {"name": "probe_upload.png", "subfolder": "probe_sub", "type": "input"}
+        assert (await upload(png("red"), subfolder="probe_sub")).json() == {
+            "name": "probe_upload.png",
+            "subfolder": "probe_sub",
+            "type": "input",
+        }
         assert (await upload(png("red"), subfolder="../../escape")).status_code == 400
-        assert (await http.post("/upload/image", data={"type": "input"}, files={"other": ("x", b"x")})).status_code == 400
+        assert (
+            await http.post("/upload/image", data={"type": "input"}, files={"other": ("x", b"x")})
+        ).status_code == 400
         assert (await upload(os.urandom(70 * 1024))).status_code == 413
 
         graph = {
             "1": {"class_type": "LoadImage", "inputs": {"image": "probe_sub/probe_upload.png"}},
-            "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 200, "height": 100, "crop": "disabled"}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "probe/load_scale"}},
+            "2": {
+                "class_type": "ImageScale",
+                "inputs": {
+                    "image": ["1", 0],
+                    "upscale_method": "bilinear",
+                    "width": 200,
+                    "height": 100,
+                    "crop": "disabled",
+                },
+            },
+            "3": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["2", 0], "filename_prefix": "probe/load_scale"},
+            },
         }
         prompt_id = (await post_prompt(http, graph)).json()["prompt_id"]
         await wait_until(lambda: prompt_id in emu.state.history)
@@ -358,16 +424,21 @@ async def test_uploads_and_view(emulator_factory: EmulatorFactory) -> None:
             assert scaled.getpixel((100, 50)) == (255, 0, 0)
         webp = await http.get("/view", params={**image, "preview": "webp;50"})
         assert webp.headers["content-type"] == "image/webp"
-        annotated = await http.get("/view", params={"filename": "probe_upload.png [input]", "subfolder": "probe_sub"})
+        annotated = await http.get(
+            "/view", params={"filename": "probe_upload.png [input]", "subfolder": "probe_sub"}
+        )
         assert annotated.status_code == 200
         assert (await http.get("/view", params={"filename": "nothing.png"})).status_code == 404
         assert (await http.get("/view", params={"filename": "../secret.png"})).status_code == 400
         assert (await http.get("/view", params={"filename": "/etc/passwd"})).status_code == 400
-        assert (await http.get("/view", params={"filename": "x.png", "subfolder": "../.."})).status_code == 403
+        assert (
+            await http.get("/view", params={"filename": "x.png", "subfolder": "../.."})
+        ).status_code == 403
 
 
 async def test_save_image_names_and_pixels_follow_the_graph(emulator: EmulatorServer) -> None:
     async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "p") as ws:
+
         async def save(graph: dict[str, object]) -> bytes:
             prompt_id = (await post_prompt(http, graph, client_id="p")).json()["prompt_id"]
             frames = await frames_until_done(ws, prompt_id)
@@ -383,20 +454,33 @@ async def test_save_image_names_and_pixels_follow_the_graph(emulator: EmulatorSe
         pixels = {Image.open(io.BytesIO(data)).tobytes() for data in (first, other_seed, other_text)}
         assert len(pixels) == 3
         names = sorted(os.listdir(emulator.output_dir))
-        assert names == ["ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png", "ComfyUI_00004_.png"]
+        assert names == [
+            "ComfyUI_00001_.png",
+            "ComfyUI_00002_.png",
+            "ComfyUI_00003_.png",
+            "ComfyUI_00004_.png",
+        ]
         with Image.open(Path(emulator.output_dir) / names[0]) as png:
             assert json.loads(png.info["prompt"])["3"]["class_type"] == "KSampler"
 
 
 async def test_other_output_nodes(emulator_factory: EmulatorFactory) -> None:
-    async with emulator_factory(previews=True, step_time_s=0.001) as emu, httpx.AsyncClient(base_url=emu.url) as http:
+    async with (
+        emulator_factory(previews=True, step_time_s=0.001) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+    ):
         async with ws_socket(emu.url, "legacy") as legacy, ws_socket(emu.url, "meta") as meta:
             await next_json(legacy)
             await next_json(meta)
-            await meta.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+            await meta.send(
+                json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+            )
             assert (await next_json(meta))["type"] == "feature_flags"
             graph = {
-                "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 255}},
+                "1": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 255},
+                },
                 "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
             }
             for ws, client in ((legacy, "legacy"), (meta, "meta")):
@@ -415,18 +499,30 @@ async def test_other_output_nodes(emulator_factory: EmulatorFactory) -> None:
                 assert emu.state.history[prompt_id]["outputs"] == {}
 
         extra = {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 65280}},
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 65280},
+            },
             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
             "3": {"class_type": "PrimitiveString", "inputs": {"value": "hello from a model-free workflow"}},
-            "4": {"class_type": "SaveText", "inputs": {"text": ["3", 0], "filename_prefix": "probe/text", "format": "txt"}},
+            "4": {
+                "class_type": "SaveText",
+                "inputs": {"text": ["3", 0], "filename_prefix": "probe/text", "format": "txt"},
+            },
             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "probe/latent"}},
+            "6": {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": ["5", 0], "filename_prefix": "probe/latent"},
+            },
         }
         prompt_id = (await post_prompt(http, extra)).json()["prompt_id"]
         await wait_until(lambda: prompt_id in emu.state.history)
         outputs = emu.state.history[prompt_id]["outputs"]
         assert [i["type"] for i in outputs["2"]["images"]] == ["temp", "temp"]
-        assert outputs["4"] == {"text": ["hello from a model-free workflow"], "files": [{"filename": "text_00001.txt", "subfolder": "probe", "type": "output"}]}
+        assert outputs["4"] == {
+            "text": ["hello from a model-free workflow"],
+            "files": [{"filename": "text_00001.txt", "subfolder": "probe", "type": "output"}],
+        }
         assert outputs["6"]["latents"][0]["filename"] == "latent_00001_.latent"
         text = await http.get("/view", params=outputs["4"]["files"][0])
         assert text.text == "hello from a model-free workflow"
@@ -435,7 +531,11 @@ async def test_other_output_nodes(emulator_factory: EmulatorFactory) -> None:
 async def test_origin_guard(emulator: EmulatorServer) -> None:
     host = emulator.url.removeprefix("http://")
     async with httpx.AsyncClient(base_url=emulator.url) as http:
-        assert (await http.post("/prompt", json={"prompt": trivial_graph()}, headers={"Origin": "http://evil.example"})).status_code == 403
+        assert (
+            await http.post(
+                "/prompt", json={"prompt": trivial_graph()}, headers={"Origin": "http://evil.example"}
+            )
+        ).status_code == 403
         assert (await http.get("/queue", headers={"Sec-Fetch-Site": "cross-site"})).status_code == 403
         assert (await http.get("/queue", headers={"Origin": f"http://{host}"})).status_code == 200
 
@@ -450,26 +550,46 @@ async def test_object_info_describes_the_catalogue(emulator_factory: EmulatorFac
         assert required <= set(info)
         sampler = info["KSampler"]
         assert list(sampler["input"]["required"]) == [
-            "model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise"
+            "model",
+            "seed",
+            "steps",
+            "cfg",
+            "sampler_name",
+            "scheduler",
+            "positive",
+            "negative",
+            "latent_image",
+            "denoise",
         ]
-        assert sampler["input"]["required"]["steps"] == ["INT", {"default": 20, "min": 1, "max": 10000, "step": 1}]
+        assert sampler["input"]["required"]["steps"] == [
+            "INT",
+            {"default": 20, "min": 1, "max": 10000, "step": 1},
+        ]
         assert "euler" in sampler["input"]["required"]["sampler_name"][0]
         assert sampler["output"] == ["LATENT"]
         assert sampler["output_node"] is False
         assert info["SaveImage"]["output_node"] is True
         assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["only.safetensors"]
         assert info["CheckpointLoaderSimple"]["output"] == ["MODEL", "CLIP", "VAE"]
-        assert (await http.get("/object_info/ImageBlur")).json()["ImageBlur"]["category"] == "image/postprocessing"
+        assert (await http.get("/object_info/ImageBlur")).json()["ImageBlur"][
+            "category"
+        ] == "image/postprocessing"
         assert (await http.get("/object_info/NoSuchNode")).json() == {}
         assert (await http.get("/models/loras")).json() == ["style.safetensors"]
         assert (await http.get("/models/nothing")).status_code == 404
 
 
 async def test_model_lru_and_load_time(emulator_factory: EmulatorFactory) -> None:
-    async with emulator_factory(model_load_s=0.15, model_cache_size=1) as emu, httpx.AsyncClient(base_url=emu.url) as http:
+    async with (
+        emulator_factory(model_load_s=0.15, model_cache_size=1) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+    ):
+
         async def run(ckpt: str, seed: int) -> float:
             started = time.monotonic()
-            prompt_id = (await post_prompt(http, sampler_graph(seed=seed, steps=1, ckpt=ckpt))).json()["prompt_id"]
+            prompt_id = (await post_prompt(http, sampler_graph(seed=seed, steps=1, ckpt=ckpt))).json()[
+                "prompt_id"
+            ]
             await wait_until(lambda: prompt_id in emu.state.history)
             return time.monotonic() - started
 
@@ -483,7 +603,12 @@ async def test_model_lru_and_load_time(emulator_factory: EmulatorFactory) -> Non
 
 
 async def test_runtime_faults(emulator_factory: EmulatorFactory) -> None:
-    async with emulator_factory(seed=7) as emu, httpx.AsyncClient(base_url=emu.url) as http, ws_socket(emu.url, "e") as ws:
+    async with (
+        emulator_factory(seed=7) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+        ws_socket(emu.url, "e") as ws,
+    ):
+
         async def last_message(graph: dict[str, object]) -> dict[str, object]:
             prompt_id = (await post_prompt(http, graph, client_id="e")).json()["prompt_id"]
             frames = await frames_until_done(ws, prompt_id)
@@ -492,7 +617,9 @@ async def test_runtime_faults(emulator_factory: EmulatorFactory) -> None:
 
         escape = await last_message(trivial_graph(1, prefix="../../escape"))
         assert escape["exception_type"] == "Exception"
-        assert str(escape["exception_message"]).startswith("**** ERROR: Saving image outside the output folder is not allowed.")
+        assert str(escape["exception_message"]).startswith(
+            "**** ERROR: Saving image outside the output folder is not allowed."
+        )
 
         assert (await http.post("/emulator/faults", json={"oom_rate": 1.0})).status_code == 200
         oom = await last_message(sampler_graph(seed=1))
@@ -511,9 +638,15 @@ async def test_runtime_faults(emulator_factory: EmulatorFactory) -> None:
 
 
 async def test_hanging_node_ignores_interrupts_until_it_returns(emulator_factory: EmulatorFactory) -> None:
-    async with emulator_factory(hang_s=0.4, hang_node="ImageInvert") as emu, httpx.AsyncClient(base_url=emu.url) as http:
+    async with (
+        emulator_factory(hang_s=0.4, hang_node="ImageInvert") as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+    ):
         graph = {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1},
+            },
             "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "hang"}},
         }
@@ -583,7 +716,10 @@ async def test_startup_delay_keeps_the_port_closed(tmp_path: Path) -> None:
 
 def test_cli_rejects_bad_options() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "comfyfleet", "emulator", "--failure-rate", "3"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "comfyfleet", "emulator", "--failure-rate", "3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "failure_rate must be between 0 and 1" in result.stderr
@@ -592,6 +728,7 @@ def test_cli_rejects_bad_options() -> None:
 
 async def test_save_counter_follows_the_folder_like_upstream(emulator: EmulatorServer) -> None:
     async with httpx.AsyncClient(base_url=emulator.url) as http:
+
         async def save(color: int) -> str:
             prompt_id = (await post_prompt(http, trivial_graph(color, prefix="count/me"))).json()["prompt_id"]
             await wait_until(lambda: prompt_id in emulator.state.history)
@@ -599,13 +736,17 @@ async def test_save_counter_follows_the_folder_like_upstream(emulator: EmulatorS
             return name
 
         assert [await save(c) for c in (1, 2, 3)] == ["me_00001_.png", "me_00002_.png", "me_00003_.png"]
-        (Path(emulator.output_dir) / "count" / "me_00003_.png").unlink()  # someone cleans up: the counter follows
+        (
+            Path(emulator.output_dir) / "count" / "me_00003_.png"
+        ).unlink()  # someone cleans up: the counter follows
         assert await save(4) == "me_00003_.png"
         (Path(emulator.output_dir) / "count" / "me_00041_.png").write_bytes(b"")
         assert await save(5) == "me_00042_.png"
 
 
-async def test_an_error_inside_a_node_is_an_execution_error_and_the_executor_goes_on(emulator: EmulatorServer) -> None:
+async def test_an_error_inside_a_node_is_an_execution_error_and_the_executor_goes_on(
+    emulator: EmulatorServer,
+) -> None:
     async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "g") as ws:
         await http.post("/upload/image", files={"image": ("garbage.png", b"not an image at all")})
         graph = {

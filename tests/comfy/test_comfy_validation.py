@@ -56,10 +56,22 @@ async def test_missing_required_input(emulator: EmulatorServer) -> None:
     del graph["1"]["inputs"]["width"]
     body = await _rejection(emulator, graph)
     assert body == {
-        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+        "error": {
+            "type": "prompt_outputs_failed_validation",
+            "message": "Prompt outputs failed validation",
+            "details": "",
+            "extra_info": {},
+        },
         "node_errors": {
             "1": {
-                "errors": [{"type": "required_input_missing", "message": "Required input is missing", "details": "width", "extra_info": {"input_name": "width"}}],
+                "errors": [
+                    {
+                        "type": "required_input_missing",
+                        "message": "Required input is missing",
+                        "details": "width",
+                        "extra_info": {"input_name": "width"},
+                    }
+                ],
                 "dependent_outputs": ["2"],
                 "class_type": "EmptyImage",
             }
@@ -92,7 +104,16 @@ async def test_link_to_a_missing_node(emulator: EmulatorServer) -> None:
 async def test_value_not_in_list(emulator: EmulatorServer) -> None:
     graph = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "magic", "width": 4, "height": 4, "crop": "disabled"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "magic",
+                "width": 4,
+                "height": 4,
+                "crop": "disabled",
+            },
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
     }
     body = await _rejection(emulator, graph)
@@ -127,12 +148,20 @@ async def test_other_input_errors(emulator: EmulatorServer) -> None:
         "type": "value_bigger_than_max",
         "message": "Value 99999 bigger than max of 16384",
         "details": "width",
-        "extra_info": {"input_name": "width", "input_config": ["INT", {"default": 512, "min": 1, "max": 16384, "step": 1}], "received_value": 99999},
+        "extra_info": {
+            "input_name": "width",
+            "input_config": ["INT", {"default": 512, "min": 1, "max": 16384, "step": 1}],
+            "received_value": 99999,
+        },
     }
     graph["1"]["inputs"]["width"] = 0
-    assert (await _rejection(emulator, graph))["node_errors"]["1"]["errors"][0]["type"] == "value_smaller_than_min"
+    assert (await _rejection(emulator, graph))["node_errors"]["1"]["errors"][0][
+        "type"
+    ] == "value_smaller_than_min"
     graph["1"]["inputs"]["width"] = "wide"
-    assert (await _rejection(emulator, graph))["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
+    assert (await _rejection(emulator, graph))["node_errors"]["1"]["errors"][0][
+        "type"
+    ] == "invalid_input_type"
 
     mismatch = {
         "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -170,7 +199,9 @@ async def test_other_input_errors(emulator: EmulatorServer) -> None:
 
     bad_link = trivial_graph()
     bad_link["2"]["inputs"]["images"] = ["1", 0, 0]
-    assert (await _rejection(emulator, bad_link))["node_errors"]["2"]["errors"][0]["type"] == "bad_linked_input"
+    assert (await _rejection(emulator, bad_link))["node_errors"]["2"]["errors"][0][
+        "type"
+    ] == "bad_linked_input"
     int_link = trivial_graph()
     int_link["2"]["inputs"]["images"] = [1, 0]
     error = (await _rejection(emulator, int_link))["node_errors"]["2"]["errors"][0]
@@ -178,9 +209,16 @@ async def test_other_input_errors(emulator: EmulatorServer) -> None:
 
 
 async def test_top_level_rejections(emulator: EmulatorServer) -> None:
-    no_outputs = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}}
+    no_outputs = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}
+    }
     assert await _rejection(emulator, no_outputs) == {
-        "error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}},
+        "error": {
+            "type": "prompt_no_outputs",
+            "message": "Prompt has no outputs",
+            "details": "",
+            "extra_info": {},
+        },
         "node_errors": {},
     }
     no_class = await _rejection(emulator, {"1": {"inputs": {}}})
@@ -233,7 +271,14 @@ async def test_client_side_validation_matches_the_server(emulator: EmulatorServe
 
 def test_inspection_of_the_seed_workflow() -> None:
     graph = seed_payload()
-    assert workflow.node_types(graph) == {"KSampler", "CheckpointLoaderSimple", "EmptyLatentImage", "CLIPTextEncode", "VAEDecode", "SaveImage"}
+    assert workflow.node_types(graph) == {
+        "KSampler",
+        "CheckpointLoaderSimple",
+        "EmptyLatentImage",
+        "CLIPTextEncode",
+        "VAEDecode",
+        "SaveImage",
+    }
     assert workflow.model_names(graph) == {"flux1-dev-fp8.safetensors"}
     (reference,) = workflow.model_references(graph)
     assert (reference.node_id, reference.input_name, reference.folder) == ("4", "ckpt_name", "checkpoints")
@@ -241,8 +286,14 @@ def test_inspection_of_the_seed_workflow() -> None:
     assert len(workflow.links(graph)) == 9
     assert workflow.input_files(graph) == []
     lora_graph = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "LoraLoader", "inputs": {"lora_name": "pixel.safetensors", "model": ["1", 0], "clip": ["3", 0]}},
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
+        },
+        "2": {
+            "class_type": "LoraLoader",
+            "inputs": {"lora_name": "pixel.safetensors", "model": ["1", 0], "clip": ["3", 0]},
+        },
         "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "flux"}},
         "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "5": {"class_type": "LoadImage", "inputs": {"image": "sub/in.png"}},
@@ -259,7 +310,9 @@ def test_inspection_of_the_seed_workflow() -> None:
 
 
 _OBJECT_INFO = Catalogue(EmulatorOptions(), "input-folder-that-does-not-exist").object_info()
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False), st.text(max_size=8))
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False), st.text(max_size=8)
+)
 _values = st.one_of(
     _scalars,
     st.lists(st.one_of(st.sampled_from(["1", "2", "3", "99"]), st.integers(-1, 3)), max_size=3),
@@ -268,7 +321,13 @@ _values = st.one_of(
 _nodes = st.fixed_dictionaries(
     {
         "class_type": st.sampled_from([*sorted(_OBJECT_INFO), "Unknown"]),
-        "inputs": st.dictionaries(st.sampled_from(["image", "images", "width", "height", "color", "batch_size", "filename_prefix", "samples"]), _values, max_size=5),
+        "inputs": st.dictionaries(
+            st.sampled_from(
+                ["image", "images", "width", "height", "color", "batch_size", "filename_prefix", "samples"]
+            ),
+            _values,
+            max_size=5,
+        ),
     }
 )
 
@@ -283,9 +342,15 @@ def test_validate_never_crashes_and_always_answers_in_comfyuis_shape(graph: dict
     else:
         assert result.error is not None
         assert set(result.error) == {"type", "message", "details", "extra_info"}
-        assert result.error["type"] in {"missing_node_type", "prompt_no_outputs", "prompt_outputs_failed_validation"}
+        assert result.error["type"] in {
+            "missing_node_type",
+            "prompt_no_outputs",
+            "prompt_outputs_failed_validation",
+        }
     for node_id, node_error in result.node_errors.items():
         assert node_id in graph
         assert set(node_error) == {"errors", "dependent_outputs", "class_type"}
         assert node_error["errors"]
-        assert all(set(error) == {"type", "message", "details", "extra_info"} for error in node_error["errors"])
+        assert all(
+            set(error) == {"type", "message", "details", "extra_info"} for error in node_error["errors"]
+        )

@@ -53,17 +53,29 @@ def _prompt_id() -> str:
 
 def _trivial(size: int = 64) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": _color()}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "conformance/empty"}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": _color()},
+        },
+        "2": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["1", 0], "filename_prefix": "conformance/empty"},
+        },
     }
 
 
 def _slow() -> dict[str, Any]:
     size, batch = (1024, 8) if REAL_SERVER else (64, 1)
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": batch, "color": _color()}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": batch, "color": _color()},
+        },
         "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 31, "sigma": 10.0}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "conformance/slow"}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "conformance/slow"},
+        },
     }
 
 
@@ -130,6 +142,7 @@ async def test_queue_delete_interrupt_and_cancel(comfy: ComfyClient) -> None:
     await comfy.delete_from_queue([doomed])
     assert doomed not in await comfy.queue()
     assert await comfy.job(doomed) is None
+
     async def slow_is_running() -> bool:
         return (await comfy.queue()).is_running(slow)
 
@@ -157,8 +170,20 @@ async def test_upload_then_load_image(comfy: ComfyClient) -> None:
     assert uploaded == {"name": "source.png", "subfolder": subfolder, "type": "input"}
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": f"{subfolder}/source.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 200, "height": 100, "crop": "disabled"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "conformance/scaled"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "bilinear",
+                "width": 200,
+                "height": 100,
+                "crop": "disabled",
+            },
+        },
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "conformance/scaled"},
+        },
     }
     prompt_id = _prompt_id()
     await comfy.submit(graph, prompt_id=prompt_id)

@@ -23,7 +23,9 @@ from comfyfleet.comfy.emulator.server import EmulatorServer
 from comfyfleet.config import load_settings
 from comfyfleet.runtime import Runtime
 
-SEED_WORKFLOW: dict[str, Any] = json.loads((Path(__file__).parent.parent / "api" / "data" / "seed_task.json").read_text())
+SEED_WORKFLOW: dict[str, Any] = json.loads(
+    (Path(__file__).parent.parent / "api" / "data" / "seed_task.json").read_text()
+)
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -39,7 +41,10 @@ def seed_payload(seed: int = 46588125086418, *, steps: int = 20) -> dict[str, An
 def tiny_payload(color: int = 0, size: int = 16) -> dict[str, Any]:
     """EmptyImage → SaveImage: the cheapest graph that writes a file."""
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}},
     }
 
@@ -63,15 +68,26 @@ class Service:
         return task
 
     async def wait_task(
-        self, task_id: str, predicate: Callable[[dict[str, Any]], bool] | None = None, *, timeout_s: float = 30.0
+        self,
+        task_id: str,
+        predicate: Callable[[dict[str, Any]], bool] | None = None,
+        *,
+        timeout_s: float = 30.0,
     ) -> dict[str, Any]:
         """Poll until ``predicate(task)`` (default: the task ended) holds, or fail at the deadline."""
         check = predicate or (lambda task: task["status"] in TERMINAL)
-        return await poll_until(lambda: self.task(task_id), check, timeout_s=timeout_s, what=f"task {task_id}")
+        return await poll_until(
+            lambda: self.task(task_id), check, timeout_s=timeout_s, what=f"task {task_id}"
+        )
 
 
 async def poll_until(
-    read: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], *, timeout_s: float, what: str, every_s: float = 0.02
+    read: Callable[[], Awaitable[Any]],
+    check: Callable[[Any], bool],
+    *,
+    timeout_s: float,
+    what: str,
+    every_s: float = 0.02,
 ) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -79,7 +95,9 @@ async def poll_until(
         if check(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not reach the expected state in {timeout_s} s; last seen: {value!r}"[:2000])
+            raise AssertionError(
+                f"{what} did not reach the expected state in {timeout_s} s; last seen: {value!r}"[:2000]
+            )
         await asyncio.sleep(every_s)
 
 
@@ -93,8 +111,20 @@ async def emulators(*options: EmulatorOptions) -> AsyncIterator[list[EmulatorSer
 
 
 def fast_settings(tmp_path: Path, workers: list[str], **overrides: Any) -> dict[str, Any]:
-    dispatch = {"retry_base_s": 0.05, "retry_max_s": 0.2, "interrupt_grace_s": 1.0, "lease_s": 5.0, **overrides.pop("dispatch", {})}
-    fleet = {"probe_interval_s": 0.2, "probe_timeout_s": 1.0, "failure_threshold": 2, "reconcile_interval_s": 0.2, **overrides.pop("fleet", {})}
+    dispatch = {
+        "retry_base_s": 0.05,
+        "retry_max_s": 0.2,
+        "interrupt_grace_s": 1.0,
+        "lease_s": 5.0,
+        **overrides.pop("dispatch", {}),
+    }
+    fleet = {
+        "probe_interval_s": 0.2,
+        "probe_timeout_s": 1.0,
+        "failure_threshold": 2,
+        "reconcile_interval_s": 0.2,
+        **overrides.pop("fleet", {}),
+    }
     return {
         "store": overrides.pop("store", f"sqlite:///{tmp_path / 'comfyfleet.db'}"),
         "outputs": str(tmp_path / "outputs"),
@@ -108,7 +138,9 @@ def fast_settings(tmp_path: Path, workers: list[str], **overrides: Any) -> dict[
 
 
 @asynccontextmanager
-async def service(tmp_path: Path, workers: list[str], *, wait_workers: int | None = None, **overrides: Any) -> AsyncIterator[Service]:
+async def service(
+    tmp_path: Path, workers: list[str], *, wait_workers: int | None = None, **overrides: Any
+) -> AsyncIterator[Service]:
     """comfyfleet serving on a loopback port with these static workers; waits until they are usable."""
     settings = load_settings(**fast_settings(tmp_path, workers, **overrides))
     async with Runtime(settings) as runtime:
@@ -149,8 +181,18 @@ class ServeProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "comfyfleet", "serve", "--config", str(self.config_path), "--port", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "comfyfleet",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
 

@@ -20,7 +20,10 @@ from .service import SEED_WORKFLOW, TERMINAL, emulators, poll_until, seed_payloa
 
 
 async def test_seed_example_completes_and_its_png_downloads(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(), EmulatorOptions()) as (one, two), service(tmp_path, [one.url, two.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(), EmulatorOptions()) as (one, two),
+        service(tmp_path, [one.url, two.url]) as svc,
+    ):
         created = await svc.submit(SEED_WORKFLOW["payload"], workflow_id="text_to_image_v1", priority=5)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "completed", task
@@ -43,7 +46,10 @@ async def test_seed_example_completes_and_its_png_downloads(tmp_path: Path) -> N
 
 async def test_worker_crash_mid_task_is_retried_elsewhere(tmp_path: Path) -> None:
     crashing = EmulatorOptions(crash_after=0, prompt_time_s=0.2)
-    async with emulators(crashing, EmulatorOptions()) as (bad, good), service(tmp_path, [bad.url, good.url]) as svc:
+    async with (
+        emulators(crashing, EmulatorOptions()) as (bad, good),
+        service(tmp_path, [bad.url, good.url]) as svc,
+    ):
         # Two tasks on two idle workers: one lands on the worker that dies when it starts a prompt.
         first = await svc.submit(seed_payload(1))
         second = await svc.submit(seed_payload(2))
@@ -59,7 +65,10 @@ async def test_worker_crash_mid_task_is_retried_elsewhere(tmp_path: Path) -> Non
 
 
 async def test_node_error_fails_at_once_with_comfyui_message(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(failure_rate=1.0, seed=1)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(failure_rate=1.0, seed=1)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(3), max_retries=3)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed"
@@ -72,7 +81,10 @@ async def test_node_error_fails_at_once_with_comfyui_message(tmp_path: Path) -> 
 
 
 async def test_out_of_memory_is_retried(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(oom_rate=1.0, seed=1)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(oom_rate=1.0, seed=1)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(4), max_retries=2)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed"
@@ -109,9 +121,10 @@ async def test_unknown_node_type_fails_before_reaching_a_worker(tmp_path: Path) 
 
 async def test_timeout_interrupts_then_recycles_a_worker_that_ignores_it(tmp_path: Path) -> None:
     hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
-    async with emulators(hanging) as (worker,), service(
-        tmp_path, [worker.url], dispatch={"interrupt_grace_s": 0.3}
-    ) as svc:
+    async with (
+        emulators(hanging) as (worker,),
+        service(tmp_path, [worker.url], dispatch={"interrupt_grace_s": 0.3}) as svc,
+    ):
         created = await svc.submit(seed_payload(6), timeout_s=0.5, max_retries=3)
         task = await svc.wait_task(created["id"], timeout_s=15)
         assert task["status"] == "failed"
@@ -126,9 +139,12 @@ async def test_timeout_interrupts_then_recycles_a_worker_that_ignores_it(tmp_pat
 
 async def test_timeout_retried_elsewhere_when_configured(tmp_path: Path) -> None:
     hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
-    async with emulators(hanging, EmulatorOptions()) as (bad, good), service(
-        tmp_path, [bad.url, good.url], dispatch={"interrupt_grace_s": 0.3, "retry_timeouts": True}
-    ) as svc:
+    async with (
+        emulators(hanging, EmulatorOptions()) as (bad, good),
+        service(
+            tmp_path, [bad.url, good.url], dispatch={"interrupt_grace_s": 0.3, "retry_timeouts": True}
+        ) as svc,
+    ):
         tasks = [await svc.submit(seed_payload(10 + n), timeout_s=1.0) for n in range(2)]
         done = [await svc.wait_task(task["id"], timeout_s=20) for task in tasks]
         assert [task["status"] for task in done] == ["completed", "completed"]
@@ -146,10 +162,15 @@ async def test_cancel_pending_task(tmp_path: Path) -> None:
 
 
 async def test_cancel_task_queued_on_worker_never_runs_it(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         running = await svc.submit(seed_payload(20))
         queued = await svc.submit(seed_payload(21))
-        task = await svc.wait_task(queued["id"], lambda task: task["phase"] == "queued_on_worker", timeout_s=10)
+        task = await svc.wait_task(
+            queued["id"], lambda task: task["phase"] == "queued_on_worker", timeout_s=10
+        )
         prompt_id = task["prompt_id"]
         response = await svc.http.delete(f"/api/v1/tasks/{queued['id']}")
         assert response.status_code == 202
@@ -162,7 +183,10 @@ async def test_cancel_task_queued_on_worker_never_runs_it(tmp_path: Path) -> Non
 
 
 async def test_cancel_executing_task_interrupts_its_prompt(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(prompt_time_s=30.0)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(prompt_time_s=30.0)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(30))
         await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
         started = asyncio.get_running_loop().time()
@@ -175,10 +199,17 @@ async def test_cancel_executing_task_interrupts_its_prompt(tmp_path: Path) -> No
 
 
 async def test_progress_is_kept_on_the_task(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(step_time_s=0.05)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(step_time_s=0.05)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(40, steps=20))
         task = await svc.wait_task(
-            created["id"], lambda task: (task.get("progress") or {}).get("class_type") == "KSampler" and (task["progress"].get("value") or 0) > 0,
+            created["id"],
+            lambda task: (
+                (task.get("progress") or {}).get("class_type") == "KSampler"
+                and (task["progress"].get("value") or 0) > 0
+            ),
             timeout_s=10,
         )
         assert task["progress"]["max"] == 20
@@ -187,13 +218,17 @@ async def test_progress_is_kept_on_the_task(tmp_path: Path) -> None:
 
 async def test_submit_with_wait_answers_when_the_task_ended(tmp_path: Path) -> None:
     async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
-        response = await svc.http.post("/api/v1/tasks", params={"wait": 20}, json={"payload": seed_payload(50)})
+        response = await svc.http.post(
+            "/api/v1/tasks", params={"wait": 20}, json={"payload": seed_payload(50)}
+        )
         assert response.status_code == 201
         assert response.json()["status"] == "completed"
         assert response.json()["result"]["outputs"][0]["content_type"] == "image/png"
         # With nothing to run it, the wait ends at its limit with the task as it stands.
     async with service(tmp_path / "idle", []) as svc:
-        response = await svc.http.post("/api/v1/tasks", params={"wait": 0.3}, json={"payload": tiny_payload()})
+        response = await svc.http.post(
+            "/api/v1/tasks", params={"wait": 0.3}, json={"payload": tiny_payload()}
+        )
         assert response.status_code == 201
         assert response.json()["status"] == "pending"
 
@@ -207,8 +242,16 @@ def _png(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
 async def test_base64_input_is_uploaded_and_referenced_by_load_image(tmp_path: Path) -> None:
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear",
-                                                     "width": 40, "height": 20, "crop": "disabled"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "bilinear",
+                "width": 40,
+                "height": 20,
+                "crop": "disabled",
+            },
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "scaled"}},
     }
     data = base64.b64encode(_png((8, 8), (255, 0, 0))).decode()
@@ -226,15 +269,23 @@ async def test_base64_input_is_uploaded_and_referenced_by_load_image(tmp_path: P
 
 async def test_bad_inputs_are_refused_at_submission(tmp_path: Path) -> None:
     async with service(tmp_path, []) as svc:
-        for inputs in ([{"name": "../x.png", "data": "aGk="}], [{"name": "x.png", "data": "%%%"}],
-                       [{"name": "x.png", "url": "file:///etc/passwd"}]):
-            response = await svc.http.post("/api/v1/tasks", json={"payload": tiny_payload(), "inputs": inputs})
+        for inputs in (
+            [{"name": "../x.png", "data": "aGk="}],
+            [{"name": "x.png", "data": "%%%"}],
+            [{"name": "x.png", "url": "file:///etc/passwd"}],
+        ):
+            response = await svc.http.post(
+                "/api/v1/tasks", json={"payload": tiny_payload(), "inputs": inputs}
+            )
             assert response.status_code == 422, response.text
             assert response.json()["error"] == "invalid_input"
 
 
 async def test_task_events_stream_queue_position_status_and_progress(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(step_time_s=0.02)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(step_time_s=0.02)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(60, steps=10))
         seen: list[tuple[str, dict[str, object]]] = []
         async with svc.http.stream("GET", f"/api/v1/tasks/{created['id']}/events") as response:
@@ -284,7 +335,10 @@ async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path:
 
 
 async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(prompt_time_s=0.4)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(prompt_time_s=0.4)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         # One worker holds two prompts (prefetch 1): the third task waits at 1, the fourth at 2.
         tasks = [await svc.submit(seed_payload(80 + n)) for n in range(4)]
         await svc.wait_task(tasks[1]["id"], lambda task: task["status"] == "running", timeout_s=10)
@@ -304,7 +358,10 @@ async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> Non
 
 
 async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(90))
         running = await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
         fleet = svc.runtime.app.state.fleet
@@ -317,7 +374,10 @@ async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path
 
 
 async def test_latest_preview_of_a_running_task(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions(previews=True, step_time_s=0.1)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(previews=True, step_time_s=0.1)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         created = await svc.submit(seed_payload(95, steps=30))
         previews: list[dict[str, object]] = []
         async with svc.http.stream("GET", f"/api/v1/tasks/{created['id']}/events") as response:
@@ -343,10 +403,15 @@ async def test_latest_preview_of_a_running_task(tmp_path: Path) -> None:
 async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path: Path) -> None:
     from websockets.asyncio.client import connect
 
-    async with emulators(EmulatorOptions(previews=True, step_time_s=0.05)) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions(previews=True, step_time_s=0.05)) as (worker,),
+        service(tmp_path, [worker.url]) as svc,
+    ):
         socket_url = svc.url.replace("http://", "ws://") + "/ws?clientId=viewer"
         async with connect(socket_url, open_timeout=10) as ws:
-            response = await svc.http.post("/prompt", json={"prompt": seed_payload(96, steps=10), "client_id": "viewer"})
+            response = await svc.http.post(
+                "/prompt", json={"prompt": seed_payload(96, steps=10), "client_id": "viewer"}
+            )
             assert response.status_code == 200
             prompt_id = response.json()["prompt_id"]
             binary: list[bytes] = []
@@ -354,7 +419,10 @@ async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path:
                 async for frame in ws:
                     if isinstance(frame, bytes):
                         binary.append(frame)
-                    elif json.loads(frame) == {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}}:
+                    elif json.loads(frame) == {
+                        "type": "executing",
+                        "data": {"node": None, "prompt_id": prompt_id},
+                    }:
                         break
         assert binary
         event_type, image_format = struct.unpack_from(">II", binary[0])
@@ -365,13 +433,16 @@ async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path:
 async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: Path) -> None:
     keys = [{"key": "crowd-key", "tenant": "crowd"}, {"key": "lone-key", "tenant": "lone"}]
     worker_options = EmulatorOptions(prompt_time_s=0.3)
-    async with emulators(worker_options) as (worker,), service(
-        tmp_path, [worker.url], api_keys=keys, dispatch={"fair_share": True}
-    ) as svc:
+    async with (
+        emulators(worker_options) as (worker,),
+        service(tmp_path, [worker.url], api_keys=keys, dispatch={"fair_share": True}) as svc,
+    ):
 
         async def submit(key: str, color: int) -> str:
             response = await svc.http.post(
-                "/api/v1/tasks", json={"payload": tiny_payload(color)}, headers={"Authorization": f"Bearer {key}"}
+                "/api/v1/tasks",
+                json={"payload": tiny_payload(color)},
+                headers={"Authorization": f"Bearer {key}"},
             )
             assert response.status_code == 201, response.text
             task_id: str = response.json()["id"]
@@ -382,16 +453,21 @@ async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: P
 
         async def finished(task_id: str, key: str) -> dict[str, Any]:
             async def read() -> dict[str, Any]:
-                answer = await svc.http.get(f"/api/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"})
+                answer = await svc.http.get(
+                    f"/api/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
+                )
                 body: dict[str, Any] = answer.json()
                 return body
 
-            done: dict[str, Any] = await poll_until(read, lambda t: t["status"] in TERMINAL, timeout_s=30, what=task_id)
+            done: dict[str, Any] = await poll_until(
+                read, lambda t: t["status"] in TERMINAL, timeout_s=30, what=task_id
+            )
             return done
 
         lone_task = await finished(lone, "lone-key")
         crowd_tasks = [await finished(task_id, "crowd-key") for task_id in crowd]
         assert all(task["status"] == "completed" for task in [lone_task, *crowd_tasks])
+
         # The lone tenant's task went at the next free slot: no crowd task claimed after it arrived started
         # before it (at most one claimed in the same instant), although the crowd still had a backlog.
         def at(task: dict[str, Any], field: str) -> datetime:

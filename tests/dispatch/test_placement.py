@@ -10,14 +10,30 @@ from comfyfleet.dispatch.placement import PendingTask, Slot, fair_share, plan, s
 from comfyfleet.domain import Task, TaskStatus
 
 
-def task(task_id: str, *, priority: int = 0, models: tuple[str, ...] = (), nodes: tuple[str, ...] = ("SaveImage",),
-         pool: str | None = None, skips: int = 0) -> PendingTask:
+def task(
+    task_id: str,
+    *,
+    priority: int = 0,
+    models: tuple[str, ...] = (),
+    nodes: tuple[str, ...] = ("SaveImage",),
+    pool: str | None = None,
+    skips: int = 0,
+) -> PendingTask:
     return PendingTask(task_id, priority, pool, frozenset(nodes), frozenset(models), skips)
 
 
-def slot(worker_id: str, *, free: int = 1, assigned: int = 0, models: tuple[str, ...] = (),
-         nodes: tuple[str, ...] | None = None, pools: tuple[str, ...] = ("default",)) -> Slot:
-    return Slot(worker_id, frozenset(pools), free, assigned, frozenset(nodes) if nodes is not None else None, models)
+def slot(
+    worker_id: str,
+    *,
+    free: int = 1,
+    assigned: int = 0,
+    models: tuple[str, ...] = (),
+    nodes: tuple[str, ...] | None = None,
+    pools: tuple[str, ...] = ("default",),
+) -> Slot:
+    return Slot(
+        worker_id, frozenset(pools), free, assigned, frozenset(nodes) if nodes is not None else None, models
+    )
 
 
 def test_idle_worker_preferred_over_busy_one() -> None:
@@ -54,7 +70,13 @@ def test_without_model_awareness_fifo() -> None:
 
 def test_worker_missing_node_type_never_chosen() -> None:
     window = [task("t1", nodes=("SaveImage", "FancyNode"))]
-    result = plan(window, [slot("plain", nodes=("SaveImage",)), slot("fancy", free=1, assigned=1, nodes=("SaveImage", "FancyNode"))])
+    result = plan(
+        window,
+        [
+            slot("plain", nodes=("SaveImage",)),
+            slot("fancy", free=1, assigned=1, nodes=("SaveImage", "FancyNode")),
+        ],
+    )
     assert result == [("t1", "fancy")]
     assert plan(window, [slot("plain", nodes=("SaveImage",))]) == []
 
@@ -113,8 +135,15 @@ def test_idle_worker_takes_over_a_long_backlog() -> None:
 def _queued(tenant: str, seq: int, priority: int = 0) -> Task:
     now = datetime.now(UTC)
     return Task(
-        id=f"{tenant}-{seq}", seq=seq, workflow_id=None, priority=priority, status=TaskStatus.PENDING, payload={},
-        created_at=now, updated_at=now, tenant=tenant,
+        id=f"{tenant}-{seq}",
+        seq=seq,
+        workflow_id=None,
+        priority=priority,
+        status=TaskStatus.PENDING,
+        payload={},
+        created_at=now,
+        updated_at=now,
+        tenant=tenant,
     )
 
 
@@ -124,7 +153,20 @@ def test_fair_share_lets_tenants_take_turns_within_a_priority() -> None:
     urgent = _queued("other", 7, priority=3)
     order = fair_share([*crowd, lone, urgent], running={"crowd": 2})
     # Higher priority first; then the tenant with nothing running goes before the crowd's backlog.
-    assert [task.id for task in order] == ["other-7", "lone-6", "crowd-1", "crowd-2", "crowd-3", "crowd-4", "crowd-5"]
+    assert [task.id for task in order] == [
+        "other-7",
+        "lone-6",
+        "crowd-1",
+        "crowd-2",
+        "crowd-3",
+        "crowd-4",
+        "crowd-5",
+    ]
     # Without running tasks, turns alternate: crowd-1, lone-6, then the crowd's rest in order.
-    assert [task.id for task in fair_share([*crowd[:3], lone], running={})] == ["crowd-1", "lone-6", "crowd-2", "crowd-3"]
+    assert [task.id for task in fair_share([*crowd[:3], lone], running={})] == [
+        "crowd-1",
+        "lone-6",
+        "crowd-2",
+        "crowd-3",
+    ]
     assert fair_share([], running={"crowd": 1}) == []

@@ -16,7 +16,9 @@ from comfyfleet.comfy.emulator.server import EmulatorServer
 from .service import ServeProcess, emulators, poll_until, queue_metrics, tiny_payload
 
 
-def serve_config(tmp_path: Path, workers: list[str], store: str | None = None, **extra: Any) -> dict[str, Any]:
+def serve_config(
+    tmp_path: Path, workers: list[str], store: str | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "store": store or f"sqlite:///{tmp_path / 'comfyfleet.db'}",
         "outputs": str(tmp_path / "outputs"),
@@ -27,7 +29,9 @@ def serve_config(tmp_path: Path, workers: list[str], store: str | None = None, *
     }
 
 
-async def submit_all(http: httpx.AsyncClient, urls: list[str], count: int, *, concurrency: int = 16) -> list[str]:
+async def submit_all(
+    http: httpx.AsyncClient, urls: list[str], count: int, *, concurrency: int = 16
+) -> list[str]:
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(n: int) -> str:
@@ -38,7 +42,9 @@ async def submit_all(http: httpx.AsyncClient, urls: list[str], count: int, *, co
             for remaining in range(2, -1, -1):
                 try:
                     response = await http.post(
-                        f"{urls[n % len(urls)]}/api/v1/tasks", json={"payload": tiny_payload(color=n)}, headers=headers
+                        f"{urls[n % len(urls)]}/api/v1/tasks",
+                        json={"payload": tiny_payload(color=n)},
+                        headers=headers,
                     )
                     break
                 except httpx.TransportError:
@@ -75,16 +81,23 @@ async def test_kill_9_with_200_tasks_in_flight_loses_none_and_runs_none_twice(tm
         try:
             await server.wait_ready(http)
             ids = await submit_all(http, [server.url], 200)
-            await poll_until(lambda: queue_metrics(http, server.url), lambda m: m["completed_tasks"] >= 30,
-                             timeout_s=30, what="first completions")
+            await poll_until(
+                lambda: queue_metrics(http, server.url),
+                lambda m: m["completed_tasks"] >= 30,
+                timeout_s=30,
+                what="first completions",
+            )
             server.kill()
             in_flight = 200 - (await asyncio.sleep(0, sum(executions(workers).values())))
             assert in_flight > 0
             server.start()
             await server.wait_ready(http)
-            await poll_until(lambda: queue_metrics(http, server.url),
-                             lambda m: m["pending_tasks"] == 0 and m["running_tasks"] == 0,
-                             timeout_s=60, what="every task ending after the restart")
+            await poll_until(
+                lambda: queue_metrics(http, server.url),
+                lambda m: m["pending_tasks"] == 0 and m["running_tasks"] == 0,
+                timeout_s=60,
+                what="every task ending after the restart",
+            )
             tasks = await read_tasks(http, server.url, ids)
         finally:
             server.stop()
@@ -99,13 +112,20 @@ async def test_kill_9_with_200_tasks_in_flight_loses_none_and_runs_none_twice(tm
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(400)
-async def test_two_replicas_on_postgres_complete_2000_tasks_exactly_once(tmp_path: Path, postgres_url: str) -> None:
-    async with emulators(*(EmulatorOptions() for _ in range(4))) as workers, httpx.AsyncClient(
-        timeout=60, limits=httpx.Limits(max_connections=32)
-    ) as http:
+async def test_two_replicas_on_postgres_complete_2000_tasks_exactly_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    async with (
+        emulators(*(EmulatorOptions() for _ in range(4))) as workers,
+        httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as http,
+    ):
         urls = [worker.url for worker in workers]
         replicas = [
-            ServeProcess(tmp_path, serve_config(tmp_path, urls, store=postgres_url, replica_id=f"replica-{n}"), name=f"replica-{n}")
+            ServeProcess(
+                tmp_path,
+                serve_config(tmp_path, urls, store=postgres_url, replica_id=f"replica-{n}"),
+                name=f"replica-{n}",
+            )
             for n in range(2)
         ]
         for replica in replicas:
@@ -114,9 +134,13 @@ async def test_two_replicas_on_postgres_complete_2000_tasks_exactly_once(tmp_pat
             for replica in replicas:
                 await replica.wait_ready(http)
             ids = await submit_all(http, [replica.url for replica in replicas], 2000, concurrency=32)
-            await poll_until(lambda: queue_metrics(http, replicas[0].url),
-                             lambda m: m["pending_tasks"] == 0 and m["running_tasks"] == 0,
-                             timeout_s=240, what="2,000 tasks ending", every_s=0.5)
+            await poll_until(
+                lambda: queue_metrics(http, replicas[0].url),
+                lambda m: m["pending_tasks"] == 0 and m["running_tasks"] == 0,
+                timeout_s=240,
+                what="2,000 tasks ending",
+                every_s=0.5,
+            )
             tasks = await read_tasks(http, replicas[1].url, ids)
         finally:
             for replica in replicas:

@@ -22,14 +22,27 @@ def test_backoff_grows_exponentially_with_jitter_and_cap() -> None:
 
 
 def test_oom_is_retryable_node_error_is_not() -> None:
-    assert classify_execution_error({"exception_type": "torch.OutOfMemoryError", "exception_message": "Allocation on device"}) == "out_of_memory"
-    assert classify_execution_error({"exception_type": "ValueError", "exception_message": "bad"}) == "node_error"
+    assert (
+        classify_execution_error(
+            {"exception_type": "torch.OutOfMemoryError", "exception_message": "Allocation on device"}
+        )
+        == "out_of_memory"
+    )
+    assert (
+        classify_execution_error({"exception_type": "ValueError", "exception_message": "bad"}) == "node_error"
+    )
 
 
 def test_sanitized_error_drops_traceback_and_inputs() -> None:
     message, details = sanitize_execution_error(
-        {"node_id": "9", "node_type": "SaveImage", "exception_message": "boom", "exception_type": "Exception",
-         "traceback": ["/srv/comfy/x.py line 1"], "current_inputs": {"images": "tensor"}}
+        {
+            "node_id": "9",
+            "node_type": "SaveImage",
+            "exception_message": "boom",
+            "exception_type": "Exception",
+            "traceback": ["/srv/comfy/x.py line 1"],
+            "current_inputs": {"images": "tensor"},
+        }
     )
     assert message == "SaveImage (node 9): boom"
     assert "traceback" not in details
@@ -59,7 +72,10 @@ def test_input_over_size_rejected() -> None:
 
 
 def test_rewrite_graph_points_inputs_at_uploaded_path() -> None:
-    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}}, "2": {"class_type": "X", "inputs": {"v": 3}}}
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+        "2": {"class_type": "X", "inputs": {"v": 3}},
+    }
     rewritten = rewrite_graph(graph, {"cat.png": "comfyfleet/t1/cat.png"})
     assert rewritten["1"]["inputs"]["image"] == "comfyfleet/t1/cat.png"
     assert graph["1"]["inputs"]["image"] == "cat.png"
@@ -74,7 +90,10 @@ async def test_loopback_url_refused_unless_allowed() -> None:
             await fetch_url(client, "http://127.0.0.1:9/x.png", max_bytes=100, allow_private=False)
         with pytest.raises(InputError, match="non-public"):
             await fetch_url(client, "http://10.1.2.3/x.png", max_bytes=100, allow_private=False)
-        assert await fetch_url(client, "http://127.0.0.1:9/x.png", max_bytes=100, allow_private=True) == b"png-bytes"
+        assert (
+            await fetch_url(client, "http://127.0.0.1:9/x.png", max_bytes=100, allow_private=True)
+            == b"png-bytes"
+        )
 
 
 async def test_redirect_to_private_address_refused() -> None:

@@ -35,7 +35,12 @@ def docker_pool_settings() -> dict[str, object]:
 @pytest.fixture
 async def novita() -> AsyncIterator[NovitaEmulator]:
     options = NovitaEmulatorOptions(
-        api_key=NOVITA_KEY, to_create_s=0.05, creating_s=0.05, pulling_s=0.15, removing_s=0.05, stopping_s=0.05
+        api_key=NOVITA_KEY,
+        to_create_s=0.05,
+        creating_s=0.05,
+        pulling_s=0.15,
+        removing_s=0.05,
+        stopping_s=0.05,
     )
     async with NovitaEmulator(options) as emulator:
         yield emulator

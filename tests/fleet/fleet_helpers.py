@@ -17,7 +17,18 @@ from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.fleet.novita_emulator import NovitaEmulator
 from comfyfleet.store import Store
 
-EMULATOR_COMMAND = ["{python}", "-m", "comfyfleet", "emulator", "--host", "{host}", "--port", "{port}", "--log-level", "warning"]
+EMULATOR_COMMAND = [
+    "{python}",
+    "-m",
+    "comfyfleet",
+    "emulator",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--log-level",
+    "warning",
+]
 NOVITA_KEY = "test-novita-key"
 DEADLINE_S = 45.0
 
@@ -29,7 +40,9 @@ def docker_image() -> str:
     if not os.environ.get("DOCKER_HOST"):
         problem = "no Docker engine (DOCKER_HOST unset): run the tests through scripts/test"
     elif not image:
-        problem = "no test worker image (COMFYFLEET_TEST_DOCKER_IMAGE unset): run the tests through scripts/test"
+        problem = (
+            "no test worker image (COMFYFLEET_TEST_DOCKER_IMAGE unset): run the tests through scripts/test"
+        )
     else:
         import docker
 
@@ -109,7 +122,9 @@ async def running_fleet(config: Settings, store: Store, **options: Any) -> Async
             fleet.stop()
 
 
-async def wait_for(fleet: FleetManager, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+async def wait_for(
+    fleet: FleetManager, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0
+) -> None:
     """Wait on the manager's change signal (no polling) until ``predicate`` holds."""
     try:
         async with asyncio.timeout(timeout_s):

@@ -28,11 +28,14 @@ def ago(seconds: float) -> datetime:
 
 
 def worker(
-    worker_id: str, state: WorkerState = WorkerState.IDLE, *, idle_s: float = 0.0, busy: bool = False, age_s: float = 600
+    worker_id: str,
+    state: WorkerState = WorkerState.IDLE,
+    *,
+    idle_s: float = 0.0,
+    busy: bool = False,
+    age_s: float = 600,
 ) -> WorkerView:
-    return WorkerView(
-        id=worker_id, state=state, created_at=ago(age_s), last_active_at=ago(idle_s), busy=busy
-    )
+    return WorkerView(id=worker_id, state=state, created_at=ago(age_s), last_active_at=ago(idle_s), busy=busy)
 
 
 @dataclass
@@ -51,13 +54,22 @@ class Case:
     last_scale_down_ago: float | None = None
 
 
-POLICY = ScalingPolicy(min_workers=0, max_workers=4, idle_timeout_s=60, start_backoff_base_s=5, start_backoff_max_s=80)
+POLICY = ScalingPolicy(
+    min_workers=0, max_workers=4, idle_timeout_s=60, start_backoff_base_s=5, start_backoff_max_s=80
+)
 
 CASES = [
     Case("nothing to do at rest", POLICY),
     Case("scale from zero to the demand", POLICY, pending=3, expect_start=3),
     Case("max cap", POLICY, pending=20, expect_start=4),
-    Case("running tasks count as demand", POLICY, pending=1, running=2, workers=(worker("a", WorkerState.BUSY, busy=True),), expect_start=2),
+    Case(
+        "running tasks count as demand",
+        POLICY,
+        pending=1,
+        running=2,
+        workers=(worker("a", WorkerState.BUSY, busy=True),),
+        expect_start=2,
+    ),
     Case(
         "starting workers count as capacity",
         POLICY,
@@ -127,10 +139,20 @@ CASES = [
         workers=(worker("a", idle_s=70), worker("b", idle_s=300)),
         expect_stop={"b"},
     ),
-    Case("scale-up cooldown holds", ScalingPolicy(max_workers=4, scale_up_cooldown_s=30), pending=2,
-         last_scale_up_ago=10, expect_hold="scale-up cooldown"),
-    Case("scale-up cooldown over", ScalingPolicy(max_workers=4, scale_up_cooldown_s=30), pending=2,
-         last_scale_up_ago=31, expect_start=2),
+    Case(
+        "scale-up cooldown holds",
+        ScalingPolicy(max_workers=4, scale_up_cooldown_s=30),
+        pending=2,
+        last_scale_up_ago=10,
+        expect_hold="scale-up cooldown",
+    ),
+    Case(
+        "scale-up cooldown over",
+        ScalingPolicy(max_workers=4, scale_up_cooldown_s=30),
+        pending=2,
+        last_scale_up_ago=31,
+        expect_start=2,
+    ),
     Case(
         "scale-down cooldown holds",
         ScalingPolicy(max_workers=4, idle_timeout_s=60, scale_down_cooldown_s=30),
@@ -144,11 +166,38 @@ CASES = [
         last_scale_down_ago=31,
         expect_stop={"a"},
     ),
-    Case("back-off after one failed start", POLICY, pending=1, failed_starts=1, last_failed_start_ago=4,
-         expect_hold="backing off"),
-    Case("back-off over after base", POLICY, pending=1, failed_starts=1, last_failed_start_ago=5.5, expect_start=1),
-    Case("back-off doubles", POLICY, pending=1, failed_starts=3, last_failed_start_ago=19, expect_hold="backing off"),
-    Case("doubled back-off over", POLICY, pending=1, failed_starts=3, last_failed_start_ago=20.5, expect_start=1),
+    Case(
+        "back-off after one failed start",
+        POLICY,
+        pending=1,
+        failed_starts=1,
+        last_failed_start_ago=4,
+        expect_hold="backing off",
+    ),
+    Case(
+        "back-off over after base",
+        POLICY,
+        pending=1,
+        failed_starts=1,
+        last_failed_start_ago=5.5,
+        expect_start=1,
+    ),
+    Case(
+        "back-off doubles",
+        POLICY,
+        pending=1,
+        failed_starts=3,
+        last_failed_start_ago=19,
+        expect_hold="backing off",
+    ),
+    Case(
+        "doubled back-off over",
+        POLICY,
+        pending=1,
+        failed_starts=3,
+        last_failed_start_ago=20.5,
+        expect_start=1,
+    ),
     Case("back-off capped", POLICY, pending=1, failed_starts=30, last_failed_start_ago=81, expect_start=1),
     Case(
         "failed workers are cleaned up and replaced",

@@ -28,7 +28,10 @@ TERMINAL = {"completed", "failed", "cancelled"}
 def tiny_payload(color: int) -> dict[str, Any]:
     """EmptyImage → SaveImage with a colour of its own, so no two tasks share ComfyUI's cached result."""
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e2e"}},
     }
 
@@ -67,7 +70,9 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: floa
 
 
 @asynccontextmanager
-async def service(tmp_path: Path, namespace: str, pool: dict[str, Any], *, db: str = "comfyfleet.db") -> AsyncIterator[Service]:
+async def service(
+    tmp_path: Path, namespace: str, pool: dict[str, Any], *, db: str = "comfyfleet.db"
+) -> AsyncIterator[Service]:
     settings = load_settings(
         store=f"sqlite:///{tmp_path / db}",
         outputs=str(tmp_path / "outputs"),
@@ -117,7 +122,9 @@ def process_pool(tmp_path: Path, **policy: Any) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-async def test_scale_from_zero_with_processes_runs_20_tasks_and_returns_to_zero(tmp_path: Path, namespace: str) -> None:
+async def test_scale_from_zero_with_processes_runs_20_tasks_and_returns_to_zero(
+    tmp_path: Path, namespace: str
+) -> None:
     pool = process_pool(tmp_path, min_workers=0, max_workers=4, idle_timeout_s=1.0)
     async with service(tmp_path, namespace, pool) as svc:
         assert svc.fleet.workers() == []
@@ -152,7 +159,9 @@ async def _no_workers(svc: Service) -> bool:
 async def test_killed_process_worker_its_task_completes_elsewhere_and_a_replacement_starts(
     tmp_path: Path, namespace: str
 ) -> None:
-    pool = process_pool(tmp_path, min_workers=2, max_workers=2, idle_timeout_s=600, prompt_time_s=3.0, prefetch=0)
+    pool = process_pool(
+        tmp_path, min_workers=2, max_workers=2, idle_timeout_s=600, prompt_time_s=3.0, prefetch=0
+    )
     async with service(tmp_path, namespace, pool) as svc:
         await until(lambda: _usable(svc, 2), "two workers ready")
         task_id = await svc.submit(1)
@@ -167,7 +176,9 @@ async def test_killed_process_worker_its_task_completes_elsewhere_and_a_replacem
         killed_at = time.monotonic()
         os.kill(int(str(victim.provider_id).split("@")[0]), signal.SIGKILL)
         await until(lambda: _not_usable(svc, victim.id), "the killed worker is withdrawn", 10)
-        assert time.monotonic() - killed_at < 0.2 * (2 + 2) + 1.0, "within the health threshold (2 probes of 0.2 s)"
+        assert time.monotonic() - killed_at < 0.2 * (2 + 2) + 1.0, (
+            "within the health threshold (2 probes of 0.2 s)"
+        )
         record = await svc.runtime.store.get_worker(victim.id)
         assert record.state in (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
 
@@ -204,7 +215,9 @@ async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, na
         await until(recycled_ones_stopped, "the recycled workers are terminated")
         recycled = [w for w in records.values() if w.info.get("recycled_after_tasks")]
         assert sorted(w.id for w in recycled) == sorted(w for w, n in per_worker.items() if n >= 3)
-        assert all(w.info["recycled_after_tasks"] in (3, 4) and w.info["stop_reason"] == "drained" for w in recycled)
+        assert all(
+            w.info["recycled_after_tasks"] in (3, 4) and w.info["stop_reason"] == "drained" for w in recycled
+        )
         assert all(per_worker[w.id] == w.info["recycled_after_tasks"] for w in recycled)
 
 
@@ -234,7 +247,9 @@ def containers(namespace: str) -> list[dict[str, Any]]:
 
 @pytest.mark.docker
 @pytest.mark.slow
-async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_containers(tmp_path: Path, namespace: str) -> None:
+async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_containers(
+    tmp_path: Path, namespace: str
+) -> None:
     image = docker_image()
     pool = {
         "name": "dock",
@@ -245,7 +260,18 @@ async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_contai
         "prefetch": 1,
         "settings": {
             "image": image,
-            "command": ["python", "-m", "comfyfleet", "emulator", "--host", "0.0.0.0", "--port", "8188", "--prompt-time", "0.5"],
+            "command": [
+                "python",
+                "-m",
+                "comfyfleet",
+                "emulator",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "8188",
+                "--prompt-time",
+                "0.5",
+            ],
             "stop_timeout_s": 2,
         },
     }
@@ -262,8 +288,12 @@ async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_contai
     assert {c["Id"] for c in containers(namespace)} == created
     async with service(tmp_path, namespace, pool) as svc:
         second_batch = [await svc.submit(color) for color in range(6, 10)]
-        await until(lambda: all_completed(svc, first_batch + second_batch), "every task completes after the restart")
-        assert {c["Id"] for c in containers(namespace)} <= created, "the running containers were adopted, none duplicated"
+        await until(
+            lambda: all_completed(svc, first_batch + second_batch), "every task completes after the restart"
+        )
+        assert {c["Id"] for c in containers(namespace)} <= created, (
+            "the running containers were adopted, none duplicated"
+        )
         tasks = await svc.tasks(first_batch + second_batch)
         workers_used = {t["worker_id"] for t in tasks}
         assert workers_used <= {c["Labels"]["comfyfleet.worker-id"] for c in containers(namespace)} | {None}
@@ -303,14 +333,29 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
                 "idle_timeout_s": 2.0,
                 "settings": {
                     "image": image,
-                    "command": ["python", "-m", "comfyfleet", "emulator", "--host", "0.0.0.0", "--port", "8188",
-                                "--prompt-time", "0.4"],
+                    "command": [
+                        "python",
+                        "-m",
+                        "comfyfleet",
+                        "emulator",
+                        "--host",
+                        "0.0.0.0",
+                        "--port",
+                        "8188",
+                        "--prompt-time",
+                        "0.4",
+                    ],
                     "stop_timeout_s": 2,
                 },
             }
         ],
         "dispatch": {"retry_base_s": 0.05, "retry_max_s": 0.2, "lease_s": 2.0},
-        "fleet": {"namespace": namespace, "probe_interval_s": 0.2, "reconcile_interval_s": 0.2, "reap_interval_s": 1.0},
+        "fleet": {
+            "namespace": namespace,
+            "probe_interval_s": 0.2,
+            "reconcile_interval_s": 0.2,
+            "reap_interval_s": 1.0,
+        },
     }
     config_path = tmp_path / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -320,8 +365,18 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
     def start() -> subprocess.Popen[bytes]:
         with log_path.open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "comfyfleet", "serve", "--config", str(config_path), "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "comfyfleet",
+                    "serve",
+                    "--config",
+                    str(config_path),
+                    "--port",
+                    str(port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     async def ready(http: httpx.AsyncClient) -> bool:
@@ -357,7 +412,9 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
             assert len(before) == 2
             server.send_signal(signal.SIGKILL)
             server.wait()
-            assert {c["Id"] for c in containers(namespace)} == before, "containers outlive a killed comfyfleet"
+            assert {c["Id"] for c in containers(namespace)} == before, (
+                "containers outlive a killed comfyfleet"
+            )
 
             server = start()
             await until(lambda: ready(http), "serve answers /ready again", 30)

@@ -38,7 +38,9 @@ def states(fleet: FleetManager, pool: str | None = None) -> list[WorkerState]:
 async def add_tasks(store: Store, count: int, pool: str | None = None) -> list[str]:
     ids = []
     for _ in range(count):
-        task, _ = await store.create_task(NewTask(payload={"1": {"class_type": "EmptyImage", "inputs": {}}}, pool=pool))
+        task, _ = await store.create_task(
+            NewTask(payload={"1": {"class_type": "EmptyImage", "inputs": {}}}, pool=pool)
+        )
         ids.append(task.id)
     await store.notify("tasks", "")
     return ids
@@ -55,7 +57,10 @@ async def cancel_all(store: Store, task_ids: list[str]) -> None:
 async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_threshold(
     store: Store, namespace: str
 ) -> None:
-    async with EmulatorServer(EmulatorOptions()) as alive, EmulatorServer(EmulatorOptions(startup_delay_s=60)) as silent:
+    async with (
+        EmulatorServer(EmulatorOptions()) as alive,
+        EmulatorServer(EmulatorOptions(startup_delay_s=60)) as silent,
+    ):
         config = settings(namespace, workers=[alive.url, silent.url])
         async with running_fleet(config, store) as fleet:
             await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the answering URL is usable")
@@ -71,7 +76,9 @@ async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_
 
             await fleet.set_assignments(ready.id, ["task-1"])
             assert ready.state is WorkerState.BUSY
-            await eventually(lambda: _stored_state(store, ready.id, WorkerState.BUSY), "busy is written behind")
+            await eventually(
+                lambda: _stored_state(store, ready.id, WorkerState.BUSY), "busy is written behind"
+            )
             await fleet.set_assignments(ready.id, [])
             assert ready.state is WorkerState.IDLE
 
@@ -91,7 +98,10 @@ async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_
             # The URL stays configured: a fresh record waits for it to answer again.
             await wait_for(
                 fleet,
-                lambda: [w.endpoint for w in fleet.workers() if w.state is WorkerState.STARTING].count(alive.url) == 1,
+                lambda: (
+                    [w.endpoint for w in fleet.workers() if w.state is WorkerState.STARTING].count(alive.url)
+                    == 1
+                ),
                 "a new record probes the static URL again",
             )
         metrics = await store.worker_metrics()
@@ -102,7 +112,9 @@ async def _stored_state(store: Store, worker_id: str, state: WorkerState) -> boo
     return (await store.get_worker(worker_id)).state is state
 
 
-async def test_report_unreachable_hides_the_worker_until_a_probe_passes(sqlite_store: Store, namespace: str) -> None:
+async def test_report_unreachable_hides_the_worker_until_a_probe_passes(
+    sqlite_store: Store, namespace: str
+) -> None:
     async with EmulatorServer(EmulatorOptions()) as comfy:
         config = settings(namespace, workers=[comfy.url], fleet={"probe_interval_s": 30})
         async with running_fleet(config, sqlite_store) as fleet:
@@ -118,10 +130,16 @@ async def test_report_unreachable_hides_the_worker_until_a_probe_passes(sqlite_s
 async def test_bad_pool_config_is_a_clear_error(sqlite_store: Store, namespace: str) -> None:
     from comfyfleet.fleet.errors import FleetConfigError
 
-    bad = settings(namespace, pools=[{"name": "gpu", "provider": "process", "settings": {"command": "run --no-port"}}])
-    with pytest.raises(FleetConfigError, match=r"pool 'gpu' \(process\): invalid settings: command: .*\{port\}"):
+    bad = settings(
+        namespace, pools=[{"name": "gpu", "provider": "process", "settings": {"command": "run --no-port"}}]
+    )
+    with pytest.raises(
+        FleetConfigError, match=r"pool 'gpu' \(process\): invalid settings: command: .*\{port\}"
+    ):
         FleetManager(bad, sqlite_store)
-    bad_name = settings(namespace, pools=[{"name": "a--b", "provider": "static", "settings": {"urls": ["http://x"]}}])
+    bad_name = settings(
+        namespace, pools=[{"name": "a--b", "provider": "static", "settings": {"urls": ["http://x"]}}]
+    )
     with pytest.raises(FleetConfigError, match="pool name 'a--b'"):
         FleetManager(bad_name, sqlite_store)
 
@@ -142,12 +160,16 @@ def process_pool(log_dir: Path, name: str = "emu", **policy: Any) -> dict[str, A
 
 
 @pytest.mark.slow
-async def test_process_pool_scales_from_zero_to_demand_and_back(sqlite_store: Store, namespace: str, tmp_path: Path) -> None:
+async def test_process_pool_scales_from_zero_to_demand_and_back(
+    sqlite_store: Store, namespace: str, tmp_path: Path
+) -> None:
     pool = process_pool(tmp_path / "logs", max_workers=2)
     async with running_fleet(settings(namespace, pools=[pool]), sqlite_store) as fleet:
         assert fleet.workers() == []
         task_ids = await add_tasks(sqlite_store, 5)
-        await wait_for(fleet, lambda: len(fleet.usable_workers()) == 2, "two workers (max) started for 5 tasks")
+        await wait_for(
+            fleet, lambda: len(fleet.usable_workers()) == 2, "two workers (max) started for 5 tasks"
+        )
         assert len(fleet.workers()) == 2, "never more than max_workers"
         endpoints = [w.endpoint or "" for w in fleet.usable_workers()]
         for endpoint in endpoints:
@@ -168,7 +190,9 @@ async def test_process_pool_scales_from_zero_to_demand_and_back(sqlite_store: St
 async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
     sqlite_store: Store, namespace: str, tmp_path: Path
 ) -> None:
-    async with running_fleet(settings(namespace, pools=[process_pool(tmp_path, max_workers=1)]), sqlite_store) as fleet:
+    async with running_fleet(
+        settings(namespace, pools=[process_pool(tmp_path, max_workers=1)]), sqlite_store
+    ) as fleet:
         await add_tasks(sqlite_store, 1)
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "one worker")
         victim = fleet.usable_workers()[0]
@@ -196,7 +220,9 @@ async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
 
 
 @pytest.mark.slow
-async def test_restart_adopts_its_processes_and_reaps_strangers(sqlite_store: Store, namespace: str, tmp_path: Path) -> None:
+async def test_restart_adopts_its_processes_and_reaps_strangers(
+    sqlite_store: Store, namespace: str, tmp_path: Path
+) -> None:
     """A comfyfleet killed mid-run left a running worker, a record whose create never finished (but whose
     process exists), and a record whose process died; plus a process with our markers that no record knows."""
     pool_config = process_pool(tmp_path, max_workers=3, idle_timeout_s=60)
@@ -210,20 +236,39 @@ async def test_restart_adopts_its_processes_and_reaps_strangers(sqlite_store: St
         running = await outside.create("emu-00000000a1")
         half_made = await outside.create("emu-00000000a2")
         stranger = await outside.create("emu-00000000a3")
-        for worker_id, handle, state in (("emu-00000000a1", running, WorkerState.IDLE), ("emu-00000000a2", None, WorkerState.PENDING)):
+        for worker_id, handle, state in (
+            ("emu-00000000a1", running, WorkerState.IDLE),
+            ("emu-00000000a2", None, WorkerState.PENDING),
+        ):
             await sqlite_store.upsert_worker(
                 Worker(
-                    id=worker_id, pool="emu", provider="process", state=state, created_at=now, updated_at=now,
-                    provider_id=handle.provider_id if handle else None, endpoint=handle.endpoint if handle else None,
+                    id=worker_id,
+                    pool="emu",
+                    provider="process",
+                    state=state,
+                    created_at=now,
+                    updated_at=now,
+                    provider_id=handle.provider_id if handle else None,
+                    endpoint=handle.endpoint if handle else None,
                 )
             )
         await sqlite_store.upsert_worker(
-            Worker(id="emu-00000000a4", pool="emu", provider="process", state=WorkerState.BUSY, created_at=now,
-                   updated_at=now, provider_id="999999@1.00", endpoint="http://127.0.0.1:9")
+            Worker(
+                id="emu-00000000a4",
+                pool="emu",
+                provider="process",
+                state=WorkerState.BUSY,
+                created_at=now,
+                updated_at=now,
+                provider_id="999999@1.00",
+                endpoint="http://127.0.0.1:9",
+            )
         )
         # They ran for a while before the crash: wait until they answer, as a long-running worker would.
         for handle in (running, half_made, stranger):
-            await eventually(lambda endpoint=handle.endpoint: answers(endpoint or ""), "the worker process answers")
+            await eventually(
+                lambda endpoint=handle.endpoint: answers(endpoint or ""), "the worker process answers"
+            )
         # Hand the processes over: the outside provider must not kill them when it closes.
         outside._children.clear()  # type: ignore[attr-defined]
 
@@ -296,7 +341,9 @@ async def test_novita_failed_start_is_deleted_and_retried_with_backoff(
         for failed in created[:2]:
             assert failed.history[-1] in ("toRemove", "removing", "removed"), "a failed start is deleted"
             assert "exited" in failed.history
-        gone = [w for w in await sqlite_store.list_workers(include_gone=True) if w.state is WorkerState.TERMINATED]
+        gone = [
+            w for w in await sqlite_store.list_workers(include_gone=True) if w.state is WorkerState.TERMINATED
+        ]
         assert len(gone) == 2
         assert all("pull image failed" in (w.error or "") for w in gone), [w.error for w in gone]
         # Back-off: 0.5 s after the first failure, 1 s after the second (FAST_FLEET), so the attempts spread.
@@ -311,13 +358,23 @@ async def test_novita_reaper_deletes_an_unknown_instance_with_our_prefix(
     import httpx
 
     headers = {"Authorization": f"Bearer {novita.options.api_key}"}
-    body = {"productId": "emu-rtx-4090-24g", "gpuNum": 1, "rootfsSize": 20, "imageUrl": "x", "kind": "gpu",
-            "ports": "8188/http"}
+    body = {
+        "productId": "emu-rtx-4090-24g",
+        "gpuNum": 1,
+        "rootfsSize": 20,
+        "imageUrl": "x",
+        "kind": "gpu",
+        "ports": "8188/http",
+    }
     async with httpx.AsyncClient(base_url=novita.api_base, headers=headers) as api:
-        ours = (await api.post("/gpu/instance/create", json={**body, "name": f"{namespace}-cloud-0123456789"})).json()
+        ours = (
+            await api.post("/gpu/instance/create", json={**body, "name": f"{namespace}-cloud-0123456789"})
+        ).json()
         foreign = (await api.post("/gpu/instance/create", json={**body, "name": "someone-elses-box"})).json()
     async with running_fleet(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
-        await eventually(lambda: _removing(novita, ours["id"]), "the unknown instance with our prefix is deleted")
+        await eventually(
+            lambda: _removing(novita, ours["id"]), "the unknown instance with our prefix is deleted"
+        )
         assert fleet.workers() == []
     assert novita.instances[foreign["id"]].status not in ("toRemove", "removing", "removed")
 
@@ -330,7 +387,9 @@ async def _removing(novita: NovitaEmulator, instance_id: str) -> bool:
 
 
 @pytest.mark.postgres
-async def test_only_the_leader_starts_workers(postgres_store: Store, postgres_url: str, namespace: str, novita: NovitaEmulator) -> None:
+async def test_only_the_leader_starts_workers(
+    postgres_store: Store, postgres_url: str, namespace: str, novita: NovitaEmulator
+) -> None:
     from comfyfleet.store import open_store
 
     config = settings(namespace, pools=[novita_pool(novita, max_workers=2, idle_timeout_s=60)])
@@ -349,11 +408,17 @@ async def test_only_the_leader_starts_workers(postgres_store: Store, postgres_ur
         busy, other = sorted(follower.usable_workers(), key=lambda w: w.id)
         # The follower's dispatcher assigns a task: the leader learns it (and so never stops that worker).
         await follower.set_assignments(busy.id, ["task-on-follower"])
-        await wait_for(leader, lambda: leader.worker(busy.id).current_task_ids == ["task-on-follower"], "merged")
+        await wait_for(
+            leader, lambda: leader.worker(busy.id).current_task_ids == ["task-on-follower"], "merged"
+        )
         assert leader.worker(busy.id).state is WorkerState.BUSY
         # A drain asked on the follower is carried out by the leader.
         await follower.drain(other.id)
-        await wait_for(leader, lambda: other.id not in {w.id for w in leader.workers()}, "drained and terminated")
+        await wait_for(
+            leader, lambda: other.id not in {w.id for w in leader.workers()}, "drained and terminated"
+        )
         await eventually(lambda: _stored_state(postgres_store, other.id, WorkerState.TERMINATED), "recorded")
-        await wait_for(follower, lambda: other.id not in {w.id for w in follower.usable_workers()}, "follower sees it")
+        await wait_for(
+            follower, lambda: other.id not in {w.id for w in follower.usable_workers()}, "follower sees it"
+        )
         assert (await postgres_store.get_worker(busy.id)).state in (WorkerState.IDLE, WorkerState.BUSY)

@@ -32,7 +32,9 @@ async def test_rate_limits_and_overload_are_retried_and_create_is_not_duplicated
     assert novita.requests["GET /gpu/instances"] >= 1
 
 
-async def test_retries_give_up_with_a_clear_error(novita: NovitaEmulator, provider_context: ProviderContext) -> None:
+async def test_retries_give_up_with_a_clear_error(
+    novita: NovitaEmulator, provider_context: ProviderContext
+) -> None:
     novita.options.server_error_next = 100
     async with provider(novita, provider_context, retry_attempts=3) as cloud:
         with pytest.raises(ProviderUnavailable, match="HTTP 503 SERVICE_UNAVAILABLE"):
@@ -40,7 +42,9 @@ async def test_retries_give_up_with_a_clear_error(novita: NovitaEmulator, provid
     assert novita.requests["GET /gpu/instance"] == 3
 
 
-async def test_a_wrong_key_and_a_bad_product_are_rejected(novita: NovitaEmulator, provider_context: ProviderContext) -> None:
+async def test_a_wrong_key_and_a_bad_product_are_rejected(
+    novita: NovitaEmulator, provider_context: ProviderContext
+) -> None:
     async with provider(novita, provider_context, api_key="not-the-key") as cloud:
         with pytest.raises(ProviderRejected, match=r"HTTP 401 UNAUTHORIZED.*NOVITA_API_KEY"):
             await cloud.list_ours()
@@ -50,7 +54,9 @@ async def test_a_wrong_key_and_a_bad_product_are_rejected(novita: NovitaEmulator
     assert novita.instances == {}
 
 
-async def test_list_ours_pages_through_everything_once(novita: NovitaEmulator, provider_context: ProviderContext) -> None:
+async def test_list_ours_pages_through_everything_once(
+    novita: NovitaEmulator, provider_context: ProviderContext
+) -> None:
     async with provider(novita, provider_context, page_size=2) as cloud:
         created = {(await cloud.create(f"cloud-00000000{n:02x}")).provider_id for n in range(5)}
         listed = await cloud.list_ours()
@@ -59,7 +65,9 @@ async def test_list_ours_pages_through_everything_once(novita: NovitaEmulator, p
     assert novita.requests["GET /gpu/instances"] >= 3
 
 
-async def test_status_error_is_surfaced_as_a_failure(novita: NovitaEmulator, provider_context: ProviderContext) -> None:
+async def test_status_error_is_surfaced_as_a_failure(
+    novita: NovitaEmulator, provider_context: ProviderContext
+) -> None:
     novita.options.fail_starts = 1
     async with provider(novita, provider_context) as cloud:
         handle = await cloud.create("cloud-00000000ac")
@@ -84,7 +92,10 @@ async def test_emulator_answers_like_the_reference(novita: NovitaEmulator) -> No
         missing = await api.get(f"{API_PREFIX}/gpu/instance", params={"instanceId": "nope"})
         assert missing.status_code == 400
         assert missing.json() == {
-            "code": 400, "reason": "RESOURCE_NOT_FOUND", "message": "instance nope not found", "metadata": {}
+            "code": 400,
+            "reason": "RESOURCE_NOT_FOUND",
+            "message": "instance nope not found",
+            "metadata": {},
         }
         no_paging = await api.get(f"{API_PREFIX}/gpu/instances")
         assert no_paging.status_code == 400

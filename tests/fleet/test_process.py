@@ -14,7 +14,12 @@ from fleet_helpers import eventually, pool
 from comfyfleet.fleet.errors import FleetConfigError, ProviderRejected
 from comfyfleet.fleet.providers import InstanceState, ProviderContext, build_provider
 
-SLEEPER = ["{python}", "-c", "import sys, time; print('worker on port', sys.argv[1], flush=True); time.sleep(60)", "{port}"]
+SLEEPER = [
+    "{python}",
+    "-c",
+    "import sys, time; print('worker on port', sys.argv[1], flush=True); time.sleep(60)",
+    "{port}",
+]
 STUBBORN = [
     "{python}", "-c",
     "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)",
@@ -34,8 +39,15 @@ def pid_of(provider_id: str) -> int:
     return int(provider_id.split("@")[0])
 
 
-async def test_each_worker_gets_its_own_gpu_and_a_log(provider_context: ProviderContext, tmp_path: Path) -> None:
-    settings = {"command": SLEEPER, "gpus": [0, "1,2"], "log_dir": str(tmp_path / "logs"), "env": {"EXTRA": "yes"}}
+async def test_each_worker_gets_its_own_gpu_and_a_log(
+    provider_context: ProviderContext, tmp_path: Path
+) -> None:
+    settings = {
+        "command": SLEEPER,
+        "gpus": [0, "1,2"],
+        "log_dir": str(tmp_path / "logs"),
+        "env": {"EXTRA": "yes"},
+    }
     async with build_provider(pool("gpu", "process", settings), provider_context) as provider:
         first = await provider.create("gpu-00000000a1")
         second = await provider.create("gpu-00000000a2")
@@ -50,7 +62,9 @@ async def test_each_worker_gets_its_own_gpu_and_a_log(provider_context: Provider
         assert psutil.Process(pid_of(third.provider_id)).environ()["CUDA_VISIBLE_DEVICES"] == "0"
         log = tmp_path / "logs" / "gpu-00000000a2.log"
         port = second.endpoint.rsplit(":", 1)[1] if second.endpoint else "?"
-        await eventually(lambda: _contains(log, f"worker on port {port}"), "the worker's output is in its log")
+        await eventually(
+            lambda: _contains(log, f"worker on port {port}"), "the worker's output is in its log"
+        )
         assert "starting:" in log.read_text()  # the command line is logged before the worker's own output
 
 
@@ -73,4 +87,7 @@ def test_the_command_must_take_a_port(provider_context: ProviderContext) -> None
     with pytest.raises(FleetConfigError, match=r"must contain \{port\}"):
         build_provider(pool("gpu", "process", {"command": "python main.py"}), provider_context)
     with pytest.raises(FleetConfigError, match=r"unknown placeholder 'gpu_id'"):
-        build_provider(pool("gpu", "process", {"command": "python main.py --port {port} --gpu {gpu_id}"}), provider_context)
+        build_provider(
+            pool("gpu", "process", {"command": "python main.py --port {port} --gpu {gpu_id}"}),
+            provider_context,
+        )

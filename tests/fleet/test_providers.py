@@ -29,10 +29,10 @@ class Kind:
     finished: Callable[[str], bool] = lambda provider_id: True
 
 
-@pytest.fixture(
-    params=["static", "process", pytest.param("docker", marks=pytest.mark.docker), "novita"]
-)
-def kind_settings(request: pytest.FixtureRequest) -> tuple[str, dict[str, object], str, NovitaEmulator | None]:
+@pytest.fixture(params=["static", "process", pytest.param("docker", marks=pytest.mark.docker), "novita"])
+def kind_settings(
+    request: pytest.FixtureRequest,
+) -> tuple[str, dict[str, object], str, NovitaEmulator | None]:
     """(provider, pool settings, an id that never existed, the Novita emulator) for each provider."""
     name: str = request.param
     if name == "static":
@@ -48,7 +48,8 @@ def kind_settings(request: pytest.FixtureRequest) -> tuple[str, dict[str, object
 
 @pytest.fixture
 async def kind(
-    kind_settings: tuple[str, dict[str, object], str, NovitaEmulator | None], provider_context: ProviderContext
+    kind_settings: tuple[str, dict[str, object], str, NovitaEmulator | None],
+    provider_context: ProviderContext,
 ) -> AsyncIterator[Kind]:
     name, settings, unknown, novita = kind_settings
     async with AsyncExitStack() as stack:
@@ -67,7 +68,10 @@ async def kind(
 
         try:
             found = Kind(
-                name, managed=name != "static", ready_later=name in ("process", "novita"), unknown_id=unknown,
+                name,
+                managed=name != "static",
+                ready_later=name in ("process", "novita"),
+                unknown_id=unknown,
                 open=open_provider,
             )
             if novita is not None:
@@ -104,7 +108,9 @@ async def test_create_reports_the_id_at_once_then_the_worker_answers(kind: Kind)
     assert first.worker_id == worker_id
     if kind.ready_later:
         endpoint = handle.endpoint or first.endpoint
-        assert endpoint is None or not await answers(endpoint), "create must not wait for the worker to be ready"
+        assert endpoint is None or not await answers(endpoint), (
+            "create must not wait for the worker to be ready"
+        )
     instance = await running(provider, handle.provider_id)
     assert instance.endpoint is not None
     await eventually(lambda: answers(instance.endpoint or ""), "the worker's /system_stats answers")
@@ -152,7 +158,9 @@ async def test_terminate_is_idempotent_and_leaves_nothing(kind: Kind) -> None:
     assert worker_id not in {listed.worker_id for listed in await provider.list_ours()}
     if kind.managed:
         await eventually(lambda: _gone(provider, handle.provider_id), "the instance is gone")
-        await eventually(lambda: _true(kind.finished(handle.provider_id)), "the provider finished deleting it")
+        await eventually(
+            lambda: _true(kind.finished(handle.provider_id)), "the provider finished deleting it"
+        )
         await eventually(lambda: _not_answering(instance.endpoint or ""), "its ComfyUI no longer answers")
     else:
         # A static URL is never stopped: the server still answers, it just backs no worker.
@@ -173,7 +181,9 @@ async def test_two_workers_get_their_own_instance(kind: Kind) -> None:
     first = await provider.create(new_worker_id("pool-a"))
     second = await provider.create(new_worker_id("pool-a"))
     assert first.provider_id != second.provider_id
-    one, two = await asyncio.gather(running(provider, first.provider_id), running(provider, second.provider_id))
+    one, two = await asyncio.gather(
+        running(provider, first.provider_id), running(provider, second.provider_id)
+    )
     assert one.endpoint != two.endpoint
 
 

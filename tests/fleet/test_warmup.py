@@ -33,7 +33,9 @@ def static_pool(url: str, warmup: dict[str, Any], **policy: Any) -> dict[str, An
     return {"name": "warm", "provider": "static", "settings": {"urls": [url]}, "warmup": warmup, **policy}
 
 
-async def test_a_worker_takes_tasks_only_after_its_warmup_loaded_the_models(store: Store, namespace: str) -> None:
+async def test_a_worker_takes_tasks_only_after_its_warmup_loaded_the_models(
+    store: Store, namespace: str
+) -> None:
     async with EmulatorServer(EmulatorOptions(model_load_s=1.0)) as emulator:
         config = settings(namespace, [static_pool(emulator.url, warmup_graph())])
         async with running_fleet(config, store) as fleet:
@@ -101,7 +103,9 @@ async def test_run_warmup_tells_a_broken_graph_from_a_worker_that_stopped_answer
 
 def test_warmup_is_read_from_a_json_file_relative_to_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "flows").mkdir()
-    (tmp_path / "flows" / "warm.json").write_text(json.dumps({"prompt": warmup_graph()}))  # a saved /prompt body
+    (tmp_path / "flows" / "warm.json").write_text(
+        json.dumps({"prompt": warmup_graph()})
+    )  # a saved /prompt body
     (tmp_path / "fleet.yaml").write_text(
         "pools:\n  - name: warm\n    provider: static\n    settings: {urls: ['http://127.0.0.1:8188']}\n"
         "    warmup: flows/warm.json\n"

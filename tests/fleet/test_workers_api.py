@@ -18,7 +18,15 @@ from comfyfleet.fleet.novita_emulator import NovitaEmulator
 from comfyfleet.store import Store
 
 SEED_WORKER_FIELDS = {
-    "id", "pod_name", "status", "endpoint", "port", "current_task_id", "created_at", "last_active_at", "health_status",
+    "id",
+    "pod_name",
+    "status",
+    "endpoint",
+    "port",
+    "current_task_id",
+    "created_at",
+    "last_active_at",
+    "health_status",
 }
 ADMIN_KEY = "admin-key-for-tests"
 TENANT_KEY = "tenant-key-for-tests"
@@ -34,7 +42,9 @@ def assert_error(response: httpx.Response, status: int, error: str) -> None:
 
 
 @pytest.fixture
-async def api(sqlite_store: Store, namespace: str, novita: NovitaEmulator) -> AsyncIterator[tuple[httpx.AsyncClient, FleetManager]]:
+async def api(
+    sqlite_store: Store, namespace: str, novita: NovitaEmulator
+) -> AsyncIterator[tuple[httpx.AsyncClient, FleetManager]]:
     async with EmulatorServer(EmulatorOptions()) as comfy:
         settings = Settings(
             workers=[comfy.url],
@@ -56,7 +66,9 @@ async def api(sqlite_store: Store, namespace: str, novita: NovitaEmulator) -> As
             app = create_app(settings, sqlite_store, fleet=fleet)
             transport = httpx.ASGITransport(app=app)
             headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://test", headers=headers
+            ) as client:
                 await eventually(lambda: _ready(fleet, 2), "both workers ready")
                 try:
                     yield client, fleet
@@ -99,7 +111,12 @@ async def test_list_get_and_metrics(api: tuple[httpx.AsyncClient, FleetManager])
     assert metrics["running_workers"] == 1
     assert metrics["idle_workers"] == 1
     assert metrics["starting_workers"] == metrics["failed_workers"] == 0
-    assert metrics["pools"]["cloud"] == {"provider": "novita", "min_workers": 1, "max_workers": 1, "workers": {"idle": 1}}
+    assert metrics["pools"]["cloud"] == {
+        "provider": "novita",
+        "min_workers": 1,
+        "max_workers": 1,
+        "workers": {"idle": 1},
+    }
     only_busy = (await client.get("/api/v1/workers", params={"state": "busy"})).json()
     assert [worker["id"] for worker in only_busy["workers"]] == [busy.id]
 

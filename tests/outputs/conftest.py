@@ -98,4 +98,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     def keys() -> set[str]:
         return bucket_keys(admin, bucket)
 
-    return Backend("s3", open_outputs(f"s3://{bucket}/runs/a?endpoint_url={endpoint}&region={TEST_REGION}"), keys)
+    return Backend(
+        "s3", open_outputs(f"s3://{bucket}/runs/a?endpoint_url={endpoint}&region={TEST_REGION}"), keys
+    )

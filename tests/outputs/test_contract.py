@@ -136,7 +136,10 @@ async def test_invalid_names_never_leave_the_task(backend: Backend) -> None:
     for name in INVALID_NAMES:
         for task_id, file_name in [("task-1", name), (name, "out.png")]:
             attempts += [
-                (f"put({task_id!r}, {file_name!r})", partial(store.put, task_id, file_name, chunked(b"evil"), "image/png")),
+                (
+                    f"put({task_id!r}, {file_name!r})",
+                    partial(store.put, task_id, file_name, chunked(b"evil"), "image/png"),
+                ),
                 (f"stat({task_id!r}, {file_name!r})", partial(store.stat, task_id, file_name)),
                 (f"read({task_id!r}, {file_name!r})", partial(read_all, backend, task_id, file_name)),
             ]
@@ -166,7 +169,13 @@ async def test_longest_and_unicode_names_are_accepted(backend: Backend) -> None:
 
 
 async def test_delete_task_removes_its_files_only(backend: Backend) -> None:
-    for task_id, name in [("task", "a.png"), ("task", "b.png"), ("task", "c.mp4"), ("task2", "a.png"), ("other", "a.png")]:
+    for task_id, name in [
+        ("task", "a.png"),
+        ("task", "b.png"),
+        ("task", "c.mp4"),
+        ("task2", "a.png"),
+        ("other", "a.png"),
+    ]:
         await backend.store.put(task_id, name, chunked(f"{task_id}/{name}".encode()), "image/png")
     await backend.store.delete_task("task")
     for name in ["a.png", "b.png", "c.mp4"]:
@@ -187,6 +196,8 @@ async def test_delete_task_removes_its_files_only(backend: Backend) -> None:
 
 async def test_concurrent_puts_and_reads(backend: Backend) -> None:
     files = {f"out-{index}.png": payload(200_000 + index, seed=index) for index in range(6)}
-    await asyncio.gather(*(backend.store.put("task-1", name, chunked(data), "image/png") for name, data in files.items()))
+    await asyncio.gather(
+        *(backend.store.put("task-1", name, chunked(data), "image/png") for name, data in files.items())
+    )
     contents = await asyncio.gather(*(read_all(backend, "task-1", name) for name in files))
     assert [content for content, _ in contents] == list(files.values())

@@ -22,7 +22,10 @@ async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
     tmp_path: Path, s3_endpoint: str, s3_bucket: str, s3_admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     outputs = f"s3://{s3_bucket}/runs?endpoint_url={s3_endpoint}&region=us-east-1"
-    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url], outputs=outputs) as svc:
+    async with (
+        emulators(EmulatorOptions()) as (worker,),
+        service(tmp_path, [worker.url], outputs=outputs) as svc,
+    ):
         created = await svc.submit(seed_payload(7))
         task = await svc.wait_task(created["id"])
         assert task["status"] == "completed", task
@@ -37,7 +40,8 @@ async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
         # The very bytes the worker wrote, kept in the bucket under the task's prefix.
         async with httpx.AsyncClient() as http:
             original = await http.get(
-                f"{worker.url}/view", params={"filename": output["filename"], "subfolder": output["subfolder"], "type": "output"}
+                f"{worker.url}/view",
+                params={"filename": output["filename"], "subfolder": output["subfolder"], "type": "output"},
             )
         assert original.status_code == 200
         assert response.content == original.content
@@ -49,15 +53,22 @@ async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
 
         # The store failing to answer is the service's trouble, said as such: a 503, never a 500.
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-        svc.runtime.app.state.outputs = open_outputs(f"s3://{s3_bucket}/runs?endpoint_url=http://127.0.0.1:{closed_port()}")
+        svc.runtime.app.state.outputs = open_outputs(
+            f"s3://{s3_bucket}/runs?endpoint_url=http://127.0.0.1:{closed_port()}"
+        )
         unavailable = await svc.http.get(output["url"])
         assert unavailable.status_code == 503
         assert unavailable.json()["error"] == "outputs_unavailable"
 
 
-async def test_a_missing_bucket_fails_the_task_after_its_retries(tmp_path: Path, s3_endpoint: str, s3_bucket: str) -> None:
+async def test_a_missing_bucket_fails_the_task_after_its_retries(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
     outputs = f"s3://{s3_bucket}-missing?endpoint_url={s3_endpoint}"
-    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url], outputs=outputs) as svc:
+    async with (
+        emulators(EmulatorOptions()) as (worker,),
+        service(tmp_path, [worker.url], outputs=outputs) as svc,
+    ):
         created = await svc.submit(seed_payload(8), max_retries=1)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed", task

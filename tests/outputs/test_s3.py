@@ -49,15 +49,19 @@ async def test_large_files_go_up_in_parts_small_ones_in_one_request(
     # Ends on a part boundary: no empty last part.
     await store.put("t", "exact.bin", chunked(payload(2 * PART), mebibyte), "application/octet-stream")
     # S3 marks a multipart object's ETag with its number of parts.
-    etags = {name: s3_admin.head_object(Bucket=s3_bucket, Key=f"p/t/{name}")["ETag"].strip('"') for name in
-             ("small.bin", "large.bin", "exact.bin")}
+    etags = {
+        name: s3_admin.head_object(Bucket=s3_bucket, Key=f"p/t/{name}")["ETag"].strip('"')
+        for name in ("small.bin", "large.bin", "exact.bin")
+    }
     assert "-" not in etags["small.bin"]
     assert etags["large.bin"].endswith("-3")
     assert etags["exact.bin"].endswith("-2")
     assert (await store.stat("t", "exact.bin")).size == 2 * PART
 
 
-async def test_a_failed_upload_is_aborted_on_the_server(s3_endpoint: str, s3_bucket: str, s3_admin: Any) -> None:
+async def test_a_failed_upload_is_aborted_on_the_server(
+    s3_endpoint: str, s3_bucket: str, s3_admin: Any
+) -> None:
     store = open_outputs(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}")
 
     async def broken() -> AsyncIterator[bytes]:
@@ -99,7 +103,9 @@ async def test_no_credentials_is_unavailable(
         await store.put("t", "a.png", chunked(b"x"), "image/png")
 
 
-async def test_an_unreachable_endpoint_is_unavailable(aws_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_unreachable_endpoint_is_unavailable(
+    aws_environment: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     store = open_outputs(f"s3://bucket?endpoint_url=http://127.0.0.1:{closed_port()}")
     with pytest.raises(OutputsUnavailable, match="Could not connect"):
@@ -139,7 +145,10 @@ def test_endpoint_from_the_aws_environment(aws_environment: None, monkeypatch: p
         ("s3:///prefix", "names no bucket"),
         ("s3://bad bucket/x", "not a valid bucket name"),
         ("s3://bucket:9000/x", "not a valid bucket name"),
-        ("s3://bucket/x?endpoint=http://h", "unknown option 'endpoint' (valid: addressing_style, endpoint_url, region)"),
+        (
+            "s3://bucket/x?endpoint=http://h",
+            "unknown option 'endpoint' (valid: addressing_style, endpoint_url, region)",
+        ),
         ("s3://bucket/x?region=a&region=b", "region is given twice"),
         ("s3://bucket/x?region=", "region is empty"),
         ("s3://bucket/x?garbage", "unknown option"),
@@ -148,7 +157,10 @@ def test_endpoint_from_the_aws_environment(aws_environment: None, monkeypatch: p
         ("s3://bucket/x?addressing_style=dns", "addressing_style must be one of auto, path, virtual"),
         ("s3://bucket/../x", "'.' or '..'"),
         ("s3://bucket/x#part", "'#'"),
-        ("gs://bucket/x", "unknown outputs location 'gs://bucket/x': use a directory or one of file://, s3://"),
+        (
+            "gs://bucket/x",
+            "unknown outputs location 'gs://bucket/x': use a directory or one of file://, s3://",
+        ),
     ],
 )
 def test_bad_locations_are_refused_clearly(aws_environment: None, location: str, message: str) -> None:
@@ -182,7 +194,9 @@ def test_a_config_file_keeps_an_s3_location_as_it_is(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.parametrize("location", ["s3://", "s3://bucket/x?colour=blue", "ftp://host/dir"])
-async def test_a_bad_location_is_a_clean_start_up_error(tmp_path: Path, aws_environment: None, location: str) -> None:
+async def test_a_bad_location_is_a_clean_start_up_error(
+    tmp_path: Path, aws_environment: None, location: str
+) -> None:
     settings = load_settings(store=f"sqlite:///{tmp_path / 'fleet.db'}", outputs=location, port=0)
     with pytest.raises(StartupError, match="outputs location"):
         async with Runtime(settings):
@@ -191,9 +205,22 @@ async def test_a_bad_location_is_a_clean_start_up_error(tmp_path: Path, aws_envi
 
 def test_serve_with_a_bad_location_says_why_in_one_line(tmp_path: Path) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "comfyfleet", "serve", "--store", f"sqlite:///{tmp_path / 'fleet.db'}", "--port", "0",
-         "--outputs", "s3://bucket/x?colour=blue"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "comfyfleet",
+            "serve",
+            "--store",
+            f"sqlite:///{tmp_path / 'fleet.db'}",
+            "--port",
+            "0",
+            "--outputs",
+            "s3://bucket/x?colour=blue",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert completed.returncode == 1, completed
     assert "unknown option 'colour'" in completed.stderr

@@ -42,8 +42,17 @@ def claim_order(tasks: list[Any]) -> list[str]:
 async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None:
     before = datetime.now(UTC)
     first, created = await store.create_task(
-        new(3, workflow_id="wf", tenant="acme", pool="gpu", inputs=[{"name": "a.png"}],
-            webhook={"url": "http://hook"}, metadata={"k": "v"}, max_retries=5, timeout_s=60.0)
+        new(
+            3,
+            workflow_id="wf",
+            tenant="acme",
+            pool="gpu",
+            inputs=[{"name": "a.png"}],
+            webhook={"url": "http://hook"},
+            metadata={"k": "v"},
+            max_retries=5,
+            timeout_s=60.0,
+        )
     )
     second, _ = await store.create_task(new())
     assert created
@@ -58,7 +67,11 @@ async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None
     stored = await store.get_task(first.id)
     assert stored.payload == PAYLOAD
     assert (stored.workflow_id, stored.priority, stored.tenant, stored.pool) == ("wf", 3, "acme", "gpu")
-    assert (stored.inputs, stored.webhook, stored.metadata) == ([{"name": "a.png"}], {"url": "http://hook"}, {"k": "v"})
+    assert (stored.inputs, stored.webhook, stored.metadata) == (
+        [{"name": "a.png"}],
+        {"url": "http://hook"},
+        {"k": "v"},
+    )
     assert (stored.max_retries, stored.timeout_s) == (5, 60.0)
     assert stored.created_at == first.created_at
     assert stored.seq == first.seq
@@ -136,7 +149,11 @@ async def test_peek_per_tenant_reads_the_head_of_every_tenants_queue(store: Stor
     # Each tenant's first three runnable tasks (the lone tenant's one is not buried under the crowd's 30),
     # all in claim order; another pool and a task not due yet are left out.
     assert [task.id for task in heads] == [urgent.id, crowd[0].id, crowd[1].id, lone.id]
-    assert {task.id for task in await store.peek_pending_per_tenant(limit=1)} == {urgent.id, lone.id, other_pool.id}
+    assert {task.id for task in await store.peek_pending_per_tenant(limit=1)} == {
+        urgent.id,
+        lone.id,
+        other_pool.id,
+    }
     assert await store.peek_pending_per_tenant(limit=0) == []
     assert await store.peek_pending_per_tenant(limit=5, pools=set()) == []
     assert later.id not in {task.id for task in await store.peek_pending_per_tenant(limit=50)}
@@ -260,13 +277,25 @@ async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) 
     assert retried.status is TaskStatus.PENDING
     assert retried.retry_count == 1
     assert retried.not_before == due
-    assert (retried.phase, retried.worker_id, retried.prompt_id, retried.lease_owner) == (None, None, None, None)
-    assert (retried.error, retried.error_kind, retried.error_details) == ("worker went away", "worker_lost", {"code": 1})
+    assert (retried.phase, retried.worker_id, retried.prompt_id, retried.lease_owner) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert (retried.error, retried.error_kind, retried.error_details) == (
+        "worker went away",
+        "worker_lost",
+        {"code": 1},
+    )
     [attempt] = retried.attempts
     assert attempt["attempt"] == 1
     assert attempt["outcome"] == "retry"
     assert (attempt["worker_id"], attempt["prompt_id"], attempt["error"], attempt["kind"]) == (
-        "w1", "p1", "worker went away", "worker_lost"
+        "w1",
+        "p1",
+        "worker went away",
+        "worker_lost",
     )
     assert datetime.fromisoformat(attempt["started_at"]) <= datetime.fromisoformat(attempt["ended_at"])
     assert retried.started_at == claimed.started_at
@@ -281,7 +310,9 @@ async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) 
 async def test_retry_once_due_starts_the_next_attempt(store: Store) -> None:
     await store.create_task(new())
     [claimed] = await store.claim("d", 30)
-    await store.retry_task(lease_of(claimed), datetime.now(UTC) - timedelta(seconds=1), "oom", "out_of_memory")
+    await store.retry_task(
+        lease_of(claimed), datetime.now(UTC) - timedelta(seconds=1), "oom", "out_of_memory"
+    )
     assert await store.next_due_at() is None
     [again] = await store.claim("d", 30)
     assert again.attempt == 2
@@ -376,7 +407,9 @@ async def test_a_requested_cancel_wins_over_retry_and_release(store: Store) -> N
 
 
 async def test_list_tasks_pages_newest_first_with_filters(store: Store) -> None:
-    created = [(await store.create_task(new(workflow_id="a" if i % 2 else "b", tenant="t")))[0] for i in range(7)]
+    created = [
+        (await store.create_task(new(workflow_id="a" if i % 2 else "b", tenant="t")))[0] for i in range(7)
+    ]
     await store.create_task(new(tenant="other"))
     seen: list[str] = []
     cursor = None
@@ -391,7 +424,9 @@ async def test_list_tasks_pages_newest_first_with_filters(store: Store) -> None:
     assert seen == [task.id for task in reversed(created)]
     assert pages == 3
     only_a = await store.list_tasks(workflow_id="a", tenant="t")
-    assert [task.id for task in only_a.tasks] == [task.id for task in reversed(created) if task.workflow_id == "a"]
+    assert [task.id for task in only_a.tasks] == [
+        task.id for task in reversed(created) if task.workflow_id == "a"
+    ]
     await store.cancel_task(created[0].id)
     cancelled = await store.list_tasks(statuses=[TaskStatus.CANCELLED])
     assert [task.id for task in cancelled.tasks] == [created[0].id]
@@ -447,19 +482,34 @@ async def test_worker_records(store: Store) -> None:
     assert updated.state is WorkerState.IDLE
     fetched = await store.get_worker("w1")
     assert (fetched.endpoint, fetched.loaded_models, fetched.node_types) == (
-        "http://127.0.0.1:8188", ["model.safetensors"], ["KSampler"]
+        "http://127.0.0.1:8188",
+        ["model.safetensors"],
+        ["KSampler"],
     )
     assert (fetched.labels, fetched.info, fetched.current_task_ids, fetched.port) == (
-        {"comfyfleet.pool": "gpu"}, {"vram": 24}, ["t1"], 8188
+        {"comfyfleet.pool": "gpu"},
+        {"vram": 24},
+        ["t1"],
+        8188,
     )
-    for worker_id, state in (("w2", WorkerState.BUSY), ("w3", WorkerState.TERMINATED), ("w4", WorkerState.FAILED),
-                             ("w5", WorkerState.PENDING), ("w6", WorkerState.TERMINATING)):
+    for worker_id, state in (
+        ("w2", WorkerState.BUSY),
+        ("w3", WorkerState.TERMINATED),
+        ("w4", WorkerState.FAILED),
+        ("w5", WorkerState.PENDING),
+        ("w6", WorkerState.TERMINATING),
+    ):
         await store.upsert_worker(worker(worker_id, state, pool="cpu" if worker_id == "w2" else "gpu"))
     assert [w.id for w in await store.list_workers()] == ["w1", "w2", "w4", "w5", "w6"]
     assert [w.id for w in await store.list_workers(pool="cpu")] == ["w2"]
     assert "w3" in [w.id for w in await store.list_workers(include_gone=True)]
     metrics = await store.worker_metrics()
-    assert (metrics.total_workers, metrics.idle_workers, metrics.running_workers, metrics.starting_workers) == (5, 1, 1, 0)
+    assert (
+        metrics.total_workers,
+        metrics.idle_workers,
+        metrics.running_workers,
+        metrics.starting_workers,
+    ) == (5, 1, 1, 0)
     assert (metrics.failed_workers, metrics.pending_workers, metrics.terminating_workers) == (1, 1, 1)
     await store.delete_worker("w1")
     await store.delete_worker("w1")  # deleting twice is harmless

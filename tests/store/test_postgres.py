@@ -39,8 +39,13 @@ async def seed_tasks(url: str, count: int) -> list[str]:
 
 async def start_claimer(url: str, owner: str, seed: int) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(CLAIMER), url, owner, str(seed),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(CLAIMER),
+        url,
+        owner,
+        str(seed),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     assert (await asyncio.wait_for(process.stdout.readline(), 30)).strip() == b"ready"

@@ -87,7 +87,7 @@ async def test_concurrent_writes_are_committed_together_and_all_survive(tmp_path
     async with open_store(url) as reopened:
         metrics = await reopened.queue_metrics()
         assert metrics.pending_tasks == 2002
-        for created_task, _ in created[:: 250]:
+        for created_task, _ in created[::250]:
             assert (await reopened.get_task(created_task.id)).status is TaskStatus.PENDING
 
 

@@ -67,10 +67,13 @@ class TaskLifecycle(RuleBasedStateMachine):
 
     def claim_order(self) -> list[str]:
         runnable = [
-            (task_id, task) for task_id, task in self.model.items()
+            (task_id, task)
+            for task_id, task in self.model.items()
             if task.status is TaskStatus.PENDING and task.runnable
         ]
-        return [task_id for task_id, task in sorted(runnable, key=lambda item: (-item[1].priority, item[1].order))]
+        return [
+            task_id for task_id, task in sorted(runnable, key=lambda item: (-item[1].priority, item[1].order))
+        ]
 
     def end_attempt(self, task_id: str, status: TaskStatus) -> None:
         task = self.model[task_id]
@@ -80,7 +83,11 @@ class TaskLifecycle(RuleBasedStateMachine):
     # -- rules ----------------------------------------------------------------------------------
     @rule(priority=st.integers(0, 3))
     def submit(self, priority: int) -> None:
-        task, created = self.run(self.store.create_task(NewTask(payload={"1": {"class_type": "X", "inputs": {}}}, priority=priority)))
+        task, created = self.run(
+            self.store.create_task(
+                NewTask(payload={"1": {"class_type": "X", "inputs": {}}}, priority=priority)
+            )
+        )
         assert created
         self.model[task.id] = ModelTask(order=len(self.model), priority=priority)
 
@@ -183,7 +190,10 @@ class TaskLifecycle(RuleBasedStateMachine):
         for task in page.tasks:
             model = self.model[task.id]
             assert (task.status, task.attempt, task.retry_count, task.cancel_requested) == (
-                model.status, model.attempt, model.retry_count, model.cancel_requested
+                model.status,
+                model.attempt,
+                model.retry_count,
+                model.cancel_requested,
             ), task.id
             assert len(task.attempts) == model.recorded_attempts
             assert (task.completed_at is not None) == task.is_terminal

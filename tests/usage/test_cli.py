@@ -27,8 +27,6 @@ from usage_helpers import (
 EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED = 1, 2, 3, 4
 
 
-
-
 async def comfyfleet(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """The real command in a subprocess: what a user runs, with its own terminal-less output."""
     environment = {**os.environ, **NO_CLIENT_CONFIG, **(env or {})}
@@ -36,8 +34,13 @@ async def comfyfleet(*args: str, env: dict[str, str] | None = None) -> tuple[int
         if name not in (env or {}):
             environment.pop(name, None)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfyfleet", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environment,
+        sys.executable,
+        "-m",
+        "comfyfleet",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environment,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
@@ -47,7 +50,9 @@ async def comfyfleet(*args: str, env: dict[str, str] | None = None) -> tuple[int
 async def test_submit_wait_shows_progress_and_writes_the_png(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.01}) as fleet:
         workflow = write(tmp_path / "seed.json", seed_workflow())
-        code, out, err = await comfyfleet("submit", str(workflow), "--wait", "--out", str(tmp_path / "out"), "--server", fleet.url)
+        code, out, err = await comfyfleet(
+            "submit", str(workflow), "--wait", "--out", str(tmp_path / "out"), "--server", fleet.url
+        )
         assert code == 0, err
         assert "submitted task" in err
         assert "node 3 (KSampler): step 20/20" in out  # sampler steps, then…
@@ -71,7 +76,9 @@ async def test_invalid_workflows_print_the_node_errors_and_exit_non_zero(tmp_pat
     async with running_fleet(tmp_path, workers=1) as fleet:
         # Refused by a worker (ComfyUI's own validation): the task fails, the node error is shown.
         rejected = seed_workflow(sampler_name="no_such_sampler")
-        code, _, err = await cli("submit", str(write(tmp_path / "bad.json", rejected)), "--wait", "--server", fleet.url)
+        code, _, err = await cli(
+            "submit", str(write(tmp_path / "bad.json", rejected)), "--wait", "--server", fleet.url
+        )
         assert code == EXIT_TASK_FAILED
         assert "workflow_invalid" in err
         assert "node 3 (KSampler): Value not in list" in err
@@ -80,7 +87,9 @@ async def test_invalid_workflows_print_the_node_errors_and_exit_non_zero(tmp_pat
         # Refused at submission (the graph is malformed): the API names the node and input.
         broken = tiny_workflow()
         broken["2"]["inputs"]["images"] = ["99", 0]
-        code, _, err = await cli("submit", str(write(tmp_path / "broken.json", broken)), "--server", fleet.url)
+        code, _, err = await cli(
+            "submit", str(write(tmp_path / "broken.json", broken)), "--server", fleet.url
+        )
         assert code == EXIT_REJECTED
         assert "rejected the workflow" in err
         assert "node 2 input 'images'" in err
@@ -88,7 +97,9 @@ async def test_invalid_workflows_print_the_node_errors_and_exit_non_zero(tmp_pat
 
 
 async def test_a_ui_format_file_gets_the_explanation(tmp_path: Path) -> None:
-    code, out, err = await comfyfleet("submit", str(DATA / "ui_format_workflow.json"), "--server", "http://127.0.0.1:9")
+    code, out, err = await comfyfleet(
+        "submit", str(DATA / "ui_format_workflow.json"), "--server", "http://127.0.0.1:9"
+    )
     assert code == EXIT_USAGE
     assert out == ""
     assert "UI format" in err
@@ -121,7 +132,9 @@ async def test_tasks_queue_commands_and_the_config_file(tmp_path: Path) -> None:
         env = {"COMFYFLEET_CLIENT_CONFIG": str(config)}  # no --server: the URL comes from the config file
         ids = []
         for color in (1, 2, 3, 4):
-            code, out, err = await cli("submit", str(write(tmp_path / f"t{color}.json", tiny_workflow(color=color))), env=env)
+            code, out, err = await cli(
+                "submit", str(write(tmp_path / f"t{color}.json", tiny_workflow(color=color))), env=env
+            )
             assert code == 0, err
             ids.append(out.strip())
         code, out, _ = await cli("tasks", "list", env=env)
@@ -175,14 +188,28 @@ async def test_submit_with_an_input_file(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), (200, 100, 50)).save(picture)
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 80,
-                                                     "height": 60, "crop": "disabled"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "bilinear",
+                "width": 80,
+                "height": 60,
+                "crop": "disabled",
+            },
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "scaled"}},
     }
     async with running_fleet(tmp_path, workers=1) as fleet:
         code, _, err = await cli(
-            "submit", str(write(tmp_path / "load.json", graph)), "--input", f"cat.png={picture}",
-            "--out", str(tmp_path / "out"), "--server", fleet.url,
+            "submit",
+            str(write(tmp_path / "load.json", graph)),
+            "--input",
+            f"cat.png={picture}",
+            "--out",
+            str(tmp_path / "out"),
+            "--server",
+            fleet.url,
         )
         assert code == 0, err
         [png] = (tmp_path / "out").glob("*.png")

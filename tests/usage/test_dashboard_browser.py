@@ -19,13 +19,22 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".test-run" / "artifacts"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 
 
 def chromium_path() -> str:
-    path = os.environ.get("COMFYFLEET_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    path = (
+        os.environ.get("COMFYFLEET_TEST_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
     if not path:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is missing: scripts/test installs it (scripts/test.d/browser.sh)")
@@ -46,13 +55,18 @@ async def browser() -> AsyncIterator[object]:
             await launched.close()
 
 
-async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(tmp_path: Path, browser: object) -> None:
+async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(
+    tmp_path: Path, browser: object
+) -> None:
     from playwright.async_api import Browser, expect
 
     assert isinstance(browser, Browser)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     # One worker, each seed task about 1.6 s (20 steps of 80 ms), prefetch 1: a third task waits pending.
-    async with running_fleet(tmp_path, workers=1, emulator={"step_time_s": 0.08}) as fleet, AsyncClient(fleet.url) as client:
+    async with (
+        running_fleet(tmp_path, workers=1, emulator={"step_time_s": 0.08}) as fleet,
+        AsyncClient(fleet.url) as client,
+    ):
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
@@ -86,7 +100,9 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(tmp_pat
         await third_row.locator("a").click()
         image = page.locator("#images img").first
         await expect(image).to_be_visible()
-        await page.wait_for_function("() => { const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth === 512; }")
+        await page.wait_for_function(
+            "() => { const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth === 512; }"
+        )
         await page.screenshot(path=str(ARTIFACTS / "dashboard-task.png"), full_page=True)
 
         # A running task's page: its progress moves live and its Cancel button stops it on the worker.

@@ -12,8 +12,13 @@ from usage_helpers import running_fleet, tiny_workflow
 async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:
     keys = [{"key": "alice-key", "tenant": "alice"}, {"key": "bob-key", "tenant": "bob"}]
     async with running_fleet(tmp_path, workers=0, api_keys=keys) as fleet:
-        alice_task = (await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "workflow_id": "alices"},
-                                            headers={"Authorization": "Bearer alice-key"})).json()
+        alice_task = (
+            await fleet.http.post(
+                "/api/v1/tasks",
+                json={"payload": tiny_workflow(), "workflow_id": "alices"},
+                headers={"Authorization": "Bearer alice-key"},
+            )
+        ).json()
         async with httpx.AsyncClient(base_url=fleet.url) as browser:
             page = await browser.get("/")
             assert page.status_code == 200
@@ -22,7 +27,9 @@ async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:
             wrong = await browser.post("/dashboard/login", data={"key": "nope", "next": "/"})
             assert wrong.status_code == 401
             assert "not valid" in wrong.text
-            signed = await browser.post("/dashboard/login", data={"key": "bob-key", "next": f"/tasks/{alice_task['id']}"})
+            signed = await browser.post(
+                "/dashboard/login", data={"key": "bob-key", "next": f"/tasks/{alice_task['id']}"}
+            )
             assert signed.status_code == 303
             cookie = signed.headers["set-cookie"]
             assert "HttpOnly" in cookie
@@ -44,7 +51,9 @@ async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:
             # The API takes the cookie: reads as is, changes only with the dashboard's header (CSRF guard).
             assert (await browser.get(f"/api/v1/tasks/{alice_task['id']}")).status_code == 200
             assert (await browser.delete(f"/api/v1/tasks/{alice_task['id']}")).status_code == 401
-            cancelled = await browser.delete(f"/api/v1/tasks/{alice_task['id']}", headers={"X-Comfyfleet-Dashboard": "1"})
+            cancelled = await browser.delete(
+                f"/api/v1/tasks/{alice_task['id']}", headers={"X-Comfyfleet-Dashboard": "1"}
+            )
             assert cancelled.status_code == 200
             assert cancelled.json()["status"] == "cancelled"
             assert (await browser.get("/tasks/not-a-task")).status_code == 404
@@ -52,7 +61,11 @@ async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:
 
 async def test_open_access_renders_without_sign_in(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1) as fleet:
-        task = (await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "workflow_id": "visible"})).json()
+        task = (
+            await fleet.http.post(
+                "/api/v1/tasks", json={"payload": tiny_workflow(), "workflow_id": "visible"}
+            )
+        ).json()
         page = await fleet.http.get("/")
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")

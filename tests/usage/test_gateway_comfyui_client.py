@@ -22,7 +22,9 @@ from usage_helpers import running_fleet, seed_workflow, tiny_workflow
 from websockets.sync.client import connect
 
 
-def comfyui_websocket_client(server_address: str, prompt: dict[str, Any]) -> tuple[dict[str, list[bytes]], list[dict[str, Any]]]:
+def comfyui_websocket_client(
+    server_address: str, prompt: dict[str, Any]
+) -> tuple[dict[str, list[bytes]], list[dict[str, Any]]]:
     """ComfyUI's websocket API example, as a ComfyUI user would write it. Returns the images by node and
     every JSON frame seen (for the test to check the order)."""
     client_id = str(uuid.uuid4())
@@ -119,10 +121,14 @@ async def test_a_comfyui_websocket_client_runs_unchanged_on_two_workers(tmp_path
                     assert before["type"] == "progress_state"
                     assert before["data"]["nodes"][frame["data"]["node"]]["state"] == "running"
             snapshots = [f["data"] for f in frames if f["type"] == "progress_state"]
-            sampler = [s["nodes"]["3"] for s in snapshots if s["nodes"].get("3", {}).get("state") == "running"]
+            sampler = [
+                s["nodes"]["3"] for s in snapshots if s["nodes"].get("3", {}).get("state") == "running"
+            ]
             assert (sampler[-1]["value"], sampler[-1]["max"]) == (20, 20)
             last = snapshots[-1]
-            assert max(i for i, kind in enumerate(types) if kind == "progress_state") < types.index("execution_success")
+            assert max(i for i, kind in enumerate(types) if kind == "progress_state") < types.index(
+                "execution_success"
+            )
             assert {node["state"] for node in last["nodes"].values()} == {"finished"}
             assert set(last["nodes"]) == {n for n in executing_nodes if n is not None}
             assert all(node["prompt_id"] == last["prompt_id"] for node in last["nodes"].values())
@@ -143,10 +149,14 @@ async def test_a_rejected_graph_gets_comfyuis_400_shape(tmp_path: Path) -> None:
         assert problem["type"] == "value_bigger_than_max"
         assert body["node_errors"]["1"]["class_type"] == "EmptyImage"
 
-        unknown = await fleet.http.post("/api/prompt", json={"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
+        unknown = await fleet.http.post(
+            "/api/prompt", json={"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
+        )
         assert unknown.status_code == 400
         assert unknown.json()["error"]["type"] == "missing_node_type"
-        assert (await fleet.http.post("/prompt", json={"client_id": "x"})).json()["error"]["type"] == "no_prompt"
+        assert (await fleet.http.post("/prompt", json={"client_id": "x"})).json()["error"][
+            "type"
+        ] == "no_prompt"
         bad_id = await fleet.http.post("/prompt", json={"prompt": tiny_workflow(), "prompt_id": "NOT-A-UUID"})
         assert bad_id.status_code == 400
         assert bad_id.json()["error"]["type"] == "invalid_prompt_id"

@@ -39,17 +39,27 @@ async def test_an_uploaded_image_is_used_by_whichever_worker_runs_the_prompt(tmp
     async with running_fleet(tmp_path, workers=2) as fleet:
         first = await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets")
         assert first == {"name": "cat.png", "subfolder": "pets", "type": "input"}
-        assert (await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets"))["name"] == "cat.png"
+        assert (await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets"))[
+            "name"
+        ] == "cat.png"
         other = await _upload(fleet, "cat.png", _png(8, 8, (0, 250, 0)), subfolder="pets")
         assert other["name"] == "cat (1).png"  # same name, other bytes: renamed, as ComfyUI does
-        view = await fleet.http.get("/view", params={"filename": "cat (1).png", "subfolder": "pets", "type": "input"})
+        view = await fleet.http.get(
+            "/view", params={"filename": "cat (1).png", "subfolder": "pets", "type": "input"}
+        )
         assert view.status_code == 200
         assert view.content == _png(8, 8, (0, 250, 0))
 
         graph = {
             "1": {"class_type": "LoadImage", "inputs": {"image": "pets/cat.png"}},
-            "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "area", "scale_by": 2.0}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "pets/scaled"}},
+            "2": {
+                "class_type": "ImageScaleBy",
+                "inputs": {"image": ["1", 0], "upscale_method": "area", "scale_by": 2.0},
+            },
+            "3": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["2", 0], "filename_prefix": "pets/scaled"},
+            },
         }
         queued = await _prompt(fleet, graph, client_id="uploader")
         assert queued["node_errors"] == {}
@@ -93,7 +103,9 @@ async def test_a_mask_upload_puts_its_alpha_into_the_original_image(tmp_path: Pa
         answer = await _masked(fleet, {"filename": "cat.png", "subfolder": "pets", "type": "input"})
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"name": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"}
-        view = await fleet.http.get("/view", params={"filename": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"})
+        view = await fleet.http.get(
+            "/view", params={"filename": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"}
+        )
         with Image.open(io.BytesIO(view.content)) as combined:
             assert (combined.format, combined.mode, combined.size) == ("PNG", "RGBA", (30, 20))
             assert combined.getpixel((5, 10)) == (250, 0, 0, 0)  # the original's colour, the mask's alpha
@@ -109,11 +121,17 @@ async def test_a_mask_upload_puts_its_alpha_into_the_original_image(tmp_path: Pa
 
         # The original may be a task's output (subfolder = the task id, as /view names it).
         [output] = task["result"]["outputs"]
-        answer = await _masked(fleet, {"filename": output["filename"], "subfolder": task["id"], "type": "output"}, "out-mask.png")
+        answer = await _masked(
+            fleet, {"filename": output["filename"], "subfolder": task["id"], "type": "output"}, "out-mask.png"
+        )
         assert answer.status_code == 200, answer.text
 
-        assert (await _masked(fleet, {"filename": "dog.png", "subfolder": "pets", "type": "input"})).status_code == 404
-        assert (await _masked(fleet, {"filename": "x.png", "subfolder": str(uuid.uuid4()), "type": "output"})).status_code == 404
+        assert (
+            await _masked(fleet, {"filename": "dog.png", "subfolder": "pets", "type": "input"})
+        ).status_code == 404
+        assert (
+            await _masked(fleet, {"filename": "x.png", "subfolder": str(uuid.uuid4()), "type": "output"})
+        ).status_code == 404
         assert (await _masked(fleet, "not an object")).status_code == 400
         garbage = await fleet.http.post(
             "/upload/mask",
@@ -151,7 +169,9 @@ async def test_queue_delete_interrupt_and_history(tmp_path: Path) -> None:
         assert (await wait_task(fleet, ids[0]))["status"] == "cancelled"
         assert (await wait_task(fleet, ids[1]))["status"] == "completed"
 
-        assert (await fleet.http.get(f"/history/{ids[2]}")).json() == {}  # deleted before it ran: not in history
+        assert (
+            await fleet.http.get(f"/history/{ids[2]}")
+        ).json() == {}  # deleted before it ran: not in history
         interrupted = (await fleet.http.get(f"/history/{ids[0]}")).json()[ids[0]]
         assert interrupted["status"]["status_str"] == "error"
         assert interrupted["status"]["completed"] is False
@@ -159,7 +179,9 @@ async def test_queue_delete_interrupt_and_history(tmp_path: Path) -> None:
         everything = (await fleet.http.get("/history")).json()
         assert list(everything) == [ids[0], ids[1]]  # oldest first
         assert list((await fleet.http.get("/history", params={"max_items": 1})).json()) == [ids[1]]
-        assert list((await fleet.http.get("/history", params={"max_items": 1, "offset": 0})).json()) == [ids[0]]
+        assert list((await fleet.http.get("/history", params={"max_items": 1, "offset": 0})).json()) == [
+            ids[0]
+        ]
         assert (await fleet.http.get("/history", params={"max_items": "x"})).status_code == 400
         assert (await fleet.http.get(f"/history/{uuid.uuid4()}")).json() == {}
         assert (await fleet.http.get("/history/not-a-uuid")).json() == {}
@@ -187,13 +209,22 @@ async def test_catalogue_routes_view_errors_and_a_client_chosen_prompt_id(tmp_pa
         assert (await wait_task(fleet, chosen))["status"] == "completed"
         assert (await fleet.http.get("/api/v1/tasks")).json()["count"] == 1
 
-        for params, status in (({"filename": "../etc/passwd"}, 400), ({"filename": "x.png", "subfolder": "/abs"}, 400),
-                               ({"filename": "x.png", "subfolder": chosen}, 404),
-                               ({"filename": "x.png", "subfolder": "not-a-task"}, 404)):
+        for params, status in (
+            ({"filename": "../etc/passwd"}, 400),
+            ({"filename": "x.png", "subfolder": "/abs"}, 400),
+            ({"filename": "x.png", "subfolder": chosen}, 404),
+            ({"filename": "x.png", "subfolder": "not-a-task"}, 404),
+        ):
             assert (await fleet.http.get("/view", params=params)).status_code == status, params
         # partial_execution_targets: only what the chosen output needs is run.
-        graph = {**tiny_workflow(), "3": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
-                 "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "other"}}}
+        graph = {
+            **tiny_workflow(),
+            "3": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1},
+            },
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "other"}},
+        }
         partial = await _prompt(fleet, graph, partial_execution_targets=["4"])
         task = await wait_task(fleet, partial["prompt_id"])
         assert sorted(task["payload"]) == ["3", "4"]
@@ -201,8 +232,11 @@ async def test_catalogue_routes_view_errors_and_a_client_chosen_prompt_id(tmp_pa
 
 
 async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None:
-    async with running_fleet(tmp_path, workers=1, api_keys=[{"key": "alice-key", "tenant": "alice"},
-                                                            {"key": "bob-key", "tenant": "bob"}]) as fleet:
+    async with running_fleet(
+        tmp_path,
+        workers=1,
+        api_keys=[{"key": "alice-key", "tenant": "alice"}, {"key": "bob-key", "tenant": "bob"}],
+    ) as fleet:
         assert (await fleet.http.post("/prompt", json={"prompt": tiny_workflow()})).status_code == 401
         ws_url = fleet.url.replace("http://", "ws://") + "/ws?clientId=a"
         with pytest.raises(InvalidStatus) as refused:  # closed before the handshake completes: HTTP 403
@@ -211,9 +245,13 @@ async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None
         assert refused.value.response.status_code == 403
         async with connect(ws_url + "&token=alice-key") as socket:
             hello = json.loads(await asyncio.wait_for(socket.recv(), 5))
-            assert hello == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "a"}}
-            response = await fleet.http.post("/prompt", params={"token": "alice-key"},
-                                             json={"prompt": tiny_workflow(), "client_id": "a"})
+            assert hello == {
+                "type": "status",
+                "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "a"},
+            }
+            response = await fleet.http.post(
+                "/prompt", params={"token": "alice-key"}, json={"prompt": tiny_workflow(), "client_id": "a"}
+            )
             prompt_id = response.json()["prompt_id"]
             frames = []
             while True:
@@ -225,5 +263,10 @@ async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None
         # Bob sees nothing of Alice's prompt.
         bob = {"Authorization": "Bearer bob-key"}
         assert (await fleet.http.get(f"/history/{prompt_id}", headers=bob)).json() == {}
-        assert (await fleet.http.get(f"/history/{prompt_id}", headers={"Authorization": "Bearer alice-key"})).json()
-        assert (await fleet.http.get("/queue", headers=bob)).json() == {"queue_running": [], "queue_pending": []}
+        assert (
+            await fleet.http.get(f"/history/{prompt_id}", headers={"Authorization": "Bearer alice-key"})
+        ).json()
+        assert (await fleet.http.get("/queue", headers=bob)).json() == {
+            "queue_running": [],
+            "queue_pending": [],
+        }

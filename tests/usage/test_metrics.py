@@ -27,9 +27,19 @@ def _value(families: dict[str, object], name: str, suffix: str = "", **labels: s
 async def test_metrics_parse_and_have_every_series(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1, api_keys=[{"key": "secret-key"}]) as fleet:
         auth = {"Authorization": "Bearer secret-key"}
-        done = (await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "priority": 3}, headers=auth)).json()
-        bad = (await fleet.http.post("/api/v1/tasks", json={"payload": seed_workflow(sampler_name="nope")}, headers=auth)).json()
-        waiting = (await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "priority": -2}, headers=auth))
+        done = (
+            await fleet.http.post(
+                "/api/v1/tasks", json={"payload": tiny_workflow(), "priority": 3}, headers=auth
+            )
+        ).json()
+        bad = (
+            await fleet.http.post(
+                "/api/v1/tasks", json={"payload": seed_workflow(sampler_name="nope")}, headers=auth
+            )
+        ).json()
+        waiting = await fleet.http.post(
+            "/api/v1/tasks", json={"payload": tiny_workflow(), "priority": -2}, headers=auth
+        )
         assert waiting.status_code == 201
         await fleet.http.delete(f"/api/v1/tasks/{waiting.json()['id']}", headers=auth)
         fleet.http.headers.update(auth)
@@ -60,18 +70,25 @@ async def test_metrics_parse_and_have_every_series(tmp_path: Path) -> None:
         assert _value(families, "comfyfleet_queue_oldest_pending_age_seconds") == 0
         assert _value(families, "comfyfleet_store_up") == 1
         # Histograms and counters, fed by the components through comfyfleet.metrics.
-        for name in ("comfyfleet_dispatch_latency_seconds", "comfyfleet_task_duration_seconds",
-                     "comfyfleet_worker_startup_seconds"):
+        for name in (
+            "comfyfleet_dispatch_latency_seconds",
+            "comfyfleet_task_duration_seconds",
+            "comfyfleet_worker_startup_seconds",
+        ):
             assert families[name].type == "histogram"  # type: ignore[attr-defined]
         assert families["comfyfleet_task_failures"].type == "counter"  # type: ignore[attr-defined]
         assert families["comfyfleet_webhook_attempts"].type == "counter"  # type: ignore[attr-defined]
-        assert _value(families, "comfyfleet_dispatch_latency_seconds", "_count") == _value(
-            before, "comfyfleet_dispatch_latency_seconds", "_count") + 1
+        assert (
+            _value(families, "comfyfleet_dispatch_latency_seconds", "_count")
+            == _value(before, "comfyfleet_dispatch_latency_seconds", "_count") + 1
+        )
         assert _value(families, "comfyfleet_dispatch_latency_seconds", "_bucket", le="0.025") >= 1
         assert _value(families, "comfyfleet_task_duration_seconds", "_count", status="completed") >= 1
         assert _value(families, "comfyfleet_task_duration_seconds", "_count", status="failed") >= 0
-        assert _value(families, "comfyfleet_task_failures", "_total", kind="workflow_invalid") == _value(
-            before, "comfyfleet_task_failures", "_total", kind="workflow_invalid") + 1
+        assert (
+            _value(families, "comfyfleet_task_failures", "_total", kind="workflow_invalid")
+            == _value(before, "comfyfleet_task_failures", "_total", kind="workflow_invalid") + 1
+        )
         assert _value(families, "comfyfleet_task_failures", "_total", kind="out_of_memory") >= 0
         assert _value(families, "comfyfleet_worker_startup_seconds", "_count", pool="default") >= 1
         assert _value(families, "comfyfleet_webhook_attempts", "_total", outcome="delivered") >= 0

@@ -21,7 +21,11 @@ async def test_the_cli_moves_a_task_up_and_its_stream_says_so(tmp_path: Path) ->
 
         async def follow() -> None:
             async for event in client.events(last.id):
-                position = event.task.queue_position if event.type == "snapshot" and event.task else event.data.get("queue_position")
+                position = (
+                    event.task.queue_position
+                    if event.type == "snapshot" and event.task
+                    else event.data.get("queue_position")
+                )
                 if event.type == "queue_position":
                     assert "estimated_start_s" in event.data  # null here: no worker to base it on
                 if position is not None:

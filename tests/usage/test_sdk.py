@@ -29,17 +29,28 @@ from comfyfleet.sdk import (
 
 def test_importing_comfyfleet_stays_cheap() -> None:
     code = "import sys, comfyfleet; assert 'httpx' not in sys.modules and 'fastapi' not in sys.modules; print(comfyfleet.__all__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "AsyncClient" in result.stdout
     assert comfyfleet.Client is Client
 
 
 async def test_async_client_submits_follows_waits_and_downloads(tmp_path: Path) -> None:
-    async with running_fleet(tmp_path, workers=1, emulator={"step_time_s": 0.01}) as fleet, AsyncClient(fleet.url) as client:
+    async with (
+        running_fleet(tmp_path, workers=1, emulator={"step_time_s": 0.01}) as fleet,
+        AsyncClient(fleet.url) as client,
+    ):
         events: list[TaskEvent] = []
-        task = await client.run(seed_workflow(), priority=2, workflow_id="seed", metadata={"who": "sdk"},
-                                on_event=events.append, timeout=30)
+        task = await client.run(
+            seed_workflow(),
+            priority=2,
+            workflow_id="seed",
+            metadata={"who": "sdk"},
+            on_event=events.append,
+            timeout=30,
+        )
         assert task.ok
         assert task.priority == 2
         assert task.raw["metadata"] == {"who": "sdk"}

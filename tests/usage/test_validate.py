@@ -27,7 +27,9 @@ def with_checkpoint(name: str) -> dict[str, Any]:
 async def test_a_workflow_is_checked_against_every_workers_nodes_and_models(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=2, emulator=WORKERS) as fleet:
         for name in ("only_on_first.safetensors", "only_on_second.safetensors"):
-            answer = await fleet.http.post("/api/v1/workflows/validate", json={"payload": with_checkpoint(name)})
+            answer = await fleet.http.post(
+                "/api/v1/workflows/validate", json={"payload": with_checkpoint(name)}
+            )
             assert answer.status_code == 200, answer.text
             report = answer.json()
             assert report["valid"] is True, report
@@ -39,7 +41,9 @@ async def test_a_workflow_is_checked_against_every_workers_nodes_and_models(tmp_
 
         # A model no worker has: ComfyUI's own error, on the node that names it.
         report = (
-            await fleet.http.post("/api/v1/workflows/validate", json={"payload": with_checkpoint("nowhere.safetensors")})
+            await fleet.http.post(
+                "/api/v1/workflows/validate", json={"payload": with_checkpoint("nowhere.safetensors")}
+            )
         ).json()
         assert report["valid"] is False
         [problem] = report["node_errors"]["4"]["errors"]
@@ -56,7 +60,9 @@ async def test_a_workflow_is_checked_against_every_workers_nodes_and_models(tmp_
         assert report["error"]["type"] == "missing_node_type"
 
         # A value of the wrong type, as ComfyUI would report it.
-        report = (await fleet.http.post("/api/v1/workflows/validate", json={"payload": seed_workflow(steps="many")})).json()
+        report = (
+            await fleet.http.post("/api/v1/workflows/validate", json={"payload": seed_workflow(steps="many")})
+        ).json()
         assert report["valid"] is False
         assert report["node_errors"]["3"]["errors"][0]["type"] == "invalid_input_type"
 
@@ -67,7 +73,13 @@ async def test_a_workflow_is_checked_against_every_workers_nodes_and_models(tmp_
 
         # Nothing was stored or sent to a worker.
         assert (await fleet.http.get("/api/v1/tasks")).json()["count"] == 0
-        assert sum(emulator.stats.prompts_accepted + emulator.stats.prompts_rejected for emulator in fleet.emulators) == 0
+        assert (
+            sum(
+                emulator.stats.prompts_accepted + emulator.stats.prompts_rejected
+                for emulator in fleet.emulators
+            )
+            == 0
+        )
 
 
 async def test_structure_is_checked_first_and_alone_without_workers(tmp_path: Path) -> None:
@@ -79,7 +91,9 @@ async def test_structure_is_checked_first_and_alone_without_workers(tmp_path: Pa
         assert report["checked_against"] == "structure"
         assert [(e["node_id"], e["input_name"]) for e in report["errors"]] == [("8", "samples")]
 
-        report = (await fleet.http.post("/api/v1/workflows/validate", json={"payload": seed_workflow()})).json()
+        report = (
+            await fleet.http.post("/api/v1/workflows/validate", json={"payload": seed_workflow()})
+        ).json()
         assert (report["valid"], report["checked_against"]) == (True, "structure")
         # No worker was ever up here: ComfyUI clients are told to come back.
         missing = await fleet.http.get("/object_info")
@@ -112,14 +126,19 @@ async def test_sdk_and_cli_validate(tmp_path: Path) -> None:
 async def test_the_catalogue_outlives_a_restart_with_no_worker_up(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=2, emulator=WORKERS) as fleet:
         live = (await fleet.http.get("/object_info")).json()
-        assert "only_on_second.safetensors" in live["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+        assert (
+            "only_on_second.safetensors"
+            in live["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+        )
 
     # The same server (store and outputs) started again with its pool at zero: nothing answers, but the
     # catalogue its workers offered is kept, so validation and ComfyUI clients still know the nodes.
     async with running_fleet(tmp_path, workers=0) as restarted:
         assert (await restarted.http.get("/object_info")).json() == live
         report = (
-            await restarted.http.post("/api/v1/workflows/validate", json={"payload": with_checkpoint("nowhere.safetensors")})
+            await restarted.http.post(
+                "/api/v1/workflows/validate", json={"payload": with_checkpoint("nowhere.safetensors")}
+            )
         ).json()
         assert (report["valid"], report["checked_against"]) == (False, "workers")
         assert report["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"

@@ -54,17 +54,27 @@ async def test_deliveries_are_leased_retried_and_finished(store: Store) -> None:
     assert await store.claim_webhook_deliveries("replica-b", 30) == []  # leased: nobody else gets it
     later = datetime.now(UTC) + timedelta(milliseconds=300)
     retried = await store.record_webhook_attempt(
-        mine.id, "replica-a", outcome="retry", status_code=503, error="HTTP 503", duration_s=0.01, next_attempt_at=later
+        mine.id,
+        "replica-a",
+        outcome="retry",
+        status_code=503,
+        error="HTTP 503",
+        duration_s=0.01,
+        next_attempt_at=later,
     )
     assert retried.status == "pending"
     assert retried.attempts == 1
     assert retried.last_status_code == 503
     assert await store.claim_webhook_deliveries("replica-b", 30) == []  # not due yet
     with pytest.raises(StaleLease):  # the lease ended with the attempt
-        await store.record_webhook_attempt(mine.id, "replica-a", outcome="delivered", status_code=200, error=None, duration_s=0)
+        await store.record_webhook_attempt(
+            mine.id, "replica-a", outcome="delivered", status_code=200, error=None, duration_s=0
+        )
 
     [again] = await eventually(lambda: store.claim_webhook_deliveries("replica-b", 30), within=5)
-    done = await store.record_webhook_attempt(again.id, "replica-b", outcome="delivered", status_code=204, error=None, duration_s=0.02)
+    done = await store.record_webhook_attempt(
+        again.id, "replica-b", outcome="delivered", status_code=204, error=None, duration_s=0.02
+    )
     assert done.status == "delivered"
     assert done.delivered_at is not None
     [shown] = await store.webhook_deliveries(task_id)
@@ -82,6 +92,10 @@ async def test_an_expired_lease_lets_another_deliverer_take_over(store: Store) -
     [second] = await eventually(lambda: store.claim_webhook_deliveries("live-replica", 30), within=5)
     assert second.id == first.id
     with pytest.raises(StaleLease):
-        await store.record_webhook_attempt(first.id, "dead-replica", outcome="delivered", status_code=200, error=None, duration_s=0)
-    gave_up = await store.record_webhook_attempt(second.id, "live-replica", outcome="failed", status_code=None, error="refused", duration_s=0)
+        await store.record_webhook_attempt(
+            first.id, "dead-replica", outcome="delivered", status_code=200, error=None, duration_s=0
+        )
+    gave_up = await store.record_webhook_attempt(
+        second.id, "live-replica", outcome="failed", status_code=None, error="refused", duration_s=0
+    )
     assert gave_up.status == "failed"

@@ -70,18 +70,28 @@ async def receiver(fail_first: int = 2) -> AsyncIterator[Receiver]:
 
 
 async def test_each_task_gets_one_signed_delivery_after_two_failures(tmp_path: Path) -> None:
-    async with receiver(fail_first=2) as hooks, running_fleet(
-        tmp_path, workers=2, webhook_secret=SECRET, webhooks=FAST_RETRIES,
-        dispatch={"safety_poll_s": 0.5, "allow_private_input_urls": True},  # the receiver is on loopback
-    ) as fleet, AsyncClient(fleet.url) as client:
+    async with (
+        receiver(fail_first=2) as hooks,
+        running_fleet(
+            tmp_path,
+            workers=2,
+            webhook_secret=SECRET,
+            webhooks=FAST_RETRIES,
+            dispatch={"safety_poll_s": 0.5, "allow_private_input_urls": True},  # the receiver is on loopback
+        ) as fleet,
+        AsyncClient(fleet.url) as client,
+    ):
         tasks = [await client.submit(tiny_workflow(color=color), webhook=hooks.url) for color in (1, 2, 3)]
         finished = [await client.wait(task.id, timeout=20) for task in tasks]
         assert all(task.status == "completed" for task in finished)
 
         async def all_delivered() -> list[dict[str, Any]] | None:
             shown = [(await client.get(task.id)).webhook_deliveries for task in tasks]
-            return [d for [d] in shown if d["status"] == "delivered"] if all(len(s) == 1 for s in shown) and all(
-                s[0]["status"] == "delivered" for s in shown) else None
+            return (
+                [d for [d] in shown if d["status"] == "delivered"]
+                if all(len(s) == 1 for s in shown) and all(s[0]["status"] == "delivered" for s in shown)
+                else None
+            )
 
         deliveries = await eventually(all_delivered, within=20)
 
@@ -104,7 +114,10 @@ async def test_each_task_gets_one_signed_delivery_after_two_failures(tmp_path: P
         assert sum(len(tries) for tries in hooks.requests.values()) == 9
 
         # A wrong secret would not verify: the signature really depends on it.
-        body, headers = hooks.requests[f"msg_{tasks[0].id}"][-1]["body"], hooks.requests[f"msg_{tasks[0].id}"][-1]["headers"]
+        body, headers = (
+            hooks.requests[f"msg_{tasks[0].id}"][-1]["body"],
+            hooks.requests[f"msg_{tasks[0].id}"][-1]["headers"],
+        )
         try:
             Webhook("whsec_" + "A" * 43).verify(body, headers)
         except WebhookVerificationError:
@@ -114,10 +127,18 @@ async def test_each_task_gets_one_signed_delivery_after_two_failures(tmp_path: P
 
 
 async def test_cancelled_tasks_are_delivered_too_and_bad_hooks_are_refused(tmp_path: Path) -> None:
-    async with receiver(fail_first=0) as hooks, running_fleet(
-        tmp_path, workers=1, webhook_secret=SECRET, webhooks=FAST_RETRIES, emulator={"prompt_time_s": 5},
-        dispatch={"safety_poll_s": 0.5, "allow_private_input_urls": True},
-    ) as fleet, AsyncClient(fleet.url) as client:
+    async with (
+        receiver(fail_first=0) as hooks,
+        running_fleet(
+            tmp_path,
+            workers=1,
+            webhook_secret=SECRET,
+            webhooks=FAST_RETRIES,
+            emulator={"prompt_time_s": 5},
+            dispatch={"safety_poll_s": 0.5, "allow_private_input_urls": True},
+        ) as fleet,
+        AsyncClient(fleet.url) as client,
+    ):
         running = await client.submit(tiny_workflow(color=7), webhook=hooks.url)
         prefetched = await client.submit(tiny_workflow(color=6))  # the worker holds one more in its queue
         await eventually(lambda: _status_is(client, prefetched.id, "running"), within=10)
@@ -134,9 +155,13 @@ async def test_cancelled_tasks_are_delivered_too_and_bad_hooks_are_refused(tmp_p
         assert (await client.wait(running.id, timeout=20)).status == "cancelled"
         await eventually(lambda: seen(f"msg_{running.id}"), within=10)
 
-        for webhook, message in ((
-            {"url": "ftp://example.test/x"}, "http(s)"), ({"url": hooks.url, "colour": "red"}, "unknown webhook field")):
-            response = await fleet.http.post("/api/v1/tasks", json={"payload": tiny_workflow(), "webhook": webhook})
+        for webhook, message in (
+            ({"url": "ftp://example.test/x"}, "http(s)"),
+            ({"url": hooks.url, "colour": "red"}, "unknown webhook field"),
+        ):
+            response = await fleet.http.post(
+                "/api/v1/tasks", json={"payload": tiny_workflow(), "webhook": webhook}
+            )
             assert response.status_code == 422
             assert response.json()["error"] == "invalid_webhook"
             assert message in response.json()["message"]
@@ -147,9 +172,16 @@ async def _status_is(client: AsyncClient, task_id: str, status: str) -> bool:
 
 
 async def test_a_private_address_is_refused_like_input_urls(tmp_path: Path) -> None:
-    async with receiver(fail_first=0) as hooks, running_fleet(
-        tmp_path, workers=1, webhook_secret=SECRET, webhooks=FAST_RETRIES,
-    ) as fleet, AsyncClient(fleet.url) as client:
+    async with (
+        receiver(fail_first=0) as hooks,
+        running_fleet(
+            tmp_path,
+            workers=1,
+            webhook_secret=SECRET,
+            webhooks=FAST_RETRIES,
+        ) as fleet,
+        AsyncClient(fleet.url) as client,
+    ):
         task = await client.submit(tiny_workflow(color=9), webhook=hooks.url)
         await client.wait(task.id, timeout=20)
 
@@ -173,6 +205,9 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
 
 async def test_the_receiver_helper_refuses_bad_signatures() -> None:
     async with receiver(fail_first=0) as hooks, httpx.AsyncClient() as http:
-        response = await http.post(hooks.url, content=json.dumps({"x": 1}), headers={
-            "webhook-id": "msg_x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"})
+        response = await http.post(
+            hooks.url,
+            content=json.dumps({"x": 1}),
+            headers={"webhook-id": "msg_x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"},
+        )
         assert response.status_code == 401

@@ -36,12 +36,17 @@ def seed_workflow(**changes: Any) -> dict[str, Any]:
 
 def tiny_workflow(color: int = 0x3366CC, size: int = 32, prefix: str = "tiny") -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 10.0, interval: float = 0.02) -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], *, within: float = 10.0, interval: float = 0.02
+) -> T:
     """Poll ``check`` until it returns something other than None/False, with a deadline."""
     deadline = time.monotonic() + within
     while True:
@@ -136,8 +141,11 @@ async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
     from comfyfleet.cli import app
 
     def invoke() -> tuple[int, str, str]:
-        result = CliRunner().invoke(app, list(args), env={"COMFYFLEET_URL": None, "COMFYFLEET_API_KEY": None,
-                                                          **NO_CLIENT_CONFIG, **(env or {})})  # type: ignore[dict-item]
+        result = CliRunner().invoke(
+            app,
+            list(args),
+            env={"COMFYFLEET_URL": None, "COMFYFLEET_API_KEY": None, **NO_CLIENT_CONFIG, **(env or {})},
+        )  # type: ignore[dict-item]
         return result.exit_code, result.stdout, result.stderr
 
     return await asyncio.to_thread(invoke)

@@ -33,7 +33,12 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 # Routers mounted under /api/v1, each behind API-key authentication. Add new /api/v1 routers here.
 API_V1_ROUTERS: list[APIRouter] = [
-    tasks.router, outputs.router, events.router, queue.router, workers.router, workflows.router
+    tasks.router,
+    outputs.router,
+    events.router,
+    queue.router,
+    workers.router,
+    workflows.router,
 ]
 
 DESCRIPTION = """\
@@ -129,8 +134,11 @@ class BodyLimitMiddleware:
             parts.append(chunk)
             if not message.get("more_body", False):
                 break
-        pending: list[Message] = [first if first is not None else
-                                  {"type": "http.request", "body": b"".join(parts), "more_body": False}]
+        pending: list[Message] = [
+            first
+            if first is not None
+            else {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        ]
 
         async def replay() -> Message:
             return pending.pop() if pending else await receive()
@@ -140,15 +148,17 @@ class BodyLimitMiddleware:
     async def _refuse(self, send: Send) -> None:
         error = RequestTooLarge(self.max_body_bytes)
         body = error_body(error.status, error.error, error.message, error.details)
-        await send({
-            "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                # No "Connection: close": closing with the client's unread body in our receive buffer makes
-                # the kernel reset the connection, and the client may lose this answer. The HTTP server
-                # discards the rest of the body (it knows where it ends) and keeps the connection.
-            ],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    # No "Connection: close": closing with the client's unread body in our receive buffer makes
+                    # the kernel reset the connection, and the client may lose this answer. The HTTP server
+                    # discards the rest of the body (it knows where it ends) and keeps the connection.
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

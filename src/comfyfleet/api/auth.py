@@ -82,7 +82,10 @@ def principal_from(connection: HTTPConnection) -> Principal:
         if cookie:
             method = connection.scope.get("method", "GET")
             if method not in ("GET", "HEAD") and connection.headers.get(DASHBOARD_HEADER) != "1":
-                raise Unauthorized("unauthorized", f"a change made with the dashboard's cookie needs the {DASHBOARD_HEADER} header")
+                raise Unauthorized(
+                    "unauthorized",
+                    f"a change made with the dashboard's cookie needs the {DASHBOARD_HEADER} header",
+                )
             authorization = f"Bearer {cookie}"
     return keyring.principal_for(authorization)
 

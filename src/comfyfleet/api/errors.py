@@ -63,7 +63,9 @@ class Unauthorized(ApiError):
 class RequestTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(
-            413, "request_too_large", f"the request body is larger than the limit of {limit} bytes",
+            413,
+            "request_too_large",
+            f"the request body is larger than the limit of {limit} bytes",
             details={"max_body_bytes": limit},
         )
 
@@ -71,7 +73,9 @@ class RequestTooLarge(ApiError):
 class InvalidInput(ApiError):
     """422 with pydantic-like ``details.errors`` entries (``loc``, ``message``, ``type``)."""
 
-    def __init__(self, message: str, errors: Sequence[Mapping[str, Any]], error: str = "validation_error") -> None:
+    def __init__(
+        self, message: str, errors: Sequence[Mapping[str, Any]], error: str = "validation_error"
+    ) -> None:
         super().__init__(422, error, message, details={"errors": [dict(entry) for entry in errors]})
 
 
@@ -90,7 +94,9 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     return Response(
-        error_body(status, error, message, details), status_code=status, media_type="application/json",
+        error_body(status, error, message, details),
+        status_code=status,
+        media_type="application/json",
         headers=dict(headers) if headers else None,
     )
 
@@ -112,12 +118,17 @@ def _store_error(request: Request, exc: Exception) -> Response:
             if status == 503:
                 logger.warning("store_unavailable path=%s error=%s", request.url.path, exc)
                 # Tell well-behaved clients when to try again instead of hammering a recovering database.
-                return error_response(status, code, "the task store is unavailable; try again shortly",
-                                      headers={"Retry-After": "1"})
+                return error_response(
+                    status,
+                    code,
+                    "the task store is unavailable; try again shortly",
+                    headers={"Retry-After": "1"},
+                )
             return error_response(status, code, str(exc) or HTTPStatus(status).phrase)
     logger.error("store_error path=%s error=%r", request.url.path, exc)
-    return error_response(503, "store_error", "the task store failed to answer; try again shortly",
-                          headers={"Retry-After": "1"})
+    return error_response(
+        503, "store_error", "the task store failed to answer; try again shortly", headers={"Retry-After": "1"}
+    )
 
 
 def _api_error(_request: Request, exc: Exception) -> Response:
@@ -130,18 +141,22 @@ def _is_json_request(request: Request) -> bool:
     if content_type is None:
         return False  # FastAPI's strict content type: a body without one is not parsed as JSON
     media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic's errors without ``input``/``ctx``: they can echo a huge body or hold exception objects."""
     described = []
     for entry in errors:
-        described.append({
-            "loc": [part if isinstance(part, int) else str(part) for part in entry.get("loc", ())],
-            "message": str(entry.get("msg", "invalid value")),
-            "type": str(entry.get("type", "value_error")),
-        })
+        described.append(
+            {
+                "loc": [part if isinstance(part, int) else str(part) for part in entry.get("loc", ())],
+                "message": str(entry.get("msg", "invalid value")),
+                "type": str(entry.get("type", "value_error")),
+            }
+        )
     return described
 
 
@@ -158,8 +173,17 @@ def _request_validation_error(request: Request, exc: Exception) -> Response:
     raw = list(exc.errors())
     errors = describe_validation_errors(raw)
     if any(entry["type"] == "json_invalid" for entry in errors):
-        detail = next((entry.get("ctx", {}).get("error") for entry in raw if entry.get("type") == "json_invalid"), None)
-        where = next((entry["loc"][1] for entry in errors if entry["type"] == "json_invalid" and len(entry["loc"]) > 1), None)
+        detail = next(
+            (entry.get("ctx", {}).get("error") for entry in raw if entry.get("type") == "json_invalid"), None
+        )
+        where = next(
+            (
+                entry["loc"][1]
+                for entry in errors
+                if entry["type"] == "json_invalid" and len(entry["loc"]) > 1
+            ),
+            None,
+        )
         message = "the request body is not valid JSON"
         if detail:
             message += f": {detail}" + (f" at character {where}" if isinstance(where, int) else "")
@@ -170,12 +194,15 @@ def _request_validation_error(request: Request, exc: Exception) -> Response:
     )
     if body_shape_error and not _is_json_request(request):
         return error_response(
-            415, "unsupported_media_type", "send the request body as JSON with Content-Type: application/json",
+            415,
+            "unsupported_media_type",
+            "send the request body as JSON with Content-Type: application/json",
             details={"content_type": request.headers.get("content-type")},
         )
     if body_shape_error:
-        return error_response(422, "validation_error", "the request body must be a JSON object",
-                              details={"errors": errors})
+        return error_response(
+            422, "validation_error", "the request body must be a JSON object", details={"errors": errors}
+        )
     first = errors[0] if errors else {"loc": [], "message": "invalid request"}
     message = f"{_where(first['loc'])}: {first['message']}"
     if len(errors) > 1:
@@ -204,13 +231,17 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers) if exc.headers else None
     if status == 400 and exc.detail == "There was an error parsing the body":
         # FastAPI's answer when the body is not even text (e.g. not UTF-8): still a JSON problem to the client.
-        return error_response(400, "invalid_json", "the request body is not valid JSON (it must be UTF-8 encoded JSON)")
+        return error_response(
+            400, "invalid_json", "the request body is not valid JSON (it must be UTF-8 encoded JSON)"
+        )
     if status == 404 and exc.detail == "Not Found":
         message = f"no route {request.url.path}"
     elif status == 405:
         allowed = _allowed_methods(request)
         headers = {**(headers or {}), "Allow": allowed} if allowed else headers
-        message = f"{request.method} is not allowed on {request.url.path}" + (f" (allowed: {allowed})" if allowed else "")
+        message = f"{request.method} is not allowed on {request.url.path}" + (
+            f" (allowed: {allowed})" if allowed else ""
+        )
     else:
         message = str(exc.detail) if exc.detail else HTTPStatus(status).phrase
     if status < 400 or status in (204, 304):
@@ -221,8 +252,12 @@ def _http_exception(request: Request, exc: Exception) -> Response:
 def _allowed_methods(request: Request) -> str:
     # Starlette names only the first route that matched the path; GET and POST /tasks are two routes.
     allowed = [
-        method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.routes)
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.routes
+        )
     ]
     return ", ".join(allowed)
 

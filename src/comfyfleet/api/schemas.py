@@ -30,22 +30,50 @@ class TaskSubmission(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{
-                "workflow_id": "text_to_image_v1",
-                "priority": 5,
-                "payload": {
-                    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev-fp8.safetensors"}},
-                    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 512, "width": 512}},
-                    "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a glass bottle"}},
-                    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "text, watermark"}},
-                    "3": {"class_type": "KSampler", "inputs": {
-                        "cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0],
-                        "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": 46588125086418,
-                        "steps": 20}},
-                    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-                    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
-                },
-            }],
+            "examples": [
+                {
+                    "workflow_id": "text_to_image_v1",
+                    "priority": 5,
+                    "payload": {
+                        "4": {
+                            "class_type": "CheckpointLoaderSimple",
+                            "inputs": {"ckpt_name": "flux1-dev-fp8.safetensors"},
+                        },
+                        "5": {
+                            "class_type": "EmptyLatentImage",
+                            "inputs": {"batch_size": 1, "height": 512, "width": 512},
+                        },
+                        "6": {
+                            "class_type": "CLIPTextEncode",
+                            "inputs": {"clip": ["4", 1], "text": "a glass bottle"},
+                        },
+                        "7": {
+                            "class_type": "CLIPTextEncode",
+                            "inputs": {"clip": ["4", 1], "text": "text, watermark"},
+                        },
+                        "3": {
+                            "class_type": "KSampler",
+                            "inputs": {
+                                "cfg": 8,
+                                "denoise": 1,
+                                "latent_image": ["5", 0],
+                                "model": ["4", 0],
+                                "negative": ["7", 0],
+                                "positive": ["6", 0],
+                                "sampler_name": "euler",
+                                "scheduler": "normal",
+                                "seed": 46588125086418,
+                                "steps": 20,
+                            },
+                        },
+                        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+                        "9": {
+                            "class_type": "SaveImage",
+                            "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]},
+                        },
+                    },
+                }
+            ],
         },
     )
 
@@ -54,7 +82,9 @@ class TaskSubmission(BaseModel):
         "[node_id, output_index]; every link must name a node of the graph and the links must not form a cycle.",
     )
     workflow_id: str | None = Field(
-        default=None, max_length=256, description="A label of your choosing (e.g. the workflow's name); filterable."
+        default=None,
+        max_length=256,
+        description="A label of your choosing (e.g. the workflow's name); filterable.",
     )
     priority: StrictInt = Field(
         default=0,
@@ -62,22 +92,30 @@ class TaskSubmission(BaseModel):
         "server's limits (by default -1,000,000 to 1,000,000).",
     )
     max_retries: StrictInt | None = Field(
-        default=None, ge=0, le=MAX_RETRIES,
+        default=None,
+        ge=0,
+        le=MAX_RETRIES,
         description="How many times a failed attempt may be retried (worker lost, out of memory…). "
         "Default: the server's dispatch.default_max_retries.",
     )
     timeout_s: StrictFloat | None = Field(
-        default=None, gt=0, le=MAX_TIMEOUT_S,
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
         description="Seconds one attempt may run before it is interrupted. Default: dispatch.default_timeout_s.",
     )
     pool: str | None = Field(default=None, max_length=128, description="Run only on workers of this pool.")
     inputs: list[dict[str, Any]] | None = Field(
-        default=None, description="Input files to place on the worker before the run (see the input-file docs)."
+        default=None,
+        description="Input files to place on the worker before the run (see the input-file docs).",
     )
     webhook: dict[str, Any] | None = Field(
-        default=None, description='Where to POST the outcome: {"url": "https://…"} (a plain URL string also works).'
+        default=None,
+        description='Where to POST the outcome: {"url": "https://…"} (a plain URL string also works).',
     )
-    metadata: dict[str, Any] | None = Field(default=None, description="Free-form data kept with the task and returned as is.")
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Free-form data kept with the task and returned as is."
+    )
 
     @field_validator("webhook", mode="before")
     @classmethod
@@ -98,7 +136,9 @@ class TaskUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    priority: StrictInt = Field(description="The task's new priority, within the server's limits (as at submission).")
+    priority: StrictInt = Field(
+        description="The task's new priority, within the server's limits (as at submission)."
+    )
 
 
 class AttemptOut(BaseModel):
@@ -127,7 +167,9 @@ class TaskOut(BaseModel):
     error: str | None
     retry_count: int
     max_retries: int
-    phase: TaskPhaseName | None = Field(description="Inside running: dispatching, queued_on_worker or executing.")
+    phase: TaskPhaseName | None = Field(
+        description="Inside running: dispatching, queued_on_worker or executing."
+    )
     attempt: int = Field(description="Number of the current (or last) attempt; 0 before the first claim.")
     prompt_id: str | None
     timeout_s: float
@@ -181,7 +223,9 @@ class WorkflowCheck(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    payload: dict[str, Any] = Field(description="The workflow as a ComfyUI API-format graph, as in a task submission.")
+    payload: dict[str, Any] = Field(
+        description="The workflow as a ComfyUI API-format graph, as in a task submission."
+    )
 
 
 class ModelReferenceOut(BaseModel):
@@ -192,8 +236,10 @@ class ModelReferenceOut(BaseModel):
 
 
 class WorkflowValidationOut(BaseModel):
-    valid: bool = Field(description="True when nothing is wrong: the structure, and (when checked) every node type, "
-                        "input and model against the workers' catalogue.")
+    valid: bool = Field(
+        description="True when nothing is wrong: the structure, and (when checked) every node type, "
+        "input and model against the workers' catalogue."
+    )
     checked_against: Literal["workers", "structure"] = Field(
         description="'workers': the node catalogue of the fleet's workers (those up now, else the last seen), with "
         "the model files found on any of them; 'structure': no worker was seen yet, only the graph's shape was checked."
@@ -201,10 +247,16 @@ class WorkflowValidationOut(BaseModel):
     errors: list[dict[str, Any]] = Field(
         description="Structural problems ({node_id, input_name, type, message}); when any, nothing else was checked."
     )
-    error: dict[str, Any] | None = Field(description="ComfyUI's top-level error, as its POST /prompt would answer.")
-    node_errors: dict[str, Any] = Field(description="ComfyUI's node_errors: node id → {errors, class_type, dependent_outputs}.")
+    error: dict[str, Any] | None = Field(
+        description="ComfyUI's top-level error, as its POST /prompt would answer."
+    )
+    node_errors: dict[str, Any] = Field(
+        description="ComfyUI's node_errors: node id → {errors, class_type, dependent_outputs}."
+    )
     node_types: list[str] = Field(description="The node types the graph uses.")
-    missing_node_types: list[str] = Field(description="Node types no worker offers (custom nodes not installed).")
+    missing_node_types: list[str] = Field(
+        description="Node types no worker offers (custom nodes not installed)."
+    )
     models: list[ModelReferenceOut] = Field(description="The model files the graph's loaders name.")
 
 
@@ -256,7 +308,9 @@ def _redacted_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**webhook, "secret": "********"}
 
 
-def task_json(task: Task, queue_position: int | None = None, estimated_start_s: float | None = None) -> dict[str, Any]:
+def task_json(
+    task: Task, queue_position: int | None = None, estimated_start_s: float | None = None
+) -> dict[str, Any]:
     """The wire form of a task (see :class:`TaskOut`)."""
     return {
         "id": task.id,

@@ -48,7 +48,9 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 # Frames that carry no prompt_id but belong to the prompt running at the time.
 # How long a status frame may precede the execution_start of a prompt before a poll checks on it.
 _START_GRACE_S = 0.02
-_UNTAGGED_BELONG_TO_RUNNING = frozenset({"executing", "progress", "progress_state", "preview", "text", "executed"})
+_UNTAGGED_BELONG_TO_RUNNING = frozenset(
+    {"executing", "progress", "progress_state", "preview", "text", "executed"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,13 @@ class QueueItem:
 
     @classmethod
     def from_wire(cls, item: Sequence[Any]) -> QueueItem:
-        return cls(item[0], item[1], item[2], item[3] if len(item) > 3 else {}, list(item[4]) if len(item) > 4 else [])
+        return cls(
+            item[0],
+            item[1],
+            item[2],
+            item[3] if len(item) > 3 else {},
+            list(item[4]) if len(item) > 4 else [],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +238,9 @@ class ComfyClient:
     async def __aenter__(self) -> ComfyClient:
         if self._state != "new":
             raise ClientStateError(f"ComfyClient for {self.base_url} cannot be opened twice")
-        self._http = httpx.AsyncClient(base_url=self.base_url, transport=self._transport, timeout=self._timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, transport=self._transport, timeout=self._timeout
+        )
         self._state = "open"
         if self._events:
             # Owned by this client and cancelled and awaited in close(); not a TaskGroup because the
@@ -343,14 +353,18 @@ class ComfyClient:
             payload["extra_data"] = extra_data
         self._watch(prompt_id, routed_to)  # before the POST: frames may arrive before its answer
         try:
-            response = await self._request("POST", "/prompt", content=json.dumps(payload), headers=_JSON_HEADERS)
+            response = await self._request(
+                "POST", "/prompt", content=json.dumps(payload), headers=_JSON_HEADERS
+            )
         except WorkerUnreachable:
             self.forget(prompt_id)
             raise
         if response.status_code == 200:
             try:
                 body = response.json()
-                return SubmitResult(str(body["prompt_id"]), body["number"], dict(body.get("node_errors") or {}))
+                return SubmitResult(
+                    str(body["prompt_id"]), body["number"], dict(body.get("node_errors") or {})
+                )
             except (ValueError, KeyError, TypeError) as exc:
                 raise UnexpectedResponse("POST", "/prompt", 200, response.text) from exc
         self.forget(prompt_id)
@@ -390,7 +404,9 @@ class ComfyClient:
     async def queue(self) -> QueueState:
         body = await self._json("GET", "/queue")
         running = [QueueItem.from_wire(item) for item in body.get("queue_running", [])]
-        pending = sorted((QueueItem.from_wire(item) for item in body.get("queue_pending", [])), key=lambda i: i.number)
+        pending = sorted(
+            (QueueItem.from_wire(item) for item in body.get("queue_pending", [])), key=lambda i: i.number
+        )
         return QueueState(running, pending)
 
     async def delete_from_queue(self, prompt_ids: Sequence[str]) -> None:
@@ -422,7 +438,9 @@ class ComfyClient:
         return body
 
     @contextlib.asynccontextmanager
-    async def download(self, filename: str, subfolder: str = "", kind: str = "output") -> AsyncIterator[httpx.Response]:
+    async def download(
+        self, filename: str, subfolder: str = "", kind: str = "output"
+    ) -> AsyncIterator[httpx.Response]:
         """Stream a file from ``/view``: ``async with comfy.download(...) as response: async for chunk in
         response.aiter_bytes(): ...``. Raises :class:`OutputNotFound` on 404."""
         http = self._check_open()
@@ -492,7 +510,9 @@ class ComfyClient:
                     if await self.job(prompt_id) is None:
                         raise PromptLost(prompt_id, "finished but its history entry is gone")
                     watch.done = False  # the server still knows it: fall back to polling
-                routed = self._events and watch.client_id is not None and watch.client_id == self._live_client_id
+                routed = (
+                    self._events and watch.client_id is not None and watch.client_id == self._live_client_id
+                )
                 if routed and watch.queue_changed and not watch.events:
                     # The queue changed while this prompt waited in it. A prompt deleted from the queue
                     # gets no frame of its own, only this status change: ask whether it is still there,
@@ -520,7 +540,9 @@ class ComfyClient:
                     continue
                 unreachable_since = None
                 if job is None:
-                    raise PromptLost(prompt_id, "the worker does not know it (restarted, or deleted from its queue)")
+                    raise PromptLost(
+                        prompt_id, "the worker does not know it (restarted, or deleted from its queue)"
+                    )
                 if job.get("status") in TERMINAL_JOB_STATUSES:
                     entry = await self.history(prompt_id)
                     if entry is not None:
@@ -556,7 +578,9 @@ class ComfyClient:
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-                logger.debug("comfy_socket_closed url=%s client_id=%s error=%s", self.base_url, client_id, exc)
+                logger.debug(
+                    "comfy_socket_closed url=%s client_id=%s error=%s", self.base_url, client_id, exc
+                )
             except Exception:
                 logger.exception("comfy_socket_failed url=%s client_id=%s", self.base_url, client_id)
             finally:
@@ -622,4 +646,3 @@ __all__ = [
     "SubmitResult",
     "outcome_from_history",
 ]
-

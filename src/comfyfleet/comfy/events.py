@@ -41,7 +41,9 @@ class ComfyEvent:
         return self.type == "executing" and self.data.get("node", "") is None
 
     def with_prompt(self, prompt_id: str) -> ComfyEvent:
-        return ComfyEvent(self.type, self.data, prompt_id, self.received_at, self.image, self.image_type, self.text)
+        return ComfyEvent(
+            self.type, self.data, prompt_id, self.received_at, self.image, self.image_type, self.text
+        )
 
 
 def parse_text(frame: str) -> ComfyEvent | None:

@@ -81,7 +81,12 @@ def _inputs(node: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    )
 
 
 def node_types(graph: Graph) -> set[str]:
@@ -196,7 +201,9 @@ def _types_match(received: str, expected: Any) -> bool:
         return True
     if not isinstance(received, str) or not isinstance(expected, str):
         return False
-    return not {part.strip() for part in received.split(",")}.isdisjoint(part.strip() for part in expected.split(","))
+    return not {part.strip() for part in received.split(",")}.isdisjoint(
+        part.strip() for part in expected.split(",")
+    )
 
 
 class _Validator:
@@ -270,7 +277,11 @@ class _Validator:
                             "type": "bad_linked_input",
                             "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                             "details": f"{name}",
-                            "extra_info": {"input_name": name, "input_config": input_config, "received_value": value},
+                            "extra_info": {
+                                "input_name": name,
+                                "input_config": input_config,
+                                "received_value": value,
+                            },
                         }
                     )
                     continue
@@ -362,7 +373,11 @@ class _Validator:
                         "type": "value_smaller_than_min",
                         "message": f"Value {value} smaller than min of {extra['min']}",
                         "details": f"{name}",
-                        "extra_info": {"input_name": name, "input_config": input_config, "received_value": value},
+                        "extra_info": {
+                            "input_name": name,
+                            "input_config": input_config,
+                            "received_value": value,
+                        },
                     }
                 )
                 continue
@@ -372,7 +387,11 @@ class _Validator:
                         "type": "value_bigger_than_max",
                         "message": f"Value {value} bigger than max of {extra['max']}",
                         "details": f"{name}",
-                        "extra_info": {"input_name": name, "input_config": input_config, "received_value": value},
+                        "extra_info": {
+                            "input_name": name,
+                            "input_config": input_config,
+                            "received_value": value,
+                        },
                     }
                 )
                 continue
@@ -390,7 +409,11 @@ class _Validator:
                         "type": "value_not_in_list",
                         "message": "Value not in list",
                         "details": f"{name}: '{value}' not in {list_info}",
-                        "extra_info": {"input_name": name, "input_config": combo_config, "received_value": value},
+                        "extra_info": {
+                            "input_name": name,
+                            "input_config": combo_config,
+                            "received_value": value,
+                        },
                     }
                 )
                 continue
@@ -433,7 +456,9 @@ def validate(
     answers a bare 500 (the prompt or a node is not a JSON object).
     """
     nodes = dict(_nodes(prompt))
-    targets = None if partial_execution_targets is None else {str(target) for target in partial_execution_targets}
+    targets = (
+        None if partial_execution_targets is None else {str(target) for target in partial_execution_targets}
+    )
     outputs: list[str] = []
     for node_id, node in nodes.items():
         if "class_type" not in node:
@@ -443,7 +468,11 @@ def validate(
                     "type": "missing_node_type",
                     "message": f"Node '{_node_title(prompt, node_id)}' has no class_type. The workflow may be corrupted or a custom node may be missing.",
                     "details": f"Node ID '#{node_id}'",
-                    "extra_info": {"node_id": node_id, "class_type": None, "node_title": _node_title(prompt, node_id)},
+                    "extra_info": {
+                        "node_id": node_id,
+                        "class_type": None,
+                        "node_title": _node_title(prompt, node_id),
+                    },
                 },
                 [],
                 {},
@@ -457,7 +486,11 @@ def validate(
                     "type": "missing_node_type",
                     "message": f"Node '{class_type}' not found. The custom node may not be installed.",
                     "details": f"Node ID '#{node_id}'",
-                    "extra_info": {"node_id": node_id, "class_type": class_type, "node_title": _node_title(prompt, node_id)},
+                    "extra_info": {
+                        "node_id": node_id,
+                        "class_type": class_type,
+                        "node_title": _node_title(prompt, node_id),
+                    },
                 },
                 [],
                 {},
@@ -467,7 +500,15 @@ def validate(
 
     if not outputs:
         return ValidationResult(
-            False, {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}}, [], {}
+            False,
+            {
+                "type": "prompt_no_outputs",
+                "message": "Prompt has no outputs",
+                "details": "",
+                "extra_info": {},
+            },
+            [],
+            {},
         )
 
     validator = _Validator(prompt, object_info, custom_validators or {}, accept_combo)
@@ -508,7 +549,9 @@ def validate(
                 node_errors[node_id]["dependent_outputs"].append(output_id)
 
     if not good_outputs:
-        details = "\n".join(f"{reason['message']}: {reason['details']}" for _, reasons in failed for reason in reasons)
+        details = "\n".join(
+            f"{reason['message']}: {reason['details']}" for _, reasons in failed for reason in reasons
+        )
         return ValidationResult(
             False,
             {

@@ -31,8 +31,6 @@ TASK_LIST_LIMIT = 50
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
 
 
-
-
 def _iso(moment: datetime | None) -> str:
     return moment.isoformat() if moment is not None else ""
 
@@ -76,16 +74,20 @@ async def overview(request: Request) -> Response:
     by_state: dict[str, int] = {}
     for worker in workers or []:
         by_state[worker.state.value] = by_state.get(worker.state.value, 0) + 1
-    return TEMPLATES.TemplateResponse(request, "index.html", {
-        "metrics": metrics,
-        "tasks": tasks or [],
-        "workers": workers or [],
-        "workers_by_state": by_state,
-        "error": error,
-        "principal": principal,
-        "login_enabled": request.app.state.keyring.enabled,
-        "cancellable": {TaskStatus.PENDING, TaskStatus.RUNNING},
-    })
+    return TEMPLATES.TemplateResponse(
+        request,
+        "index.html",
+        {
+            "metrics": metrics,
+            "tasks": tasks or [],
+            "workers": workers or [],
+            "workers_by_state": by_state,
+            "error": error,
+            "principal": principal,
+            "login_enabled": request.app.state.keyring.enabled,
+            "cancellable": {TaskStatus.PENDING, TaskStatus.RUNNING},
+        },
+    )
 
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
@@ -103,24 +105,30 @@ async def task_page(task_id: str, request: Request) -> Response:
     deliveries = await store.webhook_deliveries(task.id) if task.webhook else []
     result: dict[str, Any] = task.result or {}
     outputs = [o for o in result.get("outputs") or [] if isinstance(o, dict)]
-    return TEMPLATES.TemplateResponse(request, "task.html", {
-        "task": task,
-        "position": position,
-        "estimate": estimate,
-        "outputs": outputs,
-        "images": [o for o in outputs if str(o.get("content_type", "")).startswith("image/")],
-        "files": [o for o in outputs if not str(o.get("content_type", "")).startswith("image/")],
-        "timings": result.get("timings") or {},
-        "node_errors": (task.error_details or {}).get("node_errors") or {},
-        "deliveries": deliveries,
-        "principal": principal,
-        "login_enabled": request.app.state.keyring.enabled,
-        "terminal": task.is_terminal,
-    })
+    return TEMPLATES.TemplateResponse(
+        request,
+        "task.html",
+        {
+            "task": task,
+            "position": position,
+            "estimate": estimate,
+            "outputs": outputs,
+            "images": [o for o in outputs if str(o.get("content_type", "")).startswith("image/")],
+            "files": [o for o in outputs if not str(o.get("content_type", "")).startswith("image/")],
+            "timings": result.get("timings") or {},
+            "node_errors": (task.error_details or {}).get("node_errors") or {},
+            "deliveries": deliveries,
+            "principal": principal,
+            "login_enabled": request.app.state.keyring.enabled,
+            "terminal": task.is_terminal,
+        },
+    )
 
 
 @router.post("/dashboard/login")
-async def login(request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/") -> Response:
+async def login(
+    request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/"
+) -> Response:
     keyring: KeyRing = request.app.state.keyring
     try:
         keyring.principal_for(f"Bearer {key.strip()}")
@@ -129,8 +137,13 @@ async def login(request: Request, key: Annotated[str, Form()] = "", next: Annota
     target = next if next.startswith("/") and not next.startswith("//") else "/"
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        DASHBOARD_COOKIE, key.strip(), max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict",
-        secure=request.url.scheme == "https", path="/",
+        DASHBOARD_COOKIE,
+        key.strip(),
+        max_age=COOKIE_MAX_AGE_S,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
     )
     return response
 

@@ -285,7 +285,9 @@ class Dispatcher:
                     free=max(0, capacity - len(slot.attempts)),
                     # Other replicas' prompts on this worker count too (as the fleet last heard of them).
                     assigned=max(len(slot.attempts), len(slot.worker.current_task_ids)),
-                    node_types=frozenset(slot.worker.node_types) if slot.worker.node_types is not None else None,
+                    node_types=frozenset(slot.worker.node_types)
+                    if slot.worker.node_types is not None
+                    else None,
                     recent_models=tuple(slot.recent_models),
                     tie_break=zlib.crc32(f"{self.owner}/{slot.worker.id}".encode()),
                 )
@@ -329,7 +331,9 @@ class Dispatcher:
         chosen = {task_id for task_id, _ in assignments}
         for task_id in placement.skipped_ids(window, chosen):
             self._skips[task_id] = self._skips.get(task_id, 0) + 1
-        claimed = await self.store.claim_ids(self.owner, self.settings.lease_s, [tid for tid, _ in assignments])
+        claimed = await self.store.claim_ids(
+            self.owner, self.settings.lease_s, [tid for tid, _ in assignments]
+        )
         targets = dict(assignments)
         for task in claimed:
             self._skips.pop(task.id, None)
@@ -356,16 +360,25 @@ class Dispatcher:
         """Node types and model names of a task's graph, read once per task while it waits."""
         facts = self._facts.get(task.id)
         if facts is None:
-            facts = self._facts[task.id] = (frozenset(node_types(task.payload)), frozenset(model_names(task.payload)))
+            facts = self._facts[task.id] = (
+                frozenset(node_types(task.payload)),
+                frozenset(model_names(task.payload)),
+            )
         return facts
 
     async def _fail_unplaceable(self, hopeless: list[placement.PendingTask]) -> None:
-        claimed = await self.store.claim_ids(self.owner, self.settings.lease_s, [task.id for task in hopeless])
+        claimed = await self.store.claim_ids(
+            self.owner, self.settings.lease_s, [task.id for task in hopeless]
+        )
         known = set().union(*(set(slot.worker.node_types or ()) for slot in self._slots.values()))
         for task in claimed:
             view = next(item for item in hopeless if item.id == task.id)
             missing = sorted(view.node_types - known)
-            named = ", ".join(missing) if missing else "(each is on some worker, but none of its pool has them all)"
+            named = (
+                ", ".join(missing)
+                if missing
+                else "(each is on some worker, but none of its pool has them all)"
+            )
             lease = Lease(task.id, task.attempt, self.owner)
             with contextlib.suppress(StaleLease):
                 failed = await self.store.fail_task(
@@ -384,7 +397,9 @@ class Dispatcher:
 
     def _start_attempt(self, slot: _WorkerSlot, task: Task, *, adopted: bool = False) -> None:
         assert self._group is not None
-        attempt = _Attempt(task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=slot.worker.id)
+        attempt = _Attempt(
+            task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=slot.worker.id
+        )
         if task.cancel_requested:
             attempt.cancel.set()
         slot.attempts[task.id] = attempt
@@ -419,7 +434,9 @@ class Dispatcher:
         except OutputsError as exc:
             logger.warning("outputs_not_stored task_id=%s error=%s", task.id, exc)
             with contextlib.suppress(StoreError):
-                await self._retry_or_fail(attempt, "outputs_unavailable", f"the output files could not be stored: {exc}")
+                await self._retry_or_fail(
+                    attempt, "outputs_unavailable", f"the output files could not be stored: {exc}"
+                )
         except Exception:
             logger.exception("attempt_crashed task_id=%s", task.id)
             with contextlib.suppress(StoreError):
@@ -449,7 +466,9 @@ class Dispatcher:
                 task.id,
                 task.payload,
                 task.inputs,
-                lambda data, name, subfolder: slot.client.upload_image(data, name, subfolder=subfolder, overwrite=True),
+                lambda data, name, subfolder: slot.client.upload_image(
+                    data, name, subfolder=subfolder, overwrite=True
+                ),
                 http=self._http,
                 max_bytes=self._max_input_bytes,
                 allow_private=self.settings.allow_private_input_urls,
@@ -461,7 +480,10 @@ class Dispatcher:
         # embeds in the PNGs it saves; pass it on.
         comfyui = (task.metadata or {}).get("comfyui") if isinstance(task.metadata, dict) else None
         given = comfyui.get("extra_data") if isinstance(comfyui, dict) else None
-        extra_data = {**(given if isinstance(given, dict) else {}), "comfyfleet": {"task_id": task.id, "attempt": task.attempt}}
+        extra_data = {
+            **(given if isinstance(given, dict) else {}),
+            "comfyfleet": {"task_id": task.id, "attempt": task.attempt},
+        }
         try:
             await slot.client.submit(graph, prompt_id=prompt_id, extra_data=extra_data)
         except WorkflowRejected as exc:
@@ -481,7 +503,9 @@ class Dispatcher:
             slot.recent_models = placement.recent_models_after(slot.recent_models, models)
         task = attempt.task = await self.store.set_phase(attempt.lease, TaskPhase.QUEUED_ON_WORKER)
         await self._publish_status(task)
-        logger.info("prompt_submitted task_id=%s worker_id=%s prompt_id=%s", task.id, slot.worker.id, prompt_id)
+        logger.info(
+            "prompt_submitted task_id=%s worker_id=%s prompt_id=%s", task.id, slot.worker.id, prompt_id
+        )
 
     async def _reattach(self, slot: _WorkerSlot, attempt: _Attempt) -> None:
         """An adopted attempt: ask the worker what became of its prompt."""
@@ -496,18 +520,24 @@ class Dispatcher:
                 return
             raise PromptLost(task.prompt_id, f"worker {slot.worker.id} does not know it any more")
         attempt.submitted = True
-        logger.info("attempt_reattached task_id=%s prompt_id=%s status=%s", task.id, task.prompt_id, job.get("status"))
+        logger.info(
+            "attempt_reattached task_id=%s prompt_id=%s status=%s", task.id, task.prompt_id, job.get("status")
+        )
 
     async def _follow_and_finish(self, slot: _WorkerSlot, attempt: _Attempt) -> None:
         assert attempt.prompt_id is not None
         prompt_id = attempt.prompt_id
         deadline = attempt.started_monotonic + attempt.task.timeout_s
-        follow = asyncio.ensure_future(slot.client.follow(prompt_id, on_event=lambda event: self._on_event(attempt, event)))
+        follow = asyncio.ensure_future(
+            slot.client.follow(prompt_id, on_event=lambda event: self._on_event(attempt, event))
+        )
         stop_wait = asyncio.ensure_future(attempt.cancel.wait())
         outcome: PromptOutcome | None = None
         try:
             done, _ = await asyncio.wait(
-                {follow, stop_wait}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                {follow, stop_wait},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if follow in done:
                 outcome = follow.result()
@@ -538,9 +568,13 @@ class Dispatcher:
             if attempt.stop_reason != "worker_gone":
                 logger.warning(
                     "prompt_ignored_interrupt task_id=%s worker_id=%s prompt_id=%s",
-                    attempt.task.id, slot.worker.id, attempt.prompt_id,
+                    attempt.task.id,
+                    slot.worker.id,
+                    attempt.prompt_id,
                 )
-                await self.directory.recycle(slot.worker.id, f"prompt {attempt.prompt_id} ignored an interrupt")
+                await self.directory.recycle(
+                    slot.worker.id, f"prompt {attempt.prompt_id} ignored an interrupt"
+                )
             return None
 
     async def _finish(self, slot: _WorkerSlot, attempt: _Attempt, outcome: PromptOutcome | None) -> None:
@@ -606,7 +640,9 @@ class Dispatcher:
                             stored = await self._store_output(slot, task, str(node_id), kind, item, name)
                     outputs.append(stored)
         finished = _now()
-        started = attempt.execution_started_at or _history_start(outcome) or task.started_at or task.created_at
+        started = (
+            attempt.execution_started_at or _history_start(outcome) or task.started_at or task.created_at
+        )
         timings: dict[str, Any] = {
             "queued_s": round((started - task.created_at).total_seconds(), 6),
             "executing_s": round((finished - started).total_seconds(), 6),
@@ -617,7 +653,9 @@ class Dispatcher:
             timings["prompt_accepted_at"] = attempt.accepted_at.isoformat()
         if outcome.timings.ended_ms is not None:
             # The worker's own clock: when it finished the prompt (execution_success).
-            timings["worker_finished_at"] = datetime.fromtimestamp(outcome.timings.ended_ms / 1000, UTC).isoformat()
+            timings["worker_finished_at"] = datetime.fromtimestamp(
+                outcome.timings.ended_ms / 1000, UTC
+            ).isoformat()
         result: dict[str, Any] = {
             "prompt_id": attempt.prompt_id,
             "worker_id": slot.worker.id,
@@ -631,7 +669,9 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self.directory.note_loaded_models(slot.worker.id, slot.recent_models)
         await self._publish_status(completed)
-        logger.info("task_completed task_id=%s worker_id=%s outputs=%d", task.id, slot.worker.id, len(outputs))
+        logger.info(
+            "task_completed task_id=%s worker_id=%s outputs=%d", task.id, slot.worker.id, len(outputs)
+        )
 
     async def _store_output(
         self, slot: _WorkerSlot, task: Task, node_id: str, kind: str, item: dict[str, Any], name: str
@@ -656,7 +696,9 @@ class Dispatcher:
         }
 
     # -- outcomes -------------------------------------------------------------------------------
-    async def _fail(self, attempt: _Attempt, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
+    async def _fail(
+        self, attempt: _Attempt, kind: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         failed = await self.store.fail_task(attempt.lease, message, kind, details)
         metrics.count_failure(kind)
         await self._publish_status(failed)
@@ -670,7 +712,9 @@ class Dispatcher:
             await self._finish_cancelled(attempt)
             return
         if task.retry_count >= task.max_retries:
-            await self._fail(attempt, kind, f"{message} (gave up after {task.retry_count + 1} attempts)", details)
+            await self._fail(
+                attempt, kind, f"{message} (gave up after {task.retry_count + 1} attempts)", details
+            )
             return
         not_before = next_attempt_at(
             _now(), task.retry_count, base_s=self.settings.retry_base_s, max_s=self.settings.retry_max_s
@@ -678,7 +722,9 @@ class Dispatcher:
         retried = await self.store.retry_task(attempt.lease, not_before, message, kind, details)
         metrics.count_failure(kind)
         await self._publish_status(retried)
-        logger.info("task_retry_scheduled task_id=%s kind=%s not_before=%s", task.id, kind, not_before.isoformat())
+        logger.info(
+            "task_retry_scheduled task_id=%s kind=%s not_before=%s", task.id, kind, not_before.isoformat()
+        )
 
     async def _finish_cancelled(self, attempt: _Attempt) -> None:
         cancelled = await self.store.finish_cancelled(attempt.lease)
@@ -700,9 +746,16 @@ class Dispatcher:
             attempt.preview = (event.image, event.image_type or "image/jpeg")
             attempt.previews += 1
             await self.bus.publish(
-                TaskEvent(type="preview", task_id=attempt.task.id, tenant=attempt.task.tenant,
-                          data={"preview": attempt.previews, "content_type": attempt.preview[1],
-                                "url": f"/api/v1/tasks/{attempt.task.id}/preview"})
+                TaskEvent(
+                    type="preview",
+                    task_id=attempt.task.id,
+                    tenant=attempt.task.tenant,
+                    data={
+                        "preview": attempt.previews,
+                        "content_type": attempt.preview[1],
+                        "url": f"/api/v1/tasks/{attempt.task.id}/preview",
+                    },
+                )
             )
             return
         if kind == "execution_start" and attempt.execution_started_at is None:
@@ -718,7 +771,9 @@ class Dispatcher:
         elif kind == "progress":
             attempt.progress = {
                 **attempt.progress,
-                "node": str(data.get("node")) if data.get("node") is not None else attempt.progress.get("node"),
+                "node": str(data.get("node"))
+                if data.get("node") is not None
+                else attempt.progress.get("node"),
                 "value": data.get("value"),
                 "max": data.get("max"),
             }
@@ -740,7 +795,9 @@ class Dispatcher:
 
     async def _publish_status(self, task: Task) -> None:
         if task.is_terminal and task.completed_at is not None:
-            metrics.observe_task_duration(str(task.status), (task.completed_at - task.created_at).total_seconds())
+            metrics.observe_task_duration(
+                str(task.status), (task.completed_at - task.created_at).total_seconds()
+            )
         data: dict[str, Any] = {
             "status": str(task.status),
             "phase": str(task.phase) if task.phase else None,
@@ -761,7 +818,9 @@ class Dispatcher:
 
     # -- recovery -------------------------------------------------------------------------------
     async def _adopt(self, previous_owner: str | None = None) -> None:
-        adopted = await self.store.adopt_expired(self.owner, self.settings.lease_s, previous_owner=previous_owner)
+        adopted = await self.store.adopt_expired(
+            self.owner, self.settings.lease_s, previous_owner=previous_owner
+        )
         deadline = time.monotonic() + self._orphan_wait_s
         for task in adopted:
             if task.id not in self._attempts:
@@ -783,7 +842,10 @@ class Dispatcher:
                 if slot is not None and task.prompt_id:
                     del self._orphans[task_id]
                     logger.info(
-                        "attempt_adopted task_id=%s worker_id=%s prompt_id=%s", task.id, task.worker_id, task.prompt_id
+                        "attempt_adopted task_id=%s worker_id=%s prompt_id=%s",
+                        task.id,
+                        task.worker_id,
+                        task.prompt_id,
                     )
                     self._start_attempt(slot, task, adopted=True)
                     continue
@@ -791,12 +853,16 @@ class Dispatcher:
                 if waiting and not await self._worker_gone(task.worker_id or ""):
                     continue
                 del self._orphans[task_id]
-                attempt = _Attempt(task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=task.worker_id or "")
+                attempt = _Attempt(
+                    task=task, lease=Lease(task.id, task.attempt, self.owner), worker_id=task.worker_id or ""
+                )
                 with contextlib.suppress(StaleLease):
                     if not task.prompt_id:
                         await self._release(task)  # never reached a worker
                     else:
-                        await self._retry_or_fail(attempt, "worker_lost", f"its worker {task.worker_id} is no longer available")
+                        await self._retry_or_fail(
+                            attempt, "worker_lost", f"its worker {task.worker_id} is no longer available"
+                        )
 
     async def _worker_gone(self, worker_id: str) -> bool:
         try:
@@ -822,5 +888,7 @@ def _rejection_message(error: dict[str, Any], node_errors: dict[str, Any]) -> st
         parts.append(str(details))
     for node_id, node in (node_errors or {}).items():
         for item in node.get("errors", []) if isinstance(node, dict) else []:
-            parts.append(f"node {node_id} ({node.get('class_type')}): {item.get('message')} {item.get('details', '')}".strip())
+            parts.append(
+                f"node {node_id} ({node.get('class_type')}): {item.get('message')} {item.get('details', '')}".strip()
+            )
     return "; ".join(parts)

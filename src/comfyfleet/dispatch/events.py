@@ -42,7 +42,9 @@ class TaskEvent:
     @classmethod
     def from_json(cls, text: str) -> TaskEvent:
         raw = json.loads(text)
-        return cls(type=raw["type"], task_id=raw["task_id"], tenant=raw["tenant"], data=raw["data"], ts=raw["ts"])
+        return cls(
+            type=raw["type"], task_id=raw["task_id"], tenant=raw["tenant"], data=raw["data"], ts=raw["ts"]
+        )
 
 
 def status_event(task: Task) -> TaskEvent:
@@ -98,7 +100,9 @@ class Subscription:
 class EventBus:
     """Fan-out of :class:`TaskEvent` to subscribers of this replica, relayed to the others via the store."""
 
-    def __init__(self, store: Store | None = None, *, replica_id: str = "local", shared: bool = False) -> None:
+    def __init__(
+        self, store: Store | None = None, *, replica_id: str = "local", shared: bool = False
+    ) -> None:
         self._store = store
         self._replica_id = replica_id
         # Only a store shared by several replicas needs the relay; SQLite serves one replica.
@@ -106,7 +110,9 @@ class EventBus:
         self._subscribers: set[Subscription] = set()
 
     @contextlib.contextmanager
-    def subscribe(self, task_id: str | None = None, tenant: str | None = None, maxsize: int = 256) -> Iterator[Subscription]:
+    def subscribe(
+        self, task_id: str | None = None, tenant: str | None = None, maxsize: int = 256
+    ) -> Iterator[Subscription]:
         subscription = Subscription(self, task_id, tenant, maxsize)
         self._subscribers.add(subscription)
         try:

@@ -48,7 +48,11 @@ def check_input_spec(spec: Any, *, max_bytes: int) -> None:
         decode_data(name, spec["data"], max_bytes=max_bytes)
     else:
         url = spec["url"]
-        if not isinstance(url, str) or urlsplit(url).scheme not in {"http", "https"} or not urlsplit(url).hostname:
+        if (
+            not isinstance(url, str)
+            or urlsplit(url).scheme not in {"http", "https"}
+            or not urlsplit(url).hostname
+        ):
             raise InputError(f"input {name!r}: url must be an http(s) URL")
 
 
@@ -115,16 +119,18 @@ async def pin_public_address(url: str, *, allow_private: bool) -> PinnedTarget:
     return PinnedTarget(urlunsplit(parts._replace(netloc=netloc)), {"Host": host_header}, extensions)
 
 
-async def fetch_url(
-    client: httpx.AsyncClient, url: str, *, max_bytes: int, allow_private: bool
-) -> bytes:
+async def fetch_url(client: httpx.AsyncClient, url: str, *, max_bytes: int, allow_private: bool) -> bytes:
     for _ in range(_MAX_REDIRECTS + 1):
         if urlsplit(url).scheme not in {"http", "https"}:
             raise InputError(f"input URL {url!r} must be http(s)")
         target = await pin_public_address(url, allow_private=allow_private)
         try:
             async with client.stream(
-                "GET", target.url, headers=target.headers, extensions=target.extensions, follow_redirects=False
+                "GET",
+                target.url,
+                headers=target.headers,
+                extensions=target.extensions,
+                follow_redirects=False,
             ) as response:
                 if response.is_redirect:
                     location = response.headers.get("location")

@@ -90,7 +90,12 @@ def plan(
             if slot.free <= 0 or not remaining:
                 continue
             choice = _choose(
-                slot, remaining, slots, model_aware=model_aware, max_skips=max_skips, steal_backlog=steal_backlog
+                slot,
+                remaining,
+                slots,
+                model_aware=model_aware,
+                max_skips=max_skips,
+                steal_backlog=steal_backlog,
             )
             if choice is None:
                 continue

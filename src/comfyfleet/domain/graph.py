@@ -49,7 +49,12 @@ class GraphError:
     message: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "input_name": self.input_name, "type": self.type, "message": self.message}
+        return {
+            "node_id": self.node_id,
+            "input_name": self.input_name,
+            "type": self.type,
+            "message": self.message,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +104,25 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
     non-negative integer index and names an existing node; the links form no cycle.
     """
     if not isinstance(graph, Mapping):
-        return [GraphError(None, None, GraphErrorType.NOT_AN_OBJECT,
-                           f"the graph must be an object of node id to node, not {_json_type(graph)}")]
+        return [
+            GraphError(
+                None,
+                None,
+                GraphErrorType.NOT_AN_OBJECT,
+                f"the graph must be an object of node id to node, not {_json_type(graph)}",
+            )
+        ]
     if not graph:
         return [GraphError(None, None, GraphErrorType.EMPTY, "the graph has no nodes")]
     if max_nodes is not None and len(graph) > max_nodes:
-        return [GraphError(None, None, GraphErrorType.TOO_MANY_NODES,
-                           f"the graph has {len(graph)} nodes; the limit is {max_nodes}")]
+        return [
+            GraphError(
+                None,
+                None,
+                GraphErrorType.TOO_MANY_NODES,
+                f"the graph has {len(graph)} nodes; the limit is {max_nodes}",
+            )
+        ]
 
     errors: list[GraphError] = []
     # One pass: check every node and collect its well-formed links for the cycle search.
@@ -133,51 +150,95 @@ def _check_node(
     node_id: str, node: object, graph: Mapping[str, Any], errors: list[GraphError], edges: list[_Edge]
 ) -> None:
     if not isinstance(node, Mapping):
-        errors.append(GraphError(
-            node_id, None, GraphErrorType.NODE_NOT_OBJECT,
-            f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}"))
+        errors.append(
+            GraphError(
+                node_id,
+                None,
+                GraphErrorType.NODE_NOT_OBJECT,
+                f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}",
+            )
+        )
         return
     class_type = node.get("class_type")
     if class_type is None:
-        errors.append(GraphError(node_id, None, GraphErrorType.MISSING_CLASS_TYPE, f"node {node_id!r} has no class_type"))
+        errors.append(
+            GraphError(
+                node_id, None, GraphErrorType.MISSING_CLASS_TYPE, f"node {node_id!r} has no class_type"
+            )
+        )
     elif not isinstance(class_type, str) or not class_type.strip():
-        errors.append(GraphError(
-            node_id, None, GraphErrorType.INVALID_CLASS_TYPE,
-            f"node {node_id!r}: class_type must be a non-empty string, not {_json_type(class_type)}"))
+        errors.append(
+            GraphError(
+                node_id,
+                None,
+                GraphErrorType.INVALID_CLASS_TYPE,
+                f"node {node_id!r}: class_type must be a non-empty string, not {_json_type(class_type)}",
+            )
+        )
     if "inputs" not in node:
-        errors.append(GraphError(
-            node_id, None, GraphErrorType.MISSING_INPUTS,
-            f"node {node_id!r} has no inputs object (use {{}} for a node without inputs)"))
+        errors.append(
+            GraphError(
+                node_id,
+                None,
+                GraphErrorType.MISSING_INPUTS,
+                f"node {node_id!r} has no inputs object (use {{}} for a node without inputs)",
+            )
+        )
         return
     inputs = node["inputs"]
     if not isinstance(inputs, Mapping):
-        errors.append(GraphError(
-            node_id, None, GraphErrorType.INPUTS_NOT_OBJECT,
-            f"node {node_id!r}: inputs must be an object, not {_json_type(inputs)}"))
+        errors.append(
+            GraphError(
+                node_id,
+                None,
+                GraphErrorType.INPUTS_NOT_OBJECT,
+                f"node {node_id!r}: inputs must be an object, not {_json_type(inputs)}",
+            )
+        )
         return
     for key, value in node.items():
         if key != "inputs" and isinstance(value, list | dict) and exceeds_depth(value, MAX_VALUE_DEPTH):
-            errors.append(GraphError(
-                node_id, None, GraphErrorType.TOO_DEEP,
-                f"node {node_id!r}: {key!r} is nested deeper than {MAX_VALUE_DEPTH} levels"))
+            errors.append(
+                GraphError(
+                    node_id,
+                    None,
+                    GraphErrorType.TOO_DEEP,
+                    f"node {node_id!r}: {key!r} is nested deeper than {MAX_VALUE_DEPTH} levels",
+                )
+            )
     for input_name, value in inputs.items():
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
             if isinstance(value, list | dict) and exceeds_depth(value, MAX_VALUE_DEPTH):
-                errors.append(GraphError(
-                    node_id, input_name, GraphErrorType.TOO_DEEP,
-                    f"node {node_id!r} input {input_name!r} is nested deeper than {MAX_VALUE_DEPTH} levels"))
+                errors.append(
+                    GraphError(
+                        node_id,
+                        input_name,
+                        GraphErrorType.TOO_DEEP,
+                        f"node {node_id!r} input {input_name!r} is nested deeper than {MAX_VALUE_DEPTH} levels",
+                    )
+                )
             continue
         source_id, raw_index = value
         index = _output_index(raw_index)
         if index is None:
-            errors.append(GraphError(
-                node_id, input_name, GraphErrorType.INVALID_LINK,
-                f"node {node_id!r} input {input_name!r}: a link is [node_id, output_index] and the "
-                f"output index must be a non-negative integer, not {_short_repr(raw_index)}"))
+            errors.append(
+                GraphError(
+                    node_id,
+                    input_name,
+                    GraphErrorType.INVALID_LINK,
+                    f"node {node_id!r} input {input_name!r}: a link is [node_id, output_index] and the "
+                    f"output index must be a non-negative integer, not {_short_repr(raw_index)}",
+                )
+            )
         elif source_id not in graph:
-            errors.append(GraphError(
-                node_id, input_name, GraphErrorType.LINK_TO_MISSING_NODE,
-                f"node {node_id!r} input {input_name!r} links to node {source_id!r}, which is not in the graph"))
+            errors.append(
+                GraphError(
+                    node_id,
+                    input_name,
+                    GraphErrorType.LINK_TO_MISSING_NODE,
+                    f"node {node_id!r} input {input_name!r} links to node {source_id!r}, which is not in the graph",
+                )
+            )
         else:
             edges.append((node_id, input_name, source_id, index))
 
@@ -247,9 +308,12 @@ def _find_cycle(incoming: Mapping[str, list[_Edge]]) -> list[Link] | None:
 def _cycle_error(cycle: list[Link]) -> GraphError:
     closing = cycle[-1]
     route = " → ".join([repr(cycle[0].source_id), *(repr(link.node_id) for link in cycle)])
-    return GraphError(closing.node_id, closing.input_name, GraphErrorType.CYCLE,
-                      f"the graph has a cycle: {route} (node {closing.node_id!r} input "
-                      f"{closing.input_name!r} closes it)")
+    return GraphError(
+        closing.node_id,
+        closing.input_name,
+        GraphErrorType.CYCLE,
+        f"the graph has a cycle: {route} (node {closing.node_id!r} input {closing.input_name!r} closes it)",
+    )
 
 
 def _short_repr(value: object, limit: int = 40) -> str:

@@ -111,7 +111,9 @@ Action = StartWorkers | StopWorker | Hold
 def start_backoff_s(failed_starts: int, policy: ScalingPolicy) -> float:
     if failed_starts <= 0:
         return 0.0
-    return float(min(policy.start_backoff_base_s * 2 ** min(failed_starts - 1, 30), policy.start_backoff_max_s))
+    return float(
+        min(policy.start_backoff_base_s * 2 ** min(failed_starts - 1, 30), policy.start_backoff_max_s)
+    )
 
 
 def wanted_workers(snapshot: PoolSnapshot, policy: ScalingPolicy) -> int:
@@ -145,7 +147,9 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
         if snapshot.failed_starts and since_failure < backoff:
             assert snapshot.last_failed_start_at is not None
             until = snapshot.last_failed_start_at + _delta(backoff)
-            actions.append(Hold(snapshot.pool, f"backing off after {snapshot.failed_starts} failed start(s)", until))
+            actions.append(
+                Hold(snapshot.pool, f"backing off after {snapshot.failed_starts} failed start(s)", until)
+            )
         elif since_up < policy.scale_up_cooldown_s:
             assert snapshot.last_scale_up_at is not None
             until = snapshot.last_scale_up_at + _delta(policy.scale_up_cooldown_s)
@@ -161,7 +165,11 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
                     StartWorkers(snapshot.pool, count, f"demand {demand}, capacity {live}, target {target}")
                 )
             else:
-                actions.append(Hold(snapshot.pool, f"at max_workers {policy.max_workers} until a stopping worker is gone"))
+                actions.append(
+                    Hold(
+                        snapshot.pool, f"at max_workers {policy.max_workers} until a stopping worker is gone"
+                    )
+                )
         return actions
 
     if live <= target:
@@ -201,7 +209,11 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
     )
     for worker in expired[:excess]:
         actions.append(
-            StopWorker(snapshot.pool, worker.id, f"idle for {worker.idle_for_s(now):.1f}s >= {policy.idle_timeout_s}s")
+            StopWorker(
+                snapshot.pool,
+                worker.id,
+                f"idle for {worker.idle_for_s(now):.1f}s >= {policy.idle_timeout_s}s",
+            )
         )
     return actions
 

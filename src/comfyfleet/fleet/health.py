@@ -51,7 +51,9 @@ class HealthProber:
         try:
             response = await self._http().get(endpoint.rstrip("/") + "/system_stats")
         except httpx.HTTPError as exc:
-            return ProbeResult(False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return ProbeResult(
+                False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            )
         if response.status_code != 200:
             return ProbeResult(False, error=f"/system_stats answered HTTP {response.status_code}")
         try:
@@ -65,7 +67,9 @@ class HealthProber:
     async def node_types(self, endpoint: str) -> list[str] | None:
         """The node types the worker offers (``/object_info`` keys); None when it cannot be read now."""
         try:
-            response = await self._http().get(endpoint.rstrip("/") + "/object_info", timeout=max(self._timeout_s, 30.0))
+            response = await self._http().get(
+                endpoint.rstrip("/") + "/object_info", timeout=max(self._timeout_s, 30.0)
+            )
             if response.status_code != 200:
                 return None
             body = response.json()

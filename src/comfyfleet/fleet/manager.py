@@ -102,7 +102,9 @@ def pools_from_settings(settings: Settings) -> dict[str, PoolConfig]:
     pools: dict[str, PoolConfig] = {}
     if settings.workers:
         if any(pool.name == "default" for pool in settings.pools):
-            raise FleetConfigError("`workers` makes a static pool named 'default'; a pool of that name is also configured")
+            raise FleetConfigError(
+                "`workers` makes a static pool named 'default'; a pool of that name is also configured"
+            )
         pools["default"] = PoolConfig(
             name="default",
             provider="static",
@@ -150,7 +152,9 @@ class FleetManager:
         factory = provider_factory or (lambda pool: build_provider(pool, context))
         # Built now so a bad pool fails at start-up with a message naming it, not on the first scale-up.
         self._providers: dict[str, Provider] = {name: factory(pool) for name, pool in self.pools.items()}
-        self._policies = {name: ScalingPolicy.for_pool(pool, self._fleet) for name, pool in self.pools.items()}
+        self._policies = {
+            name: ScalingPolicy.for_pool(pool, self._fleet) for name, pool in self.pools.items()
+        }
         self._pool_by_label: dict[str, str] = {}
         for name, pool in self.pools.items():
             for label in pool.labels:
@@ -163,7 +167,9 @@ class FleetManager:
 
         self._workers: dict[str, Worker] = {}
         self._verified: set[str] = set()  # answered a probe in this process: may be handed to the dispatcher
-        self._suspect: set[str] = set()  # the dispatcher could not reach it; not handed out until a probe passes
+        self._suspect: set[str] = (
+            set()
+        )  # the dispatcher could not reach it; not handed out until a probe passes
         self._inflight: set[str] = set()  # a start or stop is running for it
         self._checking: set[str] = set()  # a health check is running for it
         self._check_tasks: set[asyncio.Task[None]] = set()
@@ -239,7 +245,9 @@ class FleetManager:
             async with asyncio.TaskGroup() as tg:
                 for worker in doomed:
                     self._inflight.discard(worker.id)
-                    tg.create_task(self._terminate(worker, "comfyfleet is shutting down"), name=f"stop-{worker.id}")
+                    tg.create_task(
+                        self._terminate(worker, "comfyfleet is shutting down"), name=f"stop-{worker.id}"
+                    )
 
     def _check_open(self) -> None:
         if not self._opened:
@@ -450,7 +458,9 @@ class FleetManager:
 
     async def _load_from_store(self) -> None:
         workers = await self._store.list_workers()
-        self._workers = {worker.id: worker for worker in workers if worker.state is not WorkerState.TERMINATED}
+        self._workers = {
+            worker.id: worker for worker in workers if worker.state is not WorkerState.TERMINATED
+        }
         for worker in self._workers.values():
             if worker.pool not in self.pools:
                 logger.warning("worker_pool_unknown worker_id=%s pool=%s", worker.id, worker.pool)
@@ -603,7 +613,13 @@ class FleetManager:
             )
             return False
         if worker.state is not target:
-            logger.info("worker_state worker_id=%s pool=%s from=%s to=%s", worker.id, worker.pool, worker.state, target)
+            logger.info(
+                "worker_state worker_id=%s pool=%s from=%s to=%s",
+                worker.id,
+                worker.pool,
+                worker.state,
+                target,
+            )
         worker.state = target
         worker.updated_at = utcnow()
         return True
@@ -680,11 +696,15 @@ class FleetManager:
         try:
             # Recorded before the provider is asked, so a crash between the two is found again.
             await self._write(worker)
-            logger.info("worker_creating worker_id=%s pool=%s provider=%s", worker.id, pool_name, pool.provider)
+            logger.info(
+                "worker_creating worker_id=%s pool=%s provider=%s", worker.id, pool_name, pool.provider
+            )
             try:
                 handle = await provider.create(worker.id)
             except Exception as exc:
-                logger.warning("worker_create_failed worker_id=%s pool=%s error=%s", worker.id, pool_name, exc)
+                logger.warning(
+                    "worker_create_failed worker_id=%s pool=%s error=%s", worker.id, pool_name, exc
+                )
                 worker.error = f"create failed: {exc}"
                 tracker = self._trackers[pool_name]
                 tracker.failed_starts += 1
@@ -701,7 +721,10 @@ class FleetManager:
             self._transition(worker, WorkerState.STARTING)
             await self._write(worker)
             logger.info(
-                "worker_starting worker_id=%s pool=%s provider_id=%s", worker.id, pool_name, handle.provider_id
+                "worker_starting worker_id=%s pool=%s provider_id=%s",
+                worker.id,
+                pool_name,
+                handle.provider_id,
             )
         finally:
             self._inflight.discard(worker.id)
@@ -812,7 +835,10 @@ class FleetManager:
         metrics.observe_worker_startup(worker.pool, worker.info["startup_s"])
         logger.info(
             "worker_ready worker_id=%s pool=%s endpoint=%s startup_s=%s",
-            worker.id, worker.pool, worker.endpoint, worker.info["startup_s"],
+            worker.id,
+            worker.pool,
+            worker.endpoint,
+            worker.info["startup_s"],
         )
         self._signal_changed()
 
@@ -833,7 +859,9 @@ class FleetManager:
             return False
         worker.info["warmup"] = {"state": "done", "seconds": outcome.seconds}
         worker.loaded_models = list(outcome.models)[-_MAX_LOADED_MODELS:]
-        logger.info("worker_warmed_up worker_id=%s seconds=%s models=%s", worker.id, outcome.seconds, outcome.models)
+        logger.info(
+            "worker_warmed_up worker_id=%s seconds=%s models=%s", worker.id, outcome.seconds, outcome.models
+        )
         return True
 
     async def _check_live(self, worker: Worker) -> None:
@@ -862,7 +890,10 @@ class FleetManager:
         instance = await self._describe(worker)
         logger.warning(
             "worker_probe_failed worker_id=%s failures=%d error=%s provider_state=%s",
-            worker.id, worker.health_failures, result.error, instance.state if instance else None,
+            worker.id,
+            worker.health_failures,
+            result.error,
+            instance.state if instance else None,
         )
         if instance is not None and instance.state in _GONE_STATES:
             await self._fail(worker, f"{self._instance_problem(instance)} (probe: {result.error})")
@@ -982,7 +1013,12 @@ class FleetManager:
                 worker.endpoint = instance.endpoint
             # Whatever state it was in, it is handed out again only after a probe in this process.
             self._next_check[worker.id] = 0.0
-            logger.info("worker_adopted worker_id=%s provider_id=%s state=%s", worker.id, worker.provider_id, worker.state)
+            logger.info(
+                "worker_adopted worker_id=%s provider_id=%s state=%s",
+                worker.id,
+                worker.provider_id,
+                worker.state,
+            )
         self._rediscovered.add(pool_name)
         await self._reap_pool(pool_name, instances)
         self._signal_changed()
@@ -1014,12 +1050,17 @@ class FleetManager:
         for instance in instances:
             if instance.state is InstanceState.GONE:
                 continue
-            if instance.provider_id in known_ids or (instance.worker_id and instance.worker_id in known_workers):
+            if instance.provider_id in known_ids or (
+                instance.worker_id and instance.worker_id in known_workers
+            ):
                 continue
             if instance.worker_id and await self._store_knows_live(instance.worker_id):
                 continue  # another replica's record we have not read yet
             logger.warning(
-                "worker_reaped pool=%s provider_id=%s worker_id=%s", pool_name, instance.provider_id, instance.worker_id
+                "worker_reaped pool=%s provider_id=%s worker_id=%s",
+                pool_name,
+                instance.provider_id,
+                instance.worker_id,
             )
             try:
                 await provider.terminate(instance.provider_id)
@@ -1073,7 +1114,9 @@ class FleetManager:
             if isinstance(action, Hold):
                 logger.debug("pool_hold pool=%s reason=%s until=%s", pool_name, action.reason, action.until)
             elif isinstance(action, StartWorkers):
-                logger.info("pool_scale_up pool=%s count=%d reason=%s", pool_name, action.count, action.reason)
+                logger.info(
+                    "pool_scale_up pool=%s count=%d reason=%s", pool_name, action.count, action.reason
+                )
                 tracker.last_scale_up_at = snapshot.now
                 for _ in range(action.count):
                     self._spawn(self._start_worker(pool_name), f"start-{pool_name}")
@@ -1084,7 +1127,9 @@ class FleetManager:
             if action.reason not in ("failed",):
                 # Never stop a worker that a dispatcher (in any replica) still has a task on.
                 if busy_in_store is None:
-                    busy_in_store = {task.worker_id for task in await self._store.running_tasks() if task.worker_id}
+                    busy_in_store = {
+                        task.worker_id for task in await self._store.running_tasks() if task.worker_id
+                    }
                 if worker.id in busy_in_store:
                     continue
                 tracker.last_scale_down_at = snapshot.now

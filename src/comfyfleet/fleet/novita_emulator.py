@@ -136,7 +136,9 @@ def _ports(spec: Any) -> list[tuple[int, str]]:
         part = part.strip()
         number, _, kind = part.partition("/")
         if not number.isdigit() or kind not in ("tcp", "http"):
-            raise _ApiError(400, "INVALID_PARAMETER", f"invalid port {part!r}: use '<port>/http' or '<port>/tcp'")
+            raise _ApiError(
+                400, "INVALID_PARAMETER", f"invalid port {part!r}: use '<port>/http' or '<port>/tcp'"
+            )
         if 2222 <= int(number) <= 2224:
             raise _ApiError(400, "INVALID_PARAMETER", f"port {number} is reserved")
         ports.append((int(number), kind))
@@ -349,10 +351,14 @@ class NovitaEmulator:
         if not isinstance(name, str) or len(name) > 255:
             raise _ApiError(400, "INVALID_PARAMETER", "name must be a string of at most 255 characters")
         envs = body.get("envs") or []
-        if not isinstance(envs, list) or len(envs) > 100 or any(
-            not isinstance(env, dict) or not isinstance(env.get("key"), str) for env in envs
+        if (
+            not isinstance(envs, list)
+            or len(envs) > 100
+            or any(not isinstance(env, dict) or not isinstance(env.get("key"), str) for env in envs)
         ):
-            raise _ApiError(400, "INVALID_PARAMETER", "envs must be a list of at most 100 {key, value} objects")
+            raise _ApiError(
+                400, "INVALID_PARAMETER", "envs must be a list of at most 100 {key, value} objects"
+            )
         command = body.get("command") or ""
         if not isinstance(command, str) or len(command) > 2047:
             raise _ApiError(400, "INVALID_PARAMETER", "command must be a string of at most 2047 characters")
@@ -380,7 +386,9 @@ class NovitaEmulator:
         page_size = self._int_param(request, "pageSize")
         page_num = max(self._int_param(request, "pageNum"), 1)
         if page_size == 0 or page_size > self.options.max_page_size:
-            raise _ApiError(400, "INVALID_PARAMETER", f"pageSize must be from 1 to {self.options.max_page_size}")
+            raise _ApiError(
+                400, "INVALID_PARAMETER", f"pageSize must be from 1 to {self.options.max_page_size}"
+            )
         name = request.query.get("name", "")
         product_name = request.query.get("productName", "")
         status = request.query.get("status", "")
@@ -394,7 +402,10 @@ class NovitaEmulator:
         ]
         page = matches[(page_num - 1) * page_size : page_num * page_size]
         return web.json_response(
-            {"instances": [self._describe(instance, listing=True) for instance in page], "total": len(matches)}
+            {
+                "instances": [self._describe(instance, listing=True) for instance in page],
+                "total": len(matches),
+            }
         )
 
     async def _get(self, request: web.Request) -> web.Response:

@@ -34,7 +34,9 @@ class WarmupResult:
     fatal: bool = False
 
 
-async def run_warmup(endpoint: str, graph: dict[str, Any], offered: list[str], timeout_s: float) -> WarmupResult:
+async def run_warmup(
+    endpoint: str, graph: dict[str, Any], offered: list[str], timeout_s: float
+) -> WarmupResult:
     """Run ``graph`` on the ComfyUI at ``endpoint`` (which offers the node types ``offered``) to its end."""
     started = time.monotonic()
 
@@ -43,7 +45,11 @@ async def run_warmup(endpoint: str, graph: dict[str, Any], offered: list[str], t
 
     missing = sorted(node_types(graph) - set(offered))
     if missing:
-        return result(ok=False, fatal=True, error=f"warm-up workflow uses node types the worker lacks: {', '.join(missing)}")
+        return result(
+            ok=False,
+            fatal=True,
+            error=f"warm-up workflow uses node types the worker lacks: {', '.join(missing)}",
+        )
     prompt_id = str(uuid.uuid4())
     async with ComfyClient(endpoint, events=False) as comfy:
         try:

@@ -118,7 +118,11 @@ class WorkerCatalogue:
             workers = await self._live_workers()
             now = time.monotonic()
             endpoints = sorted({w.endpoint for w in workers if w.endpoint})
-            stale = [e for e in endpoints if e not in self._object_info or now - self._object_info[e][0] > OBJECT_INFO_TTL_S]
+            stale = [
+                e
+                for e in endpoints
+                if e not in self._object_info or now - self._object_info[e][0] > OBJECT_INFO_TTL_S
+            ]
             if stale:
                 fetched = await asyncio.gather(*(self._fetch(endpoint, "object_info") for endpoint in stale))
                 for endpoint, info in zip(stale, fetched, strict=True):
@@ -172,7 +176,9 @@ class WorkerCatalogue:
             return self._stats[1]
         workers = await self._live_workers()
         answers = await asyncio.gather(*(self._fetch(w.endpoint or "", "system_stats") for w in workers))
-        stats = [(worker, answer) for worker, answer in zip(workers, answers, strict=True) if answer is not None]
+        stats = [
+            (worker, answer) for worker, answer in zip(workers, answers, strict=True) if answer is not None
+        ]
         self._stats = (now, stats)
         return stats
 

@@ -67,7 +67,9 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise PromptRejected(shapes.prompt_error("invalid_json", f"The request body is not valid JSON: {exc}", "")) from exc
+        raise PromptRejected(
+            shapes.prompt_error("invalid_json", f"The request body is not valid JSON: {exc}", "")
+        ) from exc
 
 
 def _rejected(exc: PromptRejected) -> Response:
@@ -102,8 +104,10 @@ async def _read_upload(request: Request, gateway: Gateway) -> _Upload | Response
     try:
         form = await request.form()
     except Exception as exc:  # python-multipart raises several unrelated types on a broken body
-        return JSONBody(shapes.prompt_error("invalid_upload", f"the body is not a valid multipart form: {exc}", ""),
-                        status_code=400)
+        return JSONBody(
+            shapes.prompt_error("invalid_upload", f"the body is not a valid multipart form: {exc}", ""),
+            status_code=400,
+        )
     try:
         image = form.get("image")
         if image is None or isinstance(image, str):
@@ -124,19 +128,27 @@ async def _save_upload(gateway: Gateway, principal: Principal, upload: _Upload) 
     overwrite = upload.fields.get("overwrite", "").lower() in {"true", "1"}
     try:
         name, subfolder = await gateway.uploads.save(
-            principal.tenant, upload.filename, upload.fields.get("subfolder", ""), upload.data,
-            content_type=upload.content_type, overwrite=overwrite,
+            principal.tenant,
+            upload.filename,
+            upload.fields.get("subfolder", ""),
+            upload.data,
+            content_type=upload.content_type,
+            overwrite=overwrite,
         )
     except UploadError as exc:
         return _text(400, str(exc))
     return JSONBody({"name": name, "subfolder": subfolder, "type": upload.fields.get("type") or "input"})
 
 
-async def _read_file(gateway: Gateway, principal: Principal, name: str, subfolder: str, kind: str) -> bytes | None:
+async def _read_file(
+    gateway: Gateway, principal: Principal, name: str, subfolder: str, kind: str
+) -> bytes | None:
     """An uploaded file (``input``) or a task's output (``output``, ``subfolder`` = the task id), or None."""
     if kind == "input":
         reference = f"{subfolder}/{name}" if subfolder else name
-        return await gateway.uploads.load(principal.tenant, reference) if gateway.uploads is not None else None
+        return (
+            await gateway.uploads.load(principal.tenant, reference) if gateway.uploads is not None else None
+        )
     task = await _visible_task(gateway, subfolder.split("/", 1)[0], principal)
     if task is None or gateway.outputs is None:
         return None
@@ -171,7 +183,10 @@ async def _tasks(gateway: Gateway, principal: Principal, statuses: list[TaskStat
     cursor = None
     while len(found) < cap:
         page = await gateway.store.list_tasks(
-            tenant=principal.visible_tenant, statuses=statuses, limit=min(_PAGE, cap - len(found)), cursor=cursor
+            tenant=principal.visible_tenant,
+            statuses=statuses,
+            limit=min(_PAGE, cap - len(found)),
+            cursor=cursor,
         )
         found.extend(page.tasks)
         cursor = page.next_cursor
@@ -194,11 +209,15 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
             queued = await gateway.queue_prompt(body, principal.tenant)
         except PromptRejected as exc:
             return _rejected(exc)
-        return JSONBody({"prompt_id": queued.task.id, "number": queued.task.seq, "node_errors": queued.node_errors})
+        return JSONBody(
+            {"prompt_id": queued.task.id, "number": queued.task.seq, "node_errors": queued.node_errors}
+        )
 
     @router.get("/prompt", summary="Queue length (ComfyUI)")
     async def get_prompt(principal: PrincipalDep, gateway: GatewayDep) -> Response:
-        return JSONBody({"exec_info": {"queue_remaining": await gateway.queue_remaining(principal.visible_tenant)}})
+        return JSONBody(
+            {"exec_info": {"queue_remaining": await gateway.queue_remaining(principal.visible_tenant)}}
+        )
 
     @router.get("/queue", summary="Running and pending prompts (ComfyUI)")
     async def get_queue(principal: PrincipalDep, gateway: GatewayDep) -> Response:
@@ -208,10 +227,14 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
         running = await _tasks(gateway, principal, [TaskStatus.RUNNING], QUEUE_CAP)
         pending = await _tasks(gateway, principal, [TaskStatus.PENDING], QUEUE_CAP)
         pending.sort(key=lambda task: (-task.priority, task.seq))
-        return JSONBody({
-            "queue_running": [shapes.queue_item(task, info) for task in sorted(running, key=lambda t: t.seq)],
-            "queue_pending": [shapes.queue_item(task, info) for task in pending],
-        })
+        return JSONBody(
+            {
+                "queue_running": [
+                    shapes.queue_item(task, info) for task in sorted(running, key=lambda t: t.seq)
+                ],
+                "queue_pending": [shapes.queue_item(task, info) for task in pending],
+            }
+        )
 
     @router.post("/queue", summary="Delete pending prompts (ComfyUI)")
     async def post_queue(request: Request, principal: PrincipalDep, gateway: GatewayDep) -> Response:
@@ -275,13 +298,16 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
             limit = int(max_items) if max_items not in (None, "") else None
             skip = int(offset) if offset not in (None, "") else -1
         except ValueError:
-            return JSONBody(shapes.prompt_error("invalid_parameter", "max_items and offset must be integers", ""), status_code=400)
+            return JSONBody(
+                shapes.prompt_error("invalid_parameter", "max_items and offset must be integers", ""),
+                status_code=400,
+            )
         cap = HISTORY_CAP if limit is None or skip >= 0 else max(0, min(limit, HISTORY_CAP))
         finished = await _tasks(gateway, principal, sorted(TERMINAL_STATUSES), cap * 2 if cap else 0)
         entries = [task for task in reversed(finished) if shapes.enters_history(task)][-cap:] if cap else []
         if skip < 0 and limit is not None:
             skip = max(0, len(entries) - limit)
-        selected = entries[max(skip, 0):]
+        selected = entries[max(skip, 0) :]
         if limit is not None:
             selected = selected[: max(limit, 0)]
         info = await gateway.catalogue.object_info()
@@ -313,8 +339,16 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
         (`subfolder` is the task id); `type=input` reads a file of `/upload/image`."""
         name, annotated = strip_annotation(filename)
         kind = annotated or type or "output"
-        if not name or ".." in name.split("/") or name.startswith("/") or ".." in subfolder.split("/") or subfolder.startswith("/"):
-            return JSONBody(shapes.prompt_error("invalid_filename", "invalid filename or subfolder", ""), status_code=400)
+        if (
+            not name
+            or ".." in name.split("/")
+            or name.startswith("/")
+            or ".." in subfolder.split("/")
+            or subfolder.startswith("/")
+        ):
+            return JSONBody(
+                shapes.prompt_error("invalid_filename", "invalid filename or subfolder", ""), status_code=400
+            )
         if kind == "input":
             if gateway.uploads is None:
                 return Response(status_code=404)
@@ -331,7 +365,9 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
             stored = await gateway.outputs.stat(task.id, name)
         except (OutputNotFound, InvalidOutputName):
             return Response(status_code=404)
-        return _file_response(gateway.outputs.read(task.id, stored.name), stored.content_type, stored.size, stored.name)
+        return _file_response(
+            gateway.outputs.read(task.id, stored.name), stored.content_type, stored.size, stored.name
+        )
 
     @router.post("/upload/image", summary="Upload an input image (ComfyUI)")
     async def upload_image(request: Request, principal: PrincipalDep, gateway: GatewayDep) -> Response:
@@ -373,8 +409,12 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
         del principal
         info = await gateway.catalogue.object_info()
         if info is None:
-            raise ApiError(503, "no_workers", "no worker has been up yet to describe its nodes; try again when one is",
-                           headers={"Retry-After": "5"})
+            raise ApiError(
+                503,
+                "no_workers",
+                "no worker has been up yet to describe its nodes; try again when one is",
+                headers={"Retry-After": "5"},
+            )
         return JSONBody(info)
 
     @router.get("/object_info/{node_class}", summary="One node class (ComfyUI)")
@@ -393,7 +433,9 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
         for worker, answer in stats:
             for device in answer.get("devices") or []:
                 if isinstance(device, dict):
-                    devices.append({**device, "name": f"{worker.id}: {device.get('name', '')}", "worker_id": worker.id})
+                    devices.append(
+                        {**device, "name": f"{worker.id}: {device.get('name', '')}", "worker_id": worker.id}
+                    )
         system = {
             "os": os.name,
             "ram_total": 0,
@@ -418,7 +460,9 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
     @router.get("/features", summary="Server feature flags (ComfyUI)")
     async def features(principal: PrincipalDep, gateway: GatewayDep) -> Response:
         del principal
-        return JSONBody({"supports_preview_metadata": False, "max_upload_size": gateway.settings.limits.max_input_bytes})
+        return JSONBody(
+            {"supports_preview_metadata": False, "max_upload_size": gateway.settings.limits.max_input_bytes}
+        )
 
     @router.websocket("/ws")
     async def websocket(websocket: WebSocket) -> None:
@@ -436,7 +480,9 @@ def build_router(*, include_in_schema: bool) -> APIRouter:
     return router
 
 
-def _file_response(chunks: AsyncIterator[bytes], content_type: str, size: int, name: str) -> StreamingResponse:
+def _file_response(
+    chunks: AsyncIterator[bytes], content_type: str, size: int, name: str
+) -> StreamingResponse:
     return StreamingResponse(
         chunks,
         media_type=content_type,

@@ -69,8 +69,14 @@ def _flat_input_name(reference: str, taken: set[str]) -> str:
 class Gateway:
     """One per application (``app.state.gateway``)."""
 
-    def __init__(self, settings: Settings, store: Store, outputs: OutputStore | None, bus: EventBus | None,
-                 catalogue: WorkerCatalogue | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        outputs: OutputStore | None,
+        bus: EventBus | None,
+        catalogue: WorkerCatalogue | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.outputs = outputs
@@ -110,7 +116,9 @@ class Gateway:
             try:
                 if tenant is None:
                     # Reads only the pending and running tasks (their indexes), however long the history.
-                    value = sum(pending + running for pending, running in (await self.store.demand_by_pool()).values())
+                    value = sum(
+                        pending + running for pending, running in (await self.store.demand_by_pool()).values()
+                    )
                 else:
                     metrics = await self.store.queue_metrics(tenant=tenant)
                     value = metrics.pending_tasks + metrics.running_tasks
@@ -126,26 +134,38 @@ class Gateway:
     async def queue_prompt(self, body: Any, tenant: str) -> Queued:
         """Validate a ``POST /prompt`` body as ComfyUI would and store it as a task."""
         if not isinstance(body, dict):
-            raise PromptRejected(shapes.prompt_error("invalid_prompt", "The request body must be a JSON object", ""))
+            raise PromptRejected(
+                shapes.prompt_error("invalid_prompt", "The request body must be a JSON object", "")
+            )
         if "prompt" not in body:
             raise PromptRejected(shapes.prompt_error("no_prompt", "No prompt provided", ""))
         graph = body["prompt"]
         if not isinstance(graph, dict) or not graph:
-            raise PromptRejected(shapes.prompt_error(
-                "invalid_prompt", "The prompt must be a non-empty JSON object of nodes (the API format)", ""
-            ))
+            raise PromptRejected(
+                shapes.prompt_error(
+                    "invalid_prompt",
+                    "The prompt must be a non-empty JSON object of nodes (the API format)",
+                    "",
+                )
+            )
         prompt_id = body.get("prompt_id")
         if prompt_id is not None and not shapes.is_canonical_uuid(prompt_id):
-            raise PromptRejected(shapes.prompt_error(
-                "invalid_prompt_id",
-                "prompt_id must be a valid UUID",
-                "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let the server generate one",
-            ))
+            raise PromptRejected(
+                shapes.prompt_error(
+                    "invalid_prompt_id",
+                    "prompt_id must be a valid UUID",
+                    "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let the server generate one",
+                )
+            )
         limits = self.settings.limits
         if len(graph) > limits.max_nodes:
-            raise PromptRejected(shapes.prompt_error(
-                "prompt_too_large", f"The prompt has {len(graph)} nodes; this server accepts at most {limits.max_nodes}", ""
-            ))
+            raise PromptRejected(
+                shapes.prompt_error(
+                    "prompt_too_large",
+                    f"The prompt has {len(graph)} nodes; this server accepts at most {limits.max_nodes}",
+                    "",
+                )
+            )
         raw_extra = body.get("extra_data")
         extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
         client_id = body.get("client_id") or extra.get("client_id")
@@ -153,17 +173,25 @@ class Gateway:
         raw_options = extra.get("comfyfleet")
         options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
         priority = options.get("priority", 0)
-        if not isinstance(priority, int) or isinstance(priority, bool) or not limits.min_priority <= priority <= limits.max_priority:
-            raise PromptRejected(shapes.prompt_error(
-                "invalid_priority",
-                f"extra_data.comfyfleet.priority must be an integer from {limits.min_priority} to {limits.max_priority}",
-                "",
-            ))
+        if (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or not limits.min_priority <= priority <= limits.max_priority
+        ):
+            raise PromptRejected(
+                shapes.prompt_error(
+                    "invalid_priority",
+                    f"extra_data.comfyfleet.priority must be an integer from {limits.min_priority} to {limits.max_priority}",
+                    "",
+                )
+            )
         if body.get("front") is True:
             priority = min(priority + 1, limits.max_priority)  # ahead of what waits at the same priority
         pool = options.get("pool")
         if pool is not None and not isinstance(pool, str):
-            raise PromptRejected(shapes.prompt_error("invalid_pool", "extra_data.comfyfleet.pool must be a string", ""))
+            raise PromptRejected(
+                shapes.prompt_error("invalid_pool", "extra_data.comfyfleet.pool must be a string", "")
+            )
 
         task_id = prompt_id or str(uuid.uuid4())
         if prompt_id is not None:
@@ -181,12 +209,18 @@ class Gateway:
         metadata: dict[str, Any] = {
             shapes.METADATA_KEY: {
                 "client_id": client_id,
-                "extra_data": {k: v for k, v in extra.items() if k not in shapes.SENSITIVE_EXTRA_DATA and k != "client_id"},
+                "extra_data": {
+                    k: v
+                    for k, v in extra.items()
+                    if k not in shapes.SENSITIVE_EXTRA_DATA and k != "client_id"
+                },
             }
         }
         pnginfo = extra.get("extra_pnginfo")
         workflow = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
-        workflow_id = workflow.get("id") if isinstance(workflow, dict) and isinstance(workflow.get("id"), str) else None
+        workflow_id = (
+            workflow.get("id") if isinstance(workflow, dict) and isinstance(workflow.get("id"), str) else None
+        )
         dispatch = self.settings.dispatch
         new = NewTask(
             id=task_id,
@@ -212,12 +246,16 @@ class Gateway:
         except NotFound:
             return None
         if task.tenant != tenant:
-            raise PromptRejected(shapes.prompt_error(
-                "invalid_prompt_id", "prompt_id is already in use", "choose another prompt_id, or omit it"
-            ))
+            raise PromptRejected(
+                shapes.prompt_error(
+                    "invalid_prompt_id", "prompt_id is already in use", "choose another prompt_id, or omit it"
+                )
+            )
         return task
 
-    async def _attach_uploads(self, graph: dict[str, Any], tenant: str) -> tuple[list[dict[str, Any]], set[str]]:
+    async def _attach_uploads(
+        self, graph: dict[str, Any], tenant: str
+    ) -> tuple[list[dict[str, Any]], set[str]]:
         """Files of ``/upload/image`` that the graph reads become task inputs (the graph names them anew)."""
         if self.uploads is None:
             return [], set()
@@ -241,9 +279,13 @@ class Gateway:
                     if data is None:
                         continue  # not ours: perhaps a file the workers have (e.g. example.png)
                     if len(data) > max_bytes:
-                        raise PromptRejected(shapes.prompt_error(
-                            "input_too_large", f"{reference} is larger than the {max_bytes}-byte input limit", ""
-                        ))
+                        raise PromptRejected(
+                            shapes.prompt_error(
+                                "input_too_large",
+                                f"{reference} is larger than the {max_bytes}-byte input limit",
+                                "",
+                            )
+                        )
                     folder, file_name = split_reference(strip_annotation(reference)[0])
                     name = _flat_input_name(f"{folder}/{file_name}" if folder else file_name, taken)
                     names[reference] = name
@@ -251,7 +293,9 @@ class Gateway:
                 node_inputs[input_name] = names[reference]
         return inputs, set(names.values())
 
-    async def _validate(self, graph: dict[str, Any], attached: set[str], targets: list[Any] | None) -> dict[str, Any]:
+    async def _validate(
+        self, graph: dict[str, Any], attached: set[str], targets: list[Any] | None
+    ) -> dict[str, Any]:
         object_info = await self.catalogue.object_info()
         if object_info is None:
             problems = validate_graph(graph, max_nodes=self.settings.limits.max_nodes)

@@ -19,11 +19,26 @@ from comfyfleet.domain.graph import GraphError, GraphErrorType
 METADATA_KEY = "comfyui"  # task.metadata["comfyui"]: client_id, extra_data of a gateway submission
 
 # Output nodes of ComfyUI's core catalogue, for when no worker's object_info is at hand.
-KNOWN_OUTPUT_NODES = frozenset({
-    "SaveImage", "PreviewImage", "SaveImageWebsocket", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveLatent",
-    "SaveText", "SaveVideo", "SaveWEBM", "SaveAudio", "SaveAudioMP3", "SaveAudioOpus", "PreviewAudio",
-    "SaveGLB", "Preview3D", "PreviewAny",
-})
+KNOWN_OUTPUT_NODES = frozenset(
+    {
+        "SaveImage",
+        "PreviewImage",
+        "SaveImageWebsocket",
+        "SaveAnimatedWEBP",
+        "SaveAnimatedPNG",
+        "SaveLatent",
+        "SaveText",
+        "SaveVideo",
+        "SaveWEBM",
+        "SaveAudio",
+        "SaveAudioMP3",
+        "SaveAudioOpus",
+        "PreviewAudio",
+        "SaveGLB",
+        "Preview3D",
+        "PreviewAny",
+    }
+)
 
 # extra_data keys ComfyUI keeps out of /queue and history.
 SENSITIVE_EXTRA_DATA = frozenset({"api_key_comfy_org", "auth_token_comfy_org"})
@@ -77,14 +92,20 @@ def output_node_ids(task: Task, object_info: Mapping[str, Any] | None = None) ->
     for node_id, node in task.payload.items():
         class_type = node.get("class_type") if isinstance(node, dict) else None
         info = object_info.get(class_type) if object_info and isinstance(class_type, str) else None
-        if (isinstance(info, Mapping) and info.get("output_node") is True) or class_type in KNOWN_OUTPUT_NODES:
+        if (
+            isinstance(info, Mapping) and info.get("output_node") is True
+        ) or class_type in KNOWN_OUTPUT_NODES:
             ids.append(str(node_id))
     return ids
 
 
 def public_extra_data(task: Task) -> dict[str, Any]:
     extra = gateway_meta(task).get("extra_data")
-    data = {key: value for key, value in extra.items() if key not in SENSITIVE_EXTRA_DATA} if isinstance(extra, dict) else {}
+    data = (
+        {key: value for key, value in extra.items() if key not in SENSITIVE_EXTRA_DATA}
+        if isinstance(extra, dict)
+        else {}
+    )
     client_id = client_id_of(task)
     if client_id:
         data["client_id"] = client_id
@@ -174,14 +195,24 @@ def history_entry(task: Task, object_info: Mapping[str, Any] | None = None) -> d
             "messages": messages,
         },
         "meta": {
-            node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
+            node_id: {
+                "node_id": node_id,
+                "display_node": node_id,
+                "parent_node": None,
+                "real_node_id": node_id,
+            }
             for node_id in outputs
         },
     }
 
 
-def prompt_error(kind: str, message: str, details: str = "", node_errors: Mapping[str, Any] | None = None,
-                 extra_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def prompt_error(
+    kind: str,
+    message: str,
+    details: str = "",
+    node_errors: Mapping[str, Any] | None = None,
+    extra_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """ComfyUI's 400 body: ``{"error": {type, message, details, extra_info}, "node_errors": {…}}``."""
     return {
         "error": {"type": kind, "message": message, "details": details, "extra_info": dict(extra_info or {})},
@@ -208,17 +239,22 @@ def structural_errors_body(graph: Mapping[str, Any], problems: Iterable[GraphErr
             loose.append(problem.message)
             continue
         node = graph.get(problem.node_id)
-        entry = node_errors.setdefault(problem.node_id, {
-            "errors": [],
-            "dependent_outputs": [],
-            "class_type": node.get("class_type") if isinstance(node, dict) else None,
-        })
-        entry["errors"].append({
-            "type": problem.type,
-            "message": problem.message,
-            "details": problem.input_name or "",
-            "extra_info": {"input_name": problem.input_name} if problem.input_name else {},
-        })
+        entry = node_errors.setdefault(
+            problem.node_id,
+            {
+                "errors": [],
+                "dependent_outputs": [],
+                "class_type": node.get("class_type") if isinstance(node, dict) else None,
+            },
+        )
+        entry["errors"].append(
+            {
+                "type": problem.type,
+                "message": problem.message,
+                "details": problem.input_name or "",
+                "extra_info": {"input_name": problem.input_name} if problem.input_name else {},
+            }
+        )
     return prompt_error(
         "prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(loose), node_errors
     )
@@ -236,6 +272,11 @@ def prune_to_targets(graph: Mapping[str, Any], targets: Iterable[str]) -> dict[s
         node = graph.get(node_id)
         inputs = node.get("inputs") if isinstance(node, dict) else None
         for value in (inputs or {}).values() if isinstance(inputs, dict) else ():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in graph:
+            if (
+                isinstance(value, list)
+                and len(value) == 2
+                and isinstance(value[0], str)
+                and value[0] in graph
+            ):
                 stack.append(value[0])
     return {node_id: node for node_id, node in graph.items() if node_id in keep}

@@ -61,8 +61,14 @@ def _now_ms() -> int:
 
 
 class ComfySocket:
-    def __init__(self, websocket: WebSocket, gateway: Gateway, bus: EventBus | None, tenant: str | None,
-                 client_id: str | None) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        gateway: Gateway,
+        bus: EventBus | None,
+        tenant: str | None,
+        client_id: str | None,
+    ) -> None:
         self.websocket = websocket
         self.gateway = gateway
         self.bus = bus
@@ -171,7 +177,9 @@ class ComfySocket:
             await self.send("executing", {"node": node, "display_node": node, "prompt_id": event.task_id})
         value, maximum = event.data.get("value"), event.data.get("max")
         if node is not None and value is not None and maximum is not None:
-            await self.send("progress", {"value": value, "max": maximum, "prompt_id": event.task_id, "node": node})
+            await self.send(
+                "progress", {"value": value, "max": maximum, "prompt_id": event.task_id, "node": node}
+            )
             await self._node_state(event.task_id, state, node, "running", value, maximum)
 
     async def _node_state(
@@ -189,7 +197,9 @@ class ComfySocket:
 
     async def _on_status(self, event: TaskEvent, mine: bool) -> None:
         status = event.data.get("status")
-        terminal = status in {s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)}
+        terminal = status in {
+            s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+        }
         if not mine:
             await self.send_status()
             return
@@ -222,9 +232,14 @@ class ComfySocket:
         await self._start(task.id, state)
         if task.status is TaskStatus.COMPLETED:
             for node_id, output in shapes.outputs_by_node(task).items():
-                await self.send("executed", {"node": node_id, "display_node": node_id, "output": output, "prompt_id": task.id})
+                await self.send(
+                    "executed",
+                    {"node": node_id, "display_node": node_id, "output": output, "prompt_id": task.id},
+                )
             await self._finish_node(task.id, state)
-            await self.send("execution_success", {"prompt_id": task.id, "timestamp": shapes.millis(task.completed_at)})
+            await self.send(
+                "execution_success", {"prompt_id": task.id, "timestamp": shapes.millis(task.completed_at)}
+            )
         elif task.status is TaskStatus.CANCELLED:
             await self.send("execution_interrupted", shapes.interrupted_message(task))
         else:

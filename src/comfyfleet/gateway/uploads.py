@@ -111,7 +111,9 @@ class UploadStore:
                 yield data
 
             try:
-                await self._outputs.put(self._folder(tenant), self._key(folder, candidate), chunks(), content_type)
+                await self._outputs.put(
+                    self._folder(tenant), self._key(folder, candidate), chunks(), content_type
+                )
             except InvalidOutputName as exc:
                 raise UploadError(str(exc)) from exc
         return candidate, folder
@@ -131,7 +133,9 @@ class UploadStore:
             return None
         return b"".join(parts)
 
-    async def open(self, tenant: str, subfolder: str, filename: str) -> tuple[AsyncIterator[bytes], str, int] | None:
+    async def open(
+        self, tenant: str, subfolder: str, filename: str
+    ) -> tuple[AsyncIterator[bytes], str, int] | None:
         """For ``/view?type=input``: a stream of the file, its content type and size; None when missing."""
         try:
             key = self._key(_clean_subfolder(subfolder), _clean_filename(filename))

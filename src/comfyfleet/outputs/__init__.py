@@ -94,7 +94,9 @@ def _bucket_location(location: str) -> tuple[tuple[str, str], dict[str, str]]:
         except ValueError:
             usable = False
         if not usable:
-            raise OutputsError(f"outputs location {location!r}: endpoint_url must be an http:// or https:// URL")
+            raise OutputsError(
+                f"outputs location {location!r}: endpoint_url must be an http:// or https:// URL"
+            )
     return (bucket, prefix), options
 
 

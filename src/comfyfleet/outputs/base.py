@@ -62,7 +62,9 @@ class StoredOutput:
 
 
 class OutputStore(Protocol):
-    async def put(self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str) -> StoredOutput:
+    async def put(
+        self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str
+    ) -> StoredOutput:
         """Store one file of a task from a stream of chunks; replaces a file of the same name."""
 
     async def stat(self, task_id: str, name: str) -> StoredOutput:

@@ -30,7 +30,9 @@ class LocalOutputStore:
             raise InvalidOutputName(f"invalid output name {name!r}")
         return self.root / task_id / name
 
-    async def put(self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str) -> StoredOutput:
+    async def put(
+        self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str
+    ) -> StoredOutput:
         path = self._path(task_id, name)
         content_type = content_type or _DEFAULT_CONTENT_TYPE
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)

@@ -70,7 +70,9 @@ class S3OutputStore:
         )
         try:
             session = boto3.session.Session()
-            self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+            self._client: Any = session.client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=config
+            )
         except (BotoCoreError, ValueError) as exc:
             # e.g. an endpoint URL botocore cannot use, or an unknown region name.
             raise OutputsError(f"cannot set up the output store {self.location}: {exc}") from exc
@@ -96,11 +98,15 @@ class S3OutputStore:
             if code in _NOT_FOUND_CODES:
                 raise OutputNotFound(f"no output s3://{self.bucket}/{what}") from exc
             message = error.get("Message") or code
-            raise OutputsUnavailable(f"S3 refused {exc.operation_name} on s3://{self.bucket}/{what}: {message}") from exc
+            raise OutputsUnavailable(
+                f"S3 refused {exc.operation_name} on s3://{self.bucket}/{what}: {message}"
+            ) from exc
         except BotoCoreError as exc:
             raise OutputsUnavailable(f"S3 failed on s3://{self.bucket}/{what}: {exc}") from exc
 
-    async def put(self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str) -> StoredOutput:
+    async def put(
+        self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str
+    ) -> StoredOutput:
         key = self._key(task_id, name)
         content_type = content_type or _DEFAULT_CONTENT_TYPE
         buffer = bytearray()
@@ -119,7 +125,12 @@ class S3OutputStore:
                     buffer.clear()
             if upload is None:
                 await self._call(
-                    self._client.put_object, key, Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
+                    self._client.put_object,
+                    key,
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(buffer),
+                    ContentType=content_type,
                 )
             else:
                 if buffer:
@@ -166,7 +177,10 @@ class S3OutputStore:
             keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
             if keys:
                 deleted = await self._call(
-                    self._client.delete_objects, prefix, Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True}
+                    self._client.delete_objects,
+                    prefix,
+                    Bucket=self.bucket,
+                    Delete={"Objects": keys, "Quiet": True},
                 )
                 failures = deleted.get("Errors") or []
                 if failures:
@@ -192,7 +206,9 @@ class _MultipartUpload:
     async def send(self, data: bytes) -> None:
         number = len(self.parts) + 1
         if number > MAX_PARTS:
-            raise OutputsError(f"output {self.key} is larger than {MAX_PARTS} parts of {self.store.part_size} bytes")
+            raise OutputsError(
+                f"output {self.key} is larger than {MAX_PARTS} parts of {self.store.part_size} bytes"
+            )
         store = self.store
         sent = await store._call(
             store._client.upload_part,
@@ -221,5 +237,9 @@ class _MultipartUpload:
         # The thread finishes the abort even if this task is cancelled again while waiting for it.
         with contextlib.suppress(OutputsError):
             await store._call(
-                store._client.abort_multipart_upload, self.key, Bucket=store.bucket, Key=self.key, UploadId=self.upload_id
+                store._client.abort_multipart_upload,
+                self.key,
+                Bucket=store.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
             )

@@ -1,10 +1,10 @@
 """The comfyfleet Python SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
 
-    from comfyfleet import Client
+from comfyfleet import Client
 
-    with Client("http://127.0.0.1:8080") as fleet:
-        task = fleet.run(workflow, priority=5)
-        fleet.download(task.raise_for_status(), "out/")
+with Client("http://127.0.0.1:8080") as fleet:
+    task = fleet.run(workflow, priority=5)
+    fleet.download(task.raise_for_status(), "out/")
 """
 
 from __future__ import annotations

@@ -153,7 +153,9 @@ def submission(
     return body
 
 
-def list_params(status: str | Sequence[str] | None, workflow_id: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
+def list_params(
+    status: str | Sequence[str] | None, workflow_id: str | None, limit: int, cursor: str | None
+) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status if isinstance(status, str) else ",".join(status)
@@ -166,7 +168,9 @@ def list_params(status: str | Sequence[str] | None, workflow_id: str | None, lim
 
 def task_page(body: Any) -> TaskPage:
     tasks = body.get("tasks", []) if isinstance(body, dict) else []
-    return TaskPage([Task.from_json(task) for task in tasks], body.get("next_cursor") if isinstance(body, dict) else None)
+    return TaskPage(
+        [Task.from_json(task) for task in tasks], body.get("next_cursor") if isinstance(body, dict) else None
+    )
 
 
 def output_target(directory: Path, filename: str) -> Path:

@@ -101,8 +101,15 @@ class AsyncClient:
         ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
         ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
-            workflow, priority=priority, workflow_id=workflow_id, pool=pool, inputs=inputs, webhook=webhook,
-            metadata=metadata, max_retries=max_retries, timeout_s=timeout_s,
+            workflow,
+            priority=priority,
+            workflow_id=workflow_id,
+            pool=pool,
+            inputs=inputs,
+            webhook=webhook,
+            metadata=metadata,
+            max_retries=max_retries,
+            timeout_s=timeout_s,
         )
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         extra = _submit_request(wait, self._http.timeout.connect)
@@ -129,7 +136,9 @@ class AsyncClient:
 
     async def set_priority(self, task_id: str, priority: int) -> Task:
         """Move a pending task up or down the queue; the answer has its new ``queue_position``."""
-        return Task.from_json(await self._call("PATCH", _core.task_path(task_id), json={"priority": priority}))
+        return Task.from_json(
+            await self._call("PATCH", _core.task_path(task_id), json={"priority": priority})
+        )
 
     async def events(self, task_id: str) -> AsyncIterator[TaskEvent]:
         """The task's live events: first a ``snapshot``, then ``queue_position``, ``status`` and ``progress``
@@ -137,7 +146,10 @@ class AsyncClient:
         timeout = httpx.Timeout(self._http.timeout.connect, read=_STREAM_READ_TIMEOUT_S)
         try:
             async with self._http.stream(
-                "GET", f"{_core.task_path(task_id)}/events", headers={"Accept": "text/event-stream"}, timeout=timeout
+                "GET",
+                f"{_core.task_path(task_id)}/events",
+                headers={"Accept": "text/event-stream"},
+                timeout=timeout,
             ) as response:
                 if not response.is_success:
                     await response.aread()
@@ -220,7 +232,9 @@ class AsyncClient:
             _core.decode(response)
         return response.content
 
-    async def download(self, task: Task | str | Sequence[Output], directory: str | os.PathLike[str] = ".") -> list[Path]:
+    async def download(
+        self, task: Task | str | Sequence[Output], directory: str | os.PathLike[str] = "."
+    ) -> list[Path]:
         """Save a task's output files into ``directory`` (created if needed); return their paths."""
         if isinstance(task, str):
             task = await self.get(task)
@@ -326,8 +340,15 @@ class Client:
         ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
         ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
-            workflow, priority=priority, workflow_id=workflow_id, pool=pool, inputs=inputs, webhook=webhook,
-            metadata=metadata, max_retries=max_retries, timeout_s=timeout_s,
+            workflow,
+            priority=priority,
+            workflow_id=workflow_id,
+            pool=pool,
+            inputs=inputs,
+            webhook=webhook,
+            metadata=metadata,
+            max_retries=max_retries,
+            timeout_s=timeout_s,
         )
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         extra = _submit_request(wait, self._http.timeout.connect)
@@ -362,7 +383,10 @@ class Client:
         timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout)
         try:
             with self._http.stream(
-                "GET", f"{_core.task_path(task_id)}/events", headers={"Accept": "text/event-stream"}, timeout=timeout
+                "GET",
+                f"{_core.task_path(task_id)}/events",
+                headers={"Accept": "text/event-stream"},
+                timeout=timeout,
             ) as response:
                 if not response.is_success:
                     response.read()
@@ -377,7 +401,9 @@ class Client:
         except httpx.TransportError as exc:
             raise _core.unreachable(self.url, exc) from exc
 
-    def wait(self, task_id: str, *, timeout: float | None = None, on_event: EventCallback | None = None) -> Task:
+    def wait(
+        self, task_id: str, *, timeout: float | None = None, on_event: EventCallback | None = None
+    ) -> Task:
         """Wait until the task ends and return it (completed, failed or cancelled: check ``task.ok`` or
         call ``task.raise_for_status()``). Follows the live event stream, reconnecting if it drops.
         ``on_event`` sees every event. Raises :class:`~comfyfleet.sdk.errors.WaitTimeout` after
@@ -438,7 +464,9 @@ class Client:
             _core.decode(response)
         return response.content
 
-    def download(self, task: Task | str | Sequence[Output], directory: str | os.PathLike[str] = ".") -> list[Path]:
+    def download(
+        self, task: Task | str | Sequence[Output], directory: str | os.PathLike[str] = "."
+    ) -> list[Path]:
         """Save a task's output files into ``directory`` (created if needed); return their paths."""
         if isinstance(task, str):
             task = self.get(task)

@@ -36,9 +36,15 @@ workers_app = typer.Typer(help="List and drain workers.", no_args_is_help=True)
 
 
 def submit(
-    workflow: Annotated[Path, typer.Argument(help="The workflow: an API-format ComfyUI graph (JSON).", show_default=False)],
-    priority: Annotated[int, typer.Option(help="Higher runs first; equal priorities run in submission order.")] = 0,
-    pool: Annotated[str | None, typer.Option(help="Run only on workers of this pool.", show_default=False)] = None,
+    workflow: Annotated[
+        Path, typer.Argument(help="The workflow: an API-format ComfyUI graph (JSON).", show_default=False)
+    ],
+    priority: Annotated[
+        int, typer.Option(help="Higher runs first; equal priorities run in submission order.")
+    ] = 0,
+    pool: Annotated[
+        str | None, typer.Option(help="Run only on workers of this pool.", show_default=False)
+    ] = None,
     input_files: Annotated[
         list[str] | None,
         typer.Option(
@@ -47,14 +53,26 @@ def submit(
             show_default=False,
         ),
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the task live until it ends and download its outputs.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the task live until it ends and download its outputs.")
+    ] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Directory for the outputs; implies --wait (default: the current directory).", show_default=False),
+        typer.Option(
+            "--out",
+            help="Directory for the outputs; implies --wait (default: the current directory).",
+            show_default=False,
+        ),
     ] = None,
-    workflow_id: Annotated[str | None, typer.Option(help="A label for the task (e.g. the workflow's name).", show_default=False)] = None,
+    workflow_id: Annotated[
+        str | None, typer.Option(help="A label for the task (e.g. the workflow's name).", show_default=False)
+    ] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="With --wait: give up waiting after this many seconds (the task keeps running).", show_default=False)
+        float | None,
+        typer.Option(
+            help="With --wait: give up waiting after this many seconds (the task keeps running).",
+            show_default=False,
+        ),
     ] = None,
     server: ServerOption = None,
     api_key: ApiKeyOption = None,
@@ -63,15 +81,27 @@ def submit(
     from comfyfleet.sdk.console import run_submit
 
     run_submit(
-        workflow, priority=priority, pool=pool, input_specs=input_files or [], wait=wait or out is not None,
-        out_dir=out, workflow_id=workflow_id, timeout=timeout, server=server, api_key=api_key,
+        workflow,
+        priority=priority,
+        pool=pool,
+        input_specs=input_files or [],
+        wait=wait or out is not None,
+        out_dir=out,
+        workflow_id=workflow_id,
+        timeout=timeout,
+        server=server,
+        api_key=api_key,
     )
 
 
 @tasks_app.command("list")
 def tasks_list(
     status: Annotated[
-        str | None, typer.Option(help="Only these statuses, comma-separated (pending,running,completed,failed,cancelled).", show_default=False)
+        str | None,
+        typer.Option(
+            help="Only these statuses, comma-separated (pending,running,completed,failed,cancelled).",
+            show_default=False,
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=500, help="How many tasks, newest first.")] = 20,
     as_json: JsonOption = False,
@@ -123,7 +153,9 @@ def tasks_priority(
 
 
 @workers_app.command("list")
-def workers_list(as_json: JsonOption = False, server: ServerOption = None, api_key: ApiKeyOption = None) -> None:
+def workers_list(
+    as_json: JsonOption = False, server: ServerOption = None, api_key: ApiKeyOption = None
+) -> None:
     """List the workers: pool, state, endpoint, tasks and loaded models."""
     from comfyfleet.sdk.console import run_workers_list
 
@@ -150,7 +182,9 @@ def queue(as_json: JsonOption = False, server: ServerOption = None, api_key: Api
 
 
 def validate(
-    workflow: Annotated[Path, typer.Argument(help="The workflow: an API-format ComfyUI graph (JSON).", show_default=False)],
+    workflow: Annotated[
+        Path, typer.Argument(help="The workflow: an API-format ComfyUI graph (JSON).", show_default=False)
+    ],
     as_json: JsonOption = False,
     server: ServerOption = None,
     api_key: ApiKeyOption = None,

@@ -50,8 +50,8 @@ EXIT_INTERRUPTED = 130
 
 UI_FORMAT_HELP = (
     "comfyfleet runs workflows in ComfyUI's API format. Export that format from ComfyUI: in the new "
-    "interface, use the menu Workflow → Export (API); in the old interface, turn on \"Enable Dev mode "
-    "Options\" in the settings (gear icon) and use \"Save (API Format)\". Then submit the exported file."
+    'interface, use the menu Workflow → Export (API); in the old interface, turn on "Enable Dev mode '
+    'Options" in the settings (gear icon) and use "Save (API Format)". Then submit the exported file.'
 )
 
 out = Console(highlight=False, soft_wrap=True)
@@ -71,7 +71,11 @@ def _reporting() -> Iterator[None]:
     try:
         yield
     except ServerUnreachable as exc:
-        _fail(str(exc), EXIT_UNREACHABLE, "Start it with 'comfyfleet serve', or point --server (COMFYFLEET_URL) at it.")
+        _fail(
+            str(exc),
+            EXIT_UNREACHABLE,
+            "Start it with 'comfyfleet serve', or point --server (COMFYFLEET_URL) at it.",
+        )
     except InvalidWorkflow as exc:
         err.print(f"[bold red]error:[/] the server rejected the workflow: {escape(exc.message)}")
         for line in graph_error_lines(exc.errors):
@@ -112,7 +116,10 @@ def comfy_error_lines(top: Any, node_errors: dict[str, Any]) -> list[str]:
     """ComfyUI's top-level ``error`` and its ``node_errors`` as readable lines."""
     lines = []
     if isinstance(top, dict) and top.get("message"):
-        lines.append(f"{top.get('type', 'error')}: {top['message']}" + (f" ({top['details']})" if top.get("details") else ""))
+        lines.append(
+            f"{top.get('type', 'error')}: {top['message']}"
+            + (f" ({top['details']})" if top.get("details") else "")
+        )
     for node_id, node in node_errors.items():
         if not isinstance(node, dict):
             continue
@@ -121,7 +128,9 @@ def comfy_error_lines(top: Any, node_errors: dict[str, Any]) -> list[str]:
             if not isinstance(problem, dict):
                 continue
             detail = f": {problem['details']}" if problem.get("details") else ""
-            lines.append(f"node {node_id} ({class_type}): {problem.get('message', problem.get('type', 'invalid'))}{detail}")
+            lines.append(
+                f"node {node_id} ({class_type}): {problem.get('message', problem.get('type', 'invalid'))}{detail}"
+            )
     return lines
 
 
@@ -142,7 +151,7 @@ def load_workflow(path: Path) -> dict[str, Any]:
         _fail(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", EXIT_USAGE)
     if isinstance(data, dict) and isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list):
         _fail(
-            f"{path} is a workflow saved in ComfyUI's UI format (it has top-level \"nodes\" and \"links\"), "
+            f'{path} is a workflow saved in ComfyUI\'s UI format (it has top-level "nodes" and "links"), '
             "not the API format.",
             EXIT_USAGE,
             UI_FORMAT_HELP,
@@ -206,7 +215,9 @@ class ProgressDisplay:
         if self._progress is not None:
             self._progress.stop()
 
-    def _show(self, line: str, *, completed: float | None = None, total: float | None = None, step: bool = False) -> None:
+    def _show(
+        self, line: str, *, completed: float | None = None, total: float | None = None, step: bool = False
+    ) -> None:
         if self._progress is not None:
             self._progress.update(self._bar, description=escape(line), completed=completed or 0, total=total)
             return
@@ -234,7 +245,11 @@ class ProgressDisplay:
             status = data.get("status")
             if status == "pending":
                 if data.get("retry_count"):
-                    self._show(f"retrying (attempt {int(data.get('attempt') or 0) + 1}): {data.get('error') or ''}".rstrip(": "))
+                    self._show(
+                        f"retrying (attempt {int(data.get('attempt') or 0) + 1}): {data.get('error') or ''}".rstrip(
+                            ": "
+                        )
+                    )
                 else:
                     self._queued(None)
             elif status == "running":
@@ -244,7 +259,12 @@ class ProgressDisplay:
             class_type = data.get("class_type") or (self._nodes.get(node) or {}).get("class_type") or "?"
             value, maximum = data.get("value"), data.get("max")
             if isinstance(value, int | float) and isinstance(maximum, int | float) and maximum > 0:
-                self._show(f"node {node} ({class_type}): step {value:g}/{maximum:g}", completed=value, total=maximum, step=True)
+                self._show(
+                    f"node {node} ({class_type}): step {value:g}/{maximum:g}",
+                    completed=value,
+                    total=maximum,
+                    step=True,
+                )
             else:
                 self._show(f"executing node {node} ({class_type})")
 
@@ -282,13 +302,18 @@ def run_submit(
     inputs = parse_input_specs(input_specs)
     with _reporting(), _client(server, api_key) as client:
         task = client.submit(
-            workflow, priority=priority, pool=pool, inputs=inputs or None,
+            workflow,
+            priority=priority,
+            pool=pool,
+            inputs=inputs or None,
             workflow_id=workflow_id or workflow_path.stem,
         )
         if not wait:
             if out.is_terminal:
-                out.print(f"submitted task [bold]{task.id}[/] (priority {task.priority}); "
-                          f"follow it with: comfyfleet tasks show {task.id}")
+                out.print(
+                    f"submitted task [bold]{task.id}[/] (priority {task.priority}); "
+                    f"follow it with: comfyfleet tasks show {task.id}"
+                )
             else:
                 out.print(task.id)  # just the id, for scripts: id=$(comfyfleet submit wf.json)
             return
@@ -297,7 +322,9 @@ def run_submit(
             with ProgressDisplay(out, workflow) as display:
                 task = client.wait(task.id, timeout=timeout, on_event=display.on_event)
         except KeyboardInterrupt:
-            err.print(f"stopped waiting; task {task.id} keeps running (comfyfleet tasks cancel {task.id} stops it)")
+            err.print(
+                f"stopped waiting; task {task.id} keeps running (comfyfleet tasks cancel {task.id} stops it)"
+            )
             raise typer.Exit(EXIT_INTERRUPTED) from None
         _report_end(client, task, out_dir or Path("."))
 
@@ -306,14 +333,19 @@ def _report_end(client: Client, task: Task, out_dir: Path) -> None:
     if task.ok:
         timings = (task.result or {}).get("timings") or {}
         total = timings.get("total_s")
-        out.print(f"completed task {task.id}" + (f" in {total:.2f} s" if isinstance(total, int | float) else ""))
+        out.print(
+            f"completed task {task.id}" + (f" in {total:.2f} s" if isinstance(total, int | float) else "")
+        )
         for path in client.download(task, out_dir):
             out.print(f"saved {path} ({path.stat().st_size} bytes)")
         if not task.outputs:
             out.print("the workflow produced no output files")
         return
-    err.print(f"[bold red]task {task.id} {task.status}[/]" + (" " + escape(f"[{task.error_kind}]") if task.error_kind else "") +
-              f": {escape(task.error or 'no reason given')}")
+    err.print(
+        f"[bold red]task {task.id} {task.status}[/]"
+        + (" " + escape(f"[{task.error_kind}]") if task.error_kind else "")
+        + f": {escape(task.error or 'no reason given')}"
+    )
     for line in node_error_lines(task):
         err.print(f"  {escape(line)}")
     raise typer.Exit(EXIT_TASK_FAILED)
@@ -340,7 +372,9 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def run_tasks_list(*, status: str | None, limit: int, as_json: bool, server: str | None, api_key: str | None) -> None:
+def run_tasks_list(
+    *, status: str | None, limit: int, as_json: bool, server: str | None, api_key: str | None
+) -> None:
     with _reporting(), _client(server, api_key) as client:
         page = client.list_tasks(status=status, limit=limit)
     if as_json:
@@ -353,10 +387,20 @@ def run_tasks_list(*, status: str | None, limit: int, as_json: bool, server: str
     for column in ("ID", "STATUS", "PRIORITY", "WORKFLOW", "WORKER", "CREATED", "PROGRESS"):
         table.add_column(column, no_wrap=column in {"ID", "STATUS"})
     for task in page.tasks:
-        table.add_row(*(escape(cell) for cell in (
-            task.id, task.status, str(task.priority), task.workflow_id or "-", task.worker_id or "-",
-            ago(task.created_at), _progress_text(task),
-        )))
+        table.add_row(
+            *(
+                escape(cell)
+                for cell in (
+                    task.id,
+                    task.status,
+                    str(task.priority),
+                    task.workflow_id or "-",
+                    task.worker_id or "-",
+                    ago(task.created_at),
+                    _progress_text(task),
+                )
+            )
+        )
     out.print(table)
 
 
@@ -384,7 +428,14 @@ def run_tasks_show(task_id: str, *, as_json: bool, server: str | None, api_key: 
         rows.append(("progress", _progress_text(task)))
     timings = (task.result or {}).get("timings") or {}
     if timings:
-        rows.append(("timings", ", ".join(f"{key} {value:.3f}" for key, value in timings.items() if isinstance(value, int | float))))
+        rows.append(
+            (
+                "timings",
+                ", ".join(
+                    f"{key} {value:.3f}" for key, value in timings.items() if isinstance(value, int | float)
+                ),
+            )
+        )
     if task.error:
         rows.append(("error", f"[{task.error_kind}] {task.error}" if task.error_kind else task.error))
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -398,7 +449,9 @@ def run_tasks_show(task_id: str, *, as_json: bool, server: str | None, api_key: 
     if task.outputs:
         out.print("[bold]outputs[/]")
         for output in task.outputs:
-            out.print(f"  node {output.node_id} {output.kind}: {output.filename} ({output.size} bytes) {output.url}")
+            out.print(
+                f"  node {output.node_id} {output.kind}: {output.filename} ({output.size} bytes) {output.url}"
+            )
     attempts = task.raw.get("attempts") or []
     if len(attempts) > 1 or any(isinstance(a, dict) and a.get("error") for a in attempts):
         out.print("[bold]attempts[/]")
@@ -406,7 +459,8 @@ def run_tasks_show(task_id: str, *, as_json: bool, server: str | None, api_key: 
             if isinstance(attempt, dict):
                 out.print(
                     f"  #{attempt.get('attempt')} worker {attempt.get('worker_id') or '-'}: "
-                    f"{attempt.get('outcome') or '-'}" + (f" ({escape(str(attempt.get('error')))})" if attempt.get("error") else "")
+                    f"{attempt.get('outcome') or '-'}"
+                    + (f" ({escape(str(attempt.get('error')))})" if attempt.get("error") else "")
                 )
     for delivery in task.webhook_deliveries:
         out.print(
@@ -443,12 +497,23 @@ def run_workers_list(*, as_json: bool, server: str | None, api_key: str | None) 
     for column in ("ID", "POOL", "PROVIDER", "STATE", "ENDPOINT", "TASKS", "MODELS"):
         table.add_column(column, no_wrap=column in {"ID", "STATE"})
     for worker in workers:
-        tasks = worker.get("current_task_ids") or ([worker["current_task_id"]] if worker.get("current_task_id") else [])
-        table.add_row(*(escape(cell) for cell in (
-            str(worker.get("id")), str(worker.get("pool") or "-"), str(worker.get("provider") or "-"),
-            str(worker.get("state") or worker.get("status") or "-"), str(worker.get("endpoint") or "-"),
-            str(len(tasks)), ", ".join(worker.get("loaded_models") or []) or "-",
-        )))
+        tasks = worker.get("current_task_ids") or (
+            [worker["current_task_id"]] if worker.get("current_task_id") else []
+        )
+        table.add_row(
+            *(
+                escape(cell)
+                for cell in (
+                    str(worker.get("id")),
+                    str(worker.get("pool") or "-"),
+                    str(worker.get("provider") or "-"),
+                    str(worker.get("state") or worker.get("status") or "-"),
+                    str(worker.get("endpoint") or "-"),
+                    str(len(tasks)),
+                    ", ".join(worker.get("loaded_models") or []) or "-",
+                )
+            )
+        )
     out.print(table)
 
 
@@ -465,12 +530,20 @@ def run_validate(workflow_path: Path, *, as_json: bool, server: str | None, api_
     if as_json:
         _print_json(report)
     elif report.get("valid"):
-        against = "the fleet's workers" if report.get("checked_against") == "workers" else "its structure only (no worker seen yet)"
+        against = (
+            "the fleet's workers"
+            if report.get("checked_against") == "workers"
+            else "its structure only (no worker seen yet)"
+        )
         out.print(f"{workflow_path}: valid, checked against {against}")
     else:
         err.print(f"[bold red]error:[/] {escape(str(workflow_path))} would not run:")
         missing = report.get("missing_node_types") or []
-        lines = [f"node types no worker offers (custom nodes not installed?): {', '.join(missing)}"] if missing else []
+        lines = (
+            [f"node types no worker offers (custom nodes not installed?): {', '.join(missing)}"]
+            if missing
+            else []
+        )
         lines += graph_error_lines(report.get("errors") or [])
         lines += comfy_error_lines(report.get("error"), report.get("node_errors") or {})
         for line in lines:

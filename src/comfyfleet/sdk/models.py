@@ -108,7 +108,11 @@ class Task:
     def outputs(self) -> list[Output]:
         """The output files of a completed task (empty otherwise)."""
         items = (self.result or {}).get("outputs")
-        return [Output.from_json(item) for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+        return (
+            [Output.from_json(item) for item in items if isinstance(item, dict)]
+            if isinstance(items, list)
+            else []
+        )
 
     @property
     def error_details(self) -> dict[str, Any]:

@@ -79,7 +79,9 @@ def decode_cursor(cursor: str) -> int:
             raise ValueError(text)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page") from exc
+        raise InvalidArgument(
+            f"invalid cursor {cursor[:80]!r}: pass the next_cursor of a previous page"
+        ) from exc
 
 
 def pending_tenants_sql(tasks: str = "tasks") -> str:

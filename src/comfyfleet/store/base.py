@@ -168,9 +168,7 @@ class Store(Protocol):
         lease for ``owner``. Concurrent claimers never get the same task and never skip one. With
         ``pools``, only tasks whose ``pool`` is in it (``None`` in it matches tasks with no pool)."""
 
-    async def peek_pending(
-        self, *, limit: int, pools: Collection[str | None] | None = None
-    ) -> list[Task]:
+    async def peek_pending(self, *, limit: int, pools: Collection[str | None] | None = None) -> list[Task]:
         """Read-only: the first ``limit`` runnable pending tasks in claim order (for placement)."""
 
     async def peek_pending_per_tenant(
@@ -205,7 +203,11 @@ class Store(Protocol):
     ) -> Task: ...
 
     async def retry_task(
-        self, lease: Lease, not_before: datetime, error: str, kind: str,
+        self,
+        lease: Lease,
+        not_before: datetime,
+        error: str,
+        kind: str,
         details: dict[str, Any] | None = None,
     ) -> Task:
         """Back to ``pending`` with ``retry_count + 1``; the attempt is kept in ``attempts``."""
@@ -241,7 +243,9 @@ class Store(Protocol):
     # -- webhook outbox -------------------------------------------------------------------------
     # A task with a ``webhook`` URL that reaches completed, failed or cancelled gets one delivery row,
     # written by the database itself (a trigger) in the transaction that changed the status.
-    async def claim_webhook_deliveries(self, owner: str, lease_s: float, *, limit: int = 20) -> list[WebhookDelivery]:
+    async def claim_webhook_deliveries(
+        self, owner: str, lease_s: float, *, limit: int = 20
+    ) -> list[WebhookDelivery]:
         """Lease up to ``limit`` pending deliveries that are due (and not leased by a live owner) to
         ``owner`` for ``lease_s``, oldest due first. Concurrent claimers never get the same one."""
 

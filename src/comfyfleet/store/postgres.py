@@ -99,7 +99,13 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "28", "3D")
 READY_TIMEOUT_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
 # InternalClientError: asyncpg's "another operation is in progress" on a connection the server just cut.
-_DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+_DRIVER_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 # "database is not accepting connections" (being dropped or restarted) is an outage, not a bad request.
 _UNAVAILABLE_STATES = frozenset({"55000", "55006"})
 
@@ -218,7 +224,9 @@ class PostgresStore:
         close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         if not url.startswith(("postgresql://", "postgres://")):
-            raise InvalidArgument(f"invalid PostgreSQL store URL {redact(url)!r}: use postgresql://user@host:port/db")
+            raise InvalidArgument(
+                f"invalid PostgreSQL store URL {redact(url)!r}: use postgresql://user@host:port/db"
+            )
         self.url = url
         self._where = redact(url)
         self._min_connections = min_connections
@@ -286,7 +294,9 @@ class PostgresStore:
 
     def _translate(self, exc: BaseException) -> StoreError:
         if isinstance(exc, asyncpg.UndefinedTableError):
-            return StoreUnavailable(f"the PostgreSQL store at {self._where} is not migrated: run 'comfyfleet migrate'")
+            return StoreUnavailable(
+                f"the PostgreSQL store at {self._where} is not migrated: run 'comfyfleet migrate'"
+            )
         sqlstate = getattr(exc, "sqlstate", None) or ""
         if (
             isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError)
@@ -370,8 +380,18 @@ class PostgresStore:
                         "VALUES ($1, $2, $3, $4, 'pending', $5, now(), now(), $6, $7, $8, $9, $10, $11, $12) "
                         "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
                         "RETURNING seq, created_at",
-                        task_id, new.tenant, new.workflow_id, new.priority, new.payload, new.max_retries,
-                        new.timeout_s, new.idempotency_key, new.pool, new.inputs, new.webhook, new.metadata,
+                        task_id,
+                        new.tenant,
+                        new.workflow_id,
+                        new.priority,
+                        new.payload,
+                        new.max_retries,
+                        new.timeout_s,
+                        new.idempotency_key,
+                        new.pool,
+                        new.inputs,
+                        new.webhook,
+                        new.metadata,
                     )
                 except asyncpg.UniqueViolationError as exc:
                     # Only a caller-chosen id can collide (a minted uuid4 does not).
@@ -397,15 +417,20 @@ class PostgresStore:
                     ), True
                 existing = await conn.fetchrow(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE tenant = $1 AND idempotency_key = $2",
-                    new.tenant, new.idempotency_key,
+                    new.tenant,
+                    new.idempotency_key,
                 )
                 if existing is not None:
                     return _task(existing), False
-        raise StoreError(f"could not store task with idempotency key {new.idempotency_key!r}: keeps conflicting")
+        raise StoreError(
+            f"could not store task with idempotency key {new.idempotency_key!r}: keeps conflicting"
+        )
 
     async def get_task(self, task_id: str, tenant: str | None = None) -> Task:
         row = await self._fetchrow(
-            f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", task_id, tenant
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+            task_id,
+            tenant,
         )
         if row is None:
             raise NotFound(f"task {task_id} not found")
@@ -459,7 +484,8 @@ class PostgresStore:
             ahead = await conn.fetchval(
                 f"SELECT (SELECT count(*) FROM tasks WHERE {_RUNNABLE} AND priority > $1) + "
                 f"(SELECT count(*) FROM tasks WHERE {_RUNNABLE} AND priority = $1 AND seq < $2)",
-                row["priority"], row["seq"],
+                row["priority"],
+                row["seq"],
             )
         return int(ahead) + 1
 
@@ -491,7 +517,9 @@ class PostgresStore:
             "FROM tasks WHERE status IN ('pending', 'running') GROUP BY pool"
         )
         return {
-            row["pool"]: (row["runnable"], row["running"]) for row in rows if row["runnable"] or row["running"]
+            row["pool"]: (row["runnable"], row["running"])
+            for row in rows
+            if row["runnable"] or row["running"]
         }
 
     async def count_by_status_and_priority(self) -> list[tuple[TaskStatus, int, int]]:
@@ -513,12 +541,15 @@ class PostgresStore:
                 "updated_at = now() "
                 "WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) AND status IN ('pending', 'running') "
                 f"RETURNING {TASK_COLUMNS}",
-                task_id, tenant,
+                task_id,
+                tenant,
             )
             if row is not None:
                 return _task(row)
             status = await conn.fetchval(
-                "SELECT status FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", task_id, tenant
+                "SELECT status FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+                task_id,
+                tenant,
             )
         if status is None:
             raise NotFound(f"task {task_id} not found")
@@ -529,12 +560,16 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "UPDATE tasks SET priority = $3, updated_at = now() "
                 f"WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) AND status = 'pending' RETURNING {TASK_COLUMNS}",
-                task_id, tenant, priority,
+                task_id,
+                tenant,
+                priority,
             )
             if row is not None:
                 return _task(row)
             status = await conn.fetchval(
-                "SELECT status FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", task_id, tenant
+                "SELECT status FROM tasks WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+                task_id,
+                tenant,
             )
         raise not_pending(task_id, status)
 
@@ -581,9 +616,7 @@ class PostgresStore:
         tasks.sort(key=lambda task: (-task.priority, task.seq))
         return tasks
 
-    async def peek_pending(
-        self, *, limit: int, pools: Collection[str | None] | None = None
-    ) -> list[Task]:
+    async def peek_pending(self, *, limit: int, pools: Collection[str | None] | None = None) -> list[Task]:
         args: list[Any] = [limit]
         pool_clause = _pool_filter(pools, args)
         if limit < 1 or pool_clause is None:
@@ -610,11 +643,15 @@ class PostgresStore:
         return [_task(row) for row in rows]
 
     async def running_per_tenant(self) -> dict[str, int]:
-        rows = await self._fetch("SELECT tenant, count(*) AS running FROM tasks WHERE status = 'running' GROUP BY tenant")
+        rows = await self._fetch(
+            "SELECT tenant, count(*) AS running FROM tasks WHERE status = 'running' GROUP BY tenant"
+        )
         return {str(row["tenant"]): int(row["running"]) for row in rows}
 
     async def _fence_failure(self, conn: asyncpg.Connection, lease: Lease) -> StoreError:
-        row = await conn.fetchrow("SELECT status, attempt, lease_owner FROM tasks WHERE id = $1", lease.task_id)
+        row = await conn.fetchrow(
+            "SELECT status, attempt, lease_owner FROM tasks WHERE id = $1", lease.task_id
+        )
         if row is None:
             return NotFound(f"task {lease.task_id} not found")
         return StaleLease(
@@ -628,7 +665,10 @@ class PostgresStore:
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 f"UPDATE tasks SET {assignments}, updated_at = now() WHERE {_FENCE} RETURNING {TASK_COLUMNS}",
-                lease.task_id, lease.attempt, lease.owner, *args,
+                lease.task_id,
+                lease.attempt,
+                lease.owner,
+                *args,
             )
             if row is None:
                 raise await self._fence_failure(conn, lease)
@@ -637,9 +677,7 @@ class PostgresStore:
     async def record_dispatch(self, lease: Lease, worker_id: str, prompt_id: str) -> Task:
         return await self._fenced(lease, "worker_id = $4, prompt_id = $5", worker_id, prompt_id)
 
-    async def set_phase(
-        self, lease: Lease, phase: TaskPhase, progress: dict[str, Any] | None = None
-    ) -> Task:
+    async def set_phase(self, lease: Lease, phase: TaskPhase, progress: dict[str, Any] | None = None) -> Task:
         return await self._fenced(
             lease, "phase = $4, progress = coalesce($5::jsonb, progress)", TaskPhase(phase).value, progress
         )
@@ -648,7 +686,10 @@ class PostgresStore:
         async with self._connection() as conn:
             seq = await conn.fetchval(
                 f"UPDATE tasks SET progress = $4, updated_at = now() WHERE {_FENCE} RETURNING seq",
-                lease.task_id, lease.attempt, lease.owner, progress,
+                lease.task_id,
+                lease.attempt,
+                lease.owner,
+                progress,
             )
             if seq is None:
                 raise await self._fence_failure(conn, lease)
@@ -658,7 +699,8 @@ class PostgresStore:
             status = await conn.execute(
                 "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2) "
                 "WHERE status = 'running' AND lease_owner = $1",
-                owner, float(lease_s),
+                owner,
+                float(lease_s),
             )
         return int(status.rsplit(" ", 1)[1])
 
@@ -679,11 +721,17 @@ class PostgresStore:
             lease,
             "status = 'failed', error = $4, error_kind = $5, error_details = $6, completed_at = now(), "
             f"{_LEAVE_RUNNING}, {append}",
-            error, kind, details,
+            error,
+            kind,
+            details,
         )
 
     async def retry_task(
-        self, lease: Lease, not_before: datetime, error: str, kind: str,
+        self,
+        lease: Lease,
+        not_before: datetime,
+        error: str,
+        kind: str,
         details: dict[str, Any] | None = None,
     ) -> Task:
         append = _APPEND_ATTEMPT.format(outcome="'retry'", error="$5", kind="$6")
@@ -692,7 +740,10 @@ class PostgresStore:
             "status = 'pending', retry_count = retry_count + 1, not_before = $4, error = $5, error_kind = $6, "
             "error_details = $7, worker_id = NULL, prompt_id = NULL, attempt_started_at = NULL, progress = NULL, "
             f"{_LEAVE_RUNNING}, {append}",
-            not_before, error, kind, details,
+            not_before,
+            error,
+            kind,
+            details,
         )
 
     async def release_task(self, lease: Lease) -> Task:
@@ -712,12 +763,18 @@ class PostgresStore:
             row = await conn.fetchrow(
                 f"UPDATE tasks SET {assignments}, updated_at = now() WHERE {_FENCE} AND NOT cancel_requested "
                 f"RETURNING {TASK_COLUMNS}",
-                lease.task_id, lease.attempt, lease.owner, *args,
+                lease.task_id,
+                lease.attempt,
+                lease.owner,
+                *args,
             )
             if row is not None:
                 return _task(row)
             cancel_requested = await conn.fetchval(
-                f"SELECT cancel_requested FROM tasks WHERE {_FENCE}", lease.task_id, lease.attempt, lease.owner
+                f"SELECT cancel_requested FROM tasks WHERE {_FENCE}",
+                lease.task_id,
+                lease.attempt,
+                lease.owner,
             )
             if not cancel_requested:
                 raise await self._fence_failure(conn, lease)
@@ -742,7 +799,10 @@ class PostgresStore:
             "attempt = attempt + 1, updated_at = now() WHERE seq = ANY(ARRAY("
             "SELECT seq FROM tasks WHERE status = 'running' AND (lease_expires_at <= now() OR lease_owner = $4) "
             f"ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)) RETURNING {TASK_COLUMNS}",
-            owner, float(lease_s), limit, previous_owner,
+            owner,
+            float(lease_s),
+            limit,
+            previous_owner,
         )
         adopted = sorted((_task(row) for row in rows), key=lambda task: task.seq)
         for task in adopted:
@@ -777,10 +837,21 @@ class PostgresStore:
             "last_active_at = excluded.last_active_at, health_failures = excluded.health_failures, "
             "loaded_models = excluded.loaded_models, node_types = excluded.node_types, error = excluded.error, "
             f"labels = excluded.labels, info = excluded.info RETURNING {WORKER_COLUMNS}",
-            worker.id, worker.pool, worker.provider, WorkerState(worker.state).value, worker.created_at,
-            worker.endpoint, worker.provider_id, list(worker.current_task_ids), worker.last_active_at,
-            worker.health_failures, list(worker.loaded_models), worker.node_types, worker.error,
-            dict(worker.labels), dict(worker.info),
+            worker.id,
+            worker.pool,
+            worker.provider,
+            WorkerState(worker.state).value,
+            worker.created_at,
+            worker.endpoint,
+            worker.provider_id,
+            list(worker.current_task_ids),
+            worker.last_active_at,
+            worker.health_failures,
+            list(worker.loaded_models),
+            worker.node_types,
+            worker.error,
+            dict(worker.labels),
+            dict(worker.info),
         )
         assert row is not None
         return _worker(row)
@@ -795,7 +866,8 @@ class PostgresStore:
         rows = await self._fetch(
             f"SELECT {WORKER_COLUMNS} FROM workers WHERE ($1::text IS NULL OR pool = $1) "
             "AND ($2 OR state != 'terminated') ORDER BY created_at, id",
-            pool, include_gone,
+            pool,
+            include_gone,
         )
         return [_worker(row) for row in rows]
 
@@ -808,7 +880,9 @@ class PostgresStore:
         return worker_metrics_from_counts({row["state"]: row["n"] for row in rows})
 
     # -- webhook outbox -------------------------------------------------------------------------
-    async def claim_webhook_deliveries(self, owner: str, lease_s: float, *, limit: int = 20) -> list[WebhookDelivery]:
+    async def claim_webhook_deliveries(
+        self, owner: str, lease_s: float, *, limit: int = 20
+    ) -> list[WebhookDelivery]:
         if limit < 1:
             return []
         rows = await self._fetch(
@@ -821,7 +895,9 @@ class PostgresStore:
             float(lease_s),
             limit,
         )
-        return sorted((_delivery(row) for row in rows), key=lambda delivery: (delivery.next_attempt_at, delivery.id))
+        return sorted(
+            (_delivery(row) for row in rows), key=lambda delivery: (delivery.next_attempt_at, delivery.id)
+        )
 
     async def record_webhook_attempt(
         self,
@@ -835,7 +911,9 @@ class PostgresStore:
         next_attempt_at: datetime | None = None,
     ) -> WebhookDelivery:
         if outcome not in ("delivered", "retry", "failed"):
-            raise InvalidArgument(f"webhook attempt outcome must be delivered, retry or failed, got {outcome!r}")
+            raise InvalidArgument(
+                f"webhook attempt outcome must be delivered, retry or failed, got {outcome!r}"
+            )
         status = {"delivered": "delivered", "retry": "pending", "failed": "failed"}[outcome]
         row = await self._fetchrow(
             "UPDATE webhook_deliveries SET status = $3, attempts = attempts + 1, "
@@ -953,7 +1031,9 @@ class PostgresStore:
                 # Session advisory locks nest; ask only for names not held yet.
                 acquired = bool(
                     await conn.fetchval(
-                        "SELECT pg_try_advisory_lock($1)", advisory_key("leader", name), timeout=self._connect_timeout_s
+                        "SELECT pg_try_advisory_lock($1)",
+                        advisory_key("leader", name),
+                        timeout=self._connect_timeout_s,
                     )
                 )
             except _DRIVER_ERRORS as exc:

@@ -109,10 +109,39 @@ def _loads(text: str | None) -> Any:
 
 def _task(row: tuple[Any, ...]) -> Task:
     (
-        id_, seq, tenant, workflow_id, priority, status, phase, payload, created_at, updated_at, worker_id,
-        started_at, completed_at, result, error, error_kind, error_details, retry_count, max_retries, attempt,
-        prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key,
-        pool, inputs, webhook, metadata, progress, attempts,
+        id_,
+        seq,
+        tenant,
+        workflow_id,
+        priority,
+        status,
+        phase,
+        payload,
+        created_at,
+        updated_at,
+        worker_id,
+        started_at,
+        completed_at,
+        result,
+        error,
+        error_kind,
+        error_details,
+        retry_count,
+        max_retries,
+        attempt,
+        prompt_id,
+        timeout_s,
+        not_before,
+        lease_owner,
+        lease_expires_at,
+        cancel_requested,
+        idempotency_key,
+        pool,
+        inputs,
+        webhook,
+        metadata,
+        progress,
+        attempts,
     ) = row
     return Task(
         id=id_,
@@ -153,8 +182,22 @@ def _task(row: tuple[Any, ...]) -> Task:
 
 def _worker(row: tuple[Any, ...]) -> Worker:
     (
-        id_, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids,
-        last_active_at, health_failures, loaded_models, node_types, error, labels, info,
+        id_,
+        pool,
+        provider,
+        state,
+        created_at,
+        updated_at,
+        endpoint,
+        provider_id,
+        current_task_ids,
+        last_active_at,
+        health_failures,
+        loaded_models,
+        node_types,
+        error,
+        labels,
+        info,
     ) = row
     return Worker(
         id=id_,
@@ -178,8 +221,21 @@ def _worker(row: tuple[Any, ...]) -> Worker:
 
 def _delivery(row: tuple[Any, ...]) -> WebhookDelivery:
     (
-        id_, task_id, tenant, url, event, message_id, status, attempts, next_attempt_at, created_at, updated_at,
-        delivered_at, last_status_code, last_error, history,
+        id_,
+        task_id,
+        tenant,
+        url,
+        event,
+        message_id,
+        status,
+        attempts,
+        next_attempt_at,
+        created_at,
+        updated_at,
+        delivered_at,
+        last_status_code,
+        last_error,
+        history,
     ) = row
     return WebhookDelivery(
         id=id_,
@@ -290,7 +346,9 @@ class _ConnectionThread:
         return await future
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, cached_statements=256)
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=False, cached_statements=256
+        )
         conn.execute("PRAGMA busy_timeout = 5000")
         if self._grouped:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -386,10 +444,14 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 def _path_from_url(url: str) -> str:
     if not url.startswith("sqlite:///"):
-        raise InvalidArgument(f"invalid SQLite store URL {url!r}: use sqlite:///relative/path.db or sqlite:////abs/path.db")
+        raise InvalidArgument(
+            f"invalid SQLite store URL {url!r}: use sqlite:///relative/path.db or sqlite:////abs/path.db"
+        )
     path = url.removeprefix("sqlite:///").split("?", 1)[0]
     if not path or path == ":memory:":
-        raise InvalidArgument(f"invalid SQLite store URL {url!r}: name a database file, e.g. sqlite:///comfyfleet.db")
+        raise InvalidArgument(
+            f"invalid SQLite store URL {url!r}: name a database file, e.g. sqlite:///comfyfleet.db"
+        )
     return path
 
 
@@ -520,9 +582,20 @@ class SQLiteStore:
         task_id = new.id or str(uuid4())
         stamp = _ts(now)
         params = (
-            task_id, new.tenant, new.workflow_id, new.priority, _dumps(new.payload), stamp, stamp,
-            new.max_retries, new.timeout_s, new.idempotency_key, new.pool, _dumps(new.inputs),
-            _dumps(new.webhook), _dumps(new.metadata),
+            task_id,
+            new.tenant,
+            new.workflow_id,
+            new.priority,
+            _dumps(new.payload),
+            stamp,
+            stamp,
+            new.max_retries,
+            new.timeout_s,
+            new.idempotency_key,
+            new.pool,
+            _dumps(new.inputs),
+            _dumps(new.webhook),
+            _dumps(new.metadata),
         )
 
         def insert(conn: sqlite3.Connection) -> tuple[int | None, tuple[Any, ...] | None]:
@@ -677,7 +750,9 @@ class SQLiteStore:
                 (now,),
             ).fetchall()
         )
-        return {pool: (int(runnable), int(running)) for pool, runnable, running in rows if runnable or running}
+        return {
+            pool: (int(runnable), int(running)) for pool, runnable, running in rows if runnable or running
+        }
 
     async def count_by_status_and_priority(self) -> list[tuple[TaskStatus, int, int]]:
         rows = await self._read(
@@ -744,7 +819,9 @@ class SQLiteStore:
         picked = (
             f"SELECT seq FROM {_PENDING} WHERE {_RUNNABLE}{pool_clause} ORDER BY priority DESC, seq LIMIT ?"
         )
-        return await self._claim_where(f"seq IN ({picked})", (_ts(now), *pool_params, limit), owner, lease_s, now)
+        return await self._claim_where(
+            f"seq IN ({picked})", (_ts(now), *pool_params, limit), owner, lease_s, now
+        )
 
     async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
         ids = list(dict.fromkeys(task_ids))
@@ -771,9 +848,7 @@ class SQLiteStore:
         tasks.sort(key=lambda task: (-task.priority, task.seq))
         return tasks
 
-    async def peek_pending(
-        self, *, limit: int, pools: Collection[str | None] | None = None
-    ) -> list[Task]:
+    async def peek_pending(self, *, limit: int, pools: Collection[str | None] | None = None) -> list[Task]:
         pool_clause, pool_params = _pool_filter(pools)
         if limit < 1 or pool_clause is None:
             return []
@@ -799,14 +874,18 @@ class SQLiteStore:
 
         def peek(conn: sqlite3.Connection) -> list[Task]:
             tenants = [row[0] for row in conn.execute(_PENDING_TENANTS).fetchall()]
-            rows = [row for tenant in tenants for row in conn.execute(sql, (tenant, now, *pool_params, limit))]
+            rows = [
+                row for tenant in tenants for row in conn.execute(sql, (tenant, now, *pool_params, limit))
+            ]
             return sorted((_task(row) for row in rows), key=lambda task: (-task.priority, task.seq))
 
         return await self._read(peek)
 
     async def running_per_tenant(self) -> dict[str, int]:
         rows = await self._read(
-            lambda conn: conn.execute("SELECT tenant, count(*) FROM tasks WHERE status = 'running' GROUP BY tenant").fetchall()
+            lambda conn: conn.execute(
+                "SELECT tenant, count(*) FROM tasks WHERE status = 'running' GROUP BY tenant"
+            ).fetchall()
         )
         return {str(tenant): int(count) for tenant, count in rows}
 
@@ -826,9 +905,7 @@ class SQLiteStore:
     async def record_dispatch(self, lease: Lease, worker_id: str, prompt_id: str) -> Task:
         return await self._fenced(lease, "worker_id = ?, prompt_id = ?", (worker_id, prompt_id))
 
-    async def set_phase(
-        self, lease: Lease, phase: TaskPhase, progress: dict[str, Any] | None = None
-    ) -> Task:
+    async def set_phase(self, lease: Lease, phase: TaskPhase, progress: dict[str, Any] | None = None) -> Task:
         return await self._fenced(
             lease, "phase = ?, progress = coalesce(?, progress)", (TaskPhase(phase).value, _dumps(progress))
         )
@@ -837,7 +914,9 @@ class SQLiteStore:
         params = (_dumps(progress), _ts(utcnow()), lease.task_id, lease.attempt, lease.owner)
 
         def write(conn: sqlite3.Connection) -> None:
-            row = conn.execute(f"UPDATE tasks SET progress = ?, updated_at = ? WHERE {_FENCE} RETURNING seq", params).fetchone()
+            row = conn.execute(
+                f"UPDATE tasks SET progress = ?, updated_at = ? WHERE {_FENCE} RETURNING seq", params
+            ).fetchone()
             if row is None:
                 raise _fence_failure(conn, lease)
 
@@ -846,10 +925,12 @@ class SQLiteStore:
     async def renew_leases(self, owner: str, lease_s: float) -> int:
         expires = _ts(utcnow() + timedelta(seconds=lease_s))
         return await self._write(
-            lambda conn: conn.execute(
-                "UPDATE tasks SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ?",
-                (expires, owner),
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    "UPDATE tasks SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ?",
+                    (expires, owner),
+                ).rowcount
+            )
         )
 
     async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task:
@@ -873,7 +954,11 @@ class SQLiteStore:
         )
 
     async def retry_task(
-        self, lease: Lease, not_before: datetime, error: str, kind: str,
+        self,
+        lease: Lease,
+        not_before: datetime,
+        error: str,
+        kind: str,
         details: dict[str, Any] | None = None,
     ) -> Task:
         now = _ts(utcnow())
@@ -884,8 +969,18 @@ class SQLiteStore:
             f"WHERE {_FENCE} AND NOT cancel_requested RETURNING {TASK_COLUMNS}"
         )
         params = (
-            _ts(not_before), error, kind, _dumps(details), now, "retry", error, kind, now,
-            lease.task_id, lease.attempt, lease.owner,
+            _ts(not_before),
+            error,
+            kind,
+            _dumps(details),
+            now,
+            "retry",
+            error,
+            kind,
+            now,
+            lease.task_id,
+            lease.attempt,
+            lease.owner,
         )
         return await self._fenced_unless_cancelled(lease, sql, params)
 
@@ -898,7 +993,9 @@ class SQLiteStore:
             "progress = NULL, started_at = CASE WHEN json_array_length(attempts) = 0 THEN NULL ELSE started_at END, "
             f"{_LEAVE_RUNNING}, updated_at = ? WHERE {_FENCE} AND NOT cancel_requested RETURNING {TASK_COLUMNS}"
         )
-        return await self._fenced_unless_cancelled(lease, sql, (now, lease.task_id, lease.attempt, lease.owner))
+        return await self._fenced_unless_cancelled(
+            lease, sql, (now, lease.task_id, lease.attempt, lease.owner)
+        )
 
     async def _fenced_unless_cancelled(self, lease: Lease, sql: str, params: tuple[Any, ...]) -> Task:
         """Retry and release put a task back in the queue, unless its cancel was requested meanwhile:
@@ -970,11 +1067,22 @@ class SQLiteStore:
     # -- workers --------------------------------------------------------------------------------
     async def upsert_worker(self, worker: Worker) -> Worker:
         params = (
-            worker.id, worker.pool, worker.provider, WorkerState(worker.state).value, _ts(worker.created_at),
-            _ts(utcnow()), worker.endpoint, worker.provider_id, _dumps(list(worker.current_task_ids)),
-            None if worker.last_active_at is None else _ts(worker.last_active_at), worker.health_failures,
-            _dumps(list(worker.loaded_models)), _dumps(worker.node_types), worker.error,
-            _dumps(dict(worker.labels)), _dumps(dict(worker.info)),
+            worker.id,
+            worker.pool,
+            worker.provider,
+            WorkerState(worker.state).value,
+            _ts(worker.created_at),
+            _ts(utcnow()),
+            worker.endpoint,
+            worker.provider_id,
+            _dumps(list(worker.current_task_ids)),
+            None if worker.last_active_at is None else _ts(worker.last_active_at),
+            worker.health_failures,
+            _dumps(list(worker.loaded_models)),
+            _dumps(worker.node_types),
+            worker.error,
+            _dumps(dict(worker.labels)),
+            _dumps(dict(worker.info)),
         )
         # created_at is the first record's: a worker is created once, however often it is updated.
         sql = (
@@ -991,7 +1099,9 @@ class SQLiteStore:
 
     async def get_worker(self, worker_id: str) -> Worker:
         row = await self._read(
-            lambda conn: conn.execute(f"SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?", (worker_id,)).fetchone()
+            lambda conn: conn.execute(
+                f"SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?", (worker_id,)
+            ).fetchone()
         )
         if row is None:
             raise NotFound(f"worker {worker_id} not found")
@@ -1011,11 +1121,15 @@ class SQLiteStore:
         await self._write(lambda conn: conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,)))
 
     async def worker_metrics(self) -> WorkerMetrics:
-        rows = await self._read(lambda conn: conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall())
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT state, count(*) FROM workers GROUP BY state").fetchall()
+        )
         return worker_metrics_from_counts(dict(rows))
 
     # -- webhook outbox -------------------------------------------------------------------------
-    async def claim_webhook_deliveries(self, owner: str, lease_s: float, *, limit: int = 20) -> list[WebhookDelivery]:
+    async def claim_webhook_deliveries(
+        self, owner: str, lease_s: float, *, limit: int = 20
+    ) -> list[WebhookDelivery]:
         if limit < 1:
             return []
         now = utcnow()
@@ -1028,7 +1142,9 @@ class SQLiteStore:
         )
         params = (owner, _ts(now + timedelta(seconds=lease_s)), stamp, stamp, stamp, limit)
         rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
-        return sorted((_delivery(row) for row in rows), key=lambda delivery: (delivery.next_attempt_at, delivery.id))
+        return sorted(
+            (_delivery(row) for row in rows), key=lambda delivery: (delivery.next_attempt_at, delivery.id)
+        )
 
     async def record_webhook_attempt(
         self,
@@ -1042,7 +1158,9 @@ class SQLiteStore:
         next_attempt_at: datetime | None = None,
     ) -> WebhookDelivery:
         if outcome not in ("delivered", "retry", "failed"):
-            raise InvalidArgument(f"webhook attempt outcome must be delivered, retry or failed, got {outcome!r}")
+            raise InvalidArgument(
+                f"webhook attempt outcome must be delivered, retry or failed, got {outcome!r}"
+            )
         now = _ts(utcnow())
         status = {"delivered": "delivered", "retry": "pending", "failed": "failed"}[outcome]
         sql = (
@@ -1056,14 +1174,27 @@ class SQLiteStore:
         due = _ts(next_attempt_at) if next_attempt_at is not None else None
         duration_ms = round(duration_s * 1000, 1)
         params = (
-            status, due, now, status, now, status_code, error, now, status_code, error, duration_ms,
-            delivery_id, owner,
+            status,
+            due,
+            now,
+            status,
+            now,
+            status_code,
+            error,
+            now,
+            status_code,
+            error,
+            duration_ms,
+            delivery_id,
+            owner,
         )
 
         def write(conn: sqlite3.Connection) -> tuple[Any, ...]:
             row = conn.execute(sql, params).fetchone()
             if row is None:
-                raise StaleLease(f"webhook delivery {delivery_id} is not leased to {owner} (or already finished)")
+                raise StaleLease(
+                    f"webhook delivery {delivery_id} is not leased to {owner} (or already finished)"
+                )
             return tuple(row)
 
         return _delivery(await self._write(write))
@@ -1100,7 +1231,9 @@ class SQLiteStore:
 
 def _status_of(conn: sqlite3.Connection, task_id: str, tenant: str | None) -> str | None:
     """A task's status as ``tenant`` sees it (None: unknown to that tenant)."""
-    row = conn.execute("SELECT status FROM tasks WHERE id = ? AND (? IS NULL OR tenant = ?)", (task_id, tenant, tenant))
+    row = conn.execute(
+        "SELECT status FROM tasks WHERE id = ? AND (? IS NULL OR tenant = ?)", (task_id, tenant, tenant)
+    )
     found = row.fetchone()
     return None if found is None else str(found[0])
 

@@ -190,7 +190,9 @@ class WebhookDeliverer:
             try:
                 outcome, status_code, error, retry_after = await self._post(delivery)
             except StoreError:
-                logger.warning("webhook_task_unreadable delivery_id=%s task_id=%s", delivery.id, delivery.task_id)
+                logger.warning(
+                    "webhook_task_unreadable delivery_id=%s task_id=%s", delivery.id, delivery.task_id
+                )
                 return  # the lease expires and the delivery is tried again
             duration = time.monotonic() - started
             attempts = delivery.attempts + 1
@@ -205,16 +207,27 @@ class WebhookDeliverer:
                 next_at = datetime.now(UTC) + timedelta(seconds=delay)
             try:
                 await self.store.record_webhook_attempt(
-                    delivery.id, self.owner, outcome=outcome, status_code=status_code,
-                    error=error[:_MAX_ERROR_TEXT] if error else None, duration_s=duration, next_attempt_at=next_at,
+                    delivery.id,
+                    self.owner,
+                    outcome=outcome,
+                    status_code=status_code,
+                    error=error[:_MAX_ERROR_TEXT] if error else None,
+                    duration_s=duration,
+                    next_attempt_at=next_at,
                 )
             except StaleLease:
                 logger.warning("webhook_lease_lost delivery_id=%s", delivery.id)
                 return
-            metrics.count_webhook_attempt({"delivered": "delivered", "retry": "retry"}.get(outcome, "gave_up"))
+            metrics.count_webhook_attempt(
+                {"delivered": "delivered", "retry": "retry"}.get(outcome, "gave_up")
+            )
             logger.info(
                 "webhook_attempt task_id=%s delivery_id=%s attempt=%s outcome=%s status=%s",
-                delivery.task_id, delivery.id, attempts, outcome, status_code,
+                delivery.task_id,
+                delivery.id,
+                attempts,
+                outcome,
+                status_code,
             )
 
     async def _post(self, delivery: WebhookDelivery) -> tuple[str, int | None, str | None, float | None]:
@@ -226,12 +239,19 @@ class WebhookDeliverer:
             return "failed", None, "the task no longer exists", None
         secret = (task.webhook or {}).get("secret") or self.settings.webhook_secret
         if not isinstance(secret, str) or not secret:
-            return "failed", None, "no webhook_secret is configured on the server, so the webhook cannot be signed", None
+            return (
+                "failed",
+                None,
+                "no webhook_secret is configured on the server, so the webhook cannot be signed",
+                None,
+            )
         url = delivery.url
         if urlsplit(url).scheme not in {"http", "https"} or not urlsplit(url).hostname:
             return "failed", None, f"the webhook URL {url[:200]!r} is not an http(s) URL", None
         try:
-            target = await pin_public_address(url, allow_private=self.settings.dispatch.allow_private_input_urls)
+            target = await pin_public_address(
+                url, allow_private=self.settings.dispatch.allow_private_input_urls
+            )
         except InputError as exc:
             return "failed", None, str(exc).replace("input URL", "webhook URL"), None
         now = datetime.now(UTC)
@@ -240,10 +260,16 @@ class WebhookDeliverer:
             separators=(",", ":"),
             default=_json_default,
         )
-        headers = {"Content-Type": "application/json", **signed_headers(secret, delivery.message_id, body, at=now)}
+        headers = {
+            "Content-Type": "application/json",
+            **signed_headers(secret, delivery.message_id, body, at=now),
+        }
         try:
             response = await self._http.post(
-                target.url, content=body.encode(), headers={**headers, **target.headers}, extensions=target.extensions
+                target.url,
+                content=body.encode(),
+                headers={**headers, **target.headers},
+                extensions=target.extensions,
             )
         except httpx.HTTPError as exc:
             return "retry", None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
@@ -251,7 +277,12 @@ class WebhookDeliverer:
             return "delivered", response.status_code, None, None
         reason = f"HTTP {response.status_code} {response.reason_phrase}".strip()
         if response.status_code == 410:
-            return "failed", response.status_code, f"{reason}: the receiver asked not to be called again", None
+            return (
+                "failed",
+                response.status_code,
+                f"{reason}: the receiver asked not to be called again",
+                None,
+            )
         return "retry", response.status_code, reason, _retry_after_s(response)
 
 
@@ -265,7 +296,11 @@ def check_webhook(webhook: dict[str, Any]) -> str | None:
     """What is wrong with a task's ``webhook`` at submission, or None. (The address itself is checked
     before every attempt: DNS may change in between.)"""
     url = webhook.get("url")
-    if not isinstance(url, str) or urlsplit(url).scheme not in {"http", "https"} or not urlsplit(url).hostname:
+    if (
+        not isinstance(url, str)
+        or urlsplit(url).scheme not in {"http", "https"}
+        or not urlsplit(url).hostname
+    ):
         return 'webhook needs "url": an http(s) URL'
     if len(url) > 2048:
         return "the webhook URL is longer than 2048 characters"

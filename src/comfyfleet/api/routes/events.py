@@ -39,14 +39,20 @@ BusDep = Annotated[EventBus, Depends(get_bus)]
 
 def _sse(event: TaskEvent, counter: int) -> dict[str, Any]:
     payload = {"task_id": event.task_id, "type": event.type, "ts": event.ts, **event.data}
-    return {"event": event.type, "id": str(counter), "data": json.dumps(payload, separators=(",", ":"), default=str)}
+    return {
+        "event": event.type,
+        "id": str(counter),
+        "data": json.dumps(payload, separators=(",", ":"), default=str),
+    }
 
 
 @router.get(
     "/tasks/{task_id}/events",
     summary="Follow one task live (server-sent events)",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
-               **error_responses(401, 404, 503)},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
+        **error_responses(401, 404, 503),
+    },
 )
 async def task_events(
     task_id: TaskId,
@@ -72,14 +78,20 @@ async def task_events(
             estimate = await estimator.start_in_s(current, position)
             counter += 1
             snapshot = task_json(current, queue_position=position, estimated_start_s=estimate)
-            yield {"event": "snapshot", "id": str(counter), "data": json.dumps(snapshot, separators=(",", ":"), default=str)}
+            yield {
+                "event": "snapshot",
+                "id": str(counter),
+                "data": json.dumps(snapshot, separators=(",", ":"), default=str),
+            }
             if current.is_terminal:
                 return
             pending = current.status is TaskStatus.PENDING
             moved = False  # another task changed status since the position was last read
             read_at = time.monotonic()
             while True:
-                wait_s = max(0.0, read_at + _POSITION_REFRESH_S - time.monotonic()) if pending and moved else None
+                wait_s = (
+                    max(0.0, read_at + _POSITION_REFRESH_S - time.monotonic()) if pending and moved else None
+                )
                 event = await subscription.get(wait_s=wait_s)
                 if event is not None and event.task_id == checked:
                     counter += 1
@@ -115,8 +127,10 @@ async def task_events(
 @router.get(
     "/events",
     summary="Follow every visible task live (server-sent events)",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
-               **error_responses(401, 503)},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
+        **error_responses(401, 503),
+    },
 )
 async def all_events(principal: PrincipalDep, bus: BusDep) -> EventSourceResponse:
     """`status` and `progress` events of every task the caller can see (its tenant's; all for an admin)."""

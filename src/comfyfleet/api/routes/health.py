@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
+
 @router.get("/health", response_model=HealthOut, summary="Liveness")
 async def health() -> Response:
     """The process is alive and serving HTTP. Does not touch the store (use `/ready` for that)."""
@@ -32,6 +33,7 @@ async def ready(store: Annotated[Store, Depends(get_store)]) -> Response:
         logger.warning("store_not_ready error=%s", exc)
         is_ready = False
     if not is_ready:
-        return error_response(503, "not_ready", "the task store is unreachable or not migrated",
-                              headers={"Retry-After": "1"})
+        return error_response(
+            503, "not_ready", "the task store is unreachable or not migrated", headers={"Retry-After": "1"}
+        )
     return JSONBody({"status": "ready"})

@@ -29,12 +29,16 @@ async def get_outputs(request: Request) -> OutputStore:
 @router.get(
     "/tasks/{task_id}/outputs/{filename}",
     summary="Download an output file",
-    responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}, "description": "The file."},
-               **error_responses(401, 404, 503)},
+    responses={
+        200: {"content": {"image/png": {}, "application/octet-stream": {}}, "description": "The file."},
+        **error_responses(401, 404, 503),
+    },
 )
 async def download_output(
     task_id: TaskId,
-    filename: Annotated[str, Path(description="The output's `filename` as listed in the task's result.", max_length=255)],
+    filename: Annotated[
+        str, Path(description="The output's `filename` as listed in the task's result.", max_length=255)
+    ],
     principal: Annotated[Principal, Depends(authenticate)],
     store: Annotated[Store, Depends(get_store)],
     outputs: Annotated[OutputStore, Depends(get_outputs)],
@@ -48,7 +52,9 @@ async def download_output(
     except OutputsError as exc:
         # The storage itself failed (an S3 bucket unreachable, credentials refused): not the client's fault.
         logger.warning("output_store_unavailable task_id=%s error=%s", task.id, exc)
-        raise ApiError(503, "outputs_unavailable", "the output store failed to answer; try again shortly") from None
+        raise ApiError(
+            503, "outputs_unavailable", "the output store failed to answer; try again shortly"
+        ) from None
     return StreamingResponse(
         outputs.read(task.id, filename),
         media_type=stored.content_type,
@@ -64,8 +70,10 @@ async def download_output(
 @router.get(
     "/tasks/{task_id}/preview",
     summary="The latest preview image of a running task",
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The newest preview."},
-               **error_responses(401, 404, 503)},
+    responses={
+        200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The newest preview."},
+        **error_responses(401, 404, 503),
+    },
 )
 async def latest_preview(
     task_id: TaskId,
@@ -81,8 +89,14 @@ async def latest_preview(
     dispatcher = getattr(request.app.state, "dispatcher", None)
     latest = dispatcher.latest_preview(task.id) if dispatcher is not None else None
     if latest is None:
-        raise ApiError(404, "no_preview", f"task {task.id} has no preview here (not running on this replica, or "
-                       "its workflow sends none)")
+        raise ApiError(
+            404,
+            "no_preview",
+            f"task {task.id} has no preview here (not running on this replica, or its workflow sends none)",
+        )
     image, content_type, sequence = latest
-    return Response(image, media_type=content_type,
-                    headers={"Cache-Control": "no-store", "X-Preview-Sequence": str(sequence)})
+    return Response(
+        image,
+        media_type=content_type,
+        headers={"Cache-Control": "no-store", "X-Preview-Sequence": str(sequence)},
+    )

@@ -76,7 +76,9 @@ _new_task_id = _TaskIds()
 
 def _known_pools(settings: Settings) -> set[str]:
     """Pool names and the labels pools carry: a task's ``pool`` may name either."""
-    names = {pool.name for pool in settings.pools} | {label for pool in settings.pools for label in pool.labels}
+    names = {pool.name for pool in settings.pools} | {
+        label for pool in settings.pools for label in pool.labels
+    }
     if settings.workers:
         names.add("default")  # the static workers given with --worker form the pool "default"
     return names
@@ -97,11 +99,24 @@ def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
     problems = validate_graph(submission.payload, max_nodes=limits.max_nodes)
     if problems:
         first = problems[0].message
-        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+            if len(problems) > 1
+            else ""
+        )
         raise InvalidInput(
             f"the payload is not a valid workflow graph: {first}{more}",
-            [{"loc": ["body", "payload", *(part for part in (problem.node_id, problem.input_name) if part is not None)],
-              **problem.as_dict()} for problem in problems],
+            [
+                {
+                    "loc": [
+                        "body",
+                        "payload",
+                        *(part for part in (problem.node_id, problem.input_name) if part is not None),
+                    ],
+                    **problem.as_dict(),
+                }
+                for problem in problems
+            ],
             error="invalid_graph",
         )
     for index, spec in enumerate(submission.inputs or []):
@@ -109,14 +124,18 @@ def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
             check_input_spec(spec, max_bytes=limits.max_input_bytes)
         except InputError as exc:
             raise InvalidInput(
-                str(exc), [{"loc": ["body", "inputs", index], "message": str(exc), "type": "invalid_input"}],
+                str(exc),
+                [{"loc": ["body", "inputs", index], "message": str(exc), "type": "invalid_input"}],
                 error="invalid_input",
             ) from None
     if submission.webhook is not None:
         problem = check_webhook(submission.webhook)
         if problem:
-            raise InvalidInput(problem, [{"loc": ["body", "webhook"], "message": problem, "type": "invalid_webhook"}],
-                               error="invalid_webhook")
+            raise InvalidInput(
+                problem,
+                [{"loc": ["body", "webhook"], "message": problem, "type": "invalid_webhook"}],
+                error="invalid_webhook",
+            )
     if submission.pool is not None:
         known = _known_pools(settings)
         if known and submission.pool not in known:
@@ -155,8 +174,12 @@ async def submit_task(
     ] = None,
     wait: Annotated[
         float | None,
-        Query(ge=0, le=MAX_WAIT_S, description="Answer only when the task has ended, or after this many "
-              "seconds (then with the task as it stands): synchronous use without polling."),
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="Answer only when the task has ended, or after this many "
+            "seconds (then with the task as it stands): synchronous use without polling.",
+        ),
     ] = None,
 ) -> Response:
     """Queue a ComfyUI workflow (an API-format graph) to run on the fleet.
@@ -173,7 +196,9 @@ async def submit_task(
         payload=submission.payload,
         workflow_id=submission.workflow_id,
         priority=submission.priority,
-        max_retries=submission.max_retries if submission.max_retries is not None else dispatch.default_max_retries,
+        max_retries=submission.max_retries
+        if submission.max_retries is not None
+        else dispatch.default_max_retries,
         timeout_s=submission.timeout_s if submission.timeout_s is not None else dispatch.default_timeout_s,
         tenant=principal.tenant,
         idempotency_key=idempotency_key,
@@ -186,7 +211,8 @@ async def submit_task(
     if not created and not _same_request(new, task):
         # The key names one request: a retry must send the same one, or it would silently get another's task.
         raise ApiError(
-            422, "idempotency_key_reused",
+            422,
+            "idempotency_key_reused",
             f"Idempotency-Key {idempotency_key!r} was already used for a different request (task {task.id}); "
             "send the same request to get that task back, or use a new key",
             {"task_id": task.id},
@@ -209,7 +235,17 @@ async def submit_task(
     return JSONBody(task_json(task), status_code=201 if created else 200, headers=headers)
 
 
-_REQUEST_FIELDS = ("payload", "workflow_id", "priority", "max_retries", "timeout_s", "pool", "inputs", "webhook", "metadata")
+_REQUEST_FIELDS = (
+    "payload",
+    "workflow_id",
+    "priority",
+    "max_retries",
+    "timeout_s",
+    "pool",
+    "inputs",
+    "webhook",
+    "metadata",
+)
 
 
 def _same_request(new: NewTask, task: Task) -> bool:
@@ -263,9 +299,14 @@ async def list_tasks(
     store: StoreDep,
     status: Annotated[
         str | None,
-        Query(description="Only tasks in these statuses, comma-separated (e.g. pending,running).", max_length=200),
+        Query(
+            description="Only tasks in these statuses, comma-separated (e.g. pending,running).",
+            max_length=200,
+        ),
     ] = None,
-    workflow_id: Annotated[str | None, Query(description="Only tasks with this workflow_id.", max_length=256)] = None,
+    workflow_id: Annotated[
+        str | None, Query(description="Only tasks with this workflow_id.", max_length=256)
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="Page size.")] = 50,
     cursor: Annotated[
         str | None, Query(description="The next_cursor of the previous page.", max_length=200)
@@ -307,9 +348,13 @@ async def get_task(
     (a rough estimate from the ready workers and recent execution times; null when there is no basis)."""
     task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
-    body = task_json(task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position))
+    body = task_json(
+        task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position)
+    )
     if task.webhook is not None:
-        body["webhook_deliveries"] = [delivery_json(delivery) for delivery in await store.webhook_deliveries(task.id)]
+        body["webhook_deliveries"] = [
+            delivery_json(delivery) for delivery in await store.webhook_deliveries(task.id)
+        ]
     return JSONBody(body)
 
 
@@ -331,13 +376,17 @@ async def update_task(
     """Move a waiting task up or down the queue: `{"priority": N}`. Among equal priorities it keeps its
     submission order. The answer has its new `queue_position`. A task that already started is a 409."""
     _check_priority(update.priority, settings)
-    task = await store.set_priority(checked_task_id(task_id), update.priority, tenant=principal.visible_tenant)
+    task = await store.set_priority(
+        checked_task_id(task_id), update.priority, tenant=principal.visible_tenant
+    )
     logger.info("task_priority_changed task_id=%s priority=%d", task.id, task.priority)
     bus: EventBus | None = getattr(request.app.state, "bus", None)
     if bus is not None:
         await bus.publish(status_event(task))  # live listeners re-read their queue positions
     position = await store.queue_position(task.id)
-    return JSONBody(task_json(task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position)))
+    return JSONBody(
+        task_json(task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position))
+    )
 
 
 @router.delete(
@@ -345,12 +394,17 @@ async def update_task(
     response_model=TaskOut,
     summary="Cancel a task",
     responses={
-        202: {"model": TaskOut, "description": "The task is running: cancel_requested is true and the worker's "
-              "prompt is being stopped; the task becomes cancelled shortly."},
+        202: {
+            "model": TaskOut,
+            "description": "The task is running: cancel_requested is true and the worker's "
+            "prompt is being stopped; the task becomes cancelled shortly.",
+        },
         **error_responses(401, 404, 409, 503),
     },
 )
-async def cancel_task(task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep) -> Response:
+async def cancel_task(
+    task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep
+) -> Response:
     """Cancel a task. A pending task is cancelled at once (200). A running one is stopped on its worker
     (202 with `cancel_requested: true`). A task that already ended is a 409."""
     task = await store.cancel_task(checked_task_id(task_id), tenant=principal.visible_tenant)

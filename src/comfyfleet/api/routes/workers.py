@@ -45,7 +45,9 @@ class WorkerOut(BaseModel):
     """The seed's Worker fields first, then comfyfleet's."""
 
     id: str
-    pod_name: str = Field(description="The provider's name for it: container or instance name, URL, process id.")
+    pod_name: str = Field(
+        description="The provider's name for it: container or instance name, URL, process id."
+    )
     status: str = Field(description="starting, idle, running, draining, terminating, terminated or failed")
     endpoint: str | None = Field(description="Base URL of the worker's ComfyUI, once known")
     port: int | None
@@ -53,7 +55,9 @@ class WorkerOut(BaseModel):
     created_at: datetime
     last_active_at: datetime | None
     health_status: bool = Field(description="Ready and its last health probe passed")
-    state: str = Field(description="The lifecycle state: pending, starting, idle, busy, draining, terminating, terminated, failed")
+    state: str = Field(
+        description="The lifecycle state: pending, starting, idle, busy, draining, terminating, terminated, failed"
+    )
     pool: str
     provider: str
     provider_id: str | None
@@ -86,7 +90,9 @@ class WorkerMetricsOut(BaseModel):
     failed_workers: int
     pending_workers: int
     terminating_workers: int
-    pools: dict[str, PoolMetricsOut] = Field(description="Per configured pool: its bounds and workers per state")
+    pools: dict[str, PoolMetricsOut] = Field(
+        description="Per configured pool: its bounds and workers per state"
+    )
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -97,9 +103,7 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 def worker_json(worker: Worker) -> dict[str, Any]:
     info = worker.info or {}
-    pod_name = str(
-        info.get("container_name") or info.get("instance_name") or worker.provider_id or worker.id
-    )
+    pod_name = str(info.get("container_name") or info.get("instance_name") or worker.provider_id or worker.id)
     return {
         "id": worker.id,
         "pod_name": pod_name,
@@ -146,7 +150,11 @@ def _fleet(request: Request) -> FleetManager:
 
 def _require_admin(principal: Principal) -> None:
     if not principal.admin:
-        raise ApiError(403, "forbidden", "workers are shared by every tenant: draining or removing one needs an admin key")
+        raise ApiError(
+            403,
+            "forbidden",
+            "workers are shared by every tenant: draining or removing one needs an admin key",
+        )
 
 
 def _parse_states(raw: str | None) -> set[WorkerState] | None:
@@ -160,8 +168,14 @@ def _parse_states(raw: str | None) -> set[WorkerState] | None:
         except ValueError:
             valid = ", ".join(state.value for state in WorkerState)
             raise ApiError(
-                422, "validation_error", f"unknown worker state {part!r}; use {valid}",
-                details={"errors": [{"loc": ["query", "state"], "message": f"unknown state {part!r}", "type": "enum"}]},
+                422,
+                "validation_error",
+                f"unknown worker state {part!r}; use {valid}",
+                details={
+                    "errors": [
+                        {"loc": ["query", "state"], "message": f"unknown state {part!r}", "type": "enum"}
+                    ]
+                },
             ) from None
     return states
 

@@ -78,4 +78,3 @@ async def validate_workflow(
     report["error"], report["node_errors"] = result.error, result.node_errors
     report["valid"] = result.ok and not result.node_errors
     return JSONBody(report)
-

@@ -31,7 +31,17 @@ SAMPLERS = [
     "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
     "res_multistep_cfg_pp", "gradient_estimation", "er_sde", "seeds_2", "seeds_3", "ddim", "uni_pc", "uni_pc_bh2",
 ]  # fmt: skip
-SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"]
+SCHEDULERS = [
+    "simple",
+    "sgm_uniform",
+    "karras",
+    "exponential",
+    "ddim_uniform",
+    "beta",
+    "normal",
+    "linear_quadratic",
+    "kl_optimal",
+]
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 _RESAMPLE = {
     "nearest-exact": Image.Resampling.NEAREST,
@@ -152,7 +162,10 @@ async def _lora_loader(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     await ctx.load_model("loras", name)
     patch = f"{name}@{inputs['strength_model']}/{inputs['strength_clip']}"
     model, clip = inputs["model"], inputs["clip"]
-    return (Model(model.kind, model.name, [*model.patches, patch]), Model(clip.kind, clip.name, [*clip.patches, patch])), None
+    return (
+        Model(model.kind, model.name, [*model.patches, patch]),
+        Model(clip.kind, clip.name, [*clip.patches, patch]),
+    ), None
 
 
 async def _clip_text_encode(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
@@ -217,7 +230,11 @@ async def _load_image(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
         with Image.open(path) as opened:
             opened.load()
             rgba = opened.convert("RGBA")
-        alpha = ImageOps.invert(rgba.getchannel("A")) if "A" in opened.getbands() else Image.new("L", rgba.size, 0)
+        alpha = (
+            ImageOps.invert(rgba.getchannel("A"))
+            if "A" in opened.getbands()
+            else Image.new("L", rgba.size, 0)
+        )
         return [rgba.convert("RGB")], [alpha]
 
     images, masks = await ctx.cpu(0, work)
@@ -240,7 +257,12 @@ async def _image_scale(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     images, width, height = inputs["image"], _int(inputs["width"]), _int(inputs["height"])
     if width == 0 and height == 0:
         return (images,), None
-    return (await ctx.cpu(width * height * len(images), lambda: _scaled(images, inputs["upscale_method"], width, height, inputs["crop"])),), None
+    return (
+        await ctx.cpu(
+            width * height * len(images),
+            lambda: _scaled(images, inputs["upscale_method"], width, height, inputs["crop"]),
+        ),
+    ), None
 
 
 async def _image_scale_by(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
@@ -248,7 +270,10 @@ async def _image_scale_by(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput
 
     def work() -> list[Image.Image]:
         return [
-            image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), _RESAMPLE[inputs["upscale_method"]])
+            image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                _RESAMPLE[inputs["upscale_method"]],
+            )
             for image in images
         ]
 
@@ -257,19 +282,28 @@ async def _image_scale_by(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput
 
 async def _image_invert(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     images = inputs["image"]
-    return (await ctx.cpu(sum(i.width * i.height for i in images), lambda: [ImageOps.invert(i) for i in images]),), None
+    return (
+        await ctx.cpu(sum(i.width * i.height for i in images), lambda: [ImageOps.invert(i) for i in images]),
+    ), None
 
 
 async def _image_blur(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     images, sigma = inputs["image"], float(inputs["sigma"])
-    return (await ctx.cpu(sum(i.width * i.height for i in images), lambda: [i.filter(ImageFilter.GaussianBlur(sigma)) for i in images]),), None
+    return (
+        await ctx.cpu(
+            sum(i.width * i.height for i in images),
+            lambda: [i.filter(ImageFilter.GaussianBlur(sigma)) for i in images],
+        ),
+    ), None
 
 
 async def _image_sharpen(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     images = inputs["image"]
     radius, alpha = _int(inputs["sharpen_radius"]), float(inputs["alpha"])
     sharpen = ImageFilter.UnsharpMask(radius=radius, percent=round(100 * alpha), threshold=0)
-    return (await ctx.cpu(sum(i.width * i.height for i in images), lambda: [i.filter(sharpen) for i in images]),), None
+    return (
+        await ctx.cpu(sum(i.width * i.height for i in images), lambda: [i.filter(sharpen) for i in images]),
+    ), None
 
 
 def save_path(filename_prefix: str, output_dir: str, width: int, height: int) -> tuple[str, str, int, str]:
@@ -341,7 +375,9 @@ def _png_bytes(image: Image.Image, ctx: RunContext) -> bytes:
     return buffer.getvalue()
 
 
-async def _save_images(ctx: RunContext, images: list[Image.Image], filename_prefix: str, kind: str) -> NodeOutput:
+async def _save_images(
+    ctx: RunContext, images: list[Image.Image], filename_prefix: str, kind: str
+) -> NodeOutput:
     root = ctx.output_dir() if kind == "output" else ctx.temp_dir()
     first = images[0]
 
@@ -380,11 +416,18 @@ async def _save_image_websocket(ctx: RunContext, inputs: dict[str, Any]) -> Node
 
 async def _save_latent(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     latent: Latent = inputs["samples"]
-    folder, filename, counter, subfolder = save_path(inputs["filename_prefix"], ctx.output_dir(), latent.width, latent.height)
+    folder, filename, counter, subfolder = save_path(
+        inputs["filename_prefix"], ctx.output_dir(), latent.width, latent.height
+    )
     name = f"{filename}_{counter:05}_.latent"
     # A real (tiny) safetensors container: 8-byte header length, JSON header, no tensors.
     header = json.dumps(
-        {"__metadata__": {"latent_size": f"{latent.width}x{latent.height}x{latent.batch}", "material": latent.material[:200]}}
+        {
+            "__metadata__": {
+                "latent_size": f"{latent.width}x{latent.height}x{latent.batch}",
+                "material": latent.material[:200],
+            }
+        }
     ).encode()
     await ctx.cpu(0, lambda: _write(os.path.join(folder, name), len(header).to_bytes(8, "little") + header))
     saved(folder, filename, counter + 1)
@@ -509,7 +552,11 @@ class Catalogue:
 
     def input_files(self) -> list[str]:
         try:
-            return [name for name in os.listdir(self.input_dir) if os.path.isfile(os.path.join(self.input_dir, name))]
+            return [
+                name
+                for name in os.listdir(self.input_dir)
+                if os.path.isfile(os.path.join(self.input_dir, name))
+            ]
         except FileNotFoundError:
             return []
 

@@ -54,7 +54,9 @@ class EmulatorOptions:
     previews: bool = False  # KSampler sends a binary JPEG preview per step
     max_upload_size: int = 100 * 1024 * 1024
     # Catalogue and folders.
-    models: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_MODELS.items()})
+    models: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_MODELS.items()}
+    )
     accept_any_model: bool = True  # any *.safetensors (etc.) name is valid for a model input
     base_dir: str | None = None  # holds input/, output/, temp/; a fresh temporary folder when None
 
@@ -80,9 +82,21 @@ class EmulatorOptions:
         self.check()
 
     def check(self) -> None:
-        for name in ("step_time_s", "prompt_time_s", "model_load_s", "startup_delay_s", "history_delay_s", "hang_s"):
+        for name in (
+            "step_time_s",
+            "prompt_time_s",
+            "model_load_s",
+            "startup_delay_s",
+            "history_delay_s",
+            "hang_s",
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0 or math.isnan(value):
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or value < 0
+                or math.isnan(value)
+            ):
                 raise OptionsError(f"{name} must be a number >= 0, got {value!r}")
         for name in ("failure_rate", "oom_rate", "hang_rate"):
             value = getattr(self, name)
@@ -95,7 +109,8 @@ class EmulatorOptions:
         if not isinstance(self.max_upload_size, int) or self.max_upload_size < 1:
             raise OptionsError(f"max_upload_size must be a positive integer, got {self.max_upload_size!r}")
         if not isinstance(self.models, dict) or not all(
-            isinstance(names, list) and all(isinstance(name, str) for name in names) for names in self.models.values()
+            isinstance(names, list) and all(isinstance(name, str) for name in names)
+            for names in self.models.values()
         ):
             raise OptionsError("models must map a folder name to a list of file names")
 

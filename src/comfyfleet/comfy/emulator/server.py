@@ -252,13 +252,21 @@ class _Run:
         now = time.monotonic()
         last_time, last_value = self.last_progress
         # Upstream throttles progress to one per 100 ms and 0.5 %, always sending the first and the last.
-        if last_value < 0 or value >= total or (now - last_time >= 0.1 and (value - last_value) / max(total, 1) >= 0.005):
+        if (
+            last_value < 0
+            or value >= total
+            or (now - last_time >= 0.1 and (value - last_value) / max(total, 1) >= 0.005)
+        ):
             self.last_progress = (now, value)
-            await self.send("progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id})
+            await self.send(
+                "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id}
+            )
             await self.progress_state(self.node_id, "running", value, total)
             if self.options.previews and self.prompt[self.node_id]["class_type"] == "KSampler":
                 seed = f"{self.prompt_id}:{value}"
-                image = Image.frombytes("RGB", (2, 2), hashlib.sha256(seed.encode()).digest()[:12]).resize((64, 64))
+                image = Image.frombytes("RGB", (2, 2), hashlib.sha256(seed.encode()).digest()[:12]).resize(
+                    (64, 64)
+                )
                 await self.send_image(image, "JPEG")
 
     async def load_model(self, folder: str, name: str) -> None:
@@ -290,8 +298,14 @@ class _Run:
 
     async def send_image(self, image: Image.Image, image_format: str) -> None:
         buffer = io.BytesIO()
-        image.save(buffer, format=image_format, **({"quality": 95} if image_format == "JPEG" else {"compress_level": 1}))
-        await self.server.send_preview(self.state, buffer.getvalue(), image_format, self.prompt_id, self.node_id, self.client_id)
+        image.save(
+            buffer,
+            format=image_format,
+            **({"quality": 95} if image_format == "JPEG" else {"compress_level": 1}),
+        )
+        await self.server.send_preview(
+            self.state, buffer.getvalue(), image_format, self.prompt_id, self.node_id, self.client_id
+        )
 
 
 class EmulatorServer:
@@ -358,7 +372,9 @@ class EmulatorServer:
         else:
             self._tempdir = tempfile.TemporaryDirectory(prefix="comfyfleet-emulator-")
             self.base_dir = self._tempdir.name
-        self.input_dir, self.output_dir, self.temp_dir = (os.path.join(self.base_dir, d) for d in ("input", "output", "temp"))
+        self.input_dir, self.output_dir, self.temp_dir = (
+            os.path.join(self.base_dir, d) for d in ("input", "output", "temp")
+        )
         for folder in (self.input_dir, self.output_dir, self.temp_dir):
             os.makedirs(folder, exist_ok=True)
 
@@ -430,7 +446,9 @@ class EmulatorServer:
 
     def _start_executor(self) -> None:
         state = self.state
-        self._executor = asyncio.get_running_loop().create_task(self._execute_forever(state), name="emulator-executor")
+        self._executor = asyncio.get_running_loop().create_task(
+            self._execute_forever(state), name="emulator-executor"
+        )
 
     async def _stop_executor(self) -> None:
         executor, self._executor = self._executor, None
@@ -493,7 +511,13 @@ class EmulatorServer:
                 await sock.ws.send_str(text)
 
     async def send_preview(
-        self, state: ComfyState, image: bytes, image_format: str, prompt_id: str, node_id: str, sid: str | None
+        self,
+        state: ComfyState,
+        image: bytes,
+        image_format: str,
+        prompt_id: str,
+        node_id: str,
+        sid: str | None,
     ) -> None:
         targets = list(state.sockets.values()) if sid is None else [s for s in [state.sockets.get(sid)] if s]
         mime = "image/png" if image_format == "PNG" else "image/jpeg"
@@ -510,7 +534,9 @@ class EmulatorServer:
                 await sock.ws.send_bytes(payload)
 
     async def send_status(self, state: ComfyState) -> None:
-        await self.send_json(state, "status", {"status": {"exec_info": {"queue_remaining": state.queue_remaining()}}}, None)
+        await self.send_json(
+            state, "status", {"status": {"exec_info": {"queue_remaining": state.queue_remaining()}}}, None
+        )
 
     # -- the executor --------------------------------------------------------------------------------
     async def _execute_forever(self, state: ComfyState) -> None:
@@ -574,7 +600,9 @@ class EmulatorServer:
             signatures[node_id] = hashlib.sha256(encoded.encode()).hexdigest()
         return signatures
 
-    def _plan_fault(self, order: list[str], prompt: Mapping[str, Any]) -> tuple[str | None, NodeFailed | None, str | None]:
+    def _plan_fault(
+        self, order: list[str], prompt: Mapping[str, Any]
+    ) -> tuple[str | None, NodeFailed | None, str | None]:
         """Which node (if any) fails, with what, and which node hangs."""
         options = self.options
         if options.seed != self._rng_seed:
@@ -613,7 +641,9 @@ class EmulatorServer:
         order = self._execution_order(prompt, item.outputs)
         signatures = self._signatures(prompt, order) if self.options.cache else {}
         cached = [node_id for node_id in order if signatures.get(node_id) in state.cache]
-        await run.add_message("execution_cached", {"nodes": cached, "prompt_id": item.prompt_id}, broadcast=False)
+        await run.add_message(
+            "execution_cached", {"nodes": cached, "prompt_id": item.prompt_id}, broadcast=False
+        )
         fail_node, failure, hang_node = self._plan_fault([n for n in order if n not in cached], prompt)
         values: dict[str, tuple[Any, ...]] = {}
         ui_outputs: dict[str, dict[str, Any]] = {}
@@ -632,21 +662,31 @@ class EmulatorServer:
                     if ui is not None:
                         ui_outputs[node_id] = ui
                         await run.send(
-                            "executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": item.prompt_id}
+                            "executed",
+                            {
+                                "node": node_id,
+                                "display_node": node_id,
+                                "output": ui,
+                                "prompt_id": item.prompt_id,
+                            },
                         )
                     continue
                 run.node_id = node_id
                 run.check_interrupt()
                 await run.progress_state(node_id, "running")
                 await run.send(
-                    "executing", {"node": node_id, "display_node": node_id, "prompt_id": item.prompt_id}, to_client_only=True
+                    "executing",
+                    {"node": node_id, "display_node": node_id, "prompt_id": item.prompt_id},
+                    to_client_only=True,
                 )
                 state.last_node_id = node_id
                 stats.node_executions[class_type] = stats.node_executions.get(class_type, 0) + 1
                 if node_id == hang_node:
                     if math.isinf(self.options.hang_s):
                         await asyncio.Event().wait()
-                    await asyncio.sleep(self.options.hang_s)  # deaf to interrupts, like a node without a progress bar
+                    await asyncio.sleep(
+                        self.options.hang_s
+                    )  # deaf to interrupts, like a node without a progress bar
                 if node_id == fail_node and failure is not None:
                     raise failure
                 inputs = {
@@ -662,7 +702,11 @@ class EmulatorServer:
                     raise
                 except Exception as exc:  # any error inside a node is that prompt's execution_error
                     module = type(exc).__module__
-                    name = type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
+                    name = (
+                        type(exc).__qualname__
+                        if module == "builtins"
+                        else f"{module}.{type(exc).__qualname__}"
+                    )
                     raise NodeFailed(name, str(exc)) from exc
                 values[node_id] = outputs
                 executed.append(node_id)
@@ -722,9 +766,18 @@ class EmulatorServer:
         state.history[item.prompt_id] = {
             "prompt": item.wire(),
             "outputs": ui_outputs,
-            "status": {"status_str": status_str, "completed": status_str == "success", "messages": run.messages},
+            "status": {
+                "status_str": status_str,
+                "completed": status_str == "success",
+                "messages": run.messages,
+            },
             "meta": {
-                node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
+                node_id: {
+                    "node_id": node_id,
+                    "display_node": node_id,
+                    "parent_node": None,
+                    "real_node_id": node_id,
+                }
                 for node_id in ui_outputs
             },
         }
@@ -802,7 +855,15 @@ class EmulatorServer:
         state.sockets[sid] = sock
         try:
             await ws.send_str(
-                json.dumps({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": state.queue_remaining()}}, "sid": sid}})
+                json.dumps(
+                    {
+                        "type": "status",
+                        "data": {
+                            "status": {"exec_info": {"queue_remaining": state.queue_remaining()}},
+                            "sid": sid,
+                        },
+                    }
+                )
             )
             if state.client_id == sid and state.last_node_id is not None:
                 await ws.send_str(json.dumps({"type": "executing", "data": {"node": state.last_node_id}}))
@@ -812,7 +873,9 @@ class EmulatorServer:
                     with contextlib.suppress(ValueError, AttributeError, TypeError):
                         frame = json.loads(message.data)
                         if frame.get("type") == "feature_flags":
-                            sock.metadata_previews = bool((frame.get("data") or {}).get("supports_preview_metadata"))
+                            sock.metadata_previews = bool(
+                                (frame.get("data") or {}).get("supports_preview_metadata")
+                            )
                             await ws.send_str(json.dumps({"type": "feature_flags", "data": FEATURES}))
                 first = False
         finally:
@@ -846,7 +909,12 @@ class EmulatorServer:
             return _server_error()
         if "prompt" not in body:
             self.stats.prompts_rejected += 1
-            error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}}
+            error = {
+                "type": "no_prompt",
+                "message": "No prompt provided",
+                "details": "No prompt provided",
+                "extra_info": {},
+            }
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt = body["prompt"]
         prompt_id = body.get("prompt_id")
@@ -887,7 +955,9 @@ class EmulatorServer:
         state.put(_QueueItem(number, prompt_id, prompt, extra_data, result.good_outputs, sensitive))
         self.stats.prompts_accepted += 1
         await self.send_status(state)
-        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors})
+        return web.json_response(
+            {"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors}
+        )
 
     def _validate_load_image(self, name: str, inputs: Mapping[str, Any]) -> bool | str:
         image = inputs.get(name)
@@ -910,7 +980,9 @@ class EmulatorServer:
     async def _get_queue(self, request: web.Request) -> web.Response:
         state = self.state
         running = [state.running.wire()] if state.running is not None else []
-        return web.json_response({"queue_running": running, "queue_pending": [item.wire() for item in state.pending()]})
+        return web.json_response(
+            {"queue_running": running, "queue_pending": [item.wire() for item in state.pending()]}
+        )
 
     async def _post_queue(self, request: web.Request) -> web.Response:
         state = self.state
@@ -946,13 +1018,18 @@ class EmulatorServer:
         state = self.state
         try:
             body = await self._json_body(request)
-            flags = {"unload_models": bool(body.get("unload_models", False)), "free_memory": bool(body.get("free_memory", False))}
+            flags = {
+                "unload_models": bool(body.get("unload_models", False)),
+                "free_memory": bool(body.get("free_memory", False)),
+            }
         except (ValueError, AttributeError):
             return _server_error()
         if state.running is None:
             state.free(**flags)
         else:
-            state.pending_free = {key: state.pending_free.get(key, False) or value for key, value in flags.items()}
+            state.pending_free = {
+                key: state.pending_free.get(key, False) or value for key, value in flags.items()
+            }
         return web.Response(status=200)
 
     async def _get_history(self, request: web.Request) -> web.Response:
@@ -1016,10 +1093,17 @@ class EmulatorServer:
         statuses = [s.strip() for s in query.get("status", "").split(",") if s.strip()] or list(JOB_STATUSES)
         bad = [s for s in statuses if s not in JOB_STATUSES]
         if bad:
-            return web.json_response({"error": f"Invalid status value(s): {', '.join(bad)}. Valid values: {', '.join(JOB_STATUSES)}"}, status=400)
+            return web.json_response(
+                {
+                    "error": f"Invalid status value(s): {', '.join(bad)}. Valid values: {', '.join(JOB_STATUSES)}"
+                },
+                status=400,
+            )
         sort_by, sort_order = query.get("sort_by", "created_at"), query.get("sort_order", "desc")
         if sort_by not in ("created_at", "execution_duration"):
-            return web.json_response({"error": "sort_by must be 'created_at' or 'execution_duration'"}, status=400)
+            return web.json_response(
+                {"error": "sort_by must be 'created_at' or 'execution_duration'"}, status=400
+            )
         if sort_order not in ("asc", "desc"):
             return web.json_response({"error": "sort_order must be 'asc' or 'desc'"}, status=400)
         try:
@@ -1028,10 +1112,20 @@ class EmulatorServer:
         except ValueError:
             return web.json_response({"error": "limit and offset must be integers"}, status=400)
         if (limit is not None and limit < 1) or offset < 0:
-            return web.json_response({"error": "limit must be positive and offset must be non-negative"}, status=400)
+            return web.json_response(
+                {"error": "limit must be positive and offset must be non-negative"}, status=400
+            )
         state = self.state
-        ids = ([state.running.prompt_id] if state.running else []) + [i.prompt_id for i in state.pending()] + list(state.history)
-        jobs = [job for job in (self._job(i, full=False) for i in dict.fromkeys(ids)) if job and job["status"] in statuses]
+        ids = (
+            ([state.running.prompt_id] if state.running else [])
+            + [i.prompt_id for i in state.pending()]
+            + list(state.history)
+        )
+        jobs = [
+            job
+            for job in (self._job(i, full=False) for i in dict.fromkeys(ids))
+            if job and job["status"] in statuses
+        ]
         workflow_id = query.get("workflow_id")
         if workflow_id:
             jobs = [job for job in jobs if job.get("workflow_id") == workflow_id]
@@ -1046,7 +1140,15 @@ class EmulatorServer:
         total = len(jobs)
         page = jobs[offset : offset + limit if limit is not None else None]
         return web.json_response(
-            {"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": total, "has_more": offset + len(page) < total}}
+            {
+                "jobs": page,
+                "pagination": {
+                    "offset": offset,
+                    "limit": limit,
+                    "total": total,
+                    "has_more": offset + len(page) < total,
+                },
+            }
         )
 
     def _cancel(self, prompt_id: str) -> bool:
@@ -1072,7 +1174,9 @@ class EmulatorServer:
             return web.json_response({"error": "job_ids must be a list"}, status=400)
         invalid = [job_id for job_id in job_ids if not _canonical_uuid(job_id)]
         if invalid:
-            return web.json_response({"error": "job_ids contains invalid id(s)", "invalid_ids": invalid}, status=400)
+            return web.json_response(
+                {"error": "job_ids contains invalid id(s)", "invalid_ids": invalid}, status=400
+            )
         cancelled = [self._cancel(job_id) for job_id in job_ids]
         if any(cancelled):
             await self.send_status(self.state)
@@ -1093,7 +1197,9 @@ class EmulatorServer:
             kind, root = "input", self.input_dir
         subfolder = str(post.get("subfolder", ""))
         overwrite = str(post.get("overwrite")) in ("true", "1")
-        stored = await asyncio.to_thread(_store_upload, root, subfolder, image.filename, image.file.read(), overwrite)
+        stored = await asyncio.to_thread(
+            _store_upload, root, subfolder, image.filename, image.file.read(), overwrite
+        )
         if stored is None:
             return web.Response(status=400)
         return web.json_response({"name": stored, "subfolder": subfolder, "type": kind})
@@ -1170,11 +1276,22 @@ class EmulatorServer:
         return web.json_response({**FEATURES, "max_upload_size": self.options.max_upload_size})
 
     async def _get_models(self, request: web.Request) -> web.Response:
-        return web.json_response(sorted(set(self.options.models) | {"checkpoints", "loras", "vae", "text_encoders", "diffusion_models"}))
+        return web.json_response(
+            sorted(
+                set(self.options.models)
+                | {"checkpoints", "loras", "vae", "text_encoders", "diffusion_models"}
+            )
+        )
 
     async def _get_models_folder(self, request: web.Request) -> web.Response:
         folder = request.match_info["folder"]
-        if folder not in self.options.models and folder not in ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models"):
+        if folder not in self.options.models and folder not in (
+            "checkpoints",
+            "loras",
+            "vae",
+            "text_encoders",
+            "diffusion_models",
+        ):
             return web.Response(status=404)
         return web.json_response(self.catalogue.model_files(folder))
 
@@ -1199,7 +1316,10 @@ class EmulatorServer:
             "restarts": stats.restarts,
             "crashes": stats.crashes,
             "uptime_s": round(time.monotonic() - stats.started_at, 3),
-            "queue": {"running": [state.running.prompt_id] if state.running else [], "pending": [i.prompt_id for i in state.pending()]},
+            "queue": {
+                "running": [state.running.prompt_id] if state.running else [],
+                "pending": [i.prompt_id for i in state.pending()],
+            },
             "history_size": len(state.history),
             "websockets": len(state.sockets),
             "options": self.options.public(),
@@ -1223,7 +1343,7 @@ class EmulatorServer:
             body = json.loads(await request.text() or "{}")
             down_s = float(body.get("down_s", 0.0))
         except (ValueError, AttributeError, TypeError):
-            return web.json_response({"error": "body must be {\"down_s\": seconds}"}, status=400)
+            return web.json_response({"error": 'body must be {"down_s": seconds}'}, status=400)
         self.stats.restarts += 1
         self.stats.started_since_restart = 0
         await self._reset_state()  # before answering: any later request sees the empty server
@@ -1339,7 +1459,9 @@ def _transcode(path: str, preview: str | None, channel: str) -> tuple[bytes, str
     if preview:
         image_format, _, quality = preview.partition(";")
         image_format = "webp" if image_format not in ("webp", "jpeg") else image_format
-        image.convert("RGB").save(buffer, format=image_format.upper(), quality=int(quality) if quality.isdigit() else 90)
+        image.convert("RGB").save(
+            buffer, format=image_format.upper(), quality=int(quality) if quality.isdigit() else 90
+        )
         return buffer.getvalue(), f"image/{image_format}"
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "image/png"

@@ -109,6 +109,7 @@ def parse_pool_settings(model: type[SettingsModel], pool: PoolConfig) -> Setting
         return model.model_validate(pool.settings)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}" for error in exc.errors()
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
         )
         raise FleetConfigError(f"pool {pool.name!r} ({pool.provider}): invalid settings: {problems}") from exc

@@ -95,13 +95,17 @@ class DockerProvider:
     async def __aenter__(self) -> Self:
         def connect() -> docker.DockerClient:
             if self.settings.docker_host:
-                return docker.DockerClient(base_url=self.settings.docker_host, timeout=int(self.settings.engine_timeout_s))
+                return docker.DockerClient(
+                    base_url=self.settings.docker_host, timeout=int(self.settings.engine_timeout_s)
+                )
             return docker.from_env(timeout=int(self.settings.engine_timeout_s))
 
         try:
             self._client = await asyncio.to_thread(connect)
         except docker.errors.DockerException as exc:
-            raise ProviderUnavailable(f"docker pool {self.pool!r}: cannot reach the Docker engine: {exc}") from exc
+            raise ProviderUnavailable(
+                f"docker pool {self.pool!r}: cannot reach the Docker engine: {exc}"
+            ) from exc
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -101,7 +101,9 @@ class _Transient(ProviderUnavailable):
     """Worth retrying. ``may_have_happened``: the request may have been carried out although it failed (a
     lost answer), unlike a 429 that refused it up front."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None, *, may_have_happened: bool = True) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, *, may_have_happened: bool = True
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.may_have_happened = may_have_happened
@@ -129,7 +131,11 @@ class NovitaProvider:
         self._prefix = f"{context.namespace}-"
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        key = self.settings.api_key.get_secret_value() if self.settings.api_key else os.environ.get(self.settings.api_key_env)
+        key = (
+            self.settings.api_key.get_secret_value()
+            if self.settings.api_key
+            else os.environ.get(self.settings.api_key_env)
+        )
         if not key:
             from comfyfleet.fleet.errors import FleetConfigError
 
@@ -246,7 +252,9 @@ class NovitaProvider:
         if settings.cluster_id:
             body["clusterId"] = settings.cluster_id
         if settings.network_storages:
-            body["networkStorages"] = [{"Id": s.id, "mountPoint": s.mount_point} for s in settings.network_storages]
+            body["networkStorages"] = [
+                {"Id": s.id, "mountPoint": s.mount_point} for s in settings.network_storages
+            ]
         return body
 
     async def create(self, worker_id: str) -> ProviderHandle:

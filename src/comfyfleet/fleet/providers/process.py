@@ -99,7 +99,9 @@ class ProcessProvider:
         self.pool = pool.name
         self.settings = parse_pool_settings(ProcessSettings, pool)
         self._namespace = context.namespace
-        self._log_dir = Path(self.settings.log_dir) if self.settings.log_dir else context.state_dir / pool.name / "logs"
+        self._log_dir = (
+            Path(self.settings.log_dir) if self.settings.log_dir else context.state_dir / pool.name / "logs"
+        )
         self._children: dict[str, asyncio.subprocess.Process] = {}  # provider id -> our own child
         self._gpu_of: dict[str, str] = {}  # provider id -> gpu entry
         self._worker_of: dict[str, str] = {}  # provider id -> worker id
@@ -134,7 +136,9 @@ class ProcessProvider:
             taken = set(self._gpu_of.values())
             gpu = next((entry for entry in self.settings.gpus if entry not in taken), None)
             if gpu is None:
-                raise ProviderRejected(f"process pool {self.pool!r}: every configured GPU already has a worker")
+                raise ProviderRejected(
+                    f"process pool {self.pool!r}: every configured GPU already has a worker"
+                )
         port = free_port(self.settings.host)
         command = self._command(worker_id, port, gpu)
         env = {
@@ -173,7 +177,9 @@ class ProcessProvider:
         if gpu is not None:
             self._gpu_of[provider_id] = gpu
         endpoint = f"http://{self._connect_host()}:{port}"
-        return ProviderHandle(provider_id, endpoint=endpoint, info={"log": str(log_path), "gpu": gpu, "pid": child.pid})
+        return ProviderHandle(
+            provider_id, endpoint=endpoint, info={"log": str(log_path), "gpu": gpu, "pid": child.pid}
+        )
 
     def _connect_host(self) -> str:
         host = self.settings.host
@@ -207,7 +213,10 @@ class ProcessProvider:
         port = self._env(proc).get(ENV_PORT)
         endpoint = f"http://{self._connect_host()}:{port}" if port else None
         return Instance(
-            provider_id, InstanceState.RUNNING, worker_id=self._worker_of.get(provider_id), endpoint=endpoint,
+            provider_id,
+            InstanceState.RUNNING,
+            worker_id=self._worker_of.get(provider_id),
+            endpoint=endpoint,
             raw_state=proc.status(),
         )
 
@@ -237,7 +246,9 @@ class ProcessProvider:
         await self._wait_gone(proc, child, 5.0)
 
     @staticmethod
-    async def _wait_gone(proc: psutil.Process, child: asyncio.subprocess.Process | None, timeout_s: float) -> bool:
+    async def _wait_gone(
+        proc: psutil.Process, child: asyncio.subprocess.Process | None, timeout_s: float
+    ) -> bool:
         if child is not None:
             try:
                 async with asyncio.timeout(timeout_s):

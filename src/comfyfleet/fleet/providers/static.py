@@ -64,7 +64,9 @@ class StaticProvider:
     async def describe(self, provider_id: str) -> Instance:
         if provider_id not in self.urls:
             return Instance(provider_id, InstanceState.GONE, error="no longer in the pool's configured URLs")
-        return Instance(provider_id, InstanceState.RUNNING, worker_id=self._held.get(provider_id), endpoint=provider_id)
+        return Instance(
+            provider_id, InstanceState.RUNNING, worker_id=self._held.get(provider_id), endpoint=provider_id
+        )
 
     async def terminate(self, provider_id: str) -> None:
         # A static server is not ours to stop: forget which worker it backed.
@@ -72,7 +74,8 @@ class StaticProvider:
 
     async def list_ours(self) -> list[Instance]:
         return [
-            Instance(url, InstanceState.RUNNING, worker_id=self._held.get(url), endpoint=url) for url in self.urls
+            Instance(url, InstanceState.RUNNING, worker_id=self._held.get(url), endpoint=url)
+            for url in self.urls
         ]
 
     def adopt(self, provider_id: str, worker_id: str) -> None:
