@@ -215,3 +215,32 @@ async def test_submit_with_an_input_file(tmp_path: Path) -> None:
         [png] = (tmp_path / "out").glob("*.png")
         with Image.open(png) as image:
             assert image.size == (80, 60)
+
+
+async def test_lists_fit_an_80_column_terminal(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=1) as fleet:
+        for color in range(3):
+            response = await fleet.http.post(
+                "/api/v1/tasks",
+                json={"payload": tiny_workflow(color=color), "workflow_id": "a-long-workflow-name" * 3},
+            )
+            assert response.status_code == 201
+        for command in (("tasks", "list"), ("workers", "list")):
+            code, out, err = await comfyfleet(*command, "--server", fleet.url, env={"COLUMNS": "80"})
+            assert code == 0, err
+            lines = out.splitlines()
+            assert all(len(line) <= 80 for line in lines), out
+            assert len(lines) == 1 + (3 if command[0] == "tasks" else 1), out  # one line per row
+        task_ids = [task["id"] for task in (await fleet.http.get("/api/v1/tasks")).json()["tasks"]]
+        code, out, _ = await comfyfleet("tasks", "list", "--server", fleet.url, env={"COLUMNS": "80"})
+        assert all(task_id in out for task_id in task_ids)  # ids stay whole, to be copied
+
+
+async def test_a_401_names_the_option_and_the_variable(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=0, api_keys=[{"key": "k-123", "tenant": "acme"}]) as fleet:
+        code, _, err = await cli("tasks", "list", "--server", fleet.url)
+        assert code == EXIT_REJECTED
+        assert "--api-key" in err
+        assert "COMFYFLEET_API_KEY" in err
+        code, _, err = await cli("tasks", "list", "--server", fleet.url, "--api-key", "k-123")
+        assert code == 0, err

@@ -17,6 +17,7 @@ import comfyfleet
 from comfyfleet import AsyncClient, Client
 from comfyfleet.sdk import (
     Conflict,
+    InputFileError,
     InvalidWorkflow,
     NotFound,
     ServerUnreachable,
@@ -153,3 +154,15 @@ async def test_api_key_from_the_environment(tmp_path: Path, monkeypatch: pytest.
         transport = httpx.ASGITransport(app=fleet.runtime.app)
         async with AsyncClient("http://in-process", api_key="k-123", transport=transport) as direct:
             assert (await direct.get(task.id)).id == task.id
+
+
+async def test_a_missing_input_file_is_the_sdks_own_error(tmp_path: Path) -> None:
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}}}
+    missing = tmp_path / "photos" / "cat.png"
+    with Client("127.0.0.1:9") as client, pytest.raises(InputFileError) as error:
+        client.submit(graph, inputs={"cat.png": missing})  # refused before any request is made
+    assert isinstance(error.value, comfyfleet.ComfyfleetError)
+    assert str(missing) in str(error.value)
+    assert "No such file" in error.value.reason
+    with Client("127.0.0.1:9") as client, pytest.raises(InputFileError, match="Is a directory"):
+        client.submit(graph, inputs={"cat.png": tmp_path})

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import httpx
 
-from comfyfleet.sdk.errors import ComfyfleetError, ServerUnreachable, api_error
+from comfyfleet.sdk.errors import ComfyfleetError, InputFileError, ServerUnreachable, api_error
 from comfyfleet.sdk.models import Task, TaskEvent, TaskPage
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -121,10 +121,17 @@ def encode_inputs(inputs: InputFiles | None) -> list[dict[str, Any]] | None:
                 encoded.append({"name": str(name), "url": source})
                 continue
             else:
-                data = Path(source).read_bytes()
+                data = _read_input_file(str(name), source)
             encoded.append({"name": str(name), "data": base64.b64encode(data).decode("ascii")})
         return encoded
     return [dict(entry) for entry in inputs]
+
+
+def _read_input_file(name: str, source: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise InputFileError(name, os.fspath(source), exc.strerror or str(exc)) from exc
 
 
 def submission(

@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from comfyfleet.humanize import ago
+from comfyfleet.sdk._core import client_config_path
 from comfyfleet.sdk.client import Client
 from comfyfleet.sdk.errors import (
     ApiError,
@@ -37,6 +38,7 @@ from comfyfleet.sdk.errors import (
     InvalidRequest,
     InvalidWorkflow,
     ServerUnreachable,
+    Unauthorized,
     WaitTimeout,
 )
 from comfyfleet.sdk.models import Task, TaskEvent
@@ -47,6 +49,9 @@ EXIT_UNREACHABLE = 3
 EXIT_REJECTED = 4
 EXIT_TIMEOUT = 5
 EXIT_INTERRUPTED = 130
+
+# From this width on, list tables show every column; narrower terminals (80 columns) get the essential ones.
+WIDE_TABLE_COLUMNS = 120
 
 UI_FORMAT_HELP = (
     "comfyfleet runs workflows in ComfyUI's API format. Export that format from ComfyUI: in the new "
@@ -87,12 +92,23 @@ def _reporting() -> Iterator[None]:
             where = ".".join(str(part) for part in entry.get("loc", []))
             err.print(f"  {escape(where)}: {escape(str(entry.get('message', '')))}")
         raise typer.Exit(EXIT_REJECTED) from None
+    except Unauthorized as exc:
+        _fail(str(exc), EXIT_REJECTED, _unauthorized_hint(exc.status))
     except ApiError as exc:
         _fail(str(exc), EXIT_REJECTED)
     except WaitTimeout as exc:
         _fail(str(exc), EXIT_TIMEOUT, f"Follow it later with: comfyfleet tasks show {exc.task_id}")
     except ComfyfleetError as exc:
         _fail(str(exc), EXIT_USAGE)
+
+
+def _unauthorized_hint(status: int) -> str:
+    if status == 403:
+        return "This API key may not do that; an admin key can."
+    return (
+        f"The server needs a valid API key: pass it with --api-key KEY or set COMFYFLEET_API_KEY "
+        f"(or 'api_key' in {client_config_path()})."
+    )
 
 
 def graph_error_lines(errors: list[dict[str, Any]]) -> list[str]:
@@ -368,6 +384,15 @@ def _progress_text(task: Task) -> str:
     return (task.error_kind or task.error or "")[:60]
 
 
+def _list_table(columns: list[str], *, keep_whole: set[str]) -> Table:
+    """One line per row at any terminal width: the columns in ``keep_whole`` (ids people copy, short states)
+    are never cut; the others are shortened with an ellipsis to fit."""
+    table = Table(box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="ellipsis" if column not in keep_whole else "fold")
+    return table
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -383,24 +408,14 @@ def run_tasks_list(
     if not page.tasks:
         out.print("no tasks" + (f" with status {status}" if status else ""))
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("ID", "STATUS", "PRIORITY", "WORKFLOW", "WORKER", "CREATED", "PROGRESS"):
-        table.add_column(column, no_wrap=column in {"ID", "STATUS"})
+    wide = out.width >= WIDE_TABLE_COLUMNS
+    columns = ["ID", "STATUS", "PRI", "AGE", *(["WORKFLOW", "WORKER"] if wide else []), "PROGRESS"]
+    table = _list_table(columns, keep_whole={"ID", "STATUS", "PRI", "AGE"})
     for task in page.tasks:
-        table.add_row(
-            *(
-                escape(cell)
-                for cell in (
-                    task.id,
-                    task.status,
-                    str(task.priority),
-                    task.workflow_id or "-",
-                    task.worker_id or "-",
-                    ago(task.created_at),
-                    _progress_text(task),
-                )
-            )
-        )
+        cells = [task.id, task.status, str(task.priority), ago(task.created_at)]
+        if wide:
+            cells += [task.workflow_id or "-", task.worker_id or "-"]
+        table.add_row(*(escape(cell) for cell in [*cells, _progress_text(task)]))
     out.print(table)
 
 
@@ -493,27 +508,21 @@ def run_workers_list(*, as_json: bool, server: str | None, api_key: str | None) 
     if not workers:
         out.print("no workers")
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("ID", "POOL", "PROVIDER", "STATE", "ENDPOINT", "TASKS", "MODELS"):
-        table.add_column(column, no_wrap=column in {"ID", "STATE"})
+    wide = out.width >= WIDE_TABLE_COLUMNS
+    columns = ["ID", "POOL", *(["PROVIDER"] if wide else []), "STATE", "TASKS", *(["ENDPOINT"] if wide else [])]
+    table = _list_table([*columns, "MODELS"], keep_whole={"ID", "STATE", "TASKS"})
     for worker in workers:
         tasks = worker.get("current_task_ids") or (
             [worker["current_task_id"]] if worker.get("current_task_id") else []
         )
-        table.add_row(
-            *(
-                escape(cell)
-                for cell in (
-                    str(worker.get("id")),
-                    str(worker.get("pool") or "-"),
-                    str(worker.get("provider") or "-"),
-                    str(worker.get("state") or worker.get("status") or "-"),
-                    str(worker.get("endpoint") or "-"),
-                    str(len(tasks)),
-                    ", ".join(worker.get("loaded_models") or []) or "-",
-                )
-            )
-        )
+        cells = [str(worker.get("id")), str(worker.get("pool") or "-")]
+        if wide:
+            cells.append(str(worker.get("provider") or "-"))
+        cells += [str(worker.get("state") or worker.get("status") or "-"), str(len(tasks))]
+        if wide:
+            cells.append(str(worker.get("endpoint") or "-"))
+        cells.append(", ".join(worker.get("loaded_models") or []) or "-")
+        table.add_row(*(escape(cell) for cell in cells))
     out.print(table)
 
 

@@ -22,6 +22,17 @@ class ServerUnreachable(ComfyfleetError):
         self.reason = reason
 
 
+class InputFileError(ComfyfleetError):
+    """A local file given as a task input cannot be read (missing, a directory, no permission): nothing was
+    sent to the server."""
+
+    def __init__(self, name: str, path: str, reason: str) -> None:
+        super().__init__(f"cannot read the input file {path!r} for input {name!r}: {reason}")
+        self.name = name
+        self.path = path
+        self.reason = reason
+
+
 class WaitTimeout(ComfyfleetError, TimeoutError):
     """The task did not end within the time the caller was willing to wait (it keeps running)."""
 
