@@ -227,7 +227,8 @@ async def test_restart_adopts_its_processes_and_reaps_strangers(
     process exists), and a record whose process died; plus a process with our markers that no record knows."""
     pool_config = process_pool(tmp_path, max_workers=3, idle_timeout_s=60)
     config = settings(namespace, pools=[pool_config])
-    context = ProviderContext(namespace=namespace, state_dir=tmp_path)
+    installation = await sqlite_store.installation_id()
+    context = ProviderContext(installation=installation, namespace=namespace, state_dir=tmp_path)
     from comfyfleet.config import PoolConfig
 
     outside = build_provider(PoolConfig.model_validate(pool_config), context)
@@ -316,7 +317,7 @@ async def test_novita_create_pulling_running_then_deleted_when_idle(
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the cloud worker is ready")
         worker = fleet.usable_workers()[0]
         instance = novita.instances[str(worker.provider_id)]
-        assert instance.name == f"{namespace}-{worker.id}"
+        assert instance.name == f"{namespace}-{await sqlite_store.installation_id()}-{worker.id}"
         assert instance.history[:4] == ["toCreate", "creating", "pulling", "running"]
         assert instance.comfy is not None
         assert worker.endpoint == instance.comfy.url
@@ -366,17 +367,26 @@ async def test_novita_reaper_deletes_an_unknown_instance_with_our_prefix(
         "kind": "gpu",
         "ports": "8188/http",
     }
+    installation = await sqlite_store.installation_id()
+    names = {
+        "ours": f"{namespace}-{installation}-cloud-0123456789",
+        "foreign": "someone-elses-box",
+        # Same namespace and pool, another installation (another store): not ours to reap.
+        "neighbour": f"{namespace}-{'f' * 16}-cloud-0123456789",
+    }
     async with httpx.AsyncClient(base_url=novita.api_base, headers=headers) as api:
-        ours = (
-            await api.post("/gpu/instance/create", json={**body, "name": f"{namespace}-cloud-0123456789"})
-        ).json()
-        foreign = (await api.post("/gpu/instance/create", json={**body, "name": "someone-elses-box"})).json()
+        created = {
+            key: (await api.post("/gpu/instance/create", json={**body, "name": name})).json()["id"]
+            for key, name in names.items()
+        }
     async with running_fleet(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
         await eventually(
-            lambda: _removing(novita, ours["id"]), "the unknown instance with our prefix is deleted"
+            lambda: _removing(novita, created["ours"]), "the unknown instance with our prefix is deleted"
         )
         assert fleet.workers() == []
-    assert novita.instances[foreign["id"]].status not in ("toRemove", "removing", "removed")
+        assert await fleet.reap() == 0, "nothing else is ours to reap"
+    for key in ("foreign", "neighbour"):
+        assert novita.instances[created[key]].status not in ("toRemove", "removing", "removed"), key
 
 
 async def _removing(novita: NovitaEmulator, instance_id: str) -> bool:
