@@ -126,6 +126,7 @@ class Reaper:
                 continue
             reaped += await self.reap_pool(pool_name, instances)
         await self._prune_terminated()
+        logger.debug("fleet_reap_pass reaped=%d", reaped)
         return reaped
 
     async def reap_pool(self, pool_name: str, instances: Iterable[Instance]) -> int:
