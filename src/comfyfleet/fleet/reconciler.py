@@ -176,10 +176,13 @@ class Reconciler:
                 for _ in range(action.count):
                     self._spawn(self._start_worker(pool_name), f"start-{pool_name}")
         busy_in_store: set[str] | None = None
+        seen = {view.id: view.state for view in snapshot.workers}
         for stop in [action for action in actions if isinstance(action, StopWorker)]:
             worker = self._registry.workers.get(stop.worker_id)
             if worker is None or worker.id in self._registry.inflight:
                 continue
+            if worker.state is not seen.get(worker.id):
+                continue  # it changed while this pass awaited the store (taken a task, undrained): decide again
             if stop.reason not in ("failed",):
                 # Never stop a worker that a dispatcher (in any replica) still has a task on.
                 if busy_in_store is None:

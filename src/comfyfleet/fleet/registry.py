@@ -214,9 +214,9 @@ class WorkerRegistry:
         logger.info("worker_draining worker_id=%s", worker.id)
 
     async def undrain(self, worker: Worker) -> None:
-        """A ``draining`` worker goes back to ``idle``/``busy``; it is handed tasks again once a probe in this
-        process passed (at once if the last one did). Raises :class:`WorkerStateConflict` when its stop has
-        already begun."""
+        """A ``draining`` worker goes back to ``idle``/``busy``; it is handed tasks again once it is healthy: at
+        once if its last probe passed, else when the probe made now passes. Raises
+        :class:`WorkerStateConflict` when its stop has already begun."""
         if not self.is_leader:
             await self.request_from_leader(worker, UNDRAIN_REQUESTED, "undrain requested")
             return
@@ -227,6 +227,8 @@ class WorkerRegistry:
             raise WorkerStateConflict(f"worker {worker.id!r} is already being terminated")
         if worker.info.pop("recycled_after_tasks", None) is not None:
             worker.info["tasks_given"] = 0  # recycled by count: the count starts again, or it drains at once
+        if worker.health_failures or worker.id in self.suspect:
+            self.verified.discard(worker.id)  # back in use only once a probe passes
         self.transition(worker, WorkerState.BUSY if worker.current_task_ids else WorkerState.IDLE)
         await self.write(worker)
         self._signals.changed()
