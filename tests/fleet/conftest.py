@@ -23,8 +23,14 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def provider_context(namespace: str, tmp_path: Path) -> ProviderContext:
-    return ProviderContext(namespace=namespace, state_dir=tmp_path / "workers")
+def installation() -> str:
+    """An installation id of this test's own (a store makes one at its first migration)."""
+    return uuid.uuid4().hex[:16]
+
+
+@pytest.fixture
+def provider_context(namespace: str, installation: str, tmp_path: Path) -> ProviderContext:
+    return ProviderContext(installation=installation, namespace=namespace, state_dir=tmp_path / "workers")
 
 
 @pytest.fixture

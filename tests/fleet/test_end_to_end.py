@@ -284,6 +284,7 @@ async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_contai
             labels = container["Labels"]
             assert labels["comfyfleet.pool"] == "dock"
             assert labels["comfyfleet.worker-id"] in {w.id for w in svc.fleet.workers()}
+            assert labels["comfyfleet.installation"] == await svc.runtime.store.installation_id()
         # comfyfleet stops mid-run (tasks still pending or running); the containers stay up.
     assert {c["Id"] for c in containers(namespace)} == created
     async with service(tmp_path, namespace, pool) as svc:

@@ -227,7 +227,8 @@ async def test_restart_adopts_its_processes_and_reaps_strangers(
     process exists), and a record whose process died; plus a process with our markers that no record knows."""
     pool_config = process_pool(tmp_path, max_workers=3, idle_timeout_s=60)
     config = settings(namespace, pools=[pool_config])
-    context = ProviderContext(namespace=namespace, state_dir=tmp_path)
+    installation = await sqlite_store.installation_id()
+    context = ProviderContext(installation=installation, namespace=namespace, state_dir=tmp_path)
     from comfyfleet.config import PoolConfig
 
     outside = build_provider(PoolConfig.model_validate(pool_config), context)
@@ -316,7 +317,7 @@ async def test_novita_create_pulling_running_then_deleted_when_idle(
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the cloud worker is ready")
         worker = fleet.usable_workers()[0]
         instance = novita.instances[str(worker.provider_id)]
-        assert instance.name == f"{namespace}-{worker.id}"
+        assert instance.name == f"{namespace}-{await sqlite_store.installation_id()}-{worker.id}"
         assert instance.history[:4] == ["toCreate", "creating", "pulling", "running"]
         assert instance.comfy is not None
         assert worker.endpoint == instance.comfy.url
@@ -366,17 +367,26 @@ async def test_novita_reaper_deletes_an_unknown_instance_with_our_prefix(
         "kind": "gpu",
         "ports": "8188/http",
     }
+    installation = await sqlite_store.installation_id()
+    names = {
+        "ours": f"{namespace}-{installation}-cloud-0123456789",
+        "foreign": "someone-elses-box",
+        # Same namespace and pool, another installation (another store): not ours to reap.
+        "neighbour": f"{namespace}-{'f' * 16}-cloud-0123456789",
+    }
     async with httpx.AsyncClient(base_url=novita.api_base, headers=headers) as api:
-        ours = (
-            await api.post("/gpu/instance/create", json={**body, "name": f"{namespace}-cloud-0123456789"})
-        ).json()
-        foreign = (await api.post("/gpu/instance/create", json={**body, "name": "someone-elses-box"})).json()
+        created = {
+            key: (await api.post("/gpu/instance/create", json={**body, "name": name})).json()["id"]
+            for key, name in names.items()
+        }
     async with running_fleet(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
         await eventually(
-            lambda: _removing(novita, ours["id"]), "the unknown instance with our prefix is deleted"
+            lambda: _removing(novita, created["ours"]), "the unknown instance with our prefix is deleted"
         )
         assert fleet.workers() == []
-    assert novita.instances[foreign["id"]].status not in ("toRemove", "removing", "removed")
+        assert await fleet.reap() == 0, "nothing else is ours to reap"
+    for key in ("foreign", "neighbour"):
+        assert novita.instances[created[key]].status not in ("toRemove", "removing", "removed"), key
 
 
 async def _removing(novita: NovitaEmulator, instance_id: str) -> bool:
@@ -422,3 +432,84 @@ async def test_only_the_leader_starts_workers(
             follower, lambda: other.id not in {w.id for w in follower.usable_workers()}, "follower sees it"
         )
         assert (await postgres_store.get_worker(busy.id)).state in (WorkerState.IDLE, WorkerState.BUSY)
+
+
+# -- undrain ------------------------------------------------------------------------------------------------------
+
+
+async def _passes_since(fleet: FleetManager, before: int, count: int) -> bool:
+    return fleet.reconcile_passes >= before + count
+
+
+async def test_a_drained_static_worker_is_undrained_back_to_idle_or_busy(
+    sqlite_store: Store, namespace: str
+) -> None:
+    from comfyfleet.fleet.errors import UnknownWorker
+
+    async with (
+        EmulatorServer(EmulatorOptions()) as comfy,
+        running_fleet(settings(namespace, workers=[comfy.url]), sqlite_store) as fleet,
+    ):
+        await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the static worker is usable")
+        worker = fleet.usable_workers()[0]
+        assert (await fleet.drain(worker.id)).state is WorkerState.DRAINING
+        assert fleet.usable_workers() == []
+        passes = fleet.reconcile_passes
+        await eventually(lambda: _passes_since(fleet, passes, 3), "the reconciler ran")
+        assert worker.state is WorkerState.DRAINING, "a static worker is never stopped: it waits"
+
+        assert (await fleet.undrain(worker.id)).state is WorkerState.IDLE
+        await wait_for(fleet, lambda: fleet.usable_workers() == [worker], "handed out again")
+        assert (await sqlite_store.get_worker(worker.id)).state is WorkerState.IDLE
+        assert (await fleet.undrain(worker.id)).state is WorkerState.IDLE, "not draining: unchanged"
+
+        # One holding a task goes back to busy, and keeps its task.
+        await fleet.set_assignments(worker.id, ["task-1"])
+        await fleet.drain(worker.id)
+        assert (await fleet.undrain(worker.id)).state is WorkerState.BUSY
+        assert worker.current_task_ids == ["task-1"]
+        with pytest.raises(UnknownWorker):
+            await fleet.undrain("default-0000000000")
+
+
+async def test_undrain_refuses_a_worker_whose_stop_has_begun(
+    sqlite_store: Store, namespace: str, novita: NovitaEmulator
+) -> None:
+    from comfyfleet.fleet.errors import WorkerStateConflict
+
+    pool = novita_pool(novita, min_workers=1, idle_timeout_s=600)
+    async with running_fleet(settings(namespace, pools=[pool]), sqlite_store) as fleet:
+        await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the cloud worker is ready")
+        worker = fleet.usable_workers()[0]
+        await fleet.drain(worker.id)  # holds no task: the reconciler stops it
+        await eventually(
+            lambda: _stored_state(sqlite_store, worker.id, WorkerState.TERMINATED), "drained and terminated"
+        )
+        with pytest.raises(WorkerStateConflict, match="terminated: it cannot be undrained"):
+            await fleet.undrain(worker.id)
+
+
+@pytest.mark.postgres
+async def test_undrain_on_a_follower_is_carried_out_by_the_leader(
+    postgres_store: Store, postgres_url: str, namespace: str
+) -> None:
+    from comfyfleet.store import open_store
+
+    async with EmulatorServer(EmulatorOptions()) as comfy:
+        config = settings(namespace, workers=[comfy.url])
+        async with (
+            open_store(postgres_url) as second_store,
+            running_fleet(config, postgres_store) as first,
+            running_fleet(config, second_store) as second,
+        ):
+            await wait_for(first, lambda: len(first.usable_workers()) == 1, "usable")
+            await wait_for(second, lambda: len(second.usable_workers()) == 1, "the follower sees it")
+            leader, follower = (first, second) if first.is_leader else (second, first)
+            worker_id = follower.usable_workers()[0].id
+            await follower.drain(worker_id)
+            await wait_for(leader, lambda: leader.worker(worker_id).state is WorkerState.DRAINING, "drained")
+            await wait_for(follower, lambda: follower.usable_workers() == [], "the follower sees it draining")
+            assert (await follower.undrain(worker_id)).state is WorkerState.DRAINING, "left for the leader"
+            await wait_for(leader, lambda: leader.worker(worker_id).state is WorkerState.IDLE, "undrained")
+            await wait_for(follower, lambda: len(follower.usable_workers()) == 1, "usable again everywhere")
+            assert (await postgres_store.get_worker(worker_id)).state is WorkerState.IDLE

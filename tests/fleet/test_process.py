@@ -4,6 +4,9 @@ file per worker, SIGKILL after the grace when SIGTERM is ignored, placeholders c
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -39,6 +42,18 @@ def pid_of(provider_id: str) -> int:
     return int(provider_id.split("@")[0])
 
 
+async def environ_of(provider_id: str) -> dict[str, str]:
+    """The worker's environment once it runs its command (right after the fork it still shows ours)."""
+    found: dict[str, str] = {}
+
+    async def executed() -> bool:
+        found.update(psutil.Process(pid_of(provider_id)).environ())
+        return "COMFYFLEET_WORKER_ID" in found
+
+    await eventually(executed, f"process {provider_id} runs its command")
+    return found
+
+
 async def test_each_worker_gets_its_own_gpu_and_a_log(
     provider_context: ProviderContext, tmp_path: Path
 ) -> None:
@@ -53,13 +68,14 @@ async def test_each_worker_gets_its_own_gpu_and_a_log(
         second = await provider.create("gpu-00000000a2")
         with pytest.raises(ProviderRejected, match="every configured GPU already has a worker"):
             await provider.create("gpu-00000000a3")
-        environments = [psutil.Process(pid_of(h.provider_id)).environ() for h in (first, second)]
+        environments = [await environ_of(h.provider_id) for h in (first, second)]
         assert [env["CUDA_VISIBLE_DEVICES"] for env in environments] == ["0", "1,2"]
         assert all(env["EXTRA"] == "yes" for env in environments)
         assert [env["COMFYFLEET_WORKER_ID"] for env in environments] == ["gpu-00000000a1", "gpu-00000000a2"]
+        assert {env["COMFYFLEET_INSTALLATION"] for env in environments} == {provider_context.installation}
         await provider.terminate(first.provider_id)
         third = await provider.create("gpu-00000000a3")  # the freed GPU is handed out again
-        assert psutil.Process(pid_of(third.provider_id)).environ()["CUDA_VISIBLE_DEVICES"] == "0"
+        assert (await environ_of(third.provider_id))["CUDA_VISIBLE_DEVICES"] == "0"
         log = tmp_path / "logs" / "gpu-00000000a2.log"
         port = second.endpoint.rsplit(":", 1)[1] if second.endpoint else "?"
         await eventually(
@@ -91,3 +107,28 @@ def test_the_command_must_take_a_port(provider_context: ProviderContext) -> None
             pool("gpu", "process", {"command": "python main.py --port {port} --gpu {gpu_id}"}),
             provider_context,
         )
+
+
+async def test_an_exit_we_did_not_ask_for_is_logged_with_its_signal(
+    provider_context: ProviderContext, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="comfyfleet.fleet.providers.process")
+    settings = {"command": SLEEPER, "log_dir": str(tmp_path), "terminate_grace_s": 3}
+    async with build_provider(pool("gpu", "process", settings), provider_context) as provider:
+        killed = await provider.create("gpu-00000000c1")
+        stopped = await provider.create("gpu-00000000c2")
+        await environ_of(killed.provider_id)
+        os.kill(pid_of(killed.provider_id), signal.SIGKILL)
+        expected = (
+            f"worker_process_killed worker_id=gpu-00000000c1 pid={pid_of(killed.provider_id)} signal=SIGKILL"
+        )
+
+        async def logged() -> bool:
+            return expected in caplog.messages
+
+        await eventually(logged, "the killed worker is logged")
+        assert "exited on SIGKILL" in str((await provider.describe(killed.provider_id)).error)
+        await provider.terminate(stopped.provider_id)  # our own SIGTERM: nothing to report
+        await provider.terminate(killed.provider_id)
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert [record.getMessage() for record in warnings] == [expected]

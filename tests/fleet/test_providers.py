@@ -5,6 +5,7 @@ carries our labels / prefix, a fresh provider object rediscovers it, terminate i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -24,7 +25,7 @@ class Kind:
     managed: bool  # comfyfleet starts and stops the instance (everything but static)
     ready_later: bool  # create returns before the ComfyUI answers (checked right after create)
     unknown_id: str
-    open: Callable[[str], Awaitable[Provider]]
+    open: Callable[..., Awaitable[Provider]]  # (pool name, installation=this test's) -> an entered provider
     # Novita deletes asynchronously (toRemove → removing → removed): true once the emulator finished.
     finished: Callable[[str], bool] = lambda provider_id: True
 
@@ -55,8 +56,11 @@ async def kind(
     async with AsyncExitStack() as stack:
         opened: list[Provider] = []
 
-        async def open_provider(pool_name: str) -> Provider:
-            provider = build_provider(pool(pool_name, name, settings), provider_context)
+        async def open_provider(pool_name: str, installation: str | None = None) -> Provider:
+            context = provider_context
+            if installation is not None:
+                context = dataclasses.replace(provider_context, installation=installation)
+            provider = build_provider(pool(pool_name, name, settings), context)
             await stack.enter_async_context(provider)
             opened.append(provider)
             return provider
@@ -140,6 +144,21 @@ async def test_list_ours_finds_this_pool_only_and_a_fresh_provider_rediscovers(k
         await eventually(
             lambda: _gone(again, handle.provider_id), "terminated through the second provider object"
         )
+
+
+async def test_list_ours_leaves_another_installations_instances_alone(kind: Kind) -> None:
+    """Same namespace, same pool name, another store: neither lists (so neither reaps) the other's instance."""
+    if not kind.managed:
+        pytest.skip("a static pool has no instances of its own")
+    ours = await kind.open("pool-a")
+    neighbour = await kind.open("pool-a", installation=uuid.uuid4().hex[:16])
+    mine = await ours.create(new_worker_id("pool-a"))
+    theirs = await neighbour.create(new_worker_id("pool-a"))
+    assert {i.provider_id for i in await ours.list_ours()} == {mine.provider_id}
+    assert {i.provider_id for i in await neighbour.list_ours()} == {theirs.provider_id}
+    # A restart of the same installation (a fresh provider object, the same store) still finds its own.
+    again = await kind.open("pool-a")
+    assert {i.provider_id for i in await again.list_ours()} == {mine.provider_id}
 
 
 async def _gone(provider: Provider, provider_id: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +19,8 @@ from comfyfleet.store import (
     NotFound,
     StaleLease,
     Store,
+    StoreUnavailable,
+    open_store,
 )
 
 PAYLOAD: dict[str, Any] = {
@@ -530,3 +533,30 @@ async def test_store_is_ready_once_migrated(store: Store) -> None:
     assert await store.is_ready()
     assert await store.migrate() == []
     assert await store.try_leader("autoscaler")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def two_store_urls(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, str]:
+    """Two separate stores of one backend: the first without its schema yet."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'one.db'}", f"sqlite:///{tmp_path / 'two.db'}"
+    return request.getfixturevalue("empty_postgres_url"), request.getfixturevalue("postgres_url")
+
+
+async def test_installation_id_is_made_by_the_migrations_kept_across_reopen_and_differs_per_store(
+    two_store_urls: tuple[str, str],
+) -> None:
+    first_url, second_url = two_store_urls
+    async with open_store(first_url) as first:
+        with pytest.raises(StoreUnavailable, match="migrate"):
+            await first.installation_id()
+        await first.migrate()
+        identity = await first.installation_id()
+        assert re.fullmatch(r"[0-9a-f]{16}", identity), identity
+        assert await first.installation_id() == identity
+    async with open_store(first_url) as reopened:
+        assert await reopened.migrate() == []
+        assert await reopened.installation_id() == identity
+    async with open_store(second_url) as second:
+        await second.migrate()
+        assert await second.installation_id() != identity

@@ -36,7 +36,10 @@ _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.BUSY: frozenset(
         {WorkerState.IDLE, WorkerState.DRAINING, WorkerState.TERMINATING, WorkerState.FAILED}
     ),
-    WorkerState.DRAINING: frozenset({WorkerState.TERMINATING, WorkerState.FAILED}),
+    # Back to idle/busy: an operator's undrain (a drained static worker is never terminated otherwise).
+    WorkerState.DRAINING: frozenset(
+        {WorkerState.IDLE, WorkerState.BUSY, WorkerState.TERMINATING, WorkerState.FAILED}
+    ),
     WorkerState.TERMINATING: frozenset({WorkerState.TERMINATED, WorkerState.FAILED}),
     WorkerState.TERMINATED: frozenset(),
     WorkerState.FAILED: frozenset({WorkerState.TERMINATING, WorkerState.TERMINATED}),

@@ -1,7 +1,7 @@
 """The autoscaler's decision: a pure function from a pool's snapshot and policy to actions.
 
-:func:`decide` reads nothing and changes nothing, so it is tested table-driven without fakes; the worker
-manager's reconciler (``fleet/manager.py``) builds the snapshots from the store and carries the actions out.
+:func:`decide` reads nothing and changes nothing, so it is tested table-driven without fakes; the fleet's
+reconciler (``fleet/reconciler.py``) builds the snapshots from the store and carries the actions out.
 
 Rules, per pool:
 - Capacity is every worker that is ``pending``, ``starting``, ``idle`` or ``busy``: a worker still starting
@@ -128,7 +128,6 @@ def _seconds_since(moment: datetime | None, now: datetime) -> float:
 
 def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
     """What to do now for one pool (see the module docstring for the rules)."""
-    now = snapshot.now
     actions: list[Action] = []
     for worker in snapshot.workers:
         if worker.state is WorkerState.FAILED:
@@ -138,47 +137,46 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
 
     capacity = [worker for worker in snapshot.workers if worker.state in CAPACITY_STATES]
     target = wanted_workers(snapshot, policy)
-    live = len(capacity)
+    if target > len(capacity):
+        actions.append(_scale_up(snapshot, policy, target, live=len(capacity)))
+    elif len(capacity) > target:
+        actions.extend(_scale_down(snapshot, policy, capacity, excess=len(capacity) - target))
+    return actions
 
-    if target > live:
-        backoff = start_backoff_s(snapshot.failed_starts, policy)
-        since_failure = _seconds_since(snapshot.last_failed_start_at, now)
-        since_up = _seconds_since(snapshot.last_scale_up_at, now)
-        if snapshot.failed_starts and since_failure < backoff:
-            assert snapshot.last_failed_start_at is not None
-            until = snapshot.last_failed_start_at + _delta(backoff)
-            actions.append(
-                Hold(snapshot.pool, f"backing off after {snapshot.failed_starts} failed start(s)", until)
-            )
-        elif since_up < policy.scale_up_cooldown_s:
-            assert snapshot.last_scale_up_at is not None
-            until = snapshot.last_scale_up_at + _delta(policy.scale_up_cooldown_s)
-            actions.append(Hold(snapshot.pool, "scale-up cooldown", until))
-        else:
-            # max_workers caps the instances that exist: a draining or stopping worker still holds its GPU and
-            # is still billed, so its replacement waits until it is gone.
-            existing = sum(1 for worker in snapshot.workers if worker.state is not WorkerState.TERMINATED)
-            count = min(target - live, policy.max_workers - existing)
-            demand = snapshot.pending_tasks + snapshot.running_tasks
-            if count > 0:
-                actions.append(
-                    StartWorkers(snapshot.pool, count, f"demand {demand}, capacity {live}, target {target}")
-                )
-            else:
-                actions.append(
-                    Hold(
-                        snapshot.pool, f"at max_workers {policy.max_workers} until a stopping worker is gone"
-                    )
-                )
-        return actions
 
-    if live <= target:
-        return actions
+def _scale_up(snapshot: PoolSnapshot, policy: ScalingPolicy, target: int, live: int) -> Action:
+    """Start the missing workers, unless backing off after failed starts or cooling down."""
+    now = snapshot.now
+    backoff = start_backoff_s(snapshot.failed_starts, policy)
+    if snapshot.failed_starts and _seconds_since(snapshot.last_failed_start_at, now) < backoff:
+        assert snapshot.last_failed_start_at is not None
+        until = snapshot.last_failed_start_at + _delta(backoff)
+        return Hold(snapshot.pool, f"backing off after {snapshot.failed_starts} failed start(s)", until)
+    if _seconds_since(snapshot.last_scale_up_at, now) < policy.scale_up_cooldown_s:
+        assert snapshot.last_scale_up_at is not None
+        return Hold(
+            snapshot.pool, "scale-up cooldown", snapshot.last_scale_up_at + _delta(policy.scale_up_cooldown_s)
+        )
+    # max_workers caps the instances that exist: a draining or stopping worker still holds its GPU and is
+    # still billed, so its replacement waits until it is gone.
+    existing = sum(1 for worker in snapshot.workers if worker.state is not WorkerState.TERMINATED)
+    count = min(target - live, policy.max_workers - existing)
+    if count <= 0:
+        return Hold(snapshot.pool, f"at max_workers {policy.max_workers} until a stopping worker is gone")
+    demand = snapshot.pending_tasks + snapshot.running_tasks
+    return StartWorkers(snapshot.pool, count, f"demand {demand}, capacity {live}, target {target}")
 
-    excess = live - target
-    stopping: list[str] = []
+
+def _scale_down(
+    snapshot: PoolSnapshot, policy: ScalingPolicy, capacity: list[WorkerView], excess: int
+) -> list[Action]:
+    """Above max_workers, idle then still-starting workers go at once; below it, idle ones past their
+    timeout, outside the scale-down cooldown. Never a busy one."""
+    now = snapshot.now
+    stops: list[Action] = []
+    stopping: set[str] = set()
     # The config shrank below what runs: idle workers first, then ones still starting (newest first).
-    over_max = max(live - policy.max_workers, 0)
+    over_max = max(len(capacity) - policy.max_workers, 0)
     if over_max:
         idle = sorted(
             (w for w in capacity if w.state is WorkerState.IDLE and not w.busy),
@@ -190,12 +188,12 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
             reverse=True,
         )
         for worker in [*idle, *booting][:over_max]:
-            actions.append(StopWorker(snapshot.pool, worker.id, f"above max_workers {policy.max_workers}"))
-            stopping.append(worker.id)
+            stops.append(StopWorker(snapshot.pool, worker.id, f"above max_workers {policy.max_workers}"))
+            stopping.add(worker.id)
         excess -= len(stopping)
 
     if excess <= 0 or _seconds_since(snapshot.last_scale_down_at, now) < policy.scale_down_cooldown_s:
-        return actions
+        return stops
     expired = sorted(
         (
             w
@@ -208,14 +206,9 @@ def decide(snapshot: PoolSnapshot, policy: ScalingPolicy) -> list[Action]:
         key=lambda w: -w.idle_for_s(now),
     )
     for worker in expired[:excess]:
-        actions.append(
-            StopWorker(
-                snapshot.pool,
-                worker.id,
-                f"idle for {worker.idle_for_s(now):.1f}s >= {policy.idle_timeout_s}s",
-            )
-        )
-    return actions
+        reason = f"idle for {worker.idle_for_s(now):.1f}s >= {policy.idle_timeout_s}s"
+        stops.append(StopWorker(snapshot.pool, worker.id, reason))
+    return stops
 
 
 def _delta(seconds: float) -> timedelta:

@@ -283,3 +283,9 @@ class Store(Protocol):
 
     async def try_leader(self, name: str) -> bool:
         """Hold (or keep holding) a named leadership lock: True in exactly one replica at a time."""
+
+    async def installation_id(self) -> str:
+        """This installation's identity: 16 lowercase hex digits made once by the migrations, the same for
+        every replica of the store and across restarts, another for every other store (a copy of the
+        database is the same installation). The worker manager stamps it on every instance it starts.
+        :class:`StoreUnavailable` when the store is not migrated."""

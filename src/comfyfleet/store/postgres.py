@@ -1045,6 +1045,14 @@ class PostgresStore:
                 logger.info("leadership_acquired name=%s", name)
             return acquired
 
+    async def installation_id(self) -> str:
+        row = await self._fetchrow("SELECT id FROM installation")
+        if row is None:
+            raise StoreUnavailable(
+                f"the PostgreSQL store at {self._where} has no installation id: run 'comfyfleet migrate'"
+            )
+        return str(row["id"])
+
     async def _drop_leader_connection(self, *, lost: bool) -> None:
         if self._leaderships:
             if lost:

@@ -1228,6 +1228,14 @@ class SQLiteStore:
         self._check_open()
         return True  # one replica per SQLite file: it leads everything
 
+    async def installation_id(self) -> str:
+        row = await self._read(lambda conn: conn.execute("SELECT id FROM installation").fetchone())
+        if row is None:
+            raise StoreUnavailable(
+                f"the SQLite store {self.path} has no installation id: run 'comfyfleet migrate'"
+            )
+        return str(row[0])
+
 
 def _status_of(conn: sqlite3.Connection, task_id: str, tenant: str | None) -> str | None:
     """A task's status as ``tenant`` sees it (None: unknown to that tenant)."""

@@ -24,10 +24,13 @@ PROVIDERS: dict[str, str] = {
 _EXTRAS = {"docker": "docker"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProviderContext:
-    """What every provider gets besides its pool: the namespace in labels and names, where to keep files."""
+    """What every provider gets besides its pool. ``installation`` (the store's ``installation_id``) is stamped
+    on every instance the provider creates, and ``list_ours`` answers only instances carrying it; ``namespace``
+    goes in labels and names too; ``state_dir`` is where to keep files."""
 
+    installation: str
     namespace: str = "comfyfleet"
     state_dir: Path = Path("comfyfleet-workers")
 

@@ -77,7 +77,9 @@ class Provider(Protocol):
         """Stop and remove the instance. Idempotent: an instance already gone is a success."""
 
     async def list_ours(self) -> list[Instance]:
-        """Every instance of this pool that carries our labels / name prefix, in any state but gone."""
+        """Every instance of this pool that carries this installation's identity and our labels / name
+        prefix, in any state but gone. Another installation's instances are never listed (the reaper would
+        delete them)."""
 
     def adopt(self, provider_id: str, worker_id: str) -> None:
         """The manager keeps this existing instance (found in the store after a restart) for ``worker_id``."""

@@ -1,7 +1,9 @@
 """``docker``: ComfyUI containers through the Docker Engine API (the Docker SDK, extra ``docker``).
 
-- Labels ``comfyfleet.managed=true``, ``comfyfleet.namespace``, ``comfyfleet.worker-id``, ``comfyfleet.pool``
-  (plus any configured): how ``list_ours`` finds containers after a restart, and how the reaper knows them.
+- Labels ``comfyfleet.managed=true``, ``comfyfleet.namespace``, ``comfyfleet.installation``,
+  ``comfyfleet.worker-id``, ``comfyfleet.pool`` (plus any configured): how ``list_ours`` finds containers after a
+  restart, and how the reaper knows them. ``list_ours`` filters on the installation label, so the containers of
+  another installation on the same engine (same namespace and pool names, another store) are never touched.
 - The container port (8188) is published by the engine on a host port it picks (``{"8188/tcp": (host_ip,
   None)}``) and read back from inspect; with ``endpoint: network`` the worker is reached on its container
   address instead (comfyfleet itself running in the same Docker network).
@@ -40,6 +42,7 @@ T = TypeVar("T")
 
 LABEL_MANAGED = "comfyfleet.managed"
 LABEL_NAMESPACE = "comfyfleet.namespace"
+LABEL_INSTALLATION = "comfyfleet.installation"
 LABEL_WORKER = "comfyfleet.worker-id"
 LABEL_POOL = "comfyfleet.pool"
 
@@ -90,6 +93,7 @@ class DockerProvider:
         self.pool = pool.name
         self.settings = parse_pool_settings(DockerSettings, pool)
         self._namespace = context.namespace
+        self._installation = context.installation
         self._client: docker.DockerClient | None = None
 
     async def __aenter__(self) -> Self:
@@ -145,6 +149,7 @@ class DockerProvider:
             **self.settings.labels,
             LABEL_MANAGED: "true",
             LABEL_NAMESPACE: self._namespace,
+            LABEL_INSTALLATION: self._installation,
             LABEL_WORKER: worker_id,
             LABEL_POOL: self.pool,
         }
@@ -291,6 +296,7 @@ class DockerProvider:
             "label": [
                 f"{LABEL_MANAGED}=true",
                 f"{LABEL_NAMESPACE}={self._namespace}",
+                f"{LABEL_INSTALLATION}={self._installation}",
                 f"{LABEL_POOL}={self.pool}",
             ]
         }

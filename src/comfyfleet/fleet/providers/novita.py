@@ -1,8 +1,10 @@
 """``novita``: Novita AI GPU instances over their REST API (``docs/providers.md``; facts in the Novita reference).
 
-- Instances have no labels, so the worker id goes in the name: ``<namespace>-<worker id>`` (the worker id
-  starts with the pool name). ``list_ours`` pages through ``GET /gpu/instances`` with the ``name`` filter and
-  keeps only names of exactly our shape.
+- Instances have no labels, so the installation and the worker id go in the name:
+  ``<namespace>-<installation id>-<worker id>`` (the worker id starts with the pool name; at most 100 characters
+  of the 255 allowed). ``list_ours`` pages through ``GET /gpu/instances`` with the ``name`` filter and keeps
+  only names of exactly our shape, so another installation's instances (same namespace and pool names, another
+  store) are never ours.
 - Create returns ``{"id"}`` at once; the instance then moves ``toCreate → creating → pulling → running``.
   The ComfyUI URL is read from get-instance's ``portMappings[].endpoint`` for port 8188 (the list's items do
   not carry it), with ``https://`` added when it has no scheme; the manager still probes ``/system_stats``.
@@ -128,7 +130,7 @@ class NovitaProvider:
     ) -> None:
         self.pool = pool.name
         self.settings = parse_pool_settings(NovitaSettings, pool)
-        self._prefix = f"{context.namespace}-"
+        self._prefix = f"{context.namespace}-{context.installation}-"
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         key = (

@@ -7,27 +7,32 @@ port chosen here), ``{host}``, ``{python}`` (this interpreter), ``{worker_id}``,
 - ``gpus: [0, 1]``: each worker gets one entry of the list as ``CUDA_VISIBLE_DEVICES`` (a string entry such as
   ``"0,1"`` gives a worker two GPUs); at most one worker per entry at a time.
 - Output goes to ``<log_dir>/<worker_id>.log`` (kept after the worker stops, for post-mortems).
-- Each child runs in its own session (process group) with ``COMFYFLEET_WORKER_ID``, ``COMFYFLEET_POOL`` and
-  ``COMFYFLEET_NAMESPACE`` in its environment: that is how ``list_ours`` finds children left by a comfyfleet
-  that was killed, so a restart adopts or reaps them. The provider id is ``<pid>@<start time>`` so a reused
-  pid is never mistaken for our child.
+- Each child runs in its own session (process group) with ``COMFYFLEET_WORKER_ID``, ``COMFYFLEET_POOL``,
+  ``COMFYFLEET_NAMESPACE`` and ``COMFYFLEET_INSTALLATION`` in its environment: that is how ``list_ours`` finds
+  children left by a comfyfleet that was killed, so a restart adopts or reaps them, and how it leaves alone
+  the children of another installation on the same host (same namespace and pool names, another store). The
+  provider id is ``<pid>@<start time>`` so a reused pid is never mistaken for our child.
 - Terminate: SIGTERM to the group, SIGKILL after ``terminate_grace_s``.
-- A child that dies is seen by the manager (the probe fails and ``describe`` says failed), which fails the
-  worker and lets the autoscaler start a replacement.
+- A child that exits without being asked is logged at once (``worker_process_killed`` with the signal's name,
+  or ``worker_process_exited`` with its exit code): ComfyUI and the emulator exit 0 on SIGTERM, so their own
+  log does not say that someone else stopped them. The manager sees it too (the probe fails and ``describe``
+  says failed), fails the worker and lets the autoscaler start a replacement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, cast
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,9 +44,12 @@ if TYPE_CHECKING:
     from comfyfleet.config import PoolConfig
     from comfyfleet.fleet.providers import ProviderContext
 
+logger = logging.getLogger(__name__)
+
 ENV_WORKER_ID = "COMFYFLEET_WORKER_ID"
 ENV_POOL = "COMFYFLEET_POOL"
 ENV_NAMESPACE = "COMFYFLEET_NAMESPACE"
+ENV_INSTALLATION = "COMFYFLEET_INSTALLATION"
 ENV_PORT = "COMFYFLEET_WORKER_PORT"
 _PLACEHOLDERS = ("port", "host", "python", "worker_id", "pool", "gpu")
 
@@ -92,6 +100,64 @@ def _provider_id(proc: psutil.Process) -> str:
     return f"{proc.pid}@{proc.create_time():.2f}"
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _exit_text(returncode: int) -> str:
+    if returncode < 0:
+        return f"process exited on {_signal_name(-returncode)}"
+    return f"process exited with code {returncode}"
+
+
+class _WorkerProcess(asyncio.SubprocessProtocol):
+    """One child we started. Its exit is seen the moment it happens, and logged unless we asked for it."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.stopping = False  # we sent it SIGTERM / SIGKILL ourselves
+        self._exited = asyncio.Event()
+        self._transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.SubprocessTransport", transport)
+
+    @property
+    def pid(self) -> int:
+        assert self._transport is not None
+        return self._transport.get_pid()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._transport is None else self._transport.get_returncode()
+
+    async def wait(self) -> int | None:
+        await self._exited.wait()
+        return self.returncode
+
+    def process_exited(self) -> None:
+        code = self.returncode
+        self._exited.set()
+        if self._transport is not None:
+            self._transport.close()  # it has exited: this only releases the transport
+        if self.stopping or code is None:
+            return
+        if code < 0:
+            logger.warning(
+                "worker_process_killed worker_id=%s pid=%s signal=%s",
+                self.worker_id,
+                self.pid,
+                _signal_name(-code),
+            )
+        else:
+            logger.warning(
+                "worker_process_exited worker_id=%s pid=%s code=%s", self.worker_id, self.pid, code
+            )
+
+
 class ProcessProvider:
     kind = "process"
 
@@ -99,10 +165,11 @@ class ProcessProvider:
         self.pool = pool.name
         self.settings = parse_pool_settings(ProcessSettings, pool)
         self._namespace = context.namespace
+        self._installation = context.installation
         self._log_dir = (
             Path(self.settings.log_dir) if self.settings.log_dir else context.state_dir / pool.name / "logs"
         )
-        self._children: dict[str, asyncio.subprocess.Process] = {}  # provider id -> our own child
+        self._children: dict[str, _WorkerProcess] = {}  # provider id -> our own child
         self._gpu_of: dict[str, str] = {}  # provider id -> gpu entry
         self._worker_of: dict[str, str] = {}  # provider id -> worker id
 
@@ -147,6 +214,7 @@ class ProcessProvider:
             ENV_WORKER_ID: worker_id,
             ENV_POOL: self.pool,
             ENV_NAMESPACE: self._namespace,
+            ENV_INSTALLATION: self._installation,
             ENV_PORT: str(port),
         }
         if gpu is not None:
@@ -157,11 +225,12 @@ class ProcessProvider:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {shlex.join(command)}\n".encode())
             log.flush()
             try:
-                child = await asyncio.create_subprocess_exec(
+                _, child = await asyncio.get_running_loop().subprocess_exec(
+                    lambda: _WorkerProcess(worker_id),
                     *command,
-                    stdin=asyncio.subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
                     stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
+                    stderr=subprocess.STDOUT,
                     env=env,
                     cwd=self.settings.cwd,
                     start_new_session=True,
@@ -204,7 +273,7 @@ class ProcessProvider:
                 provider_id,
                 InstanceState.FAILED,
                 worker_id=self._worker_of.get(provider_id),
-                error=f"process exited with code {child.returncode}",
+                error=_exit_text(child.returncode),
                 raw_state="exited",
             )
         proc = self._find(provider_id)
@@ -230,6 +299,8 @@ class ProcessProvider:
 
     async def terminate(self, provider_id: str) -> None:
         child = self._children.pop(provider_id, None)
+        if child is not None:
+            child.stopping = True
         self._gpu_of.pop(provider_id, None)
         self._worker_of.pop(provider_id, None)
         proc = self._find(provider_id)
@@ -246,9 +317,7 @@ class ProcessProvider:
         await self._wait_gone(proc, child, 5.0)
 
     @staticmethod
-    async def _wait_gone(
-        proc: psutil.Process, child: asyncio.subprocess.Process | None, timeout_s: float
-    ) -> bool:
+    async def _wait_gone(proc: psutil.Process, child: _WorkerProcess | None, timeout_s: float) -> bool:
         if child is not None:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -274,7 +343,11 @@ class ProcessProvider:
         found: list[Instance] = []
         for proc in psutil.process_iter():
             env = self._env(proc)
-            if env.get(ENV_NAMESPACE) != self._namespace or env.get(ENV_POOL) != self.pool:
+            if (
+                env.get(ENV_INSTALLATION) != self._installation
+                or env.get(ENV_NAMESPACE) != self._namespace
+                or env.get(ENV_POOL) != self.pool
+            ):
                 continue
             try:
                 if proc.status() == psutil.STATUS_ZOMBIE:
