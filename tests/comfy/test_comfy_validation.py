@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comfyfleet.comfy import workflow
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
-from comfyfleet.comfy.emulator.nodes import Catalogue
 from comfyfleet.comfy.errors import MalformedPrompt
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.comfyui.nodes import Catalogue
 
 
 def _without_tracebacks(body: Any) -> Any:
