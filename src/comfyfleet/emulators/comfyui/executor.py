@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from comfyfleet.comfy import workflow
+from comfyfleet.domain.graph import looks_like_link
 from comfyfleet.emulators.comfyui.nodes import NODES_BY_NAME, Model, NodeFailed
 from comfyfleet.emulators.comfyui.run import Crash, Interrupted, PromptRun, as_node_failure
 from comfyfleet.emulators.comfyui.state import ComfyState, QueueItem
@@ -145,7 +146,7 @@ class Executor:
             node = prompt[node_id]
             parts: dict[str, Any] = {}
             for name, value in node["inputs"].items():
-                parts[name] = ["link", signatures[value[0]], value[1]] if workflow.is_link(value) else value
+                parts[name] = ["link", signatures[value[0]], value[1]] if looks_like_link(value) else value
             if node["class_type"] == "LoadImage":
                 path = self.server.annotated_path(str(node["inputs"].get("image", "")), "input")
                 stat = os.stat(path) if path else None
@@ -231,7 +232,7 @@ class Executor:
         if node_id == plan.hang_node:
             await self._hang()
         inputs = {
-            name: run.values[value[0]][value[1]] if workflow.is_link(value) else value
+            name: run.values[value[0]][value[1]] if looks_like_link(value) else value
             for name, value in run.prompt[node_id]["inputs"].items()
         }
         run.current_inputs = _formatted_inputs(run, node_id, inputs)
@@ -340,7 +341,7 @@ def _execution_order(prompt: Mapping[str, Any], outputs: list[str]) -> list[str]
             return
         seen.add(node_id)
         for value in prompt[node_id]["inputs"].values():
-            if workflow.is_link(value):
+            if looks_like_link(value):
                 visit(value[0])
         order.append(node_id)
 
@@ -357,7 +358,7 @@ def _formatted_inputs(run: PromptRun, node_id: str, inputs: Mapping[str, Any]) -
     formatted = {
         name: [_format_value(value)]
         for name, value in inputs.items()
-        if workflow.is_link(node["inputs"][name]) or name in spec.required or name in spec.optional
+        if looks_like_link(node["inputs"][name]) or name in spec.required or name in spec.optional
     }
     for name, kind in spec.hidden.items():
         if kind == "PROMPT":
