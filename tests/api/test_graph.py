@@ -6,15 +6,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from comfyfleet.comfy import workflow
+from comfyfleet.comfy.errors import MalformedPrompt
 from comfyfleet.domain.graph import (
     MAX_REPORTED_ERRORS,
     GraphError,
     GraphErrorType,
+    Link,
+    NotAGraph,
     find_cycle,
+    inputs,
+    is_link,
     iter_links,
+    looks_like_link,
+    nodes,
     validate_graph,
 )
 
@@ -211,6 +220,65 @@ def test_a_dangling_link_is_reported_at_its_input(graph: dict[str, Any], data: s
     assert [(error.node_id, error.input_name, error.type) for error in errors] == [
         (target, "dangling", GraphErrorType.LINK_TO_MISSING_NODE)
     ]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dags())
+def test_one_walk_of_nodes_inputs_and_links(graph: dict[str, Any]) -> None:
+    """The walkers visit every input once, in document order, and a link is exactly an input that is one."""
+    walked = list(inputs(graph))
+    assert [(i.node_id, i.name, i.value) for i in walked] == [
+        (node_id, name, value) for node_id, node in graph.items() for name, value in node["inputs"].items()
+    ]
+    assert list(iter_links(graph)) == [
+        Link(i.node_id, i.name, i.value[0], i.value[1]) for i in walked if is_link(i.value)
+    ]
+    assert [node_id for node_id, _ in nodes(graph)] == list(graph)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dags() | _json_values | st.dictionaries(st.text(max_size=3), _json_values, max_size=4))
+def test_what_the_door_accepts_the_comfyui_side_can_walk(graph: Any) -> None:
+    """Validation at the door and ComfyUI-side inspection read the same model: a graph the door accepts can
+    always be inspected, and one that cannot be walked is refused at the door for its shape."""
+    errors = validate_graph(graph, max_nodes=100)
+    try:
+        list(nodes(graph))
+    except NotAGraph:
+        assert {error.type for error in errors} & {
+            GraphErrorType.NOT_AN_OBJECT,
+            GraphErrorType.NODE_NOT_OBJECT,
+        }
+        with pytest.raises(MalformedPrompt):
+            workflow.node_types(graph)
+        return
+    if not errors:
+        workflow.node_types(graph)
+        workflow.model_references(graph)
+        workflow.input_files(graph)
+        assert workflow.output_nodes(graph, {}) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(_json_values, st.tuples(st.just("1"), _json_values).map(list)))
+def test_one_link_test_at_the_door_and_in_the_walk(value: Any) -> None:
+    """A value meant as a link is refused at the door exactly when it is not a well-formed link, and the
+    walk yields a link exactly for the well-formed ones."""
+    graph = {"1": node(), "2": node(x=value)}
+    errors = validate_graph(graph)
+    if looks_like_link(value) and value[0] == "1":
+        assert (errors == []) is is_link(value)
+        assert types_of(errors) in ([], [GraphErrorType.INVALID_LINK])
+    assert (list(iter_links(graph)) != []) is is_link(value)
 
 
 @settings(max_examples=100, deadline=None)

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from comfyfleet.comfy.emulator import EmulatorServer
+from comfyfleet.emulators.comfyui import EmulatorServer
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from comfy_helpers import EmulatorFactory
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 
 
 @pytest.fixture

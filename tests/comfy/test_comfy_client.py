@@ -24,8 +24,8 @@ from comfyfleet.comfy import (
     WorkerUnreachable,
     WorkflowRejected,
 )
-from comfyfleet.comfy.emulator import EmulatorServer
 from comfyfleet.comfy.events import parse_binary, parse_text
+from comfyfleet.emulators.comfyui import EmulatorServer
 
 
 async def test_submit_and_follow_collects_outputs_and_events(emulator_factory: EmulatorFactory) -> None:

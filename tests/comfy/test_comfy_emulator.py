@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +22,7 @@ from comfy_wire import frames_until, frames_until_done, next_json, post_prompt, 
 from comfy_wire import socket as ws_socket
 from PIL import Image
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 
 
 def _free_port() -> int:
@@ -759,3 +761,206 @@ async def test_an_error_inside_a_node_is_an_execution_error_and_the_executor_goe
         assert (error["node_id"], error["exception_type"]) == ("1", "PIL.UnidentifiedImageError")
         after = (await post_prompt(http, trivial_graph(123), client_id="g")).json()["prompt_id"]
         assert types(await frames_until_done(ws, after))[-3] == "execution_success"
+
+
+# -- frame for frame (reference A.7, "Live sequence") ----------------------------------------------------------
+
+
+def _hang_graph(color: int = 1) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "hang"}},
+    }
+
+
+def _labels(frames: list[dict[str, Any]]) -> list[str]:
+    """Frame types, with the node of ``executing`` and the state of the node ``progress_state`` changed."""
+    labels = []
+    for frame in frames:
+        data = frame.get("data", {})
+        if frame["type"] == "executing":
+            labels.append(f"executing:{data['node']}")
+        elif frame["type"] == "status":
+            labels.append(f"status:{data['status']['exec_info']['queue_remaining']}")
+        else:
+            labels.append(frame["type"])
+    return labels
+
+
+async def test_a_runtime_error_sends_upstreams_sequence_and_error(emulator: EmulatorServer) -> None:
+    async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "err") as ws:
+        await next_json(ws)
+        graph = trivial_graph(5, prefix="../../escape")
+        prompt_id = (await post_prompt(http, graph, client_id="err")).json()["prompt_id"]
+        frames = await frames_until_done(ws, prompt_id)
+        assert _labels(frames) == [
+            "status:1", "status:1", "execution_start", "execution_cached", "progress_state", "executing:1",
+            "progress_state", "progress_state", "executing:2", "execution_error", "status:0", "executing:None",
+        ]  # fmt: skip
+        error = frames[9]["data"]
+        assert (error["node_id"], error["node_type"], error["executed"]) == ("2", "SaveImage", ["1"])
+        assert error["exception_message"].endswith("\n")  # upstream's "{ex}\n{tips}", without tips here
+        assert error["current_outputs"] == ["1", "2"]  # every node of the prompt, as upstream sends it
+        inputs = error["current_inputs"]
+        assert inputs["filename_prefix"] == ["../../escape"]  # a JSON scalar as it is, not its repr
+        assert isinstance(inputs["images"][0], str)  # a linked value as its str
+        assert inputs["extra_pnginfo"] == [None]
+        assert json.loads(inputs["prompt"][0].replace("'", '"'))["2"]["class_type"] == "SaveImage"
+
+
+async def test_an_out_of_memory_error_carries_upstreams_tips_and_unloads_the_models(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    async with (
+        emulator_factory(oom_rate=1.0, seed=1) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+        ws_socket(emu.url, "oom") as ws,
+    ):
+        emu.state.loaded_models["checkpoints/earlier.safetensors"] = None
+        prompt_id = (await post_prompt(http, sampler_graph(seed=3), client_id="oom")).json()["prompt_id"]
+        frames = await frames_until_done(ws, prompt_id)
+        error = next(f for f in frames if f["type"] == "execution_error")["data"]
+        assert error["exception_message"].startswith("Allocation on device 0 would exceed allowed memory.")
+        assert error["exception_message"].endswith(
+            "\nThis error means you ran out of memory on your GPU.\n\nTIPS: If the workflow worked before you "
+            "might have accidentally set the batch_size to a large number."
+        )
+        assert emu.stats_snapshot()["loaded_models"] == []
+
+
+async def test_an_interrupt_is_noticed_after_the_next_nodes_executing_frame(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    async with (
+        emulator_factory(hang_s=0.3, hang_node="ImageInvert") as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+        ws_socket(emu.url, "int") as ws,
+    ):
+        await next_json(ws)
+        prompt_id = (await post_prompt(http, _hang_graph(), client_id="int")).json()["prompt_id"]
+        await frames_until(ws, "executing")  # node 1
+        await wait_until(lambda: emu.state.last_node_id == "2")
+        await http.post("/interrupt", json={"prompt_id": prompt_id})
+        frames = await frames_until_done(ws, prompt_id)
+        assert _labels(frames)[-6:] == [
+            "progress_state", "progress_state", "executing:3", "execution_interrupted", "status:0", "executing:None"
+        ]  # fmt: skip
+        interrupted = frames[-3]["data"]
+        assert (interrupted["node_id"], interrupted["executed"]) == ("3", ["1", "2"])
+
+
+async def test_execution_cached_lists_nodes_in_the_prompts_order(emulator: EmulatorServer) -> None:
+    graph = {  # the output node first: execution order is 1, 2; the prompt's order is 2, 1
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "order"}},
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 9}},
+    }
+    async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "o") as ws:
+        await next_json(ws)
+        for expected in ([], ["2", "1"]):
+            prompt_id = (await post_prompt(http, graph, client_id="o")).json()["prompt_id"]
+            frames = await frames_until_done(ws, prompt_id)
+            assert next(f for f in frames if f["type"] == "execution_cached")["data"]["nodes"] == expected
+
+
+async def test_progress_follows_its_progress_state_and_previews_take_the_owners_format(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    async with (
+        emulator_factory(previews=True) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+        ws_socket(emu.url, "legacy") as legacy,
+        ws_socket(emu.url, "meta") as meta,
+    ):
+        await next_json(legacy)
+        await next_json(meta)
+        await meta.send("not json: this is not the handshake, and does not use up its turn")
+        await meta.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        assert (await next_json(meta))["type"] == "feature_flags"
+        for ws, client, preview_kind in ((legacy, "legacy", 1), (meta, "meta", 4)):
+            graph = sampler_graph(seed=len(client), steps=3)
+            prompt_id = (await post_prompt(http, graph, client_id=client)).json()["prompt_id"]
+            frames = await frames_until_done(ws, prompt_id)
+            sampler = frames[_labels(frames).index("executing:3") + 1 :]
+            step = (
+                ["progress_state", "progress", "<binary>"]
+                if preview_kind == 1
+                else ["progress_state", "<binary>", "progress"]
+            )
+            assert _labels(sampler)[: 3 * 3] == step * 3
+            assert all(f["bytes"][:4] == preview_kind.to_bytes(4, "big") for f in sampler[:9] if "bytes" in f)
+            finished = sampler[9]["data"]["nodes"]["3"]
+            assert (finished["state"], finished["value"], finished["max"]) == ("finished", 3, 3)
+
+        # A prompt without a client: every socket gets the legacy format, whatever it announced.
+        graph = {
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 4},
+            },
+            "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+        }
+        await post_prompt(http, graph)
+        frames = await frames_until(meta, "progress")
+        binary = await meta.recv()
+        assert isinstance(binary, bytes)
+        assert binary[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02"
+        assert frames[-2]["type"] == "progress_state"
+
+
+async def test_queue_changes_send_status_frames_like_upstream(emulator_factory: EmulatorFactory) -> None:
+    async with (
+        emulator_factory(step_time_s=0.05) as emu,
+        httpx.AsyncClient(base_url=emu.url) as http,
+        ws_socket(emu.url, "observer") as observer,
+    ):
+        await next_json(observer)
+
+        async def next_status() -> int:
+            while True:
+                frame = await next_json(observer)
+                if frame["type"] == "status":
+                    remaining: int = frame["data"]["status"]["exec_info"]["queue_remaining"]
+                    return remaining
+
+        async def statuses_of(action: Callable[[], Awaitable[object]]) -> list[int]:
+            """queue_remaining of each status frame ``action`` causes. Frames leave in order, so prompts queued
+            afterwards mark the end: as many as it takes for a count no frame of the action can have."""
+            ceiling = emu.state.queue_remaining()
+            await action()
+            markers = 0
+            while markers == 0 or emu.state.queue_remaining() <= ceiling:
+                await post_prompt(http, trivial_graph(len(emu.state.heap) + 100))
+                markers += 1
+            marker = emu.state.queue_remaining()
+            seen = []
+            while (remaining := await next_status()) != marker:
+                seen.append(remaining)
+            return seen[: len(seen) - (markers - 1)]
+
+        running = (await post_prompt(http, sampler_graph(seed=1, steps=400))).json()["prompt_id"]
+        assert [await next_status(), await next_status()] == [1, 1]  # put, then get
+        first, second = new_id(), new_id()
+        assert await statuses_of(lambda: post_prompt(http, trivial_graph(1), prompt_id=first)) == [2]
+        await post_prompt(http, trivial_graph(2), prompt_id=second)
+        assert await next_status() == 4
+        # One status per prompt deleted, none for an id that matches nothing.
+        deletes = {"delete": [first, new_id(), second]}
+        assert await statuses_of(lambda: http.post("/queue", json=deletes)) == [3, 2]
+        await http.post("/queue", json={"clear": True})
+        assert await next_status() == 1
+        # The last pending prompt: upstream wipes the queue (one status) and announces the delete (another).
+        last = new_id()
+        await post_prompt(http, trivial_graph(3), prompt_id=last)
+        assert await next_status() == 2
+        assert await statuses_of(lambda: http.post("/queue", json={"delete": [last]})) == [1, 1]
+        assert await statuses_of(lambda: http.post("/queue", json={"clear": True})) == [1]
+        await http.post("/queue", json={"clear": True})
+        assert await next_status() == 1
+        # Cancelling the running job interrupts it: no status of its own, only the one of its end.
+        assert (await http.post(f"/api/jobs/{running}/cancel")).json() == {"cancelled": True}
+        assert await next_status() == 0
+        assert (await http.get(f"/api/jobs/{running}")).json()["status"] == "cancelled"

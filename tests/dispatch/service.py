@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from comfyfleet.comfy.emulator.options import EmulatorOptions
-from comfyfleet.comfy.emulator.server import EmulatorServer
 from comfyfleet.config import load_settings
+from comfyfleet.emulators.comfyui.options import EmulatorOptions
+from comfyfleet.emulators.comfyui.server import EmulatorServer
 from comfyfleet.runtime import Runtime
 
 SEED_WORKFLOW: dict[str, Any] = json.loads(

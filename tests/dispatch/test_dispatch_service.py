@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from comfyfleet.comfy.emulator.options import EmulatorOptions
+from comfyfleet.emulators.comfyui.options import EmulatorOptions
 
 from .service import SEED_WORKFLOW, TERMINAL, emulators, poll_until, seed_payload, service, tiny_payload
 

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from comfyfleet.comfy.emulator.options import EmulatorOptions
-from comfyfleet.comfy.emulator.server import EmulatorServer
+from comfyfleet.emulators.comfyui.options import EmulatorOptions
+from comfyfleet.emulators.comfyui.server import EmulatorServer
 
 from .service import ServeProcess, emulators, poll_until, queue_metrics, tiny_payload
 

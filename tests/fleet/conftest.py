@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fleet_helpers import NOVITA_KEY, docker_image
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
-from comfyfleet.fleet.novita_emulator import NovitaEmulator, NovitaEmulatorOptions
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.novita import NovitaEmulator, NovitaEmulatorOptions
 from comfyfleet.fleet.providers import ProviderContext
 
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from comfyfleet.config import PoolConfig, Settings
+from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.fleet.novita_emulator import NovitaEmulator
 from comfyfleet.store import Store
 
 EMULATOR_COMMAND = [

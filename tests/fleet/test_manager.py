@@ -23,10 +23,10 @@ from fleet_helpers import (
     wait_for,
 )
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
 from comfyfleet.domain import NewTask, Worker, WorkerState
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.fleet.novita_emulator import NovitaEmulator
 from comfyfleet.fleet.providers import InstanceState, ProviderContext, build_provider
 from comfyfleet.store import Store
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from fleet_helpers import NOVITA_KEY, novita_pool_settings, pool
 
+from comfyfleet.emulators.novita import API_PREFIX, NovitaEmulator
 from comfyfleet.fleet.errors import ProviderRejected, ProviderUnavailable
-from comfyfleet.fleet.novita_emulator import API_PREFIX, NovitaEmulator
 from comfyfleet.fleet.providers import InstanceState, ProviderContext, build_provider
 from comfyfleet.fleet.providers.novita import NovitaProvider, normalise_endpoint
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from fleet_helpers import EMULATOR_COMMAND, answers, eventually, novita_pool_settings, pool
 
-from comfyfleet.fleet.novita_emulator import NovitaEmulator
+from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.providers import Instance, InstanceState, Provider, ProviderContext, build_provider
 from comfyfleet.fleet.providers.base import worker_belongs_to_pool
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from fleet_helpers import eventually, running_fleet, settings, wait_for
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
 from comfyfleet.config import ConfigError, PoolConfig, load_settings
 from comfyfleet.domain import WorkerState
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.fleet.warmup import run_warmup
 from comfyfleet.store import Store
 

@@ -11,10 +11,10 @@ import pytest
 from fleet_helpers import eventually, novita_pool_settings
 
 from comfyfleet.api import create_app
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
 from comfyfleet.config import Settings
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.fleet.novita_emulator import NovitaEmulator
 from comfyfleet.store import Store
 
 SEED_WORKER_FIELDS = {

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from comfyfleet.comfy.emulator.options import EmulatorOptions
+from comfyfleet.emulators.comfyui.options import EmulatorOptions
 from comfyfleet.outputs import open_outputs
 from dispatch.service import emulators, seed_payload, service
 

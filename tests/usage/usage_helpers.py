@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
 from comfyfleet.config import Settings
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.runtime import Runtime
 
 DATA = Path(__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""The ComfyUI client (HTTP + one WebSocket per worker), graph inspection/validation, and the emulator."""
+"""The ComfyUI client (HTTP + one WebSocket per worker) and ComfyUI-side graph validation and inspection."""
 
 from comfyfleet.comfy.client import (
     ComfyClient,

@@ -1,12 +1,16 @@
-"""Structural validation of an API-format ComfyUI graph, before anything is stored or sent.
+"""The graph model of an API-format ComfyUI graph, and its structural validation at the door.
 
 An API-format graph is a JSON object of node id → ``{"class_type": str, "inputs": {...}}``. An input
 whose value is a link ``[source_node_id, output_index]`` feeds that input from another node's output.
-These checks need no knowledge of node types: shape, links that name existing nodes, no cycles, size.
-What a node type accepts (ComfyUI semantics) is checked elsewhere, against a worker's catalogue.
 
-Every problem is reported as a :class:`GraphError` naming the node and input at fault, so the API can
-answer with all of them at once and the ComfyUI-format validator can reuse the same structure.
+This module is the one place that knows how to walk a graph: :func:`nodes` and :func:`inputs` visit
+nodes and inputs, :func:`looks_like_link` / :func:`is_link` say what a link is, :class:`Link` is one. The
+structural checks here (:func:`validate_graph`) need no knowledge of node types: shape, links that name
+existing nodes, no cycles, size, nesting. What a node type accepts (ComfyUI semantics) is checked in
+``comfy/workflow.py`` against a worker's ``object_info``, over this same model.
+
+Every structural problem is reported as a :class:`GraphError` naming the node and input at fault, so the
+API can answer with all of them at once.
 """
 
 from __future__ import annotations
@@ -67,33 +71,92 @@ class Link:
     output_index: int
 
 
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One input of one node, as written in the graph (a literal value or a link)."""
+
+    node_id: str
+    class_type: str
+    name: str
+    value: Any
+
+    def link(self) -> Link | None:
+        """The link this input reads, when its value is a well-formed one."""
+        if not is_link(self.value):
+            return None
+        return Link(self.node_id, self.name, self.value[0], self.value[1])
+
+
+class NotAGraph(ValueError):
+    """The graph, or one of its nodes, is not a JSON object: there is nothing to walk."""
+
+
 def looks_like_link(value: object) -> bool:
     """Whether an input value is meant as a link: a two-item list starting with a node id string.
 
     ComfyUI treats such lists as links; a literal list value of a node is never ``[str, x]`` shaped
-    in practice, so the second item is checked separately (see :func:`validate_graph`).
+    in practice. Whether the second item is a usable output index is :func:`output_index`'s question.
     """
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 
-def _output_index(value: object) -> int | None:
+def output_index(value: object) -> int | None:
+    """``value`` as an output index: a non-negative integer, else None."""
     # bool is an int subclass, but ``["4", true]`` is a mistake, not output 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
 
 
-def iter_links(graph: Mapping[str, Any]) -> Iterator[Link]:
-    """Every well-formed link of a graph that :func:`validate_graph` accepted, in document order."""
+def is_link(value: object) -> bool:
+    """Whether ``value`` is a well-formed link: ``[source node id, non-negative output index]``."""
+    return looks_like_link(value) and output_index(value[1]) is not None  # type: ignore[index]
+
+
+def _entries(graph: Mapping[Any, Any]) -> Iterator[tuple[str, object]]:
+    # Node ids are strings on the wire; a Python caller's other keys are read as their str.
     for node_id, node in graph.items():
-        inputs = node.get("inputs") if isinstance(node, Mapping) else None
-        if not isinstance(inputs, Mapping):
-            continue
-        for input_name, value in inputs.items():
-            if looks_like_link(value):
-                index = _output_index(value[1])
-                if index is not None:
-                    yield Link(node_id, input_name, value[0], index)
+        yield str(node_id), node
+
+
+def _class_type(node: Mapping[str, Any]) -> str:
+    class_type = node.get("class_type")
+    return class_type if isinstance(class_type, str) else ""
+
+
+def _node_inputs(node_id: str, node: Mapping[str, Any]) -> Iterator[Input]:
+    inputs = node.get("inputs")
+    if isinstance(inputs, Mapping):
+        class_type = _class_type(node)
+        for name, value in inputs.items():
+            yield Input(node_id, class_type, str(name), value)
+
+
+def nodes(graph: object) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every node of ``graph`` with its id, in document order. Raises :class:`NotAGraph` when the graph or
+    a node is not a JSON object (check :func:`validate_graph` first to report every problem instead)."""
+    if not isinstance(graph, Mapping):
+        raise NotAGraph(f"the graph must be an object of node id to node, not {_json_type(graph)}")
+    for node_id, node in _entries(graph):
+        if not isinstance(node, Mapping):
+            raise NotAGraph(
+                f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}"
+            )
+        yield node_id, node
+
+
+def inputs(graph: object) -> Iterator[Input]:
+    """Every input of every node, in document order; a node without an ``inputs`` object has none."""
+    for node_id, node in nodes(graph):
+        yield from _node_inputs(node_id, node)
+
+
+def iter_links(graph: object) -> Iterator[Link]:
+    """Every well-formed link of ``graph``, in document order."""
+    for item in inputs(graph):
+        link = item.link()
+        if link is not None:
+            yield link
 
 
 def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[GraphError]:
@@ -126,12 +189,11 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
 
     errors: list[GraphError] = []
     # One pass: check every node and collect its well-formed links for the cycle search.
-    incoming: dict[str, list[_Edge]] = {}
-    for raw_id, node in graph.items():
-        node_id = str(raw_id)
-        edges: list[_Edge] = []
+    incoming: dict[str, list[Link]] = {}
+    for node_id, node in _entries(graph):
+        edges: list[Link] = []
         incoming[node_id] = edges
-        _check_node(node_id, node, graph, errors, edges)
+        errors.extend(_check_node(node_id, node, graph, edges))
         if len(errors) >= MAX_REPORTED_ERRORS:
             return errors[:MAX_REPORTED_ERRORS]
     # A cycle through a broken link would be reported twice in different words; report the link only.
@@ -142,105 +204,75 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
     return errors
 
 
-# (consumer node id, input name, source node id, output index): a link before it is reported.
-_Edge = tuple[str, str, str, int]
-
-
 def _check_node(
-    node_id: str, node: object, graph: Mapping[str, Any], errors: list[GraphError], edges: list[_Edge]
-) -> None:
+    node_id: str, node: object, graph: Mapping[str, Any], edges: list[Link]
+) -> Iterator[GraphError]:
+    """The problems of one node; its well-formed links to existing nodes are appended to ``edges``."""
     if not isinstance(node, Mapping):
-        errors.append(
-            GraphError(
-                node_id,
-                None,
-                GraphErrorType.NODE_NOT_OBJECT,
-                f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}",
-            )
+        yield GraphError(
+            node_id,
+            None,
+            GraphErrorType.NODE_NOT_OBJECT,
+            f"node {node_id!r} must be an object with class_type and inputs, not {_json_type(node)}",
         )
         return
-    class_type = node.get("class_type")
-    if class_type is None:
-        errors.append(
-            GraphError(
-                node_id, None, GraphErrorType.MISSING_CLASS_TYPE, f"node {node_id!r} has no class_type"
-            )
-        )
-    elif not isinstance(class_type, str) or not class_type.strip():
-        errors.append(
-            GraphError(
-                node_id,
-                None,
-                GraphErrorType.INVALID_CLASS_TYPE,
-                f"node {node_id!r}: class_type must be a non-empty string, not {_json_type(class_type)}",
-            )
-        )
+    yield from _check_class_type(node_id, node)
     if "inputs" not in node:
-        errors.append(
-            GraphError(
-                node_id,
-                None,
-                GraphErrorType.MISSING_INPUTS,
-                f"node {node_id!r} has no inputs object (use {{}} for a node without inputs)",
-            )
-        )
+        message = f"node {node_id!r} has no inputs object (use {{}} for a node without inputs)"
+        yield GraphError(node_id, None, GraphErrorType.MISSING_INPUTS, message)
         return
-    inputs = node["inputs"]
-    if not isinstance(inputs, Mapping):
-        errors.append(
-            GraphError(
-                node_id,
-                None,
-                GraphErrorType.INPUTS_NOT_OBJECT,
-                f"node {node_id!r}: inputs must be an object, not {_json_type(inputs)}",
-            )
-        )
+    if not isinstance(node["inputs"], Mapping):
+        message = f"node {node_id!r}: inputs must be an object, not {_json_type(node['inputs'])}"
+        yield GraphError(node_id, None, GraphErrorType.INPUTS_NOT_OBJECT, message)
         return
     for key, value in node.items():
         if key != "inputs" and isinstance(value, list | dict) and exceeds_depth(value, MAX_VALUE_DEPTH):
-            errors.append(
-                GraphError(
-                    node_id,
-                    None,
-                    GraphErrorType.TOO_DEEP,
-                    f"node {node_id!r}: {key!r} is nested deeper than {MAX_VALUE_DEPTH} levels",
-                )
-            )
-    for input_name, value in inputs.items():
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
-            if isinstance(value, list | dict) and exceeds_depth(value, MAX_VALUE_DEPTH):
-                errors.append(
-                    GraphError(
-                        node_id,
-                        input_name,
-                        GraphErrorType.TOO_DEEP,
-                        f"node {node_id!r} input {input_name!r} is nested deeper than {MAX_VALUE_DEPTH} levels",
-                    )
-                )
-            continue
-        source_id, raw_index = value
-        index = _output_index(raw_index)
-        if index is None:
-            errors.append(
-                GraphError(
-                    node_id,
-                    input_name,
-                    GraphErrorType.INVALID_LINK,
-                    f"node {node_id!r} input {input_name!r}: a link is [node_id, output_index] and the "
-                    f"output index must be a non-negative integer, not {_short_repr(raw_index)}",
-                )
-            )
-        elif source_id not in graph:
-            errors.append(
-                GraphError(
-                    node_id,
-                    input_name,
-                    GraphErrorType.LINK_TO_MISSING_NODE,
-                    f"node {node_id!r} input {input_name!r} links to node {source_id!r}, which is not in the graph",
-                )
-            )
-        else:
-            edges.append((node_id, input_name, source_id, index))
+            message = f"node {node_id!r}: {key!r} is nested deeper than {MAX_VALUE_DEPTH} levels"
+            yield GraphError(node_id, None, GraphErrorType.TOO_DEEP, message)
+    for item in _node_inputs(node_id, node):
+        problem = _check_input(item, graph)
+        if isinstance(problem, Link):
+            edges.append(problem)
+        elif problem is not None:
+            yield problem
+
+
+def _check_class_type(node_id: str, node: Mapping[str, Any]) -> Iterator[GraphError]:
+    class_type = node.get("class_type")
+    if class_type is None:
+        yield GraphError(
+            node_id, None, GraphErrorType.MISSING_CLASS_TYPE, f"node {node_id!r} has no class_type"
+        )
+    elif not isinstance(class_type, str) or not class_type.strip():
+        message = f"node {node_id!r}: class_type must be a non-empty string, not {_json_type(class_type)}"
+        yield GraphError(node_id, None, GraphErrorType.INVALID_CLASS_TYPE, message)
+
+
+def _check_input(item: Input, graph: Mapping[str, Any]) -> GraphError | Link | None:
+    """A link to an existing node, the problem of this input, or None for a fine literal value."""
+    where = f"node {item.node_id!r} input {item.name!r}"
+    if not looks_like_link(item.value):
+        if isinstance(item.value, list | dict) and exceeds_depth(item.value, MAX_VALUE_DEPTH):
+            message = f"{where} is nested deeper than {MAX_VALUE_DEPTH} levels"
+            return GraphError(item.node_id, item.name, GraphErrorType.TOO_DEEP, message)
+        return None
+    link = item.link()
+    if link is None:
+        return GraphError(
+            item.node_id,
+            item.name,
+            GraphErrorType.INVALID_LINK,
+            f"{where}: a link is [node_id, output_index] and the output index must be a non-negative "
+            f"integer, not {_short_repr(item.value[1])}",
+        )
+    if link.source_id not in graph:
+        return GraphError(
+            item.node_id,
+            item.name,
+            GraphErrorType.LINK_TO_MISSING_NODE,
+            f"{where} links to node {link.source_id!r}, which is not in the graph",
+        )
+    return link
 
 
 def exceeds_depth(value: object, limit: int) -> bool:
@@ -265,14 +297,14 @@ def exceeds_depth(value: object, limit: int) -> bool:
 
 def find_cycle(graph: Mapping[str, Any]) -> list[Link] | None:
     """The links of one cycle (in link order: each link's source is the previous link's node), or None."""
-    incoming: dict[str, list[_Edge]] = {str(node_id): [] for node_id in graph}
+    incoming: dict[str, list[Link]] = {node_id: [] for node_id, _ in _entries(graph)}
     for link in iter_links(graph):
         if link.source_id in incoming:
-            incoming[link.node_id].append((link.node_id, link.input_name, link.source_id, link.output_index))
+            incoming[link.node_id].append(link)
     return _find_cycle(incoming)
 
 
-def _find_cycle(incoming: Mapping[str, list[_Edge]]) -> list[Link] | None:
+def _find_cycle(incoming: Mapping[str, list[Link]]) -> list[Link] | None:
     # Iterative depth-first search, so a long chain cannot hit Python's recursion limit.
     unvisited, on_path, done = 0, 1, 2
     state = dict.fromkeys(incoming, unvisited)
@@ -280,8 +312,8 @@ def _find_cycle(incoming: Mapping[str, list[_Edge]]) -> list[Link] | None:
         if state[start] != unvisited:
             continue
         # Walk from a node to the nodes it reads from; a node met again while still on the path closes a cycle.
-        path: list[tuple[str, Iterator[_Edge]]] = [(start, iter(incoming[start]))]
-        via: list[_Edge] = []  # via[i] leads from path[i] to path[i + 1]
+        path: list[tuple[str, Iterator[Link]]] = [(start, iter(incoming[start]))]
+        via: list[Link] = []  # via[i] leads from path[i] to path[i + 1]
         state[start] = on_path
         while path:
             node_id, pending = path[-1]
@@ -292,12 +324,11 @@ def _find_cycle(incoming: Mapping[str, list[_Edge]]) -> list[Link] | None:
                 if via:
                     via.pop()
                 continue
-            source = step[2]
+            source = step.source_id
             if state[source] == on_path:
-                on_cycle = [entry[0] for entry in path]
-                first = on_cycle.index(source)
+                first = [entry[0] for entry in path].index(source)
                 # Reverse so the cycle reads in data-flow order: source → consumer.
-                return [Link(*edge) for edge in reversed([*via[first:], step])]
+                return list(reversed([*via[first:], step]))
             if state[source] == unvisited:
                 state[source] = on_path
                 via.append(step)

@@ -25,58 +25,18 @@ import contextlib
 import dataclasses
 import json
 import logging
-import secrets
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
-from comfyfleet.comfy.emulator import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from comfyfleet.emulators.novita.instances import PRODUCTS, ApiError, Instance, describe, new_instance
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/gpu-instance/openapi/v1"
-
-PRODUCTS: list[dict[str, Any]] = [
-    {
-        "id": "emu-rtx-4090-24g",
-        "name": "RTX 4090 24GB",
-        "cpuPerGpu": 16,
-        "memoryPerGpu": 62,
-        "diskPerGpu": 240,
-        "availableDeploy": True,
-        "minRootFS": 10,
-        "maxRootFS": 6144,
-        "minLocalStorage": 0,
-        "maxLocalStorage": 0,
-        "regions": ["emu-region-1"],
-        "price": 35000,
-        "monthlyPrice": [{"price": 20000000, "month": 1}],
-        "billingMethods": ["onDemand", "monthly", "spot"],
-        "spotPrice": 18000,
-        "inventoryState": "normal",
-    },
-    {
-        "id": "emu-a100-80g",
-        "name": "A100 SXM 80GB",
-        "cpuPerGpu": 16,
-        "memoryPerGpu": 120,
-        "diskPerGpu": 480,
-        "availableDeploy": True,
-        "minRootFS": 10,
-        "maxRootFS": 6144,
-        "minLocalStorage": 0,
-        "maxLocalStorage": 0,
-        "regions": ["emu-region-1"],
-        "price": 160000,
-        "monthlyPrice": [],
-        "billingMethods": ["onDemand"],
-        "spotPrice": 0,
-        "inventoryState": "low",
-    },
-]
 
 
 @dataclasses.dataclass
@@ -98,55 +58,6 @@ class NovitaEmulatorOptions:
     max_page_size: int = 1000
 
 
-@dataclasses.dataclass
-class _Instance:
-    id: str
-    name: str
-    product: dict[str, Any]
-    body: dict[str, Any]
-    created_at: float
-    status: str = "toCreate"
-    status_error: dict[str, str] = dataclasses.field(default_factory=lambda: {"state": "", "message": ""})
-    comfy: EmulatorServer | None = None
-    will_fail: bool = False
-    driver: asyncio.Task[None] | None = None
-    history: list[str] = dataclasses.field(default_factory=list)
-
-    def set_status(self, status: str) -> None:
-        self.status = status
-        self.history.append(status)
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.headers = headers or {}
-
-
-def _ports(spec: Any) -> list[tuple[int, str]]:
-    if spec in (None, ""):
-        return []
-    if not isinstance(spec, str):
-        raise _ApiError(400, "INVALID_PARAMETER", "ports must be a string like '8188/http'")
-    ports = []
-    for part in spec.split(","):
-        part = part.strip()
-        number, _, kind = part.partition("/")
-        if not number.isdigit() or kind not in ("tcp", "http"):
-            raise _ApiError(
-                400, "INVALID_PARAMETER", f"invalid port {part!r}: use '<port>/http' or '<port>/tcp'"
-            )
-        if 2222 <= int(number) <= 2224:
-            raise _ApiError(400, "INVALID_PARAMETER", f"port {number} is reserved")
-        ports.append((int(number), kind))
-    if len(ports) > 15:
-        raise _ApiError(400, "INVALID_PARAMETER", "at most 15 ports")
-    return ports
-
-
 class NovitaEmulator:
     """The emulator as an async context manager: a real HTTP server on ``host:port`` (0 picks one)."""
 
@@ -156,7 +67,7 @@ class NovitaEmulator:
         self.options = options or NovitaEmulatorOptions()
         self.host = host
         self.port = port
-        self.instances: dict[str, _Instance] = {}
+        self.instances: dict[str, Instance] = {}
         self.requests: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -233,18 +144,18 @@ class NovitaEmulator:
         self.requests[f"{request.method} {request.path.removeprefix(API_PREFIX)}"] += 1
         try:
             if request.headers.get("Authorization") != f"Bearer {self.options.api_key}":
-                raise _ApiError(401, "UNAUTHORIZED", "invalid or missing API key")
+                raise ApiError(401, "UNAUTHORIZED", "invalid or missing API key")
             retry_headers = {}
             if self.options.retry_after_s is not None:
                 retry_headers["Retry-After"] = f"{self.options.retry_after_s:g}"
             if self.options.rate_limit_next > 0:
                 self.options.rate_limit_next -= 1
-                raise _ApiError(429, "TOO_MANY_REQUESTS", "rate limit exceeded", retry_headers)
+                raise ApiError(429, "TOO_MANY_REQUESTS", "rate limit exceeded", retry_headers)
             if self.options.server_error_next > 0:
                 self.options.server_error_next -= 1
-                raise _ApiError(503, "SERVICE_UNAVAILABLE", "service overloaded, retry later", retry_headers)
+                raise ApiError(503, "SERVICE_UNAVAILABLE", "service overloaded, retry later", retry_headers)
             return await handler(request)
-        except _ApiError as exc:
+        except ApiError as exc:
             return web.json_response(
                 {"code": exc.status, "reason": exc.reason, "message": exc.message, "metadata": {}},
                 status=exc.status,
@@ -256,27 +167,27 @@ class NovitaEmulator:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _ApiError(400, "INVALID_PARAMETER", "request body is not valid JSON") from None
+            raise ApiError(400, "INVALID_PARAMETER", "request body is not valid JSON") from None
         if not isinstance(body, dict):
-            raise _ApiError(400, "INVALID_PARAMETER", "request body must be a JSON object")
+            raise ApiError(400, "INVALID_PARAMETER", "request body must be a JSON object")
         return body
 
-    def _find(self, instance_id: Any) -> _Instance:
+    def _find(self, instance_id: Any) -> Instance:
         if not isinstance(instance_id, str) or not instance_id:
-            raise _ApiError(400, "INVALID_PARAMETER", "instanceId is required")
+            raise ApiError(400, "INVALID_PARAMETER", "instanceId is required")
         instance = self.instances.get(instance_id)
         if instance is None or instance.status == "removed":
-            raise _ApiError(400, "RESOURCE_NOT_FOUND", f"instance {instance_id} not found")
+            raise ApiError(400, "RESOURCE_NOT_FOUND", f"instance {instance_id} not found")
         return instance
 
-    def _drive(self, instance: _Instance, coro: Coroutine[Any, Any, None]) -> None:
+    def _drive(self, instance: Instance, coro: Coroutine[Any, Any, None]) -> None:
         if instance.driver is not None and not instance.driver.done():
             instance.driver.cancel()
         instance.driver = self._spawn(coro, f"novita-{instance.id}")
 
     # -- instance lifecycle -----------------------------------------------------------------------------------
 
-    async def _boot(self, instance: _Instance) -> None:
+    async def _boot(self, instance: Instance) -> None:
         if instance.will_fail:
             await asyncio.sleep(self.options.pulling_s)
             instance.status_error = {"state": "pullImageFailed", "message": self.options.fail_message}
@@ -293,26 +204,26 @@ class NovitaEmulator:
             raise
         instance.set_status("running")
 
-    async def _run_create(self, instance: _Instance) -> None:
+    async def _run_create(self, instance: Instance) -> None:
         await asyncio.sleep(self.options.to_create_s)
         instance.set_status("creating")
         await asyncio.sleep(self.options.creating_s)
         instance.set_status("pulling")
         await self._boot(instance)
 
-    async def _halt_comfy(self, instance: _Instance) -> None:
+    async def _halt_comfy(self, instance: Instance) -> None:
         if instance.comfy is not None:
             comfy, instance.comfy = instance.comfy, None
             await comfy.close()
 
-    async def _run_stop(self, instance: _Instance) -> None:
+    async def _run_stop(self, instance: Instance) -> None:
         await asyncio.sleep(self.options.stopping_s)
         instance.set_status("stopping")
         await self._halt_comfy(instance)
         await asyncio.sleep(self.options.stopping_s)
         instance.set_status("exited")
 
-    async def _run_start(self, instance: _Instance, first: str) -> None:
+    async def _run_start(self, instance: Instance, first: str) -> None:
         await self._halt_comfy(instance)
         await asyncio.sleep(self.options.starting_s)
         instance.set_status("starting" if first == "toStart" else "restarting")
@@ -320,7 +231,7 @@ class NovitaEmulator:
         instance.status_error = {"state": "", "message": ""}
         await self._boot(instance)
 
-    async def _run_delete(self, instance: _Instance) -> None:
+    async def _run_delete(self, instance: Instance) -> None:
         await asyncio.sleep(self.options.removing_s)
         instance.set_status("removing")
         await self._halt_comfy(instance)
@@ -330,44 +241,7 @@ class NovitaEmulator:
     # -- API handlers -----------------------------------------------------------------------------------------
 
     async def _create(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        product = next((p for p in PRODUCTS if p["id"] == body.get("productId")), None)
-        if not isinstance(body.get("productId"), str) or not body.get("productId"):
-            raise _ApiError(400, "INVALID_PARAMETER", "productId is required")
-        if product is None:
-            raise _ApiError(400, "INVALID_PARAMETER", f"product {body['productId']} does not exist")
-        gpu_num = body.get("gpuNum")
-        if not isinstance(gpu_num, int) or isinstance(gpu_num, bool) or not 1 <= gpu_num <= 8:
-            raise _ApiError(400, "INVALID_PARAMETER", "gpuNum must be an integer from 1 to 8")
-        rootfs = body.get("rootfsSize")
-        if not isinstance(rootfs, int) or isinstance(rootfs, bool) or rootfs > 6144:
-            raise _ApiError(400, "INVALID_PARAMETER", "rootfsSize must be an integer up to 6144")
-        image = body.get("imageUrl")
-        if not isinstance(image, str) or not 1 <= len(image) <= 500:
-            raise _ApiError(400, "INVALID_PARAMETER", "imageUrl must be 1-500 characters")
-        if body.get("kind") not in ("gpu", "cpu"):
-            raise _ApiError(400, "INVALID_PARAMETER", "kind must be 'gpu' or 'cpu'")
-        name = body.get("name", "")
-        if not isinstance(name, str) or len(name) > 255:
-            raise _ApiError(400, "INVALID_PARAMETER", "name must be a string of at most 255 characters")
-        envs = body.get("envs") or []
-        if (
-            not isinstance(envs, list)
-            or len(envs) > 100
-            or any(not isinstance(env, dict) or not isinstance(env.get("key"), str) for env in envs)
-        ):
-            raise _ApiError(
-                400, "INVALID_PARAMETER", "envs must be a list of at most 100 {key, value} objects"
-            )
-        command = body.get("command") or ""
-        if not isinstance(command, str) or len(command) > 2047:
-            raise _ApiError(400, "INVALID_PARAMETER", "command must be a string of at most 2047 characters")
-        ports = _ports(body.get("ports"))
-        body = {**body, "rootfsSize": max(rootfs, 10), "_ports": ports}
-        instance = _Instance(
-            id=secrets.token_hex(8), name=name, product=product, body=body, created_at=time.time()
-        )
-        instance.history.append("toCreate")
+        instance = new_instance(await self._json(request))
         if self.options.fail_starts > 0:
             self.options.fail_starts -= 1
             instance.will_fail = True
@@ -379,14 +253,14 @@ class NovitaEmulator:
     def _int_param(request: web.Request, name: str) -> int:
         raw = request.query.get(name)
         if raw is None or not raw.isdigit():
-            raise _ApiError(400, "INVALID_PARAMETER", f"{name} is required and must be an integer >= 0")
+            raise ApiError(400, "INVALID_PARAMETER", f"{name} is required and must be an integer >= 0")
         return int(raw)
 
     async def _list(self, request: web.Request) -> web.Response:
         page_size = self._int_param(request, "pageSize")
         page_num = max(self._int_param(request, "pageNum"), 1)
         if page_size == 0 or page_size > self.options.max_page_size:
-            raise _ApiError(
+            raise ApiError(
                 400, "INVALID_PARAMETER", f"pageSize must be from 1 to {self.options.max_page_size}"
             )
         name = request.query.get("name", "")
@@ -403,19 +277,19 @@ class NovitaEmulator:
         page = matches[(page_num - 1) * page_size : page_num * page_size]
         return web.json_response(
             {
-                "instances": [self._describe(instance, listing=True) for instance in page],
+                "instances": [describe(instance, listing=True) for instance in page],
                 "total": len(matches),
             }
         )
 
     async def _get(self, request: web.Request) -> web.Response:
         instance = self._find(request.query.get("instanceId"))
-        return web.json_response(self._describe(instance, listing=False))
+        return web.json_response(describe(instance, listing=False))
 
     async def _start(self, request: web.Request) -> web.Response:
         instance = self._find((await self._json(request)).get("instanceId"))
         if instance.status != "exited":
-            raise _ApiError(400, "INVALID_STATE", f"instance {instance.id} is {instance.status}, not exited")
+            raise ApiError(400, "INVALID_STATE", f"instance {instance.id} is {instance.status}, not exited")
         instance.set_status("toStart")
         self._drive(instance, self._run_start(instance, "toStart"))
         return web.json_response({})
@@ -445,58 +319,13 @@ class NovitaEmulator:
     async def _products(self, request: web.Request) -> web.Response:
         return web.json_response({"data": PRODUCTS})
 
-    def _describe(self, instance: _Instance, *, listing: bool) -> dict[str, Any]:
-        body = instance.body
-        product = instance.product
-        mappings = []
-        for port, kind in body.get("_ports", []):
-            mapping: dict[str, Any] = {"port": port, "type": kind}
-            if not listing:
-                # Only the ComfyUI port is served by the emulator; others point nowhere useful.
-                endpoint = ""
-                if instance.status == "running" and instance.comfy is not None:
-                    endpoint = instance.comfy.url if port == 8188 else f"{instance.comfy.url}/port-{port}"
-                mapping["endpoint"] = endpoint
-            mappings.append(mapping)
-        gpu_num = body.get("gpuNum", 1)
-        return {
-            "id": instance.id,
-            "name": instance.name,
-            "clusterId": body.get("clusterId") or "emu-cluster-1",
-            "clusterName": "Emulated Cluster",
-            "status": instance.status,
-            "statusError": dict(instance.status_error),
-            "imageUrl": body.get("imageUrl"),
-            "imageAuthId": body.get("imageAuthId", ""),
-            "command": body.get("command", ""),
-            "cpuNum": str(product["cpuPerGpu"] * gpu_num),
-            "memory": str(product["memoryPerGpu"] * gpu_num),
-            "gpuNum": str(gpu_num),
-            "productId": product["id"],
-            "productName": product["name"],
-            "rootfsSize": body.get("rootfsSize"),
-            "portMappings": mappings,
-            "volumeMounts": [
-                {"type": "local", "size": "0" if listing else 0, "id": "", "mountPath": "/workspace"}
-            ],
-            "envs": body.get("envs") or [],
-            "network": {"id": "", "ip": ""},
-            "kind": body.get("kind"),
-            "billingMode": body.get("billingMode", "onDemand"),
-            "endTime": "-1",
-            "spotStatus": "",
-            "spotReclaimTime": "0",
-            "createdAt": str(int(instance.created_at)),
-            "jobs": [],
-        }
-
     # -- admin (not part of Novita's API) ---------------------------------------------------------------------
 
     async def _admin_state(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
                 "instances": [
-                    {**self._describe(instance, listing=False), "history": instance.history}
+                    {**describe(instance, listing=False), "history": instance.history}
                     for instance in self.instances.values()
                 ],
                 "requests": dict(self.requests),
@@ -516,7 +345,7 @@ class NovitaEmulator:
             setattr(self.options, key, value)
         return web.json_response({key: getattr(self.options, key) for key in sorted(allowed)})
 
-    def live_instances(self) -> list[_Instance]:
+    def live_instances(self) -> list[Instance]:
         return [instance for instance in self.instances.values() if instance.status != "removed"]
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from comfyfleet.comfy.emulator.options import DEFAULT_MODELS, EmulatorOptions, OptionsError
-from comfyfleet.comfy.emulator.server import EmulatorServer, EmulatorStats
+from comfyfleet.emulators.comfyui.options import DEFAULT_MODELS, EmulatorOptions, OptionsError
+from comfyfleet.emulators.comfyui.server import EmulatorServer
+from comfyfleet.emulators.comfyui.state import EmulatorStats
 
 __all__ = ["DEFAULT_MODELS", "EmulatorOptions", "EmulatorServer", "EmulatorStats", "OptionsError", "serve"]
 
