@@ -46,7 +46,7 @@ def comfyui_rejection(exc: TaskCommandError, graph: Mapping[str, Any]) -> Prompt
         return PromptRejected(exc.comfyui_response)
     if exc.code == "invalid_graph":
         if exc.problems and exc.problems[0].type == GraphErrorType.TOO_MANY_NODES:
-            return PromptRejected(shapes.prompt_error("prompt_too_large", exc.message))
+            return PromptRejected(shapes.prompt_error("prompt_too_large", exc.problems[0].message))
         return PromptRejected(shapes.structural_errors_body(graph, exc.problems))
     return PromptRejected(
         shapes.prompt_error(_TYPES.get(exc.code, exc.code), exc.message, _where(exc.problems))
