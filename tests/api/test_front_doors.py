@@ -109,3 +109,20 @@ async def test_a_priority_out_of_range_and_a_graph_too_large_are_refused_by_both
     assert comfy["error"]["type"] == "prompt_too_large"
     assert rest["message"].endswith(comfy["error"]["message"])
     assert (await api_store.queue_metrics()).pending_tasks == 0
+
+
+async def test_the_gateway_queue_length_is_fresh_after_a_submission_through_either_door(
+    client: httpx.AsyncClient,
+) -> None:
+    async def queue_remaining() -> int:
+        remaining: int = (await client.get("/prompt")).json()["exec_info"]["queue_remaining"]
+        return remaining
+
+    assert await queue_remaining() == 0  # read, and kept for a moment
+    assert (await client.post("/prompt", json={"prompt": seed_body()["payload"]})).status_code == 200
+    assert await queue_remaining() == 1
+    created = await client.post("/api/v1/tasks", json=seed_body())
+    assert created.status_code == 201
+    assert await queue_remaining() == 2
+    assert (await client.delete(f"/api/v1/tasks/{created.json()['id']}")).status_code == 200
+    assert await queue_remaining() == 1

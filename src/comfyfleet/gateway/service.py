@@ -42,6 +42,8 @@ class Gateway:
         self._owners: OrderedDict[str, str | None] = OrderedDict()  # task id -> client id (None: no client)
         self._remaining: dict[str | None, tuple[float, int]] = {}
         self._remaining_lock = asyncio.Lock()
+        self._remaining_generation = 0  # bumped by every change: a read begun before it is not kept
+        services.tasks.add_listener(lambda _task: self.forget_remaining())
 
     # -- who a prompt belongs to ----------------------------------------------------------------
     def remember(self, task_id: str, client_id: str | None) -> None:
@@ -69,6 +71,7 @@ class Gateway:
             now = time.monotonic()
             if cached is not None and now - cached[0] < _QUEUE_REMAINING_TTL_S:
                 return cached[1]
+            generation = self._remaining_generation
             try:
                 if tenant is None:
                     # Reads only the pending and running tasks (their indexes), however long the history.
@@ -80,10 +83,14 @@ class Gateway:
                     value = metrics.pending_tasks + metrics.running_tasks
             except StoreError:
                 return cached[1] if cached else 0
-            self._remaining[tenant] = (now, value)
+            if generation == self._remaining_generation:
+                self._remaining[tenant] = (now, value)
             return value
 
     def forget_remaining(self) -> None:
+        """Called by the task service before it announces a change (a task queued, cancelled): the sockets that
+        hear of it read a fresh length, and a read begun before the change is not kept."""
+        self._remaining_generation += 1
         self._remaining.clear()
 
     # -- commands -------------------------------------------------------------------------------
@@ -103,7 +110,6 @@ class Gateway:
             raise comfyui_rejection(exc, graph) from exc
         if submitted.created:
             self.remember(submitted.task.id, request.client_id)
-            self.forget_remaining()
             logger.info("gateway_prompt_queued task_id=%s client_id=%s", submitted.task.id, request.client_id)
         return submitted
 
@@ -115,8 +121,6 @@ class Gateway:
                 await self.services.tasks.cancel(CancelTask(task.id, principal.visible_tenant))
             except (TaskNotFound, TaskStateConflict):
                 continue
-        if tasks:
-            self.forget_remaining()
 
     # -- reads ----------------------------------------------------------------------------------
     async def visible_task(self, task_id: str, principal: Principal) -> Task | None:

@@ -48,6 +48,12 @@ def check_structure(payload: Any, *, max_nodes: int) -> None:
         raise invalid_graph(problems)
 
 
+def check_size(payload: dict[str, Any], *, max_nodes: int) -> None:
+    """The graph's size alone (what a check against the fleet's catalogue does not look at)."""
+    if len(payload) > max_nodes:
+        raise invalid_graph(validate_graph(payload, max_nodes=max_nodes))
+
+
 def invalid_graph(problems: list[GraphError]) -> Rejected:
     first = problems[0].message
     more = len(problems) - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from comfyfleet.config import Settings
@@ -59,7 +60,6 @@ class TaskService:
         bus: EventBus | None = None,
         catalogue: WorkerCatalogue | None = None,
     ) -> None:
-        self._settings = settings
         self._limits = settings.limits
         self._dispatch = settings.dispatch
         self._store = store
@@ -67,6 +67,12 @@ class TaskService:
         self._catalogue = catalogue
         self._known_pools = checks.known_pools(settings)
         self._new_id = TaskIds()
+        self._listeners: list[Callable[[Task], None]] = []
+
+    def add_listener(self, listener: Callable[[Task], None]) -> None:
+        """Call ``listener(task)`` for every change this service announces, just before the announcement, so a
+        cache of the queue (the gateway's queue length) is dropped before anyone hears of the change."""
+        self._listeners.append(listener)
 
     # -- submit ---------------------------------------------------------------------------------
     async def submit(self, command: SubmitTask, *, wait_s: float | None = None) -> Submitted:
@@ -93,9 +99,8 @@ class TaskService:
             assert idempotency is not None  # the store dedupes only on an idempotency key
             self._check_reuse(idempotency, new, task)
             return await self._replayed(task, wait_s)
-        if self._bus is not None:
-            # Live listeners (the dashboard's task list, ComfyUI sockets' queue length) see it arrive.
-            await self._bus.publish(status_event(task))
+        # Live listeners (the dashboard's task list, ComfyUI sockets' queue length) see it arrive.
+        await self._announce(task)
         if wait_s and self._bus is not None:
             # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
             with self._bus.subscribe(task_id=task.id) as subscription:
@@ -124,8 +129,7 @@ class TaskService:
         if object_info is None:
             checks.check_structure(command.payload, max_nodes=max_nodes)
             return {}
-        if len(command.payload) > max_nodes:
-            checks.check_structure(command.payload, max_nodes=max_nodes)  # refuses it for its size
+        checks.check_size(command.payload, max_nodes=max_nodes)
         attached = {spec.get("name") for spec in command.inputs or [] if isinstance(spec, dict)}
         return checks.check_against_catalogue(
             command.payload,
@@ -221,9 +225,8 @@ class TaskService:
             # The store resolved the race differently (e.g. the task ended meanwhile); say so plainly.
             raise TaskStateConflict(f"task {task.id} is already {task.status.value}")
         logger.info("task_cancelled task_id=%s", task.id)
-        if self._bus is not None:
-            # No dispatcher saw this one: tell live listeners (event streams, dashboard, ComfyUI sockets) here.
-            await self._bus.publish(status_event(task))
+        # No dispatcher saw this one: tell live listeners (event streams, dashboard, ComfyUI sockets) here.
+        await self._announce(task)
         return task
 
     async def change_priority(self, command: ChangePriority) -> Task:
@@ -236,11 +239,16 @@ class TaskService:
         except Conflict as exc:
             raise TaskStateConflict(str(exc)) from exc
         logger.info("task_priority_changed task_id=%s priority=%d", task.id, task.priority)
-        if self._bus is not None:
-            await self._bus.publish(status_event(task))  # live listeners re-read their queue positions
+        await self._announce(task)  # live listeners re-read their queue positions
         return task
 
-    # -- wake-ups -------------------------------------------------------------------------------
+    # -- announcements and wake-ups -------------------------------------------------------------
+    async def _announce(self, task: Task) -> None:
+        for listener in self._listeners:
+            listener(task)
+        if self._bus is not None:
+            await self._bus.publish(status_event(task))
+
     async def _wake_dispatcher(self, task: Task) -> None:
         await self._wake(TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
 
