@@ -1,4 +1,5 @@
-"""The ComfyUI routes, one module per group, each a class holding the application's :class:`Gateway`."""
+"""The ComfyUI routes, one module per group: a :class:`~comfyfleet.gateway.routes.group.RouteGroup` each,
+bound to the application's :class:`Gateway`."""
 
 from __future__ import annotations
 

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep
-from comfyfleet.gateway.service import Gateway
+from comfyfleet.gateway.routes.group import RouteGroup, route
 from comfyfleet.gateway.uploads import UploadError, strip_annotation
 from comfyfleet.http.auth import Principal
 from comfyfleet.http.errors import ApiError
@@ -30,23 +30,8 @@ class _Upload:
     fields: dict[str, str]
 
 
-class FileRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.router = router = APIRouter(tags=["comfyui"])
-        router.add_api_route(
-            "/view", self.view, methods=["GET"], summary="An output or uploaded file (ComfyUI)"
-        )
-        router.add_api_route(
-            "/upload/image", self.upload_image, methods=["POST"], summary="Upload an input image (ComfyUI)"
-        )
-        router.add_api_route(
-            "/upload/mask",
-            self.upload_mask,
-            methods=["POST"],
-            summary="Upload a mask for an image (ComfyUI)",
-        )
-
+class FileRoutes(RouteGroup):
+    @route("GET", "/view", "An output or uploaded file (ComfyUI)")
     async def view(
         self,
         principal: PrincipalDep,
@@ -82,6 +67,7 @@ class FileRoutes:
             gateway.outputs.read(task.id, stored.name), stored.content_type, stored.size, stored.name
         )
 
+    @route("POST", "/upload/image", "Upload an input image (ComfyUI)")
     async def upload_image(self, request: Request, principal: PrincipalDep) -> Response:
         """Multipart `image` (+ `subfolder`, `type`, `overwrite`) → `{"name", "subfolder", "type"}`. The file
         is kept by comfyfleet and placed on whichever worker runs a prompt that reads it."""
@@ -90,6 +76,7 @@ class FileRoutes:
             return upload
         return await self._save_upload(principal, upload)
 
+    @route("POST", "/upload/mask", "Upload a mask for an image (ComfyUI)")
     async def upload_mask(self, request: Request, principal: PrincipalDep) -> Response:
         """As `/upload/image`, plus `original_ref` (JSON `{"filename", "subfolder", "type"}`): the upload's
         alpha channel is copied into that image (an earlier upload, or a task's output) and the result is

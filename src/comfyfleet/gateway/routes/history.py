@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from starlette.responses import Response
 
 from comfyfleet.domain import TERMINAL_STATUSES
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep
-from comfyfleet.gateway.service import Gateway
+from comfyfleet.gateway.routes.group import RouteGroup, route
 from comfyfleet.http.responses import JSONBody
 
 HISTORY_CAP = 1000  # /history without max_items lists at most this many (ComfyUI lists all it keeps)
 
 
-class HistoryRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.router = router = APIRouter(tags=["comfyui"])
-        router.add_api_route(
-            "/history", self.get_history, methods=["GET"], summary="Finished prompts (ComfyUI)"
-        )
-        router.add_api_route(
-            "/history/{prompt_id}",
-            self.get_history_entry,
-            methods=["GET"],
-            summary="One finished prompt (ComfyUI)",
-        )
-        router.add_api_route(
-            "/history", self.post_history, methods=["POST"], summary="Delete history (ComfyUI; kept)"
-        )
-
+class HistoryRoutes(RouteGroup):
+    @route("GET", "/history", "Finished prompts (ComfyUI)")
     async def get_history(
         self, principal: PrincipalDep, max_items: str | None = None, offset: str | None = None
     ) -> Response:
@@ -55,6 +39,7 @@ class HistoryRoutes:
         info = await self.gateway.catalogue.object_info()
         return JSONBody({task.id: shapes.history_entry(task, info) for task in selected})
 
+    @route("GET", "/history/{prompt_id}", "One finished prompt (ComfyUI)")
     async def get_history_entry(self, prompt_id: str, principal: PrincipalDep) -> Response:
         """`{prompt_id: entry}` once the prompt finished; `{}` while it waits or runs, or when unknown."""
         task = await self.gateway.visible_task(prompt_id, principal)
@@ -62,6 +47,7 @@ class HistoryRoutes:
             return JSONBody({})
         return JSONBody({task.id: shapes.history_entry(task, await self.gateway.catalogue.object_info())})
 
+    @route("POST", "/history", "Delete history (ComfyUI; kept)")
     async def post_history(self, principal: PrincipalDep) -> Response:
         """Accepted for compatibility; comfyfleet keeps every task's record and outputs."""
         del principal

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from comfyfleet.domain import Task, TaskStatus
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep, json_body, rejected
 from comfyfleet.gateway.errors import PromptRejected
-from comfyfleet.gateway.service import Gateway
+from comfyfleet.gateway.routes.group import RouteGroup, route
 from comfyfleet.http.responses import JSONBody
 
 QUEUE_CAP = 1000  # /queue lists at most this many pending prompts
 
 
-class PromptRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.router = router = APIRouter(tags=["comfyui"])
-        router.add_api_route(
-            "/prompt", self.post_prompt, methods=["POST"], summary="Queue a prompt (ComfyUI)"
-        )
-        router.add_api_route("/prompt", self.get_prompt, methods=["GET"], summary="Queue length (ComfyUI)")
-        router.add_api_route(
-            "/queue", self.get_queue, methods=["GET"], summary="Running and pending prompts (ComfyUI)"
-        )
-        router.add_api_route(
-            "/queue", self.post_queue, methods=["POST"], summary="Delete pending prompts (ComfyUI)"
-        )
-        router.add_api_route(
-            "/interrupt",
-            self.post_interrupt,
-            methods=["POST"],
-            summary="Interrupt a running prompt (ComfyUI)",
-        )
-
+class PromptRoutes(RouteGroup):
+    @route("POST", "/prompt", "Queue a prompt (ComfyUI)")
     async def post_prompt(self, request: Request, principal: PrincipalDep) -> Response:
         """ComfyUI's `POST /prompt`: `{"prompt": <API graph>, "client_id"?, "prompt_id"?, "extra_data"?,
         "front"?, "partial_execution_targets"?}` → `{"prompt_id", "number", "node_errors"}`. The prompt runs
@@ -48,10 +29,12 @@ class PromptRoutes:
         task = submitted.task
         return JSONBody({"prompt_id": task.id, "number": task.seq, "node_errors": submitted.node_errors})
 
+    @route("GET", "/prompt", "Queue length (ComfyUI)")
     async def get_prompt(self, principal: PrincipalDep) -> Response:
         remaining = await self.gateway.queue_remaining(principal.visible_tenant)
         return JSONBody({"exec_info": {"queue_remaining": remaining}})
 
+    @route("GET", "/queue", "Running and pending prompts (ComfyUI)")
     async def get_queue(self, principal: PrincipalDep) -> Response:
         """Items are `[number, prompt_id, prompt, extra_data, outputs_to_execute]`; pending ones in the order
         they will run (at most 1,000)."""
@@ -68,6 +51,7 @@ class PromptRoutes:
             }
         )
 
+    @route("POST", "/queue", "Delete pending prompts (ComfyUI)")
     async def post_queue(self, request: Request, principal: PrincipalDep) -> Response:
         """`{"delete": [prompt_id…]}` cancels those pending prompts; `{"clear": true}` cancels every pending
         prompt queued through this gateway. As in ComfyUI, a running prompt is left alone (use
@@ -89,6 +73,7 @@ class PromptRoutes:
         await self.gateway.cancel(targets, principal)
         return Response(status_code=200)
 
+    @route("POST", "/interrupt", "Interrupt a running prompt (ComfyUI)")
     async def post_interrupt(self, request: Request, principal: PrincipalDep) -> Response:
         """`{"prompt_id": id}` stops that prompt if it is running (else nothing). Without a prompt_id, every
         running prompt queued through this gateway by the caller is stopped, as ComfyUI stops whatever it runs."""

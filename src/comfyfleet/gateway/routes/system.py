@@ -8,12 +8,12 @@ import platform
 import sys
 from typing import Any
 
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 from starlette.responses import Response
 
 from comfyfleet.domain import Worker
 from comfyfleet.gateway.access import PrincipalDep, gateway_principal
-from comfyfleet.gateway.service import Gateway
+from comfyfleet.gateway.routes.group import RouteGroup, route
 from comfyfleet.gateway.socket import ComfySocket
 from comfyfleet.http.errors import ApiError, Unauthorized
 from comfyfleet.http.responses import JSONBody
@@ -21,27 +21,8 @@ from comfyfleet.http.responses import JSONBody
 logger = logging.getLogger(__name__)
 
 
-class SystemRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.router = router = APIRouter(tags=["comfyui"])
-        router.add_api_route(
-            "/object_info", self.object_info, methods=["GET"], summary="Node catalogue of the fleet (ComfyUI)"
-        )
-        router.add_api_route(
-            "/object_info/{node_class}",
-            self.object_info_one,
-            methods=["GET"],
-            summary="One node class (ComfyUI)",
-        )
-        router.add_api_route(
-            "/system_stats", self.system_stats, methods=["GET"], summary="System and devices (ComfyUI)"
-        )
-        router.add_api_route(
-            "/features", self.features, methods=["GET"], summary="Server feature flags (ComfyUI)"
-        )
-        router.add_api_websocket_route("/ws", self.websocket)
-
+class SystemRoutes(RouteGroup):
+    @route("GET", "/object_info", "Node catalogue of the fleet (ComfyUI)")
     async def object_info(self, principal: PrincipalDep) -> Response:
         """Every node class some worker offers (merged over the live workers, cached)."""
         del principal
@@ -55,11 +36,13 @@ class SystemRoutes:
             )
         return JSONBody(info)
 
+    @route("GET", "/object_info/{node_class}", "One node class (ComfyUI)")
     async def object_info_one(self, node_class: str, principal: PrincipalDep) -> Response:
         del principal
         info = await self.gateway.catalogue.object_info() or {}
         return JSONBody({node_class: info[node_class]} if node_class in info else {})
 
+    @route("GET", "/system_stats", "System and devices (ComfyUI)")
     async def system_stats(self, principal: PrincipalDep) -> Response:
         """This server's system facts; `devices` lists every live worker's devices, named after the worker."""
         del principal
@@ -67,11 +50,13 @@ class SystemRoutes:
         first = stats[0][1].get("system", {}) if stats else {}
         return JSONBody({"system": _system(first, len(stats)), "devices": _devices(stats)})
 
+    @route("GET", "/features", "Server feature flags (ComfyUI)")
     async def features(self, principal: PrincipalDep) -> Response:
         del principal
         limits = self.gateway.settings.limits
         return JSONBody({"supports_preview_metadata": False, "max_upload_size": limits.max_input_bytes})
 
+    @route("WEBSOCKET", "/ws")
     async def websocket(self, websocket: WebSocket) -> None:
         """ComfyUI's WebSocket (`?clientId=X`): status frames, and the frames of X's prompts."""
         gateway = self.gateway
