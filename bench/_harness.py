@@ -160,7 +160,7 @@ async def in_process_service(
         try:
             port = await runtime.wait_listening()
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-                yield runtime.app.state.fleet, http
+                yield runtime.services.fleet, http
         finally:
             runtime.request_stop()
             await serving

@@ -5,7 +5,7 @@
   setting that does not exist, and its annotated example is a valid configuration;
 - docs/cli.md has a section for every ``comfyfleet`` command (sub-commands included) that names each of
   its options and their environment variables;
-- docs/api.md names every route under ``/api/v1`` of the app built by ``comfyfleet.api.create_app``;
+- docs/api.md names every route under ``/api/v1`` of the app built by ``comfyfleet.runtime.create_app``;
 - relative links between the pages (and from the README) lead to files and headings that exist.
 """
 
@@ -26,9 +26,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from starlette.routing import BaseRoute, Mount
 
-from comfyfleet.api import create_app
 from comfyfleet.cli import app as cli_app
 from comfyfleet.config import Settings, load_settings
+from comfyfleet.runtime import create_app
 from comfyfleet.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent

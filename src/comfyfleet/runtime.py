@@ -1,6 +1,8 @@
 """The composition root: builds every component from the settings, runs them, shuts them down.
 
-Only this module picks concrete backends (store by URL, later providers and output storage). Long-lived
+Only this module picks concrete backends (store by URL, providers, output storage), and only it assembles
+the HTTP application: :func:`create_app` builds the :class:`~comfyfleet.http.Services` and mounts the REST
+API, the ComfyUI gateway, ``/metrics`` and the dashboard on one :class:`~comfyfleet.http.ServiceApp`. Long-lived
 components are async context managers entered in one ``AsyncExitStack`` (closed in reverse order:
 HTTP stops before the dispatcher, the dispatcher before the store), and their loops run as named tasks
 of one ``TaskGroup`` next to the HTTP server. If a loop dies, the whole service stops loudly instead of
@@ -20,18 +22,21 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any, Self
+from typing import Self
 
 import uvicorn
-from fastapi import FastAPI
 
-from comfyfleet.api import create_app
+from comfyfleet import api
 from comfyfleet.config import Settings
+from comfyfleet.dashboard import install_dashboard
 from comfyfleet.dispatch.dispatcher import Dispatcher
-from comfyfleet.dispatch.events import EventBus
+from comfyfleet.events import EventBus
 from comfyfleet.fleet.errors import FleetError
 from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.outputs import OutputsError, open_outputs
+from comfyfleet.gateway import install_gateway
+from comfyfleet.http import FleetControl, PreviewSource, ServiceApp, Services
+from comfyfleet.metrics.routes import router as metrics_router
+from comfyfleet.outputs import OutputsError, OutputStore, open_outputs
 from comfyfleet.store import Store, StoreError, open_store
 from comfyfleet.webhooks import WebhookDeliverer
 
@@ -53,6 +58,33 @@ class StartupError(RuntimeFailure):
 
 class ServiceDied(RuntimeFailure):
     """A background loop raised or returned while the service was meant to be running."""
+
+
+def create_app(
+    settings: Settings,
+    store: Store,
+    *,
+    bus: EventBus | None = None,
+    outputs: OutputStore | None = None,
+    fleet: FleetControl | None = None,
+    dispatcher: PreviewSource | None = None,
+) -> ServiceApp:
+    """The HTTP application over an open ``store`` (tests build it the same way, with fewer services)."""
+    return compose_app(
+        Services.build(settings, store, bus=bus, outputs=outputs, fleet=fleet, previews=dispatcher)
+    )
+
+
+def compose_app(services: Services) -> ServiceApp:
+    """Mount every part of the HTTP edge: the REST API first (routes are matched in order, and submissions
+    are the hot path), then ``/metrics``, the ComfyUI gateway (at the root and under ``/api``) and the
+    dashboard at ``/``."""
+    app = ServiceApp(services, title="comfyfleet", description=api.DESCRIPTION, openapi_tags=api.OPENAPI_TAGS)
+    api.install_api(app)
+    app.include_router(metrics_router)
+    install_gateway(app, services)
+    install_dashboard(app)
+    return app
 
 
 def is_loopback(host: str) -> bool:
@@ -85,11 +117,10 @@ class Runtime:
         self.settings = settings
         self._stack = AsyncExitStack()
         self._loops: list[tuple[str, ServiceLoop]] = []
-        self._services: dict[str, Any] = {}
         self._server: _Server | None = None
         self._stop_requested = False
         self._store: Store | None = None
-        self._app: FastAPI | None = None
+        self._app: ServiceApp | None = None
         self._socket: socket.socket | None = None
         self._listening = asyncio.Event()
 
@@ -100,10 +131,15 @@ class Runtime:
         return self._store
 
     @property
-    def app(self) -> FastAPI:
+    def app(self) -> ServiceApp:
         if self._app is None:
             raise RuntimeFailure("the runtime is not started: use 'async with Runtime(settings)'")
         return self._app
+
+    @property
+    def services(self) -> Services:
+        """What the HTTP application serves with (the app's current services)."""
+        return self.app.services
 
     @property
     def bound_port(self) -> int | None:
@@ -174,14 +210,13 @@ class Runtime:
         self.add_loop("fleet", fleet.run)
         self.add_loop("dispatcher", dispatcher.run)
         self.add_loop("webhooks", webhooks.run)
-        self._services.update(fleet=fleet, dispatcher=dispatcher, bus=bus, outputs=outputs, webhooks=webhooks)
         if not fleet.pools:
             logger.warning(
                 "running_without_workers: no workers are configured (--worker URL or pools in the config); "
                 "submitted tasks wait in the queue until workers exist"
             )
 
-        self._app = create_app(settings, store, **self._services)
+        self._app = create_app(settings, store, bus=bus, outputs=outputs, fleet=fleet, dispatcher=dispatcher)
 
     def request_stop(self) -> None:
         """Begin a graceful stop (the first call) or stop at once (the second)."""

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from api_helpers import ServerThread
 
-from comfyfleet.api import create_app
 from comfyfleet.config import Settings
+from comfyfleet.runtime import create_app
 from comfyfleet.store import Store, open_store
 
 

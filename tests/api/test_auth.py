@@ -9,9 +9,9 @@ import httpx
 import pytest
 from api_helpers import API_KEYS, assert_error_shape, bearer, small_body
 
-from comfyfleet.api.auth import KeyRing
-from comfyfleet.api.errors import Unauthorized
 from comfyfleet.config import ApiKey, hash_api_key
+from comfyfleet.http.auth import KeyRing
+from comfyfleet.http.errors import Unauthorized
 
 MakeClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 

@@ -20,8 +20,8 @@ from api_helpers import (
     small_body,
 )
 
-from comfyfleet.api import create_app
 from comfyfleet.config import Settings
+from comfyfleet.runtime import create_app
 from comfyfleet.store import Lease, Store, open_store
 
 

@@ -72,7 +72,10 @@ async def test_arbitrary_bodies_never_cause_a_500(client: httpx.AsyncClient, dat
     params=st.dictionaries(
         st.sampled_from(["status", "workflow_id", "limit", "cursor"]), st.text(max_size=12)
     ),
-    task_id=st.text(min_size=1, max_size=40).filter(lambda text: text.strip(".") != ""),
+    # Not ids that a URL resolves away: dot segments, nor a trailing slash (the router redirects "/x/" to "/x").
+    task_id=st.text(min_size=1, max_size=40).filter(
+        lambda text: text.strip(".") != "" and not text.endswith("/")
+    ),
 )
 async def test_arbitrary_query_and_ids_never_cause_a_500(
     client: httpx.AsyncClient, params: dict[str, str], task_id: str

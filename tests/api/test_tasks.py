@@ -395,8 +395,8 @@ async def test_health_and_ready(client: httpx.AsyncClient) -> None:
 
 
 async def test_store_outage_is_503_in_the_error_shape(store_url: str) -> None:
-    from comfyfleet.api import create_app
     from comfyfleet.config import Settings
+    from comfyfleet.runtime import create_app
     from comfyfleet.store import open_store
 
     store = open_store(store_url)
@@ -459,9 +459,9 @@ async def test_the_readme_curl_example_is_the_seed_example_and_is_accepted(clien
 def test_task_ids_are_random_version_4_uuids() -> None:
     import uuid
 
-    from comfyfleet.api.routes.tasks import _TaskIds
+    from comfyfleet.tasks.ids import TaskIds
 
-    source = _TaskIds()
+    source = TaskIds()
     ids = [source() for _ in range(1000)]  # several refills of the randomness pool
     assert len(set(ids)) == len(ids)
     for text in ids:

@@ -152,7 +152,7 @@ async def service(
                 svc = Service(runtime, http, url)
                 expected = len(workers) if wait_workers is None else wait_workers
                 if expected:
-                    fleet = runtime.app.state.fleet
+                    fleet = runtime.services.fleet
                     await poll_until(
                         lambda: asyncio.sleep(0, fleet.usable_workers()),
                         lambda usable: len(usable) >= expected,

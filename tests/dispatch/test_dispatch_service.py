@@ -364,7 +364,7 @@ async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path
     ):
         created = await svc.submit(seed_payload(90))
         running = await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
-        fleet = svc.runtime.app.state.fleet
+        fleet = svc.runtime.services.fleet
         # A failed request makes the fleet hold the worker back until its next probe passes.
         await fleet.report_unreachable(running["worker_id"], "a request timed out")
         task = await svc.wait_task(created["id"], timeout_s=15)

@@ -43,7 +43,7 @@ class Service:
 
     @property
     def fleet(self) -> FleetManager:
-        fleet: FleetManager = self.runtime.app.state.fleet
+        fleet: FleetManager = self.runtime.services.fleet
         return fleet
 
     async def submit(self, color: int) -> str:

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from fleet_helpers import eventually, novita_pool_settings
 
-from comfyfleet.api import create_app
 from comfyfleet.config import Settings
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
+from comfyfleet.runtime import create_app
 from comfyfleet.store import Store
 
 SEED_WORKER_FIELDS = {

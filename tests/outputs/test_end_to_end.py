@@ -3,6 +3,7 @@ worker and its PNG downloads through the API, read back from the bucket."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,10 @@ async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
 
         # The store failing to answer is the service's trouble, said as such: a 503, never a 500.
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-        svc.runtime.app.state.outputs = open_outputs(
-            f"s3://{s3_bucket}/runs?endpoint_url=http://127.0.0.1:{closed_port()}"
+        app = svc.runtime.app
+        app.services = dataclasses.replace(
+            app.services,
+            outputs=open_outputs(f"s3://{s3_bucket}/runs?endpoint_url=http://127.0.0.1:{closed_port()}"),
         )
         unavailable = await svc.http.get(output["url"])
         assert unavailable.status_code == 503

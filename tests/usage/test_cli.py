@@ -164,7 +164,7 @@ async def test_tasks_queue_commands_and_the_config_file(tmp_path: Path) -> None:
 
         code, out, _ = await cli("workers", "list", env=env)
         assert code == 0
-        [worker] = fleet.runtime.app.state.fleet.usable_workers()
+        [worker] = fleet.runtime.services.fleet.usable_workers()
         assert worker.id in out
         assert "default" in out
         code, out, _ = await cli("workers", "drain", worker.id, env=env)

@@ -118,7 +118,7 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(
 
         # Drain from the overview: the worker stops taking tasks.
         await page.goto(fleet.url + "/")
-        [worker] = fleet.runtime.app.state.fleet.usable_workers()
+        [worker] = fleet.runtime.services.fleet.usable_workers()
         await page.locator(f"#worker-{worker.id} button.drain").click()
         await expect(page.locator("#toast")).to_contain_text("Draining")
 

@@ -18,7 +18,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from usage_helpers import eventually, running_fleet, tiny_workflow
 
 from comfyfleet import AsyncClient
-from comfyfleet.webhooks import backoff_s, check_webhook
+from comfyfleet.tasks.checks import webhook_problem
+from comfyfleet.webhooks import backoff_s
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_RETRIES = {"retry_base_s": 0.05, "retry_max_s": 0.2, "safety_poll_s": 0.5}
@@ -200,7 +201,7 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
     for attempt, delay in enumerate(delays, start=1):
         ceiling = min(10, 2 ** (attempt - 1))
         assert ceiling / 2 <= delay <= ceiling
-    assert check_webhook({"url": "https://ok.example/h"}) is None
+    assert webhook_problem({"url": "https://ok.example/h"}) is None
 
 
 async def test_the_receiver_helper_refuses_bad_signatures() -> None:

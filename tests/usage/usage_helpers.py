@@ -113,7 +113,7 @@ async def running_fleet(
 
 async def wait_workers(fleet: Fleet, count: int, within: float = 10.0) -> list[Any]:
     """Until the worker manager has ``count`` health-probed workers."""
-    manager = fleet.runtime.app.state.fleet
+    manager = fleet.runtime.services.fleet
 
     async def ready() -> list[Any] | None:
         live = list(manager.usable_workers())

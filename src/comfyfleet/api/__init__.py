@@ -1,6 +1,8 @@
-"""The HTTP API: FastAPI app factory, routes, wire schemas and the one place errors become statuses."""
+"""The REST API (``/api/v1``): routes, wire schemas, and how the task service's refusals are worded.
 
-from comfyfleet.api.app import create_app
-from comfyfleet.api.errors import ApiError
+``install_api(app)`` mounts it on the application the composition root (``comfyfleet.runtime``) builds.
+"""
 
-__all__ = ["ApiError", "create_app"]
+from comfyfleet.api.app import API_V1_PREFIX, DESCRIPTION, OPENAPI_TAGS, install_api
+
+__all__ = ["API_V1_PREFIX", "DESCRIPTION", "OPENAPI_TAGS", "install_api"]

@@ -1,20 +1,17 @@
 """Wire models of the REST API: what clients send and receive (also the OpenAPI schema).
 
-Responses are built as plain dicts by :func:`task_json` and serialized once by pydantic-core, which is
-several times cheaper than validating a response model per request; the models below still describe
+Responses are built as plain dicts (``comfyfleet.http.wire``) and serialized once by pydantic-core, which
+is several times cheaper than validating a response model per request; the models below still describe
 them exactly for ``/openapi.json`` and ``/docs``.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
-from pydantic_core import to_json
-from starlette.responses import Response
 
-from comfyfleet.domain import QueueMetrics, Task
 from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -278,91 +275,3 @@ class ErrorOut(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries documenting the error shape for these statuses."""
     return {status: {"model": ErrorOut} for status in statuses}
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # the store's times are UTC; a naive one is read as UTC, never as local time
-        return moment.replace(tzinfo=UTC)
-    offset = moment.utcoffset()
-    return moment if offset is not None and not offset else moment.astimezone(UTC)
-
-
-def _input_summaries(inputs: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Inputs without their base64 bytes: a task read back must not carry megabytes it was sent."""
-    if inputs is None:
-        return None
-    summaries = []
-    for spec in inputs:
-        summary = {key: value for key, value in spec.items() if key != "data"}
-        if isinstance(spec.get("data"), str):
-            summary["size"] = len(spec["data"]) * 3 // 4 - spec["data"][-2:].count("=")
-        summaries.append(summary)
-    return summaries
-
-
-def _redacted_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
-    if webhook is None or "secret" not in webhook:
-        return webhook
-    return {**webhook, "secret": "********"}
-
-
-def task_json(
-    task: Task, queue_position: int | None = None, estimated_start_s: float | None = None
-) -> dict[str, Any]:
-    """The wire form of a task (see :class:`TaskOut`)."""
-    return {
-        "id": task.id,
-        "workflow_id": task.workflow_id,
-        "priority": task.priority,
-        "status": task.status.value,
-        "payload": task.payload,
-        "worker_id": task.worker_id,
-        "created_at": _utc(task.created_at),
-        "started_at": _utc(task.started_at),
-        "completed_at": _utc(task.completed_at),
-        "result": task.result,
-        "error": task.error,
-        "retry_count": task.retry_count,
-        "max_retries": task.max_retries,
-        "phase": task.phase.value if task.phase is not None else None,
-        "attempt": task.attempt,
-        "prompt_id": task.prompt_id,
-        "timeout_s": task.timeout_s,
-        "not_before": _utc(task.not_before),
-        "tenant": task.tenant,
-        "updated_at": _utc(task.updated_at),
-        "pool": task.pool,
-        "progress": task.progress,
-        "attempts": task.attempts,
-        "error_kind": task.error_kind,
-        "error_details": task.error_details,
-        "cancel_requested": task.cancel_requested,
-        "idempotency_key": task.idempotency_key,
-        "inputs": _input_summaries(task.inputs),
-        "webhook": _redacted_webhook(task.webhook),
-        "metadata": task.metadata,
-        "queue_position": queue_position,
-        "estimated_start_s": estimated_start_s,
-    }
-
-
-def queue_metrics_json(metrics: QueueMetrics) -> dict[str, Any]:
-    return {
-        "pending_tasks": metrics.pending_tasks,
-        "running_tasks": metrics.running_tasks,
-        "completed_tasks": metrics.completed_tasks,
-        "failed_tasks": metrics.failed_tasks,
-        "cancelled_tasks": metrics.cancelled_tasks,
-        "oldest_pending_age_s": metrics.oldest_pending_age_s,
-    }
-
-
-class JSONBody(Response):
-    """JSON rendered by pydantic-core: handles datetimes (RFC 3339, ``Z`` for UTC) and is fast."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return to_json(content)

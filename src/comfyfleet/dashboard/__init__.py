@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from comfyfleet.dashboard.routes import router
+
 
 def install_dashboard(app: FastAPI) -> None:
-    from comfyfleet.dashboard.routes import router
-
     app.include_router(router)
 
 

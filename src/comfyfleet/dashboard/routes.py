@@ -5,7 +5,7 @@ server-sent events (``/api/v1/events``, ``/api/v1/tasks/{id}/events``) and drive
 buttons through the API. No build step and no third-party files.
 
 With API keys configured, the dashboard asks for a key once and keeps it in an HttpOnly, SameSite=Strict
-cookie that the API also accepts (see ``comfyfleet.api.auth``).
+cookie that the API also accepts (see ``comfyfleet.http.auth``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from fastapi import APIRouter, Form, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from comfyfleet.api.auth import DASHBOARD_COOKIE, KeyRing, Principal, principal_from
-from comfyfleet.api.errors import ApiError
 from comfyfleet.domain import TaskStatus, WorkerState
+from comfyfleet.http.auth import DASHBOARD_COOKIE, Principal, principal_from
+from comfyfleet.http.deps import ServicesDep
+from comfyfleet.http.errors import ApiError
+from comfyfleet.http.services import Services
 from comfyfleet.humanize import ago
-from comfyfleet.store import NotFound, Store, StoreError
+from comfyfleet.store import NotFound, StoreError
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 TASK_LIST_LIMIT = 50
@@ -40,10 +42,10 @@ TEMPLATES.env.filters["iso"] = _iso
 TEMPLATES.env.filters["quote"] = lambda value: quote(str(value), safe="")
 
 
-def _principal(request: Request) -> Principal | None:
+def _principal(request: Request, services: Services) -> Principal | None:
     """The viewer, or None when keys are configured and none (or a wrong one) came with the request."""
     try:
-        return principal_from(request)
+        return principal_from(request, services.keyring)
     except ApiError:
         return None
 
@@ -58,11 +60,11 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/", response_class=HTMLResponse)
-async def overview(request: Request) -> Response:
-    principal = _principal(request)
+async def overview(request: Request, services: ServicesDep) -> Response:
+    principal = _principal(request, services)
     if principal is None:
         return _login(request)
-    store: Store = request.app.state.store
+    store = services.store
     error = None
     metrics = tasks = workers = None
     try:
@@ -84,24 +86,24 @@ async def overview(request: Request) -> Response:
             "workers_by_state": by_state,
             "error": error,
             "principal": principal,
-            "login_enabled": request.app.state.keyring.enabled,
+            "login_enabled": services.keyring.enabled,
             "cancellable": {TaskStatus.PENDING, TaskStatus.RUNNING},
         },
     )
 
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
-async def task_page(task_id: str, request: Request) -> Response:
-    principal = _principal(request)
+async def task_page(task_id: str, request: Request, services: ServicesDep) -> Response:
+    principal = _principal(request, services)
     if principal is None:
         return _login(request)
-    store: Store = request.app.state.store
+    store = services.store
     try:
         task = await store.get_task(str(uuid.UUID(task_id)), tenant=principal.visible_tenant)
     except (ValueError, NotFound):
         return TEMPLATES.TemplateResponse(request, "missing.html", {"task_id": task_id[:80]}, status_code=404)
     position = await store.queue_position(task.id) if task.status is TaskStatus.PENDING else None
-    estimate = await request.app.state.start_estimator.start_in_s(task, position)
+    estimate = await services.start_estimator.start_in_s(task, position)
     deliveries = await store.webhook_deliveries(task.id) if task.webhook else []
     result: dict[str, Any] = task.result or {}
     outputs = [o for o in result.get("outputs") or [] if isinstance(o, dict)]
@@ -119,7 +121,7 @@ async def task_page(task_id: str, request: Request) -> Response:
             "node_errors": (task.error_details or {}).get("node_errors") or {},
             "deliveries": deliveries,
             "principal": principal,
-            "login_enabled": request.app.state.keyring.enabled,
+            "login_enabled": services.keyring.enabled,
             "terminal": task.is_terminal,
         },
     )
@@ -127,11 +129,13 @@ async def task_page(task_id: str, request: Request) -> Response:
 
 @router.post("/dashboard/login")
 async def login(
-    request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/"
+    request: Request,
+    services: ServicesDep,
+    key: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/",
 ) -> Response:
-    keyring: KeyRing = request.app.state.keyring
     try:
-        keyring.principal_for(f"Bearer {key.strip()}")
+        services.keyring.principal_for(f"Bearer {key.strip()}")
     except ApiError:
         return _login(request, "That key is not valid.", status_code=401)
     target = next if next.startswith("/") and not next.startswith("//") else "/"

@@ -35,7 +35,6 @@ from comfyfleet.comfy.events import ComfyEvent
 from comfyfleet.comfy.workflow import model_names, node_types
 from comfyfleet.config import DispatchSettings, PoolConfig
 from comfyfleet.dispatch import placement
-from comfyfleet.dispatch.events import CANCEL_CHANNEL, EVENTS_CHANNEL, TASKS_CHANNEL, EventBus, TaskEvent
 from comfyfleet.dispatch.inputs import InputError, prepare_inputs
 from comfyfleet.dispatch.retry import (
     classify_execution_error,
@@ -43,6 +42,7 @@ from comfyfleet.dispatch.retry import (
     sanitize_execution_error,
 )
 from comfyfleet.domain import Task, TaskPhase, TaskStatus, Worker, WorkerState
+from comfyfleet.events import CANCEL_CHANNEL, EVENTS_CHANNEL, TASKS_CHANNEL, EventBus, TaskEvent
 from comfyfleet.fleet.base import WorkerDirectory
 from comfyfleet.outputs import OutputsError, OutputStore
 from comfyfleet.outputs.base import OutputsUnavailable

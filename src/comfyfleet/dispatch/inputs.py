@@ -5,24 +5,22 @@ never collide, and every string input of the graph equal to an input's name is r
 path (``LoadImage`` takes ``"<subfolder>/<name>"``).
 
 URL fetches refuse loopback, private, link-local and other non-public addresses unless the config allows
-them, check every redirect hop the same way, and stop at a size cap.
+them (``comfyfleet.net``), check every redirect hop the same way, and stop at a size cap.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import copy
-import ipaddress
 import re
-import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
+
+from comfyfleet.net import UnsafeAddress, pin_public_address
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,199}$")
 _MAX_REDIRECTS = 5
@@ -70,60 +68,14 @@ def decode_data(name: str, data: Any, *, max_bytes: int) -> bytes:
     return raw
 
 
-def _address_allowed(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-@dataclass(frozen=True, slots=True)
-class PinnedTarget:
-    """Where to send a request so that it reaches the address that was checked, not whatever the name
-    resolves to a moment later (DNS rebinding): the URL with its host replaced by that address, the
-    ``Host`` header and, for HTTPS, the name to verify the certificate against."""
-
-    url: str
-    headers: dict[str, str]
-    extensions: dict[str, Any]
-
-
-async def pin_public_address(url: str, *, allow_private: bool) -> PinnedTarget:
-    """Resolve ``url``'s host once, refuse it when any address is loopback, private, link-local or otherwise
-    not public (unless ``allow_private``), and pin the request to the checked address."""
-    parts = urlsplit(url)
-    host = parts.hostname
-    if not host:
-        raise InputError(f"input URL {url!r} has no host")
-    if allow_private:
-        return PinnedTarget(url, {}, {})
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise InputError(f"input URL host {host!r} does not resolve") from exc
-    addresses = [str(info[4][0]) for info in infos]
-    for address in addresses:
-        if not _address_allowed(address):
-            raise InputError(
-                f"input URL {url!r} points at a non-public address ({address}); "
-                "set dispatch.allow_private_input_urls to allow it"
-            )
-    address = addresses[0]
-    if address == host:
-        return PinnedTarget(url, {}, {})
-    literal = f"[{address}]" if ":" in address else address
-    userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{userinfo + '@' if userinfo else ''}{literal}{f':{parts.port}' if parts.port else ''}"
-    host_header = parts.netloc.rpartition("@")[2]
-    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-    return PinnedTarget(urlunsplit(parts._replace(netloc=netloc)), {"Host": host_header}, extensions)
-
-
 async def fetch_url(client: httpx.AsyncClient, url: str, *, max_bytes: int, allow_private: bool) -> bytes:
     for _ in range(_MAX_REDIRECTS + 1):
         if urlsplit(url).scheme not in {"http", "https"}:
             raise InputError(f"input URL {url!r} must be http(s)")
-        target = await pin_public_address(url, allow_private=allow_private)
+        try:
+            target = await pin_public_address(url, allow_private=allow_private, label="input URL")
+        except UnsafeAddress as exc:
+            raise InputError(str(exc)) from exc
         try:
             async with client.stream(
                 "GET",

@@ -1,21 +1,29 @@
 """A ComfyUI-compatible front door: a program written for one ComfyUI server uses the whole fleet.
 
-``POST /prompt`` queues a task, ``GET /ws`` streams its frames in ComfyUI's order, ``/history`` and
-``/view`` read its results, ``/queue``, ``/interrupt``, ``/upload/image``, ``/object_info`` and
-``/system_stats`` behave as ComfyUI's do, each also under ``/api`` (ComfyUI registers every route twice).
+``POST /prompt`` queues a task (through the task service), ``GET /ws`` streams its frames in ComfyUI's order,
+``/history`` and ``/view`` read its results, ``/queue``, ``/interrupt``, ``/upload/image``, ``/object_info``
+and ``/system_stats`` behave as ComfyUI's do, each also under ``/api`` (ComfyUI registers every route twice).
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-
-def install_gateway(app: FastAPI) -> None:
-    """Add the ComfyUI routes at the root and their ``/api`` aliases (documented once, at the root)."""
-    from comfyfleet.gateway.routes import build_router
-
-    app.include_router(build_router(include_in_schema=True))
-    app.include_router(build_router(include_in_schema=False), prefix="/api")
+from comfyfleet.gateway.routes import routers
+from comfyfleet.gateway.service import Gateway
+from comfyfleet.http.services import Services
 
 
-__all__ = ["install_gateway"]
+def install_gateway(app: FastAPI, services: Services) -> Gateway:
+    """Add the ComfyUI routes at the root and their ``/api`` aliases (documented once, at the root); return
+    the gateway they share."""
+    gateway = Gateway(services)
+    groups = routers(gateway)
+    for router in groups:
+        app.include_router(router)
+    for router in groups:
+        app.include_router(router, prefix="/api", include_in_schema=False)
+    return gateway
+
+
+__all__ = ["Gateway", "install_gateway"]

@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from comfyfleet.domain import Task, TaskStatus
-from comfyfleet.domain.graph import GraphError, GraphErrorType
+from comfyfleet.domain.graph import GraphErrorType
+from comfyfleet.tasks import Problem
 
 METADATA_KEY = "comfyui"  # task.metadata["comfyui"]: client_id, extra_data of a gateway submission
 
@@ -220,12 +221,12 @@ def prompt_error(
     }
 
 
-def structural_errors_body(graph: Mapping[str, Any], problems: Iterable[GraphError]) -> dict[str, Any]:
-    """The project's structural graph problems in ComfyUI's error shape (when no worker can validate)."""
+def structural_errors_body(graph: Mapping[str, Any], problems: Iterable[Problem]) -> dict[str, Any]:
+    """The task service's structural graph problems in ComfyUI's error shape (when no worker can validate)."""
     problems = list(problems)
     for problem in problems:
         if problem.type in (GraphErrorType.MISSING_CLASS_TYPE, GraphErrorType.INVALID_CLASS_TYPE):
-            node_id = problem.node_id or ""
+            node_id = problem.extra.get("node_id") or ""
             return prompt_error(
                 "missing_node_type",
                 f"Node '#{node_id}' has no class_type. The workflow may be corrupted or a custom node may be missing.",
@@ -235,12 +236,14 @@ def structural_errors_body(graph: Mapping[str, Any], problems: Iterable[GraphErr
     node_errors: dict[str, Any] = {}
     loose: list[str] = []
     for problem in problems:
-        if problem.node_id is None:
+        node_id = problem.extra.get("node_id")
+        input_name = problem.extra.get("input_name")
+        if node_id is None:
             loose.append(problem.message)
             continue
-        node = graph.get(problem.node_id)
+        node = graph.get(node_id)
         entry = node_errors.setdefault(
-            problem.node_id,
+            node_id,
             {
                 "errors": [],
                 "dependent_outputs": [],
@@ -251,8 +254,8 @@ def structural_errors_body(graph: Mapping[str, Any], problems: Iterable[GraphErr
             {
                 "type": problem.type,
                 "message": problem.message,
-                "details": problem.input_name or "",
-                "extra_info": {"input_name": problem.input_name} if problem.input_name else {},
+                "details": input_name or "",
+                "extra_info": {"input_name": input_name} if input_name else {},
             }
         )
     return prompt_error(

@@ -31,8 +31,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from comfyfleet.dispatch.events import EventBus, TaskEvent
 from comfyfleet.domain import TaskStatus
+from comfyfleet.events import TaskEvent
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.service import Gateway
 from comfyfleet.store import NotFound, StoreError
@@ -65,13 +65,12 @@ class ComfySocket:
         self,
         websocket: WebSocket,
         gateway: Gateway,
-        bus: EventBus | None,
         tenant: str | None,
         client_id: str | None,
     ) -> None:
         self.websocket = websocket
         self.gateway = gateway
-        self.bus = bus
+        self.bus = gateway.bus
         self.tenant = tenant
         self.sid = client_id or uuid.uuid4().hex
         self.prompts: OrderedDict[str, _PromptFrames] = OrderedDict()
@@ -139,8 +138,8 @@ class ComfySocket:
 
     async def _on_preview(self, event: TaskEvent) -> None:
         """Relay the preview as ComfyUI's binary PREVIEW_IMAGE frame (type 1, then 1 = JPEG or 2 = PNG)."""
-        dispatcher = getattr(self.websocket.app.state, "dispatcher", None)
-        latest = dispatcher.latest_preview(event.task_id) if dispatcher is not None else None
+        previews = self.gateway.services.previews
+        latest = previews.latest_preview(event.task_id) if previews is not None else None
         if latest is None:
             return  # run by another replica, which keeps the image
         image, content_type, _ = latest

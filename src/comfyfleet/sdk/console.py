@@ -509,7 +509,14 @@ def run_workers_list(*, as_json: bool, server: str | None, api_key: str | None) 
         out.print("no workers")
         return
     wide = out.width >= WIDE_TABLE_COLUMNS
-    columns = ["ID", "POOL", *(["PROVIDER"] if wide else []), "STATE", "TASKS", *(["ENDPOINT"] if wide else [])]
+    columns = [
+        "ID",
+        "POOL",
+        *(["PROVIDER"] if wide else []),
+        "STATE",
+        "TASKS",
+        *(["ENDPOINT"] if wide else []),
+    ]
     table = _list_table([*columns, "MODELS"], keep_whole={"ID", "STATE", "TASKS"})
     for worker in workers:
         tasks = worker.get("current_task_ids") or (

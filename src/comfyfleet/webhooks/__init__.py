@@ -5,8 +5,6 @@ from comfyfleet.webhooks.deliverer import (
     WebhookDeliverer,
     WebhooksError,
     backoff_s,
-    check_webhook,
-    delivery_json,
     signed_headers,
 )
 
@@ -15,7 +13,5 @@ __all__ = [
     "WebhookDeliverer",
     "WebhooksError",
     "backoff_s",
-    "check_webhook",
-    "delivery_json",
     "signed_headers",
 ]

@@ -32,11 +32,11 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from comfyfleet import metrics
-from comfyfleet.api.schemas import task_json
 from comfyfleet.config import Settings
-from comfyfleet.dispatch.events import EventBus
-from comfyfleet.dispatch.inputs import InputError, pin_public_address
 from comfyfleet.domain import TERMINAL_STATUSES
+from comfyfleet.events import EventBus
+from comfyfleet.http.wire import task_json
+from comfyfleet.net import UnsafeAddress, pin_public_address
 from comfyfleet.store import NotFound, StaleLease, Store, StoreError, WebhookDelivery
 
 logger = logging.getLogger(__name__)
@@ -250,10 +250,10 @@ class WebhookDeliverer:
             return "failed", None, f"the webhook URL {url[:200]!r} is not an http(s) URL", None
         try:
             target = await pin_public_address(
-                url, allow_private=self.settings.dispatch.allow_private_input_urls
+                url, allow_private=self.settings.dispatch.allow_private_input_urls, label="webhook URL"
             )
-        except InputError as exc:
-            return "failed", None, str(exc).replace("input URL", "webhook URL"), None
+        except UnsafeAddress as exc:
+            return "failed", None, str(exc), None
         now = datetime.now(UTC)
         body = json.dumps(
             {"type": delivery.event, "timestamp": now.isoformat(), "data": task_json(task)},
@@ -290,45 +290,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
     return str(value)
-
-
-def check_webhook(webhook: dict[str, Any]) -> str | None:
-    """What is wrong with a task's ``webhook`` at submission, or None. (The address itself is checked
-    before every attempt: DNS may change in between.)"""
-    url = webhook.get("url")
-    if (
-        not isinstance(url, str)
-        or urlsplit(url).scheme not in {"http", "https"}
-        or not urlsplit(url).hostname
-    ):
-        return 'webhook needs "url": an http(s) URL'
-    if len(url) > 2048:
-        return "the webhook URL is longer than 2048 characters"
-    unknown = sorted(set(webhook) - {"url", "secret"})
-    if unknown:
-        return f"unknown webhook field(s): {', '.join(unknown)}; a webhook has url and an optional secret"
-    secret = webhook.get("secret")
-    if secret is not None:
-        try:
-            Webhook(secret)
-        except Exception:  # the library raises several types for a malformed key
-            return "webhook secret must be 'whsec_' followed by base64"
-    # Without a secret here or in the server's config, the task is still accepted: its delivery then fails
-    # with a message saying so, visible on the task (the operator may add the secret meanwhile).
-    return None
-
-
-def delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
-    """How a delivery is shown on its task (``webhook_deliveries``)."""
-    return {
-        "url": delivery.url,
-        "event": delivery.event,
-        "message_id": delivery.message_id,
-        "status": delivery.status,
-        "attempts": delivery.attempts,
-        "next_attempt_at": delivery.next_attempt_at if delivery.status == "pending" else None,
-        "delivered_at": delivery.delivered_at,
-        "last_status_code": delivery.last_status_code,
-        "last_error": delivery.last_error,
-        "history": delivery.history,
-    }

@@ -6,35 +6,24 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
 
-from comfyfleet.api.auth import Principal, authenticate
-from comfyfleet.api.deps import get_store
-from comfyfleet.api.routes.tasks import EstimatorDep, TaskId, checked_task_id
-from comfyfleet.api.schemas import error_responses, task_json
-from comfyfleet.dispatch.events import EventBus, TaskEvent
+from comfyfleet.api.routes.tasks import TaskId, checked_task_id
+from comfyfleet.api.schemas import error_responses
 from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus
-from comfyfleet.store import NotFound, Store
+from comfyfleet.events import TaskEvent
+from comfyfleet.http.deps import BusDep, EstimatorDep, PrincipalDep, StoreDep
+from comfyfleet.http.wire import task_json
+from comfyfleet.store import NotFound
 
 router = APIRouter(tags=["events"])
-
-PrincipalDep = Annotated[Principal, Depends(authenticate)]
-StoreDep = Annotated[Store, Depends(get_store)]
 
 # While a task waits, its queue position is re-read at most this often, and only after another task moved.
 _POSITION_REFRESH_S = 0.5
 _KEEPALIVE_S = 15
-
-
-async def get_bus(request: Request) -> EventBus:
-    bus: EventBus = request.app.state.bus
-    return bus
-
-
-BusDep = Annotated[EventBus, Depends(get_bus)]
 
 
 def _sse(event: TaskEvent, counter: int) -> dict[str, Any]:
@@ -56,7 +45,6 @@ def _sse(event: TaskEvent, counter: int) -> dict[str, Any]:
 )
 async def task_events(
     task_id: TaskId,
-    request: Request,
     principal: PrincipalDep,
     store: StoreDep,
     bus: BusDep,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.responses import Response
 
-from comfyfleet.api.deps import get_store
-from comfyfleet.api.errors import error_response
-from comfyfleet.api.schemas import HealthOut, JSONBody, ReadyOut, error_responses
-from comfyfleet.store import Store, StoreError
+from comfyfleet.api.schemas import HealthOut, ReadyOut, error_responses
+from comfyfleet.http.deps import StoreDep
+from comfyfleet.http.errors import error_response
+from comfyfleet.http.responses import JSONBody
+from comfyfleet.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ async def health() -> Response:
 
 
 @router.get("/ready", response_model=ReadyOut, summary="Readiness", responses=error_responses(503))
-async def ready(store: Annotated[Store, Depends(get_store)]) -> Response:
+async def ready(store: StoreDep) -> Response:
     """The store answers and every migration is applied; 503 `not_ready` otherwise."""
     try:
         is_ready = await store.is_ready()

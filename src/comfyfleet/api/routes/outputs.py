@@ -6,24 +6,17 @@ import logging
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path
 from starlette.responses import Response, StreamingResponse
 
-from comfyfleet.api.auth import Principal, authenticate
-from comfyfleet.api.deps import get_store
-from comfyfleet.api.errors import ApiError
 from comfyfleet.api.routes.tasks import TaskId, checked_task_id
 from comfyfleet.api.schemas import error_responses
-from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputsError, OutputStore
-from comfyfleet.store import Store
+from comfyfleet.http.deps import OutputsDep, PrincipalDep, ServicesDep, StoreDep
+from comfyfleet.http.errors import ApiError
+from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputsError
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
-
-
-async def get_outputs(request: Request) -> OutputStore:
-    outputs: OutputStore = request.app.state.outputs
-    return outputs
 
 
 @router.get(
@@ -39,9 +32,9 @@ async def download_output(
     filename: Annotated[
         str, Path(description="The output's `filename` as listed in the task's result.", max_length=255)
     ],
-    principal: Annotated[Principal, Depends(authenticate)],
-    store: Annotated[Store, Depends(get_store)],
-    outputs: Annotated[OutputStore, Depends(get_outputs)],
+    principal: PrincipalDep,
+    store: StoreDep,
+    outputs: OutputsDep,
 ) -> StreamingResponse:
     """The bytes of one output of a finished task, with its content type."""
     task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
@@ -77,17 +70,16 @@ async def download_output(
 )
 async def latest_preview(
     task_id: TaskId,
-    request: Request,
-    principal: Annotated[Principal, Depends(authenticate)],
-    store: Annotated[Store, Depends(get_store)],
+    principal: PrincipalDep,
+    store: StoreDep,
+    services: ServicesDep,
 ) -> Response:
     """The newest preview image a worker sent for a running task (samplers send one per step when ComfyUI
     runs with previews on). `preview` events on the task's event stream say when a new one arrived.
     Previews are kept in memory by the replica that runs the task, never stored: once the task ends, or
     when another replica runs it, this is a 404 `no_preview`."""
     task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
-    dispatcher = getattr(request.app.state, "dispatcher", None)
-    latest = dispatcher.latest_preview(task.id) if dispatcher is not None else None
+    latest = services.previews.latest_preview(task.id) if services.previews is not None else None
     if latest is None:
         raise ApiError(
             404,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.responses import Response
 
-from comfyfleet.api.auth import Principal, authenticate
-from comfyfleet.api.deps import get_store
-from comfyfleet.api.schemas import JSONBody, QueueMetricsOut, error_responses, queue_metrics_json
-from comfyfleet.store import Store
+from comfyfleet.api.schemas import QueueMetricsOut, error_responses
+from comfyfleet.http.deps import PrincipalDep, StoreDep
+from comfyfleet.http.responses import JSONBody
+from comfyfleet.http.wire import queue_metrics_json
 
 router = APIRouter(tags=["queue"])
 
@@ -21,9 +19,7 @@ router = APIRouter(tags=["queue"])
     summary="Queue metrics",
     responses=error_responses(401, 503),
 )
-async def queue_metrics(
-    principal: Annotated[Principal, Depends(authenticate)], store: Annotated[Store, Depends(get_store)]
-) -> Response:
+async def queue_metrics(principal: PrincipalDep, store: StoreDep) -> Response:
     """Tasks per status and the age of the oldest pending task (null when none waits); a tenant's own
     tasks only, every tenant's for an admin key."""
     metrics = await store.queue_metrics(tenant=principal.visible_tenant)

@@ -1,149 +1,49 @@
-"""``/api/v1/tasks``: submit, list, read and cancel tasks (the seed's routes and fields)."""
+"""``/api/v1/tasks``: submit, list, read and cancel tasks (the seed's routes and fields).
+
+Commands go to the task service (``comfyfleet.tasks``); its refusals are worded by ``api/errors.py``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Query
 from starlette.responses import Response
 
-from comfyfleet.api.auth import Principal, authenticate
-from comfyfleet.api.deps import get_settings, get_start_estimator, get_store
-from comfyfleet.api.errors import ApiError, InvalidInput
-from comfyfleet.api.eta import StartEstimator
-from comfyfleet.api.schemas import (
-    JSONBody,
-    TaskListOut,
-    TaskOut,
-    TaskSubmission,
-    TaskUpdate,
-    error_responses,
-    task_json,
-)
-from comfyfleet.config import Settings
-from comfyfleet.dispatch.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, status_event
-from comfyfleet.dispatch.inputs import InputError, check_input_spec
-from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
-from comfyfleet.domain.graph import validate_graph
-from comfyfleet.store import Store, StoreError
-from comfyfleet.webhooks import check_webhook, delivery_json
-
-logger = logging.getLogger(__name__)
+from comfyfleet.api.schemas import TaskListOut, TaskOut, TaskSubmission, TaskUpdate, error_responses
+from comfyfleet.domain import TaskStatus
+from comfyfleet.http.deps import EstimatorDep, PrincipalDep, StoreDep, TasksDep
+from comfyfleet.http.errors import ApiError, InvalidInput
+from comfyfleet.http.responses import JSONBody
+from comfyfleet.http.wire import delivery_json, task_json
+from comfyfleet.tasks import CancelTask, ChangePriority, Idempotency, OnReuse, SubmitTask
 
 router = APIRouter(tags=["tasks"])
-
-# The dispatcher's wake-up channels: a new runnable task, and a running task whose cancel was asked for.
 
 MAX_LIST_LIMIT = 500
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_WAIT_S = 600
 
-PrincipalDep = Annotated[Principal, Depends(authenticate)]
-StoreDep = Annotated[Store, Depends(get_store)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-EstimatorDep = Annotated[StartEstimator, Depends(get_start_estimator)]
 TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=64)]
 
 
-class _TaskIds:
-    """Random (version 4) UUIDs for new tasks, from OS randomness fetched for 256 ids at a time.
-
-    ``uuid.uuid4()`` asks the OS for 16 bytes per id; each such call lets go of the GIL, and taking it
-    back from the store's writer thread cost more than the rest of the submission on a busy server.
-    """
-
-    _BATCH = 256
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._next = 0
-
-    def __call__(self) -> str:
-        if self._next >= len(self._pool):
-            self._pool = os.urandom(16 * self._BATCH)
-            self._next = 0
-        raw = self._pool[self._next : self._next + 16]
-        self._next += 16
-        return str(uuid.UUID(bytes=raw, version=4))
-
-
-_new_task_id = _TaskIds()
-
-
-def _known_pools(settings: Settings) -> set[str]:
-    """Pool names and the labels pools carry: a task's ``pool`` may name either."""
-    names = {pool.name for pool in settings.pools} | {
-        label for pool in settings.pools for label in pool.labels
-    }
-    if settings.workers:
-        names.add("default")  # the static workers given with --worker form the pool "default"
-    return names
-
-
-def _check_priority(priority: int, settings: Settings) -> None:
-    limits = settings.limits
-    if not limits.min_priority <= priority <= limits.max_priority:
-        raise InvalidInput(
-            f"priority must be an integer from {limits.min_priority} to {limits.max_priority}, got {priority}",
-            [{"loc": ["body", "priority"], "message": "out of range", "type": "priority_out_of_range"}],
-        )
-
-
-def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
-    limits = settings.limits
-    _check_priority(submission.priority, settings)
-    problems = validate_graph(submission.payload, max_nodes=limits.max_nodes)
-    if problems:
-        first = problems[0].message
-        more = (
-            f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
-            if len(problems) > 1
-            else ""
-        )
-        raise InvalidInput(
-            f"the payload is not a valid workflow graph: {first}{more}",
-            [
-                {
-                    "loc": [
-                        "body",
-                        "payload",
-                        *(part for part in (problem.node_id, problem.input_name) if part is not None),
-                    ],
-                    **problem.as_dict(),
-                }
-                for problem in problems
-            ],
-            error="invalid_graph",
-        )
-    for index, spec in enumerate(submission.inputs or []):
-        try:
-            check_input_spec(spec, max_bytes=limits.max_input_bytes)
-        except InputError as exc:
-            raise InvalidInput(
-                str(exc),
-                [{"loc": ["body", "inputs", index], "message": str(exc), "type": "invalid_input"}],
-                error="invalid_input",
-            ) from None
-    if submission.webhook is not None:
-        problem = check_webhook(submission.webhook)
-        if problem:
-            raise InvalidInput(
-                problem,
-                [{"loc": ["body", "webhook"], "message": problem, "type": "invalid_webhook"}],
-                error="invalid_webhook",
-            )
-    if submission.pool is not None:
-        known = _known_pools(settings)
-        if known and submission.pool not in known:
-            raise InvalidInput(
-                f"unknown pool {submission.pool!r}; configured pools: {', '.join(sorted(known))}",
-                [{"loc": ["body", "pool"], "message": "unknown pool", "type": "unknown_pool"}],
-                error="unknown_pool",
-            )
+def _command(submission: TaskSubmission, tenant: str, idempotency_key: str | None) -> SubmitTask:
+    return SubmitTask(
+        payload=submission.payload,
+        tenant=tenant,
+        priority=submission.priority,
+        workflow_id=submission.workflow_id,
+        max_retries=submission.max_retries,
+        timeout_s=submission.timeout_s,
+        pool=submission.pool,
+        inputs=submission.inputs,
+        webhook=submission.webhook,
+        metadata=submission.metadata,
+        idempotency=Idempotency(idempotency_key, OnReuse.REPLAY_SAME_REQUEST)
+        if idempotency_key is not None
+        else None,
+    )
 
 
 @router.post(
@@ -157,11 +57,9 @@ def _check_submission(submission: TaskSubmission, settings: Settings) -> None:
     },
 )
 async def submit_task(
-    request: Request,
     submission: TaskSubmission,
     principal: PrincipalDep,
-    store: StoreDep,
-    settings: SettingsDep,
+    tasks: TasksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -189,89 +87,12 @@ async def submit_task(
     cycle. A 422 `invalid_graph` lists every problem with the node and input at fault.
     The task is durably stored before the 201 is sent.
     """
-    _check_submission(submission, settings)
-    dispatch = settings.dispatch
-    new = NewTask(
-        id=_new_task_id(),
-        payload=submission.payload,
-        workflow_id=submission.workflow_id,
-        priority=submission.priority,
-        max_retries=submission.max_retries
-        if submission.max_retries is not None
-        else dispatch.default_max_retries,
-        timeout_s=submission.timeout_s if submission.timeout_s is not None else dispatch.default_timeout_s,
-        tenant=principal.tenant,
-        idempotency_key=idempotency_key,
-        pool=submission.pool,
-        inputs=submission.inputs,
-        webhook=submission.webhook,
-        metadata=submission.metadata,
-    )
-    task, created = await store.create_task(new)
-    if not created and not _same_request(new, task):
-        # The key names one request: a retry must send the same one, or it would silently get another's task.
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            f"Idempotency-Key {idempotency_key!r} was already used for a different request (task {task.id}); "
-            "send the same request to get that task back, or use a new key",
-            {"task_id": task.id},
-        )
-    bus: EventBus | None = getattr(request.app.state, "bus", None)
-    if created and bus is not None:
-        # Live listeners (the dashboard's task list, ComfyUI sockets' queue length) see it arrive.
-        await bus.publish(status_event(task))
-    if wait and bus is not None:
-        # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
-        with bus.subscribe(task_id=task.id) as subscription:
-            if created:
-                await _wake(store, TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
-            task = await _wait_until_ended(store, task, subscription, wait)
-    elif created:
-        await _wake(store, TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
+    submitted = await tasks.submit(_command(submission, principal.tenant, idempotency_key), wait_s=wait)
+    task = submitted.task
     headers = {"Location": f"/api/v1/tasks/{task.id}"}
-    if not created:
+    if not submitted.created:
         headers["Idempotent-Replayed"] = "true"
-    return JSONBody(task_json(task), status_code=201 if created else 200, headers=headers)
-
-
-_REQUEST_FIELDS = (
-    "payload",
-    "workflow_id",
-    "priority",
-    "max_retries",
-    "timeout_s",
-    "pool",
-    "inputs",
-    "webhook",
-    "metadata",
-)
-
-
-def _same_request(new: NewTask, task: Task) -> bool:
-    return all(getattr(new, name) == getattr(task, name) for name in _REQUEST_FIELDS)
-
-
-async def _wait_until_ended(store: Store, task: Task, subscription: Subscription, wait_s: float) -> Task:
-    deadline = asyncio.get_running_loop().time() + wait_s
-    task = await store.get_task(task.id)
-    while task.status not in TERMINAL_STATUSES:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            break
-        event = await subscription.get(wait_s=remaining)
-        if event is None or (event.type == "status" and event.data.get("status") in TERMINAL_STATUSES):
-            task = await store.get_task(task.id)
-    return task
-
-
-async def _wake(store: Store, channel: str, payload: str) -> None:
-    # The change is already durable; a lost wake-up only delays the dispatcher until its safety poll,
-    # so it must not turn a stored submission or cancel into an error.
-    try:
-        await store.notify(channel, payload)
-    except StoreError as exc:
-        logger.warning("wakeup_failed channel=%s error=%s", channel, exc)
+    return JSONBody(task_json(task), status_code=201 if submitted.created else 200, headers=headers)
 
 
 def _parse_statuses(raw: str | None) -> list[TaskStatus] | None:
@@ -367,22 +188,15 @@ async def get_task(
 async def update_task(
     task_id: TaskId,
     update: TaskUpdate,
-    request: Request,
     principal: PrincipalDep,
     store: StoreDep,
-    settings: SettingsDep,
+    tasks: TasksDep,
     estimator: EstimatorDep,
 ) -> Response:
     """Move a waiting task up or down the queue: `{"priority": N}`. Among equal priorities it keeps its
     submission order. The answer has its new `queue_position`. A task that already started is a 409."""
-    _check_priority(update.priority, settings)
-    task = await store.set_priority(
-        checked_task_id(task_id), update.priority, tenant=principal.visible_tenant
-    )
-    logger.info("task_priority_changed task_id=%s priority=%d", task.id, task.priority)
-    bus: EventBus | None = getattr(request.app.state, "bus", None)
-    if bus is not None:
-        await bus.publish(status_event(task))  # live listeners re-read their queue positions
+    command = ChangePriority(checked_task_id(task_id), update.priority, principal.visible_tenant)
+    task = await tasks.change_priority(command)
     position = await store.queue_position(task.id)
     return JSONBody(
         task_json(task, queue_position=position, estimated_start_s=await estimator.start_in_s(task, position))
@@ -402,22 +216,8 @@ async def update_task(
         **error_responses(401, 404, 409, 503),
     },
 )
-async def cancel_task(
-    task_id: TaskId, request: Request, principal: PrincipalDep, store: StoreDep
-) -> Response:
+async def cancel_task(task_id: TaskId, principal: PrincipalDep, tasks: TasksDep) -> Response:
     """Cancel a task. A pending task is cancelled at once (200). A running one is stopped on its worker
     (202 with `cancel_requested: true`). A task that already ended is a 409."""
-    task = await store.cancel_task(checked_task_id(task_id), tenant=principal.visible_tenant)
-    if task.status is TaskStatus.RUNNING:
-        logger.info("task_cancel_requested task_id=%s", task.id)
-        await _wake(store, CANCEL_CHANNEL, task.id)
-        return JSONBody(task_json(task), status_code=202)
-    if task.status is not TaskStatus.CANCELLED:
-        # The store resolved the race differently (e.g. the task ended meanwhile); say so plainly.
-        raise ApiError(409, "conflict", f"task {task.id} is already {task.status.value}")
-    logger.info("task_cancelled task_id=%s", task.id)
-    bus: EventBus | None = getattr(request.app.state, "bus", None)
-    if bus is not None:
-        # No dispatcher saw this one: tell live listeners (event streams, dashboard, ComfyUI sockets) here.
-        await bus.publish(status_event(task))
-    return JSONBody(task_json(task))
+    task = await tasks.cancel(CancelTask(checked_task_id(task_id), principal.visible_tenant))
+    return JSONBody(task_json(task), status_code=202 if task.status is TaskStatus.RUNNING else 200)

@@ -8,23 +8,22 @@ Drain and remove need an admin key when API keys are configured: workers are sha
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from comfyfleet.api.auth import Principal, authenticate
-from comfyfleet.api.deps import get_store
-from comfyfleet.api.errors import ApiError
-from comfyfleet.api.schemas import JSONBody, error_responses
+from comfyfleet.api.schemas import error_responses
 from comfyfleet.domain import Worker, WorkerState
 from comfyfleet.fleet.errors import FleetClosed, UnknownWorker, WorkerStateConflict
-from comfyfleet.store import Store
-
-if TYPE_CHECKING:
-    from comfyfleet.fleet.manager import FleetManager
+from comfyfleet.http.auth import Principal
+from comfyfleet.http.deps import PrincipalDep, ServicesDep, require_fleet
+from comfyfleet.http.errors import ApiError
+from comfyfleet.http.responses import JSONBody
+from comfyfleet.http.services import Services
+from comfyfleet.http.wire import utc
 
 router = APIRouter(tags=["workers"])
 
@@ -95,12 +94,6 @@ class WorkerMetricsOut(BaseModel):
     )
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
-
-
 def worker_json(worker: Worker) -> dict[str, Any]:
     info = worker.info or {}
     pod_name = str(info.get("container_name") or info.get("instance_name") or worker.provider_id or worker.id)
@@ -111,8 +104,8 @@ def worker_json(worker: Worker) -> dict[str, Any]:
         "endpoint": worker.endpoint,
         "port": worker.port,
         "current_task_id": worker.current_task_ids[0] if worker.current_task_ids else None,
-        "created_at": _utc(worker.created_at),
-        "last_active_at": _utc(worker.last_active_at),
+        "created_at": utc(worker.created_at),
+        "last_active_at": utc(worker.last_active_at),
         "health_status": worker.health_status,
         "state": worker.state.value,
         "pool": worker.pool,
@@ -122,30 +115,22 @@ def worker_json(worker: Worker) -> dict[str, Any]:
         "current_task_ids": list(worker.current_task_ids),
         "health_failures": worker.health_failures,
         "error": worker.error,
-        "updated_at": _utc(worker.updated_at),
+        "updated_at": utc(worker.updated_at),
         "node_types": len(worker.node_types) if worker.node_types is not None else None,
         "info": {key: value for key, value in info.items() if key != "system"},
     }
 
 
 async def _current_workers(
-    request: Request, store: Store, *, pool: str | None = None, include_gone: bool = False
+    services: Services, *, pool: str | None = None, include_gone: bool = False
 ) -> list[Worker]:
     """The store's records, each replaced by the manager's own copy when it has one: busy/idle and loaded
     models are written to the store behind the manager's back (batched), so its copy is the fresher."""
-    workers = await store.list_workers(pool=pool, include_gone=include_gone)
-    fleet: FleetManager | None = getattr(request.app.state, "fleet", None)
-    if fleet is None:
+    workers = await services.store.list_workers(pool=pool, include_gone=include_gone)
+    if services.fleet is None:
         return workers
-    cached = {worker.id: worker for worker in fleet.workers(pool=pool)}
+    cached = {worker.id: worker for worker in services.fleet.workers(pool=pool)}
     return [cached.get(worker.id, worker) for worker in workers]
-
-
-def _fleet(request: Request) -> FleetManager:
-    fleet: FleetManager | None = getattr(request.app.state, "fleet", None)
-    if fleet is None:
-        raise ApiError(503, "fleet_unavailable", "this server runs without a worker manager")
-    return fleet
 
 
 def _require_admin(principal: Principal) -> None:
@@ -187,9 +172,8 @@ def _parse_states(raw: str | None) -> set[WorkerState] | None:
     responses=error_responses(401, 422, 503),
 )
 async def list_workers(
-    request: Request,
-    principal: Annotated[Principal, Depends(authenticate)],
-    store: Annotated[Store, Depends(get_store)],
+    principal: PrincipalDep,
+    services: ServicesDep,
     pool: Annotated[str | None, Query(description="Only this pool's workers")] = None,
     state: Annotated[str | None, Query(description="Comma-separated states, e.g. idle,busy")] = None,
     include_gone: Annotated[bool, Query(description="Include terminated workers (kept for a while)")] = False,
@@ -197,7 +181,7 @@ async def list_workers(
     """Every worker of the fleet (terminated ones only with ``include_gone``), oldest first."""
     states = _parse_states(state)
     include_gone = include_gone or bool(states and WorkerState.TERMINATED in states)
-    workers = await _current_workers(request, store, pool=pool, include_gone=include_gone)
+    workers = await _current_workers(services, pool=pool, include_gone=include_gone)
     if states is not None:
         workers = [worker for worker in workers if worker.state in states]
     workers.sort(key=lambda worker: (worker.created_at, worker.id))
@@ -210,19 +194,14 @@ async def list_workers(
     summary="Worker metrics",
     responses=error_responses(401, 503),
 )
-async def worker_metrics(
-    request: Request,
-    principal: Annotated[Principal, Depends(authenticate)],
-    store: Annotated[Store, Depends(get_store)],
-) -> Response:
+async def worker_metrics(principal: PrincipalDep, services: ServicesDep) -> Response:
     """The seed's WorkerMetrics (``running_workers`` are busy ones; terminated workers are not counted), plus
     pending and terminating workers and a per-pool breakdown."""
-    workers = [w for w in await _current_workers(request, store) if w.state is not WorkerState.TERMINATED]
+    workers = [w for w in await _current_workers(services) if w.state is not WorkerState.TERMINATED]
     counts = Counter(worker.state for worker in workers)
     pools: dict[str, dict[str, Any]] = {}
-    fleet: FleetManager | None = getattr(request.app.state, "fleet", None)
-    if fleet is not None:
-        for name, pool in fleet.pools.items():
+    if services.fleet is not None:
+        for name, pool in services.fleet.pools.items():
             pools[name] = {
                 "provider": pool.provider,
                 "min_workers": pool.min_workers,
@@ -253,22 +232,17 @@ async def worker_metrics(
     summary="Get a worker",
     responses=error_responses(401, 404, 503),
 )
-async def get_worker(
-    worker_id: str,
-    request: Request,
-    principal: Annotated[Principal, Depends(authenticate)],
-    store: Annotated[Store, Depends(get_store)],
-) -> Response:
+async def get_worker(worker_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
     """One worker, terminated ones included while their record is kept."""
-    fleet: FleetManager | None = getattr(request.app.state, "fleet", None)
+    fleet = services.fleet
     cached = {worker.id: worker for worker in fleet.workers()} if fleet is not None else {}
-    worker = cached.get(worker_id) or await store.get_worker(worker_id)
+    worker = cached.get(worker_id) or await services.store.get_worker(worker_id)
     return JSONBody(worker_json(worker))
 
 
-async def _act(request: Request, principal: Principal, worker_id: str, action: str) -> Worker:
+async def _act(services: Services, principal: Principal, worker_id: str, action: str) -> Worker:
     _require_admin(principal)
-    fleet = _fleet(request)
+    fleet = await require_fleet(services)
     try:
         if action == "drain":
             return await fleet.drain(worker_id)
@@ -288,12 +262,10 @@ async def _act(request: Request, principal: Principal, worker_id: str, action: s
     summary="Drain a worker",
     responses=error_responses(401, 403, 404, 503),
 )
-async def drain_worker(
-    worker_id: str, request: Request, principal: Annotated[Principal, Depends(authenticate)]
-) -> Response:
+async def drain_worker(worker_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
     """Stop giving the worker new tasks; it is terminated once the tasks it holds are done. A worker that is
     not ready yet is removed at once. 202: the drain goes on in the background."""
-    worker = await _act(request, principal, worker_id, "drain")
+    worker = await _act(services, principal, worker_id, "drain")
     return JSONBody(worker_json(worker), status_code=202)
 
 
@@ -303,10 +275,8 @@ async def drain_worker(
     summary="Remove a worker",
     responses=error_responses(401, 403, 404, 409, 503),
 )
-async def remove_worker(
-    worker_id: str, request: Request, principal: Annotated[Principal, Depends(authenticate)]
-) -> Response:
+async def remove_worker(worker_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
     """Terminate the worker now (its container or instance is deleted; a busy worker's tasks are retried on
     other workers). 409 for a static worker: remove its URL from the configuration instead."""
-    worker = await _act(request, principal, worker_id, "remove")
+    worker = await _act(services, principal, worker_id, "remove")
     return JSONBody(worker_json(worker))

@@ -1,7 +1,7 @@
 """``/api/v1/workflows/validate``: will this workflow run on the fleet? Asked before submitting it.
 
 The graph is checked as a submission is (its shape), then as ComfyUI's ``POST /prompt`` would check it against
-the fleet's node catalogue (gateway/catalogue.py: the workers up now, else the last seen), with the model
+the fleet's node catalogue (``tasks/catalogue.py``: the workers up now, else the last seen), with the model
 files of every worker: unknown node types (custom nodes not installed), missing required inputs, values out
 of range or not in a list, and model files no worker has. Nothing is stored or sent to a worker.
 """
@@ -9,18 +9,18 @@ of range or not in a list, and model files no worker has. Nothing is stored or s
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
-from comfyfleet.api.deps import get_settings
-from comfyfleet.api.schemas import JSONBody, WorkflowCheck, WorkflowValidationOut, error_responses
+from comfyfleet.api.schemas import WorkflowCheck, WorkflowValidationOut, error_responses
 from comfyfleet.comfy.errors import MalformedPrompt
 from comfyfleet.comfy.workflow import INPUT_FILE_NODES, model_references, node_types, validate
-from comfyfleet.config import Settings
 from comfyfleet.domain.graph import validate_graph
-from comfyfleet.gateway.service import gateway_of, scrub_tracebacks
+from comfyfleet.http.deps import ServicesDep
+from comfyfleet.http.responses import JSONBody
+from comfyfleet.tasks.checks import scrub_tracebacks
 
 router = APIRouter(tags=["workflows"])
 
@@ -36,9 +36,7 @@ def _input_file(class_type: str, input_name: str, value: Any) -> bool:
     summary="Validate a workflow against the fleet",
     responses=error_responses(401, 413, 415, 422, 503),
 )
-async def validate_workflow(
-    request: Request, check: WorkflowCheck, settings: Annotated[Settings, Depends(get_settings)]
-) -> Response:
+async def validate_workflow(check: WorkflowCheck, services: ServicesDep) -> Response:
     """Check a workflow without running it: its structure, then, as ComfyUI's own validation does, every node
     type, input and model file against what the fleet's workers offer. Always 200 with the findings for a
     well-formed request; `valid` says whether anything is wrong."""
@@ -53,7 +51,7 @@ async def validate_workflow(
         "missing_node_types": [],
         "models": [],
     }
-    problems = validate_graph(graph, max_nodes=settings.limits.max_nodes)
+    problems = validate_graph(graph, max_nodes=services.settings.limits.max_nodes)
     if problems:
         report["errors"] = [problem.as_dict() for problem in problems]
         return JSONBody(report)
@@ -62,7 +60,7 @@ async def validate_workflow(
         {"node_id": ref.node_id, "input_name": ref.input_name, "folder": ref.folder, "name": ref.name}
         for ref in model_references(graph)
     ]
-    catalogue = await gateway_of(request).catalogue.object_info()
+    catalogue = await services.catalogue.object_info()
     if catalogue is None:
         report["valid"] = True
         return JSONBody(report)

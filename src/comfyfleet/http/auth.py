@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` on every ``/api/v1`` route when keys are configured.
+"""API keys: ``Authorization: Bearer <key>`` on every ``/api/v1`` route (and the gateway, the dashboard)
+when keys are configured.
 
 Keys are kept only as ``sha256:<hex>`` hashes; a presented key is hashed and compared with every
 configured hash in constant time. Each key belongs to a tenant, which sees and cancels only its own
@@ -11,11 +12,10 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from fastapi import Request
 from starlette.requests import HTTPConnection
 
-from comfyfleet.api.errors import Unauthorized
 from comfyfleet.config import ApiKey, hash_api_key
+from comfyfleet.http.errors import Unauthorized
 
 DEFAULT_TENANT = "default"
 
@@ -73,9 +73,8 @@ DASHBOARD_COOKIE = "comfyfleet_key"
 DASHBOARD_HEADER = "x-comfyfleet-dashboard"
 
 
-def principal_from(connection: HTTPConnection) -> Principal:
+def principal_from(connection: HTTPConnection, keyring: KeyRing) -> Principal:
     """The caller of a request or WebSocket: ``Authorization: Bearer <key>``, else the dashboard's cookie."""
-    keyring: KeyRing = connection.app.state.keyring
     authorization = connection.headers.get("authorization")
     if authorization is None and keyring.enabled:
         cookie = connection.cookies.get(DASHBOARD_COOKIE)
@@ -88,8 +87,3 @@ def principal_from(connection: HTTPConnection) -> Principal:
                 )
             authorization = f"Bearer {cookie}"
     return keyring.principal_for(authorization)
-
-
-async def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: the caller's :class:`Principal`, or 401 in the error shape."""
-    return principal_from(request)

@@ -1,10 +1,11 @@
 """What the fleet's ComfyUI servers offer: their ``object_info`` (node catalogue) and ``system_stats``.
 
 Read from the workers that are up (the store's worker records), merged (a node class any worker has is
-known, and a model any worker has is listed), and cached for a while: the gateway validates every ``POST /prompt`` against it, as ComfyUI
-would, and answers ``/object_info`` from it. With no worker up (a pool scaled to zero) the last catalogue
-seen is kept, also on disk (the output store) for the next start; before any, the gateway falls back to
-structural checks.
+known, and a model any worker has is listed), and cached for a while: the task service checks submissions
+against it as ComfyUI would (``GraphCheck.FLEET``: every gateway ``POST /prompt``), ``/api/v1/workflows/validate``
+reports against it, and the gateway answers ``/object_info`` from it. With no worker up (a pool scaled to
+zero) the last catalogue seen is kept, also on disk (the output store) for the next start; before any,
+submissions get structural checks only.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Live task events: an in-process fan-out that also crosses replicas through the store's notifications.
 
-The dispatcher publishes status changes and progress; the API streams them as server-sent events.
-Each subscriber has a bounded queue: a slow reader loses old progress frames, never blocks the dispatcher.
+The dispatcher publishes status changes and progress, the task service the changes it makes itself (a
+submission, a cancel, a new priority); the API streams them as server-sent events, the gateway as ComfyUI
+frames, and the webhook deliverer wakes on endings. Each subscriber has a bounded queue: a slow reader loses old progress frames, never blocks the dispatcher.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class TaskEvent:
 
 
 def status_event(task: Task) -> TaskEvent:
-    """The ``status`` event of a task as it stands, for changes made outside the dispatcher (a pending task
-    cancelled through the API or the gateway), so live listeners hear of them too."""
+    """The ``status`` event of a task as it stands, for changes made outside the dispatcher (a submission, a
+    pending task cancelled, a new priority), so live listeners hear of them too."""
     data: dict[str, Any] = {
         "status": task.status.value,
         "phase": task.phase.value if task.phase else None,

@@ -12,23 +12,24 @@ Two kinds of series:
 
 The metrics live in their own :class:`~prometheus_client.CollectorRegistry`, not the process-wide default
 one, so embedding comfyfleet never mixes its series with the host application's.
+
+This package is what every component records into and imports no web framework; ``metrics.routes`` serves
+the exposition at ``GET /metrics`` as part of the HTTP edge.
 """
+
+from __future__ import annotations
 
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus, WorkerState
 from comfyfleet.store import Store, StoreError
-
-if TYPE_CHECKING:
-    from fastapi import APIRouter
 
 logger = logging.getLogger(__name__)
 
@@ -242,35 +243,3 @@ async def render_metrics(store: Store, pools: Iterable[str] = ()) -> bytes:
     scrape.register(_Forward(REGISTRY))
     scrape.register(_FleetSnapshot(tasks, workers, oldest, store_up))
     return generate_latest(scrape)
-
-
-def metrics_router() -> "APIRouter":
-    """The ``GET /metrics`` route. Built on demand so that components recording metrics (the dispatcher,
-    the worker manager) do not import the web framework. (This module evaluates annotations eagerly, so
-    FastAPI can resolve the route's parameter types imported here.)"""
-    from typing import Annotated
-
-    from fastapi import APIRouter, Depends, Request
-    from starlette.responses import Response
-
-    from comfyfleet.api.deps import get_store
-
-    router = APIRouter(tags=["metrics"])
-
-    @router.get(
-        "/metrics",
-        summary="Prometheus metrics",
-        response_class=Response,
-        responses={
-            200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}, "description": "The text exposition format."}
-        },
-    )
-    async def metrics(request: Request, store: Annotated[Store, Depends(get_store)]) -> Response:
-        """Tasks by status and priority, workers by state and pool, dispatch latency and task duration
-        histograms, worker start-up time, failures by kind and webhook attempts. No API key needed: it
-        holds counts only, never task contents."""
-        settings = request.app.state.settings
-        pools = [pool.name for pool in settings.pools] + (["default"] if settings.workers else [])
-        return Response(await render_metrics(store, pools), media_type=CONTENT_TYPE_PLAIN_0_0_4)
-
-    return router

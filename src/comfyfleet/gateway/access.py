@@ -1,0 +1,51 @@
+"""What every gateway route needs from a request: the caller (also from ``?token=``) and the JSON body
+as ComfyUI's own clients send it."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from comfyfleet.gateway import shapes
+from comfyfleet.gateway.errors import PromptRejected
+from comfyfleet.http.auth import KeyRing, Principal, principal_from
+from comfyfleet.http.deps import ServicesDep
+from comfyfleet.http.responses import JSONBody
+
+
+def gateway_principal(connection: HTTPConnection, keyring: KeyRing) -> Principal:
+    """The caller, from ``Authorization: Bearer <key>`` (or the dashboard's cookie) or, for clients that
+    cannot set headers (browsers' WebSockets, ComfyUI scripts), ``?token=<key>``."""
+    token = connection.query_params.get("token")
+    if token and connection.headers.get("authorization") is None:
+        return keyring.principal_for(f"Bearer {token}")
+    return principal_from(connection, keyring)
+
+
+async def _principal(connection: HTTPConnection, services: ServicesDep) -> Principal:
+    return gateway_principal(connection, services.keyring)
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+async def json_body(request: Request) -> Any:
+    """The body as JSON, whatever its content type: ComfyUI's own clients often post JSON without a JSON
+    content type (urllib's default is a form). None for an empty body."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PromptRejected(
+            shapes.prompt_error("invalid_json", f"The request body is not valid JSON: {exc}", "")
+        ) from exc
+
+
+def rejected(exc: PromptRejected) -> Response:
+    return JSONBody(exc.body, status_code=400)

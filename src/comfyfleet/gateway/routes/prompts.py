@@ -1,0 +1,92 @@
+"""``/prompt``, ``/queue`` and ``/interrupt``: queuing prompts, the queue, and stopping prompts (ComfyUI)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.responses import Response
+
+from comfyfleet.domain import Task, TaskStatus
+from comfyfleet.gateway import shapes
+from comfyfleet.gateway.access import PrincipalDep, json_body, rejected
+from comfyfleet.gateway.errors import PromptRejected
+from comfyfleet.gateway.routes.group import RouteGroup, route
+from comfyfleet.http.responses import JSONBody
+
+QUEUE_CAP = 1000  # /queue lists at most this many pending prompts
+
+
+class PromptRoutes(RouteGroup):
+    @route("POST", "/prompt", "Queue a prompt (ComfyUI)")
+    async def post_prompt(self, request: Request, principal: PrincipalDep) -> Response:
+        """ComfyUI's `POST /prompt`: `{"prompt": <API graph>, "client_id"?, "prompt_id"?, "extra_data"?,
+        "front"?, "partial_execution_targets"?}` → `{"prompt_id", "number", "node_errors"}`. The prompt runs
+        as a task on whichever worker is free; `prompt_id` is the task's id. comfyfleet options go in
+        `extra_data.comfyfleet` (`priority`, `pool`). A rejected graph gets ComfyUI's 400 shape."""
+        try:
+            submitted = await self.gateway.queue_prompt(await json_body(request), principal.tenant)
+        except PromptRejected as exc:
+            return rejected(exc)
+        task = submitted.task
+        return JSONBody({"prompt_id": task.id, "number": task.seq, "node_errors": submitted.node_errors})
+
+    @route("GET", "/prompt", "Queue length (ComfyUI)")
+    async def get_prompt(self, principal: PrincipalDep) -> Response:
+        remaining = await self.gateway.queue_remaining(principal.visible_tenant)
+        return JSONBody({"exec_info": {"queue_remaining": remaining}})
+
+    @route("GET", "/queue", "Running and pending prompts (ComfyUI)")
+    async def get_queue(self, principal: PrincipalDep) -> Response:
+        """Items are `[number, prompt_id, prompt, extra_data, outputs_to_execute]`; pending ones in the order
+        they will run (at most 1,000)."""
+        info = await self.gateway.catalogue.object_info()
+        running = await self.gateway.tasks(principal, [TaskStatus.RUNNING], QUEUE_CAP)
+        pending = await self.gateway.tasks(principal, [TaskStatus.PENDING], QUEUE_CAP)
+        pending.sort(key=lambda task: (-task.priority, task.seq))
+        return JSONBody(
+            {
+                "queue_running": [
+                    shapes.queue_item(task, info) for task in sorted(running, key=lambda t: t.seq)
+                ],
+                "queue_pending": [shapes.queue_item(task, info) for task in pending],
+            }
+        )
+
+    @route("POST", "/queue", "Delete pending prompts (ComfyUI)")
+    async def post_queue(self, request: Request, principal: PrincipalDep) -> Response:
+        """`{"delete": [prompt_id…]}` cancels those pending prompts; `{"clear": true}` cancels every pending
+        prompt queued through this gateway. As in ComfyUI, a running prompt is left alone (use
+        `/interrupt`)."""
+        try:
+            body = await json_body(request)
+        except PromptRejected as exc:
+            return rejected(exc)
+        body = body if isinstance(body, dict) else {}
+        targets: list[Task] = []
+        if body.get("clear") is True:
+            pending = await self.gateway.tasks(principal, [TaskStatus.PENDING], 100_000)
+            targets.extend(task for task in pending if shapes.METADATA_KEY in (task.metadata or {}))
+        for task_id in body.get("delete") or [] if isinstance(body.get("delete"), list) else []:
+            task = await self.gateway.visible_task(str(task_id), principal)
+            if task is not None and task.status is TaskStatus.PENDING:
+                targets.append(task)
+        # A task that started meanwhile is cancelled all the same: the delete was asked while it waited.
+        await self.gateway.cancel(targets, principal)
+        return Response(status_code=200)
+
+    @route("POST", "/interrupt", "Interrupt a running prompt (ComfyUI)")
+    async def post_interrupt(self, request: Request, principal: PrincipalDep) -> Response:
+        """`{"prompt_id": id}` stops that prompt if it is running (else nothing). Without a prompt_id, every
+        running prompt queued through this gateway by the caller is stopped, as ComfyUI stops whatever it runs."""
+        try:
+            body = await json_body(request)
+        except PromptRejected:
+            body = None  # ComfyUI tolerates a bad body here: a global interrupt
+        prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+        if prompt_id:
+            task = await self.gateway.visible_task(str(prompt_id), principal)
+            targets = [task] if task is not None and task.status is TaskStatus.RUNNING else []
+        else:
+            running = await self.gateway.tasks(principal, [TaskStatus.RUNNING], 10_000)
+            targets = [task for task in running if shapes.METADATA_KEY in (task.metadata or {})]
+        await self.gateway.cancel(targets, principal)
+        return Response(status_code=200)
