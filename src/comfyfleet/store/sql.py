@@ -1,12 +1,13 @@
 """The store's behaviour, written once for every SQL dialect.
 
 :class:`SqlStore` implements the task queue, the dispatcher's side, the worker records and the webhook outbox
-over a seam of four things a dialect gives it (as procrastinate's connectors do):
+over a small seam that each dialect fills in (as procrastinate's connectors do):
 
 - ``sql``: its :class:`~comfyfleet.store._statements.Statements` (the SQL text);
 - ``codec``: how it stores JSON and times (:class:`~comfyfleet.store._rows.Codec`);
 - ``_read(sql, params)`` and ``_write(sql, params)``: run one statement with named parameters and return its
-  rows, raising :class:`~comfyfleet.store.base.StoreError` (a unique key taken is :class:`Conflict`).
+  rows, raising :class:`~comfyfleet.store.base.StoreError` (a unique key taken is :class:`Conflict`);
+- ``_is_open()``: whether it is between ``__aenter__`` and ``__aexit__``.
 
 Each statement is one round trip. What takes two (a fenced write that changed nothing, then the look that
 says why) needs no transaction: the second only explains the first. The dialect modules add their connection
@@ -164,17 +165,20 @@ class SqlStore(RecordsMixin):
         return int(ahead[0][0]) + 1
 
     async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics:
-        sql = self.sql.queue_metrics(of_tenant=tenant is not None)
-        rows = await self._read(sql, {"tenant": tenant, **self._now()})
-        counts = {status: count for status, count, _ in rows}
-        ages = [age for _, _, age in rows if age is not None]
+        of_tenant = tenant is not None
+        params = {"tenant": tenant, **self._now()}
+        counts: dict[str, int] = {
+            status: count
+            for status, count in await self._read(self.sql.tasks_by_status(of_tenant=of_tenant), params)
+        }
+        oldest = await self._read(self.sql.oldest_pending_age(of_tenant=of_tenant), params)
         return QueueMetrics(
             pending_tasks=counts.get("pending", 0),
             running_tasks=counts.get("running", 0),
             completed_tasks=counts.get("completed", 0),
             failed_tasks=counts.get("failed", 0),
             cancelled_tasks=counts.get("cancelled", 0),
-            oldest_pending_age_s=max(0.0, float(ages[0])) if ages else None,
+            oldest_pending_age_s=max(0.0, float(oldest[0][0])) if oldest else None,
         )
 
     async def demand_by_pool(self) -> dict[str | None, tuple[int, int]]:
