@@ -50,7 +50,7 @@ class Codec:
 
     dump_json: Callable[[Any], Any] = _same  # None stays None
     load_json: Callable[[Any], Any] = _same
-    dump_list: Callable[[list[Any]], Any] = _same
+    dump_list: Callable[[list[Any]], Any] = _same  # a list bound as one parameter
     dump_time: Callable[[datetime], Any] = _same
     load_time: Callable[[Any], datetime] = _same
 

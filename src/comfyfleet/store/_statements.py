@@ -209,14 +209,19 @@ class Statements:
     running_per_tenant = "SELECT tenant, count(*) FROM tasks WHERE status = 'running' GROUP BY tenant"
 
     @cached_property
-    def claim_ids(self) -> str:
-        picked = f"SELECT seq FROM {self.tasks_by_id} WHERE {self.in_list('id', 'ids')} AND {self.runnable}"
+    def claim(self) -> str:
+        """What claiming does to a task: a new attempt, dispatching, leased to ``:owner``."""
         return (
-            "UPDATE tasks SET status = 'running', phase = 'dispatching', attempt = attempt + 1, "
+            "status = 'running', phase = 'dispatching', attempt = attempt + 1, "
             f"started_at = coalesce(started_at, {self.now}), attempt_started_at = {self.now}, "
             f"lease_owner = :owner, lease_expires_at = {self.lease_expiry}, worker_id = NULL, prompt_id = NULL, "
-            f"progress = NULL, updated_at = {self.now} WHERE {self.pick('seq', picked)} RETURNING {TASK_COLUMNS}"
+            f"progress = NULL, updated_at = {self.now}"
         )
+
+    @cached_property
+    def claim_ids(self) -> str:
+        picked = f"SELECT seq FROM tasks WHERE {self.in_list('id', 'ids')} AND {self.runnable}"
+        return f"UPDATE tasks SET {self.claim} WHERE {self.pick('seq', picked)} RETURNING {TASK_COLUMNS}"
 
     @cached_property
     def renew_leases(self) -> str:
