@@ -101,7 +101,6 @@ class Statements:
     task_status = (
         "SELECT status FROM tasks WHERE id = :id AND (CAST(:tenant AS TEXT) IS NULL OR tenant = :tenant)"
     )
-    task_rank = "SELECT status, priority, seq FROM tasks WHERE id = :id"
 
     def list_tasks(self, filters: Iterable[str]) -> str:
         where = " AND ".join(filters) or "TRUE"
@@ -117,13 +116,23 @@ class Statements:
             "before_seq": "seq < :before_seq",
         }
 
-    @cached_property
-    def count_ahead(self) -> str:
-        # Two plain counts with known bounds: a count correlated with the task's own row gets planned blind.
+    def count_ahead(self, priority: str, seq: str) -> str:
+        """How many runnable tasks come before a task of this ``priority`` and ``seq`` in claim order."""
         ahead = f"SELECT count(*) FROM {self.pending_by_order} WHERE {self.runnable}"
+        return f"({ahead} AND priority > {priority}) + ({ahead} AND priority = {priority} AND seq < {seq})"
+
+    @cached_property
+    def queue_position(self) -> str:
+        """A task's ``(status, priority, seq, runnable tasks ahead)``; the count may be NULL for a dialect that
+        counts in a second statement, :attr:`tasks_ahead`."""
         return (
-            f"SELECT ({ahead} AND priority > :priority) + ({ahead} AND priority = :priority AND seq < :seq)"
+            f"SELECT status, priority, seq, CASE WHEN status = 'pending' THEN "
+            f"{self.count_ahead('task.priority', 'task.seq')} END FROM tasks AS task WHERE id = :id"
         )
+
+    @cached_property
+    def tasks_ahead(self) -> str:
+        return f"SELECT {self.count_ahead(':priority', ':seq')}"
 
     @staticmethod
     def tasks_by_status(*, of_tenant: bool) -> str:

@@ -157,12 +157,14 @@ class SqlStore(RecordsMixin):
     async def queue_position(self, task_id: str) -> int | None:
         # The runnable tasks a claim would take first, plus one. A pending task not due yet (a retry waiting
         # for not_before) gets the place it will have once due.
-        rows = await self._read(self.sql.task_rank, {"id": task_id})
+        rows = await self._read(self.sql.queue_position, {"id": task_id, **self._now()})
         if not rows or rows[0][0] != TaskStatus.PENDING:
             return None
-        _, priority, seq = rows[0]
-        ahead = await self._read(self.sql.count_ahead, {"priority": priority, "seq": seq, **self._now()})
-        return int(ahead[0][0]) + 1
+        _, priority, seq, ahead = rows[0]
+        if ahead is None:
+            params = {"priority": priority, "seq": seq, **self._now()}
+            ahead = (await self._read(self.sql.tasks_ahead, params))[0][0]
+        return int(ahead) + 1
 
     async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics:
         of_tenant = tenant is not None
