@@ -31,9 +31,8 @@ class Statements:
     now: str
     # The end of a lease of ``:lease_s`` seconds from now, in SQL.
     lease_expiry: str
-    # The ``tasks`` table as a lookup by id, by queue order, by tenant then queue order (SQLite names indexes
-    # its planner would not pick on a database that was never analysed).
-    tasks_by_id = "tasks"
+    # The ``tasks`` table read in queue order, and by tenant then queue order (SQLite names the indexes its
+    # planner would not pick on a database that was never analysed).
     pending_by_order = "tasks"
     pending_by_tenant = "tasks"
 
@@ -218,7 +217,7 @@ class Statements:
     running_per_tenant = "SELECT tenant, count(*) FROM tasks WHERE status = 'running' GROUP BY tenant"
 
     @cached_property
-    def claim(self) -> str:
+    def start_attempt(self) -> str:
         """What claiming does to a task: a new attempt, dispatching, leased to ``:owner``."""
         return (
             "status = 'running', phase = 'dispatching', attempt = attempt + 1, "
@@ -230,12 +229,14 @@ class Statements:
     @cached_property
     def claim_ids(self) -> str:
         picked = f"SELECT seq FROM tasks WHERE {self.in_list('id', 'ids')} AND {self.runnable}"
-        return f"UPDATE tasks SET {self.claim} WHERE {self.pick('seq', picked)} RETURNING {TASK_COLUMNS}"
+        return (
+            f"UPDATE tasks SET {self.start_attempt} WHERE {self.pick('seq', picked)} RETURNING {TASK_COLUMNS}"
+        )
 
     @cached_property
     def renew_leases(self) -> str:
         return (
-            f"UPDATE {self.tasks_by_id} SET lease_expires_at = {self.lease_expiry} "
+            f"UPDATE tasks SET lease_expires_at = {self.lease_expiry} "
             f"WHERE {self.in_list('id', 'ids')} AND status = 'running' AND lease_owner = :owner RETURNING seq"
         )
 

@@ -1,6 +1,9 @@
 """The shared store: PostgreSQL through an asyncpg pool, for one or several replicas.
 
-Claims lock the next pending rows with ``FOR UPDATE SKIP LOCKED``, so concurrent claimers in any number of
+The behaviour is the shared store's (``sql.py``); this module keeps what is PostgreSQL's own: its few SQL
+tokens, its connection pool, its wake-ups and its leadership locks.
+
+Claims lock the rows they pick with ``FOR UPDATE SKIP LOCKED``, so concurrent claimers in any number of
 processes each get different tasks and none waits on another. Times come from the database clock, so the
 replicas agree on when a lease expires however their own clocks drift.
 

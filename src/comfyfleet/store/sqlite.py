@@ -1,5 +1,8 @@
 """The embedded store: one SQLite file in WAL mode, for a single replica.
 
+The behaviour is the shared store's (``sql.py``); this module keeps what is SQLite's own: its few SQL tokens
+and statements, and its connections.
+
 Every write goes through one connection owned by one thread, so writes never contend for SQLite's lock, and
 that thread commits in groups (see ``_sqlite_threads.py``): a burst of submissions costs one commit, not one
 each. Reads use a second connection in a second thread and never wait for the writer.
@@ -93,9 +96,7 @@ class SQLiteStatements(Statements):
     dialect = "sqlite"
     now = ":now"
     lease_expiry = ":lease_expires"
-    # Without statistics the planner may walk tasks_status_seq (every pending task) instead of the index that
-    # answers at once; name it. sqlite_autoindex_tasks_1 is the index of the UNIQUE id column.
-    tasks_by_id = "tasks INDEXED BY sqlite_autoindex_tasks_1"
+    # Without statistics the planner may prefer tasks_status_seq and sort every pending task; name the index.
     pending_by_order = "tasks INDEXED BY tasks_pending_order"
     pending_by_tenant = "tasks INDEXED BY tasks_pending_tenant"
 
@@ -115,7 +116,7 @@ class SQLiteStatements(Statements):
     def claim_ids(self) -> str:
         # One writer: the rows need no picking (and locking) first.
         return (
-            f"UPDATE {self.tasks_by_id} SET {self.claim} WHERE {self.in_list('id', 'ids')} AND {self.runnable} "
+            f"UPDATE tasks SET {self.start_attempt} WHERE {self.in_list('id', 'ids')} AND {self.runnable} "
             f"RETURNING {TASK_COLUMNS}"
         )
 
