@@ -109,19 +109,23 @@ class PostgresStatements(Statements):
 
 
 SQL = PostgresStatements()
-_NAMED_PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+# A named parameter, or a string literal (left as it is, whatever it holds).
+_NAMED_PARAMETER = re.compile(r"'[^']*'|(?<![:\w]):([A-Za-z_]\w*)")
 
 
 @functools.lru_cache(maxsize=256)
 def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     """``sql`` with its named parameters (``:name``) numbered as asyncpg wants them (``$1``), and the names in
-    that order. Casts (``::text``) are left alone."""
+    that order. Casts (``::text``) and string literals are left alone."""
     names: list[str] = []
 
     def number(match: re.Match[str]) -> str:
-        if match[1] not in names:
-            names.append(match[1])
-        return f"${names.index(match[1]) + 1}"
+        name = match[1]
+        if name is None:
+            return match[0]
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
 
     return _NAMED_PARAMETER.sub(number, sql), tuple(names)
 
