@@ -215,20 +215,24 @@ class SqlStore(RecordsMixin):
 
     # -- the dispatcher's side --------------------------------------------------------------------
     async def peek_pending(self, *, limit: int, pools: Collection[str | None] | None = None) -> list[Task]:
-        return await self._peek(self.sql.peek_pending, limit, pools)
+        return await self._peek(self.sql.peek_pending, limit, pools, in_order=True)
 
     async def peek_pending_per_tenant(
         self, *, limit: int, pools: Collection[str | None] | None = None
     ) -> list[Task]:
-        return await self._peek(self.sql.peek_pending_per_tenant, limit, pools)
+        # Tenant by tenant from the database; merged into claim order here.
+        return await self._peek(self.sql.peek_pending_per_tenant, limit, pools, in_order=False)
 
-    async def _peek(self, sql: str, limit: int, pools: Collection[str | None] | None) -> list[Task]:
+    async def _peek(
+        self, sql: str, limit: int, pools: Collection[str | None] | None, *, in_order: bool
+    ) -> list[Task]:
         in_pools = pool_filter(pools)
         if limit < 1 or in_pools is None:
             return []
         in_pools["pools"] = self.codec.dump_list(in_pools["pools"])
         rows = await self._read(sql, {"limit": limit, **in_pools, **self._now()})
-        return sorted(self._tasks(rows), key=queue_order)
+        tasks = self._tasks(rows)
+        return tasks if in_order else sorted(tasks, key=queue_order)
 
     async def running_per_tenant(self) -> dict[str, int]:
         rows = await self._read(self.sql.running_per_tenant, {})
