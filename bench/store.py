@@ -5,8 +5,8 @@ Prints, per backend:
 
 1. ``create_task`` one at a time (latency) and many concurrently (throughput; on SQLite also how many
    writes each group commit carried);
-2. with ``--depth`` tasks pending (from 10 tenants): the median time of ``claim`` (limit 1), ``queue_position``
-   of the last task, ``peek_pending``, the fair-share reads (``peek_pending_per_tenant``, ``running_per_tenant``)
+2. with ``--depth`` tasks pending (from 10 tenants): the median time of a claim of one task the way the
+   dispatcher claims (``peek_pending`` then ``claim_ids``), ``queue_position`` of the last task, ``peek_pending``, the fair-share reads (``peek_pending_per_tenant``, ``running_per_tenant``)
    and ``queue_metrics``, next to the same at depth ~0, and the ratio.
 
 Usage: ``.venv/bin/python bench/store.py [--depth 100000] [--repeats 200]``
@@ -89,6 +89,12 @@ async def fill(store: Store, count: int, concurrency: int = 2000) -> float:
     return count / (time.perf_counter() - started)
 
 
+async def claim_next(store: Store, owner: str, limit: int = 1) -> list[Any]:
+    """Claim the head of the queue as the dispatcher does: peek, then claim exactly those tasks."""
+    head = await store.peek_pending(limit=limit)
+    return await store.claim_ids(owner, 60, [task.id for task in head])
+
+
 async def measure(label: str, store: Store, depth: int, repeats: int) -> list[str]:
     lines = []
     sequential = await median_ms(lambda: store.create_task(new()), repeats)
@@ -103,13 +109,13 @@ async def measure(label: str, store: Store, depth: int, repeats: int) -> list[st
     lines.append(
         f"{label:10} create_task 2,000 in flight: {rate:,.0f}/s = {1000 / rate:.3f} ms each{grouped}"
     )
-    while await store.claim("drain", 60, limit=1000):
+    while await claim_next(store, "drain", limit=1000):
         pass
 
     async def figures() -> dict[str, float]:
         last, _ = await store.create_task(new(-1))
         result = {
-            "claim": await median_ms(lambda: store.claim("bench", 60), repeats),
+            "peek+claim_ids": await median_ms(lambda: claim_next(store, "bench"), repeats),
             "queue_position": await median_ms(lambda: store.queue_position(last.id), max(10, repeats // 10)),
             "peek_pending(10)": await median_ms(lambda: store.peek_pending(limit=10), repeats),
             "peek_per_tenant(10)": await median_ms(lambda: store.peek_pending_per_tenant(limit=10), repeats),

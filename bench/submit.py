@@ -7,8 +7,8 @@ fresh database on the local server), and prints, side by side:
    concurrent load generator on this machine (raw HTTP/1.1 keep-alive connections on asyncio, so the
    generator costs little CPU next to the server it measures), with latency percentiles;
 2. with 0 and then 100,000 tasks pending (inserted through the store directly): the median time to
-   claim one task, the time of a submission, a ``GET`` of a task and ``/queue/metrics``, and the
-   server's resident memory.
+   claim one task as the dispatcher does (``peek_pending`` then ``claim_ids``), the time of a submission,
+   a ``GET`` of a task and ``/queue/metrics``, and the server's resident memory.
 
 Usage: ``.venv/bin/python bench/submit.py [--seconds 10] [--connections 64] [--depth 100000]``
 (``--postgres URL`` names a database on the server to connect through; ``--skip-postgres`` to omit it).
@@ -275,7 +275,8 @@ async def measure_depth(kind: str, workdir: Path, args: argparse.Namespace) -> d
                 owner = f"bench-{uuid.uuid4().hex[:6]}"
 
                 async def claim_one() -> None:
-                    claimed = await store.claim(owner, 30.0)
+                    head = await store.peek_pending(limit=1)
+                    claimed = await store.claim_ids(owner, 30.0, [task.id for task in head])
                     assert len(claimed) == 1, "nothing to claim"
 
                 async def submit() -> None:
@@ -316,8 +317,8 @@ async def measure_depth(kind: str, workdir: Path, args: argparse.Namespace) -> d
 
                 await measure("depth 0", depth0_claims)
                 # Clear what depth 0 left pending so the next figures are at the stated depth.
-                while await store.claim(owner, 30.0, limit=100):
-                    pass
+                while head := await store.peek_pending(limit=100):
+                    await store.claim_ids(owner, 30.0, [task.id for task in head])
                 figures["fill_s"] = await fill(store, args.depth)
 
                 async def deep_claims() -> float:
@@ -362,7 +363,7 @@ def print_throughput(results: dict[str, dict[str, Any]], args: argparse.Namespac
 def print_depth(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     deep = f"depth {args.depth:,}"
     print(
-        f"\nQueue depth: median of {args.repeats} claims (store.claim, one task) and of HTTP calls, "
+        f"\nQueue depth: median of {args.repeats} claims (peek_pending + claim_ids, one task) and of HTTP calls, "
         f"at 0 and {args.depth:,} pending tasks"
     )
     columns = [(kind, label) for kind in results for label in ("depth 0", deep)]

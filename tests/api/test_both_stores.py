@@ -74,7 +74,9 @@ async def test_submit_read_list_cancel(http: httpx.AsyncClient, store: Store) ->
     assert_error_shape(await http.get(f"/api/v1/tasks/{task['id']}", headers=bearer("bob")), 404, "not_found")
     assert (await http.get("/api/v1/tasks", headers=bearer("bob"))).json()["tasks"] == []
 
-    [claimed] = await store.claim("test-dispatcher", 30.0)
+    [claimed] = await store.claim_ids(
+        "test-dispatcher", 30.0, [head.id for head in await store.peek_pending(limit=1)]
+    )
     assert claimed.id == task["id"]  # priority 5 before the priority-0 task
     running = await http.delete(f"/api/v1/tasks/{task['id']}", headers=bearer("alice"))
     assert running.status_code == 202

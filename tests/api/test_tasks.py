@@ -248,7 +248,9 @@ async def test_list_filters_and_pages_newest_first(client: httpx.AsyncClient, ap
     ids = [
         (await submit(client, small_body(workflow_id="a" if index % 2 else "b")))["id"] for index in range(7)
     ]
-    claimed = await api_store.claim("test-dispatcher", 30.0)
+    claimed = await api_store.claim_ids(
+        "test-dispatcher", 30.0, [head.id for head in await api_store.peek_pending(limit=1)]
+    )
     assert [task.id for task in claimed] == [ids[0]]
 
     seen: list[str] = []
@@ -291,7 +293,9 @@ async def test_a_pending_task_is_moved_up_the_queue(client: httpx.AsyncClient, a
     assert moved.status_code == 200, moved.text
     assert (moved.json()["priority"], moved.json()["queue_position"]) == (10, 1)
     assert (await client.get(f"/api/v1/tasks/{first['id']}")).json()["queue_position"] == 2
-    [claimed] = await api_store.claim("test-dispatcher", 30.0)
+    [claimed] = await api_store.claim_ids(
+        "test-dispatcher", 30.0, [head.id for head in await api_store.peek_pending(limit=1)]
+    )
     assert claimed.id == third["id"]
 
     body = assert_error_shape(
@@ -329,7 +333,9 @@ async def test_cancel_pending_running_and_finished(client: httpx.AsyncClient, ap
 
     running = await submit(client)
     async with api_store.listen() as notifications:
-        [claimed] = await api_store.claim("test-dispatcher", 30.0)
+        [claimed] = await api_store.claim_ids(
+            "test-dispatcher", 30.0, [head.id for head in await api_store.peek_pending(limit=1)]
+        )
         assert claimed.id == running["id"]
         response = await client.delete(f"/api/v1/tasks/{running['id']}")
         assert response.status_code == 202
@@ -344,7 +350,9 @@ async def test_cancel_pending_running_and_finished(client: httpx.AsyncClient, ap
     assert (await client.get(f"/api/v1/tasks/{running['id']}")).json()["status"] == "cancelled"
 
     done = await submit(client)
-    [claimed] = await api_store.claim("test-dispatcher", 30.0)
+    [claimed] = await api_store.claim_ids(
+        "test-dispatcher", 30.0, [head.id for head in await api_store.peek_pending(limit=1)]
+    )
     await api_store.complete_task(Lease(claimed.id, claimed.attempt, "test-dispatcher"), {"outputs": []})
     body = assert_error_shape(await client.delete(f"/api/v1/tasks/{done['id']}"), 409, "conflict")
     assert "completed" in body["message"]
@@ -382,7 +390,9 @@ async def test_queue_metrics(client: httpx.AsyncClient, api_store: Store) -> Non
     }
     for _ in range(3):
         await submit(client)
-    await api_store.claim("test-dispatcher", 30.0)
+    await api_store.claim_ids(
+        "test-dispatcher", 30.0, [head.id for head in await api_store.peek_pending(limit=1)]
+    )
     metrics = (await client.get("/api/v1/queue/metrics")).json()
     assert metrics["pending_tasks"] == 2
     assert metrics["running_tasks"] == 1

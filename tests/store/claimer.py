@@ -1,4 +1,5 @@
-"""A separate OS process that claims from a PostgreSQL store until the queue is empty.
+"""A separate OS process that claims from a PostgreSQL store until the queue is empty, the way the
+dispatcher does: peek at the head of the queue, then claim those tasks by id.
 
 Usage: ``python claimer.py URL OWNER SEED``. Prints ``ready``, waits for a line on stdin (so several
 claimers start together), then prints the claimed task ids as one JSON list, in claim order.
@@ -20,10 +21,8 @@ async def main(url: str, owner: str, seed: int) -> None:
     async with open_store(url, max_connections=2) as store:
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
-        while True:
-            tasks = await store.claim(owner, 600, limit=rng.randint(1, 10))
-            if not tasks:
-                break
+        while head := await store.peek_pending(limit=rng.randint(1, 10)):
+            tasks = await store.claim_ids(owner, 600, [task.id for task in head])
             claimed.extend(task.id for task in tasks)
     print(json.dumps(claimed), flush=True)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from comfyfleet.domain import NewTask, TaskPhase, TaskStatus, Worker, WorkerState
+from comfyfleet.domain import NewTask, Task, TaskPhase, TaskStatus, Worker, WorkerState
 from comfyfleet.store import (
     Conflict,
     InvalidArgument,
@@ -40,6 +40,14 @@ def lease_of(task: Any) -> Lease:
 
 def claim_order(tasks: list[Any]) -> list[str]:
     return [task.id for task in sorted(tasks, key=lambda task: (-task.priority, task.seq))]
+
+
+async def claim_next(
+    store: Store, owner: str, lease_s: float, *, limit: int = 1, pools: Any = None
+) -> list[Task]:
+    """Claim the head of the queue the way the dispatcher does: peek, then claim exactly what was seen."""
+    head = await store.peek_pending(limit=limit, pools=pools)
+    return await store.claim_ids(owner, lease_s, [task.id for task in head])
 
 
 async def test_create_task_assigns_ids_order_and_utc_times(store: Store) -> None:
@@ -122,21 +130,52 @@ async def test_idempotency_holds_under_concurrent_submissions(store: Store) -> N
     assert (await store.queue_metrics()).pending_tasks == 1
 
 
-async def test_priority_then_fifo_for_queue_position_and_claims(store: Store) -> None:
+async def test_priority_then_fifo_for_queue_position_peeks_and_claims(store: Store) -> None:
     rng = random.Random(20240501)
     tasks = [(await store.create_task(new(rng.randint(-2, 3))))[0] for _ in range(100)]
     expected = claim_order(tasks)
     positions = {task.id: await store.queue_position(task.id) for task in tasks}
     assert sorted(positions, key=lambda task_id: positions[task_id]) == expected
     assert sorted(positions.values()) == list(range(1, 101))
+    assert [task.id for task in await store.peek_pending(limit=100)] == expected
 
+    # The dispatcher's path: peek at the head, then claim what it placed (here a random part of the window,
+    # as placement may leave some tasks for later); what it left stays first in line.
     claimed: list[str] = []
     while len(claimed) < 100:
-        batch = await store.claim("dispatcher", 60, limit=rng.randint(1, 7))
-        assert batch, "a claim returned nothing while tasks were pending"
+        window = await store.peek_pending(limit=rng.randint(1, 7))
+        assert [task.id for task in window] == expected[len(claimed) : len(claimed) + len(window)]
+        placed = window[: rng.randint(1, len(window))]
+        batch = await store.claim_ids("dispatcher", 60, [task.id for task in reversed(placed)])
+        assert [task.id for task in batch] == [task.id for task in placed], "claim_ids returns claim order"
         claimed.extend(task.id for task in batch)
     assert claimed == expected
-    assert await store.claim("dispatcher", 60) == []
+    assert await store.peek_pending(limit=10) == []
+    assert await store.claim_ids("dispatcher", 60, expected[:3]) == []
+
+
+async def test_concurrent_claimers_never_share_or_skip_a_task(store: Store) -> None:
+    rng = random.Random(7)
+    tasks = [(await store.create_task(new(rng.randint(0, 3))))[0] for _ in range(120)]
+    rank = {task_id: place for place, task_id in enumerate(claim_order(tasks))}
+
+    async def claimer(owner: str, seed: int) -> list[str]:
+        own_rng = random.Random(seed)
+        taken: list[str] = []
+        while head := await store.peek_pending(limit=own_rng.randint(1, 8)):
+            batch = await store.claim_ids(owner, 60, [task.id for task in head])
+            assert all(task.lease_owner == owner and task.attempt == 1 for task in batch)
+            taken.extend(task.id for task in batch)
+        return taken
+
+    results = await asyncio.gather(*(claimer(f"claimer-{n}", n) for n in range(4)))
+    every = [task_id for taken in results for task_id in taken]
+    assert len(every) == len(set(every)), "a task was claimed twice"
+    assert set(every) == set(rank), "a task was left behind"
+    for taken in results:
+        # Each claimer only ever moves down the queue: a task it skipped would show up out of order.
+        assert [rank[task_id] for task_id in taken] == sorted(rank[task_id] for task_id in taken)
+    assert (await store.queue_metrics()).running_tasks == 120
 
 
 async def test_peek_per_tenant_reads_the_head_of_every_tenants_queue(store: Store) -> None:
@@ -168,7 +207,7 @@ async def test_peek_per_tenant_reads_the_head_of_every_tenants_queue(store: Stor
 
 async def test_claim_starts_an_attempt(store: Store) -> None:
     task, _ = await store.create_task(new())
-    [claimed] = await store.claim("d1", 30)
+    [claimed] = await claim_next(store, "d1", 30)
     assert claimed.id == task.id
     assert claimed.status is TaskStatus.RUNNING
     assert claimed.phase is TaskPhase.DISPATCHING
@@ -185,15 +224,15 @@ async def test_claim_starts_an_attempt(store: Store) -> None:
 async def test_claim_filters_pools_and_skips_tasks_not_due(store: Store) -> None:
     gpu, _ = await store.create_task(new(pool="gpu"))
     plain, _ = await store.create_task(new())
-    assert await store.claim("d", 30, pools=[]) == []
-    assert [task.id for task in await store.claim("d", 30, pools=["gpu"])] == [gpu.id]
-    assert [task.id for task in await store.claim("d", 30, pools=["gpu", None])] == [plain.id]
+    assert await claim_next(store, "d", 30, pools=[]) == []
+    assert [task.id for task in await claim_next(store, "d", 30, pools=["gpu"])] == [gpu.id]
+    assert [task.id for task in await claim_next(store, "d", 30, pools=["gpu", None])] == [plain.id]
 
     later, _ = await store.create_task(new(5))
-    [running] = await store.claim("d", 30)
+    [running] = await claim_next(store, "d", 30)
     assert running.id == later.id
     await store.retry_task(lease_of(running), datetime.now(UTC) + timedelta(hours=1), "lost", "worker_lost")
-    assert await store.claim("d", 30) == []
+    assert await claim_next(store, "d", 30) == []
     assert (await store.demand_by_pool()) == {"gpu": (0, 1), None: (0, 1)}
 
 
@@ -212,7 +251,7 @@ async def test_peek_pending_and_claim_ids(store: Store) -> None:
 
 async def test_writes_are_fenced_by_the_lease(store: Store) -> None:
     task, _ = await store.create_task(new())
-    [claimed] = await store.claim("d1", 30)
+    [claimed] = await claim_next(store, "d1", 30)
     lease = lease_of(claimed)
     with pytest.raises(StaleLease):
         await store.record_dispatch(Lease(task.id, lease.attempt + 1, "d1"), "w1", "p1")
@@ -242,7 +281,7 @@ async def test_writes_are_fenced_by_the_lease(store: Store) -> None:
 
 async def test_expired_leases_are_adopted_with_the_same_prompt(store: Store) -> None:
     task, _ = await store.create_task(new())
-    [claimed] = await store.claim("dead", 0)  # expires at once: its owner stops renewing
+    [claimed] = await claim_next(store, "dead", 0)  # expires at once: its owner stops renewing
     old_lease = lease_of(claimed)
     await store.record_dispatch(old_lease, "w1", "prompt-1")
     [adopted] = await store.adopt_expired("alive", 30)
@@ -254,17 +293,40 @@ async def test_expired_leases_are_adopted_with_the_same_prompt(store: Store) -> 
     with pytest.raises(StaleLease):
         await store.complete_task(old_lease, {})
     assert await store.adopt_expired("third", 30) == []  # the new lease is current
-    assert await store.renew_leases("alive", 30) == 1
-    assert await store.renew_leases("dead", 30) == 0
+    assert await store.renew_leases("alive", 30, [task.id]) == 1
+    assert await store.renew_leases("dead", 30, [task.id]) == 0
     done = await store.complete_task(lease_of(adopted), {"ok": True})
     assert done.status is TaskStatus.COMPLETED
     assert done.result == {"ok": True}
 
 
+async def test_renewing_only_the_attempts_in_hand_lets_the_others_expire(store: Store) -> None:
+    for _ in range(3):
+        await store.create_task(new())
+    held, lost, finished = await claim_next(store, "replica-a", 0, limit=3)  # leases expired already
+    await store.complete_task(lease_of(finished), {})
+    unknown = str(uuid.uuid4())
+    # The replica still holds one attempt in memory; it lost the other (say, to a store error mid-attempt).
+    assert await store.renew_leases("replica-a", 600, [held.id, held.id, finished.id, unknown]) == 1
+    assert await store.renew_leases("replica-b", 600, [held.id, lost.id]) == 0  # not its leases
+    assert await store.renew_leases("replica-a", 600, []) == 0
+    renewed = await store.get_task(held.id)
+    assert renewed.lease_expires_at is not None
+    assert renewed.lease_expires_at > datetime.now(UTC) + timedelta(seconds=500)
+    assert (await store.get_task(lost.id)).lease_expires_at == lost.lease_expires_at
+
+    [adopted] = await store.adopt_expired("replica-b", 600)
+    assert (adopted.id, adopted.lease_owner, adopted.attempt) == (lost.id, "replica-b", lost.attempt + 1)
+    assert await store.renew_leases("replica-a", 600, [held.id, lost.id]) == 1  # the adopted one is gone
+    await store.complete_task(lease_of(held), {})
+    with pytest.raises(StaleLease):
+        await store.complete_task(lease_of(lost), {})
+
+
 async def test_adopt_takes_a_previous_owners_tasks_at_once(store: Store) -> None:
     await store.create_task(new())
     await store.create_task(new())
-    first, second = await store.claim("replica-a", 600, limit=2)
+    first, second = await claim_next(store, "replica-a", 600, limit=2)
     assert await store.adopt_expired("replica-b", 600) == []
     adopted = await store.adopt_expired("replica-a", 600, previous_owner="replica-a")
     assert sorted(task.id for task in adopted) == sorted([first.id, second.id])
@@ -273,7 +335,7 @@ async def test_adopt_takes_a_previous_owners_tasks_at_once(store: Store) -> None
 
 async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) -> None:
     task, _ = await store.create_task(new())
-    [claimed] = await store.claim("d", 30)
+    [claimed] = await claim_next(store, "d", 30)
     await store.record_dispatch(lease_of(claimed), "w1", "p1")
     due = datetime.now(UTC) + timedelta(hours=1)
     retried = await store.retry_task(lease_of(claimed), due, "worker went away", "worker_lost", {"code": 1})
@@ -303,7 +365,7 @@ async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) 
     assert datetime.fromisoformat(attempt["started_at"]) <= datetime.fromisoformat(attempt["ended_at"])
     assert retried.started_at == claimed.started_at
 
-    assert await store.claim("d", 30) == []
+    assert await claim_next(store, "d", 30) == []
     assert await store.next_due_at() == due
     assert await store.queue_position(task.id) == 1  # its place once due: nothing runnable is ahead
     _newer, _ = await store.create_task(new())
@@ -312,12 +374,12 @@ async def test_retry_records_the_attempt_and_waits_for_not_before(store: Store) 
 
 async def test_retry_once_due_starts_the_next_attempt(store: Store) -> None:
     await store.create_task(new())
-    [claimed] = await store.claim("d", 30)
+    [claimed] = await claim_next(store, "d", 30)
     await store.retry_task(
         lease_of(claimed), datetime.now(UTC) - timedelta(seconds=1), "oom", "out_of_memory"
     )
     assert await store.next_due_at() is None
-    [again] = await store.claim("d", 30)
+    [again] = await claim_next(store, "d", 30)
     assert again.attempt == 2
     assert again.retry_count == 1
     failed = await store.fail_task(lease_of(again), "oom again", "out_of_memory", {"vram": 1})
@@ -330,7 +392,7 @@ async def test_retry_once_due_starts_the_next_attempt(store: Store) -> None:
 async def test_release_gives_the_task_back_without_a_retry(store: Store) -> None:
     first, _ = await store.create_task(new())
     second, _ = await store.create_task(new())
-    [claimed] = await store.claim("d", 30)
+    [claimed] = await claim_next(store, "d", 30)
     released = await store.release_task(lease_of(claimed))
     assert released.status is TaskStatus.PENDING
     assert released.retry_count == 0
@@ -341,7 +403,7 @@ async def test_release_gives_the_task_back_without_a_retry(store: Store) -> None
     assert await store.queue_position(second.id) == 2
     with pytest.raises(StaleLease):
         await store.record_dispatch(lease_of(claimed), "w", "p")
-    [again] = await store.claim("d", 30)
+    [again] = await claim_next(store, "d", 30)
     assert again.id == first.id
     assert again.attempt == 2
 
@@ -355,7 +417,7 @@ async def test_cancel_pending_running_and_finished_tasks(store: Store) -> None:
         await store.cancel_task(pending.id)
 
     running, _ = await store.create_task(new(tenant="alice"))
-    [claimed] = await store.claim("d", 30)
+    [claimed] = await claim_next(store, "d", 30)
     with pytest.raises(NotFound):
         await store.cancel_task(running.id, tenant="bob")
     with pytest.raises(NotFound):
@@ -384,7 +446,7 @@ async def test_a_pending_tasks_priority_moves_it_in_the_queue(store: Store) -> N
     await store.set_priority(third.id, 0)
     assert [await store.queue_position(t.id) for t in (first, second, third)] == [1, 2, 3]
     await store.set_priority(second.id, -1)
-    assert [task.id for task in await store.claim("d", 30, limit=3)] == [first.id, third.id, second.id]
+    assert [task.id for task in await claim_next(store, "d", 30, limit=3)] == [first.id, third.id, second.id]
 
     with pytest.raises(Conflict, match="only a pending task"):
         await store.set_priority(first.id, 9)  # running now
@@ -399,14 +461,14 @@ async def test_a_pending_tasks_priority_moves_it_in_the_queue(store: Store) -> N
 async def test_a_requested_cancel_wins_over_retry_and_release(store: Store) -> None:
     for give_back in ("retry", "release"):
         task, _ = await store.create_task(new())
-        [claimed] = await store.claim("d", 30)
+        [claimed] = await claim_next(store, "d", 30)
         await store.cancel_task(task.id)
         if give_back == "retry":
             ended = await store.retry_task(lease_of(claimed), datetime.now(UTC), "lost", "worker_lost")
         else:
             ended = await store.release_task(lease_of(claimed))
         assert ended.status is TaskStatus.CANCELLED, give_back
-    assert await store.claim("d", 30) == []
+    assert await claim_next(store, "d", 30) == []
 
 
 async def test_list_tasks_pages_newest_first_with_filters(store: Store) -> None:
@@ -447,9 +509,9 @@ async def test_queue_metrics_and_counts(store: Store) -> None:
     for priority in (0, 0, 1, 2):
         await store.create_task(new(priority, tenant="alice"))
     await store.create_task(new(0, tenant="bob"))
-    [claimed] = await store.claim("d", 30)
+    [claimed] = await claim_next(store, "d", 30)
     await store.complete_task(lease_of(claimed), {})
-    [claimed] = await store.claim("d", 30)
+    [claimed] = await claim_next(store, "d", 30)
     metrics = await store.queue_metrics()
     assert (metrics.pending_tasks, metrics.running_tasks, metrics.completed_tasks) == (3, 1, 1)
     assert (metrics.failed_tasks, metrics.cancelled_tasks) == (0, 0)

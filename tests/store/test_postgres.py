@@ -201,3 +201,11 @@ async def test_closing_does_not_wait_for_a_stuck_query(postgres_url: str) -> Non
         await started.wait()
         # Closing gives up waiting for the borrowed connection and cuts it: the query fails, the close ends.
         await asyncio.wait_for(store.__aexit__(None, None, None), 10)
+
+
+def test_named_parameters_are_numbered_once_each_and_casts_are_left_alone() -> None:
+    from comfyfleet.store.postgres import numbered
+
+    text, names = numbered("SELECT :a::text, CAST(:b AS TEXT[]), :a WHERE x = ':literal' OR y = :b_2")
+    assert text == "SELECT $1::text, CAST($2 AS TEXT[]), $1 WHERE x = ':literal' OR y = $3"
+    assert names == ("a", "b", "b_2")

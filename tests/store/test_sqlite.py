@@ -108,3 +108,12 @@ END;
     assert statements[1].endswith("END;")
     with pytest.raises(ValueError, match="ends inside a statement"):
         _split_statements("CREATE TABLE b (x TEXT)")
+
+
+def test_a_list_parameter_is_bound_one_placeholder_per_item() -> None:
+    from comfyfleet.store.sqlite import _bind_lists
+
+    sql, params = _bind_lists("SELECT 1 WHERE id IN (:ids) AND x = :x", {"ids": ("a", "b"), "x": 1})
+    assert sql == "SELECT 1 WHERE id IN (:ids_0, :ids_1) AND x = :x"
+    assert params == {"ids_0": "a", "ids_1": "b", "x": 1}
+    assert _bind_lists("SELECT :x", {"x": 1}) == ("SELECT :x", {"x": 1})

@@ -91,11 +91,15 @@ class TaskLifecycle(RuleBasedStateMachine):
         assert created
         self.model[task.id] = ModelTask(order=len(self.model), priority=priority)
 
-    @rule(limit=st.integers(1, 3))
-    def claim(self, limit: int) -> None:
+    @rule(limit=st.integers(1, 3), data=st.data())
+    def claim(self, limit: int, data: st.DataObject) -> None:
+        # The dispatcher's path: peek at the head, place some of it, claim exactly those.
         expected = self.claim_order()[:limit]
-        claimed = self.run(self.store.claim(OWNER, 3600, limit=limit))
-        assert [task.id for task in claimed] == expected
+        head = self.run(self.store.peek_pending(limit=limit))
+        assert [task.id for task in head] == expected
+        placed = data.draw(st.lists(st.sampled_from(expected), unique=True)) if expected else []
+        claimed = self.run(self.store.claim_ids(OWNER, 3600, placed))
+        assert [task.id for task in claimed] == [task_id for task_id in expected if task_id in placed]
         for task in claimed:
             model = self.model[task.id]
             model.status = TaskStatus.RUNNING

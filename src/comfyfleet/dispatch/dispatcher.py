@@ -214,7 +214,9 @@ class Dispatcher:
             if self._stopping.is_set():
                 return
             try:
-                await self.store.renew_leases(self.owner, self.settings.lease_s)
+                # Only the attempts this dispatcher really holds: one it lost (e.g. to a store error) is left
+                # to expire, so that it is adopted instead of stranded.
+                await self.store.renew_leases(self.owner, self.settings.lease_s, list(self._attempts))
                 await self._adopt()
                 await self._check_cancels()
             except StoreError:

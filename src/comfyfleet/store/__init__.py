@@ -1,4 +1,5 @@
-"""The durable state: tasks, workers and wake-ups. Backends are chosen by URL scheme."""
+"""The durable state: tasks, workers, webhook deliveries and wake-ups. Backends are chosen by URL scheme;
+the ports by role are in ``base.py``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from comfyfleet.store.base import (
     Conflict,
+    Coordination,
+    DispatchQueue,
     InvalidArgument,
     Lease,
     NotFound,
@@ -17,7 +20,10 @@ from comfyfleet.store.base import (
     StoreError,
     StoreUnavailable,
     TaskPage,
+    TaskQueue,
     WebhookDelivery,
+    WebhookOutbox,
+    WorkerRecords,
 )
 
 # scheme -> "module:Class", imported only when chosen so asyncpg loads only for PostgreSQL.
@@ -53,6 +59,8 @@ def open_store(url: str, **options: Any) -> Store:
 __all__ = [
     "BACKENDS",
     "Conflict",
+    "Coordination",
+    "DispatchQueue",
     "InvalidArgument",
     "Lease",
     "NotFound",
@@ -63,7 +71,10 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TaskPage",
+    "TaskQueue",
     "UnknownStoreURL",
     "WebhookDelivery",
+    "WebhookOutbox",
+    "WorkerRecords",
     "open_store",
 ]

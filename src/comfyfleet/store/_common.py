@@ -1,41 +1,22 @@
-"""What both backends share: migrations on disk, paging cursors, leader keys and the in-process fan-out."""
+"""Small pieces every backend shares: migrations on disk, paging cursors, limits, leader keys, and the decisions
+that turn "no row changed" into the right error."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import functools
 import hashlib
-import logging
 import re
-import weakref
-from collections import deque
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Self
+from typing import Any
 
-from comfyfleet.domain import WorkerMetrics, WorkerState
-from comfyfleet.store.base import Conflict, InvalidArgument, NotFound, Notification, StoreClosed
-
-logger = logging.getLogger("comfyfleet.store")
+from comfyfleet.store.base import Conflict, InvalidArgument, Lease, NotFound, StaleLease
 
 MAX_LIST_LIMIT = 1000
-# A subscriber that stops reading loses its oldest wake-ups rather than growing without bound.
-SUBSCRIPTION_BACKLOG = 10_000
-
-# The column lists both backends select, in the order their row readers unpack (same names in both schemas).
-TASK_COLUMNS = (
-    "id, seq, tenant, workflow_id, priority, status, phase, payload, created_at, updated_at, worker_id, "
-    "started_at, completed_at, result, error, error_kind, error_details, retry_count, max_retries, attempt, "
-    "prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key, "
-    "pool, inputs, webhook, metadata, progress, attempts"
-)
-WORKER_COLUMNS = (
-    "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
-    "last_active_at, health_failures, loaded_models, node_types, error, labels, info"
-)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -84,18 +65,21 @@ def decode_cursor(cursor: str) -> int:
         ) from exc
 
 
-def pending_tenants_sql(tasks: str = "tasks") -> str:
-    """The tenants with pending tasks, one index probe each: a loose scan of the ``tasks_pending_tenant`` index
-    (``tasks`` names the table, with SQLite's ``INDEXED BY`` where the planner needs telling), never a walk
-    over every pending task."""
-    return (
-        "WITH RECURSIVE tenants(name) AS ("
-        f" SELECT min(tenant) FROM {tasks} WHERE status = 'pending'"
-        " UNION ALL"
-        f" SELECT (SELECT min(tenant) FROM {tasks} WHERE status = 'pending' AND tenant > tenants.name)"
-        " FROM tenants WHERE name IS NOT NULL"
-        ") SELECT name FROM tenants WHERE name IS NOT NULL"
-    )
+def check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidArgument(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
+
+
+def pool_filter(pools: Collection[str | None] | None) -> dict[str, Any] | None:
+    """The parameters of the dialects' pool filter (``any_pool``, ``pools``, ``null_pool``): every pool when
+    ``pools`` is None, else the named ones, plus tasks with no pool when ``None`` is among them. ``None`` when
+    no task can match (an empty collection), so the caller need not ask the database."""
+    if pools is None:
+        return {"any_pool": True, "pools": [], "null_pool": False}
+    named = sorted({pool for pool in pools if pool is not None})
+    if not named and None not in pools:
+        return None
+    return {"any_pool": False, "pools": named, "null_pool": None in pools}
 
 
 def not_pending(task_id: str, status: str | None) -> NotFound | Conflict:
@@ -105,9 +89,23 @@ def not_pending(task_id: str, status: str | None) -> NotFound | Conflict:
     return Conflict(f"task {task_id} is already {status}: only a pending task can be changed")
 
 
-def check_limit(limit: int) -> None:
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise InvalidArgument(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
+def not_cancellable(task_id: str, status: str | None) -> NotFound | Conflict:
+    """Why a cancel did not apply: unknown (or another tenant's), or already finished."""
+    if status is None:
+        return NotFound(f"task {task_id} not found")
+    return Conflict(f"task {task_id} is already {status}")
+
+
+def fence_failure(lease: Lease, current: Sequence[Any] | None) -> NotFound | StaleLease:
+    """Why a write fenced by ``lease`` changed nothing, from the task's ``(status, attempt, owner)`` now:
+    the task is unknown, or another attempt or owner holds it (or it is no longer running)."""
+    if current is None:
+        return NotFound(f"task {lease.task_id} not found")
+    status, attempt, owner = current
+    return StaleLease(
+        f"task {lease.task_id}: lease attempt={lease.attempt} owner={lease.owner} is stale "
+        f"(task is {status}, attempt={attempt}, owner={owner})"
+    )
 
 
 def advisory_key(namespace: str, name: str) -> int:
@@ -115,90 +113,3 @@ def advisory_key(namespace: str, name: str) -> int:
     names apart from the store's own locks."""
     digest = hashlib.sha256(f"comfyfleet:{namespace}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def worker_metrics_from_counts(counts: dict[str, int]) -> WorkerMetrics:
-    return WorkerMetrics(
-        total_workers=sum(count for state, count in counts.items() if state != WorkerState.TERMINATED),
-        idle_workers=counts.get(WorkerState.IDLE, 0),
-        running_workers=counts.get(WorkerState.BUSY, 0),
-        starting_workers=counts.get(WorkerState.STARTING, 0),
-        failed_workers=counts.get(WorkerState.FAILED, 0),
-        pending_workers=counts.get(WorkerState.PENDING, 0),
-        terminating_workers=counts.get(WorkerState.TERMINATING, 0),
-    )
-
-
-class Subscription:
-    """One ``listen()`` iterator. It is registered when created, so nothing published after ``listen()``
-    returns is missed even before the first ``__anext__``. ``aclose()`` (or ``async with``) unsubscribes."""
-
-    __slots__ = ("__weakref__", "_backlog", "_closed", "_hub", "_wakeup")
-
-    def __init__(self, hub: NotificationHub) -> None:
-        self._hub = hub
-        self._backlog: deque[Notification] = deque()
-        self._wakeup = asyncio.Event()
-        self._closed = False
-
-    def _offer(self, notification: Notification) -> None:
-        if len(self._backlog) >= SUBSCRIPTION_BACKLOG:
-            self._backlog.popleft()
-            logger.warning("notification_dropped channel=%s", notification.channel)
-        self._backlog.append(notification)
-        self._wakeup.set()
-
-    def _end(self) -> None:
-        self._closed = True
-        self._wakeup.set()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Notification:
-        while not self._backlog:
-            if self._closed:
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        return self._backlog.popleft()
-
-    async def aclose(self) -> None:
-        self._hub.unsubscribe(self)
-        self._end()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-class NotificationHub:
-    """In-process fan-out of notifications to every live subscription of one store."""
-
-    def __init__(self) -> None:
-        # Weak, so a subscription its owner dropped without closing does not pile up wake-ups forever.
-        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
-        self._closed = False
-
-    def subscribe(self) -> Subscription:
-        if self._closed:
-            raise StoreClosed("the store is closed")
-        subscription = Subscription(self)
-        self._subscriptions.add(subscription)
-        return subscription
-
-    def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
-
-    def publish(self, notification: Notification) -> None:
-        for subscription in list(self._subscriptions):
-            subscription._offer(notification)
-
-    def close(self) -> None:
-        """End every subscription's iteration."""
-        self._closed = True
-        for subscription in list(self._subscriptions):
-            subscription._end()
-        self._subscriptions.clear()

@@ -1,7 +1,10 @@
-"""The store protocol: the durable queue of tasks, the worker records and cross-replica wake-ups.
+"""The store's ports: the durable queue of tasks, the worker records, the webhook outbox and coordination.
 
-One protocol, one module per backend (``sqlite.py``, ``postgres.py``), picked by URL scheme in
-``comfyfleet.store.open_store``. The behavioural contract suite in ``tests/store`` runs against both.
+One small protocol per role (:class:`TaskQueue` for the front doors, :class:`DispatchQueue` for the
+dispatcher, :class:`WorkerRecords`, :class:`WebhookOutbox`, :class:`Coordination`); :class:`Store` is all of
+them, which every backend provides. Backends are picked by URL scheme in ``comfyfleet.store.open_store``; the
+behaviour is written once in ``sql.py`` and each dialect module (``sqlite.py``, ``postgres.py``) keeps only its
+SQL text and its connection handling. The behavioural contract suite in ``tests/store`` runs against both.
 
 Fencing: every write about a running attempt carries a :class:`Lease` (task id, attempt number, owner).
 A write whose lease is no longer current raises :class:`StaleLease`, so a replica that lost a task can
@@ -95,22 +98,9 @@ class Notification:
     payload: str
 
 
-class Store(Protocol):
-    """Async, durable state. Every long-lived store is an async context manager."""
+class TaskQueue(Protocol):
+    """The front doors' side of the queue: submit, read, cancel and reorder tasks."""
 
-    url: str
-
-    async def __aenter__(self) -> Self: ...
-    async def __aexit__(self, *exc_info: object) -> None: ...
-
-    # -- schema ---------------------------------------------------------------------------------
-    async def migrate(self) -> list[int]:
-        """Apply pending numbered migrations; return the versions applied (empty when up to date)."""
-
-    async def is_ready(self) -> bool:
-        """The database answers and every migration is applied."""
-
-    # -- submission and reading -----------------------------------------------------------------
     async def create_task(self, new: NewTask) -> tuple[Task, bool]:
         """Insert a pending task. With an idempotency key already used by the same tenant, return the
         original task and ``False`` instead of inserting."""
@@ -132,9 +122,10 @@ class Store(Protocol):
     async def queue_position(self, task_id: str) -> int | None:
         """1 = next to run among pending tasks, by priority then FIFO; None when not pending.
 
-        Exactly the order of :meth:`claim` without a pool filter: the runnable pending tasks ahead, plus
-        one. A pending task not due yet (a retry waiting for ``not_before``) gets the place it will have
-        once due. Costs a count of the tasks ahead, so it grows with the depth of the queue."""
+        Exactly the order of :meth:`DispatchQueue.peek_pending` without a pool filter: the runnable
+        pending tasks ahead, plus one. A pending task not due yet (a retry waiting for ``not_before``) gets
+        the place it will have once due. Costs a count of the tasks ahead, so it grows with the depth of
+        the queue."""
 
     async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics: ...
 
@@ -144,32 +135,28 @@ class Store(Protocol):
     async def count_by_status_and_priority(self) -> list[tuple[TaskStatus, int, int]]:
         """``(status, priority, count)`` rows for metrics."""
 
-    # -- cancel ---------------------------------------------------------------------------------
     async def cancel_task(self, task_id: str, tenant: str | None = None) -> Task:
         """A pending task becomes ``cancelled`` at once. A running one gets ``cancel_requested`` (the
-        dispatcher that owns it stops the prompt and calls :meth:`finish_cancelled`). A finished task
-        raises :class:`Conflict`; an unknown one :class:`NotFound`."""
+        dispatcher that owns it stops the prompt and calls :meth:`DispatchQueue.finish_cancelled`). A
+        finished task raises :class:`Conflict`; an unknown one :class:`NotFound`."""
 
     async def set_priority(self, task_id: str, priority: int, tenant: str | None = None) -> Task:
         """Move a pending task in the queue by giving it another priority (its FIFO place among equals is
         kept: its submission order). :class:`Conflict` once it left ``pending``; :class:`NotFound` if unknown."""
 
-    # -- the dispatcher's side ------------------------------------------------------------------
-    async def claim(
-        self,
-        owner: str,
-        lease_s: float,
-        *,
-        limit: int = 1,
-        pools: Collection[str | None] | None = None,
-    ) -> list[Task]:
-        """Atomically take up to ``limit`` runnable pending tasks (``not_before`` passed), highest
-        priority first then oldest, and make them ``running``/``dispatching`` with ``attempt + 1`` and a
-        lease for ``owner``. Concurrent claimers never get the same task and never skip one. With
-        ``pools``, only tasks whose ``pool`` is in it (``None`` in it matches tasks with no pool)."""
+
+class DispatchQueue(Protocol):
+    """The dispatcher's side of the queue: look at the head, claim, then write about each attempt under its
+    :class:`Lease`, renew the leases it holds and adopt the attempts whose owner died.
+
+    Claiming is two steps, as the dispatcher plans: :meth:`peek_pending` (or :meth:`peek_pending_per_tenant`)
+    reads the head of the queue, the dispatcher places what it can, and :meth:`claim_ids` takes exactly those
+    tasks. A task another claimer took in between is skipped, never claimed twice."""
 
     async def peek_pending(self, *, limit: int, pools: Collection[str | None] | None = None) -> list[Task]:
-        """Read-only: the first ``limit`` runnable pending tasks in claim order (for placement)."""
+        """Read-only: the first ``limit`` runnable pending tasks (``not_before`` passed), highest priority
+        first then oldest (claim order). With ``pools``, only tasks whose ``pool`` is in it (``None`` in it
+        matches tasks with no pool)."""
 
     async def peek_pending_per_tenant(
         self, *, limit: int, pools: Collection[str | None] | None = None
@@ -181,8 +168,9 @@ class Store(Protocol):
         """How many tasks each tenant has running (tenants with none are left out)."""
 
     async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
-        """Claim exactly these tasks, as :meth:`claim` would, skipping any that are no longer runnable
-        pending (another replica took them, or they were cancelled)."""
+        """Atomically make these tasks ``running``/``dispatching`` with ``attempt + 1`` and a lease of
+        ``lease_s`` for ``owner``, skipping any that are no longer runnable pending (another claimer took
+        them, or they were cancelled). Returned in claim order. Concurrent claimers never get the same task."""
 
     async def record_dispatch(self, lease: Lease, worker_id: str, prompt_id: str) -> Task:
         """Before submitting: remember which worker and prompt id this attempt uses."""
@@ -193,8 +181,10 @@ class Store(Protocol):
 
     async def set_progress(self, lease: Lease, progress: dict[str, Any]) -> None: ...
 
-    async def renew_leases(self, owner: str, lease_s: float) -> int:
-        """Extend every running lease held by ``owner``; return how many."""
+    async def renew_leases(self, owner: str, lease_s: float, task_ids: Collection[str]) -> int:
+        """Extend the leases of these running tasks, where ``owner`` holds them (the attempts the caller
+        really has in hand); return how many. A task ``owner`` holds that is not named is left to expire,
+        so that another replica (or this one) adopts it."""
 
     async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task: ...
 
@@ -231,7 +221,10 @@ class Store(Protocol):
     async def next_due_at(self) -> datetime | None:
         """Earliest ``not_before`` among pending tasks that are not runnable yet, for the retry timer."""
 
-    # -- workers --------------------------------------------------------------------------------
+
+class WorkerRecords(Protocol):
+    """What the store keeps about each worker."""
+
     async def upsert_worker(self, worker: Worker) -> Worker: ...
     async def get_worker(self, worker_id: str) -> Worker: ...
     async def list_workers(self, *, pool: str | None = None, include_gone: bool = False) -> list[Worker]: ...
@@ -240,9 +233,11 @@ class Store(Protocol):
 
     async def worker_metrics(self) -> WorkerMetrics: ...
 
-    # -- webhook outbox -------------------------------------------------------------------------
-    # A task with a ``webhook`` URL that reaches completed, failed or cancelled gets one delivery row,
-    # written by the database itself (a trigger) in the transaction that changed the status.
+
+class WebhookOutbox(Protocol):
+    """A task with a ``webhook`` URL that reaches completed, failed or cancelled gets one delivery row,
+    written by the database itself (a trigger) in the transaction that changed the status."""
+
     async def claim_webhook_deliveries(
         self, owner: str, lease_s: float, *, limit: int = 20
     ) -> list[WebhookDelivery]:
@@ -269,7 +264,16 @@ class Store(Protocol):
     async def next_webhook_due_at(self) -> datetime | None:
         """The earliest ``next_attempt_at`` among pending deliveries, for the deliverer's timer."""
 
-    # -- coordination ---------------------------------------------------------------------------
+
+class Coordination(Protocol):
+    """The schema, and what keeps replicas in step: wake-ups and leadership."""
+
+    async def migrate(self) -> list[int]:
+        """Apply pending numbered migrations; return the versions applied (empty when up to date)."""
+
+    async def is_ready(self) -> bool:
+        """The database answers and every migration is applied."""
+
     async def notify(self, channel: str, payload: str = "") -> None:
         """Wake listeners in every replica (PostgreSQL NOTIFY; in-process for SQLite). Keep ``payload``
         small (PostgreSQL refuses notifications near 8 kB: :class:`InvalidArgument`); send ids, not data.
@@ -289,3 +293,12 @@ class Store(Protocol):
         every replica of the store and across restarts, another for every other store (a copy of the
         database is the same installation). The worker manager stamps it on every instance it starts.
         :class:`StoreUnavailable` when the store is not migrated."""
+
+
+class Store(TaskQueue, DispatchQueue, WorkerRecords, WebhookOutbox, Coordination, Protocol):
+    """Async, durable state: every role at once. Every long-lived store is an async context manager."""
+
+    url: str
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
