@@ -251,11 +251,23 @@ async def test_expired_leases_are_adopted_with_the_same_prompt(store: Store) -> 
     with pytest.raises(StaleLease):
         await store.complete_task(old_lease, {})
     assert await store.adopt_expired("third", 30) == []  # the new lease is current
-    assert await store.renew_leases("alive", 30) == 1
-    assert await store.renew_leases("dead", 30) == 0
+    assert await store.renew_leases("alive", 30, [task.id]) == 1
+    assert await store.renew_leases("dead", 30, [task.id]) == 0
+    assert await store.renew_leases("alive", 30, []) == 0
     done = await store.complete_task(lease_of(adopted), {"ok": True})
     assert done.status is TaskStatus.COMPLETED
     assert done.result == {"ok": True}
+
+
+async def test_only_the_named_leases_are_renewed(store: Store) -> None:
+    # A dispatcher renews the attempts it holds in memory; a claim whose answer it never got expires.
+    await store.create_task(new())
+    await store.create_task(new())
+    held, lost = await store.claim("replica-a", 0, limit=2)  # both expire at once unless renewed
+    assert await store.renew_leases("replica-a", 30, [held.id]) == 1
+    [adopted] = await store.adopt_expired("replica-a", 30)
+    assert adopted.id == lost.id
+    assert adopted.attempt == lost.attempt + 1
 
 
 async def test_adopt_takes_a_previous_owners_tasks_at_once(store: Store) -> None:

@@ -193,8 +193,10 @@ class Store(Protocol):
 
     async def set_progress(self, lease: Lease, progress: dict[str, Any]) -> None: ...
 
-    async def renew_leases(self, owner: str, lease_s: float) -> int:
-        """Extend every running lease held by ``owner``; return how many."""
+    async def renew_leases(self, owner: str, lease_s: float, task_ids: Collection[str]) -> int:
+        """Extend the running leases ``owner`` holds on these tasks; return how many. Only the attempts a
+        dispatcher holds in memory are named: a row it lost track of (a claim whose answer was lost) expires
+        and is adopted."""
 
     async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task: ...
 

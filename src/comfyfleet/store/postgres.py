@@ -694,13 +694,17 @@ class PostgresStore:
             if seq is None:
                 raise await self._fence_failure(conn, lease)
 
-    async def renew_leases(self, owner: str, lease_s: float) -> int:
+    async def renew_leases(self, owner: str, lease_s: float, task_ids: Collection[str]) -> int:
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return 0
         async with self._connection() as conn:
             status = await conn.execute(
                 "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $2) "
-                "WHERE status = 'running' AND lease_owner = $1",
+                "WHERE status = 'running' AND lease_owner = $1 AND id = ANY($3::text[])",
                 owner,
                 float(lease_s),
+                ids,
             )
         return int(status.rsplit(" ", 1)[1])
 

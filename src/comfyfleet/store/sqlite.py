@@ -922,16 +922,16 @@ class SQLiteStore:
 
         await self._write(write)
 
-    async def renew_leases(self, owner: str, lease_s: float) -> int:
+    async def renew_leases(self, owner: str, lease_s: float, task_ids: Collection[str]) -> int:
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return 0
         expires = _ts(utcnow() + timedelta(seconds=lease_s))
-        return await self._write(
-            lambda conn: (
-                conn.execute(
-                    "UPDATE tasks SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ?",
-                    (expires, owner),
-                ).rowcount
-            )
+        sql = (
+            "UPDATE tasks SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ? "
+            f"AND id IN ({', '.join('?' * len(ids))})"
         )
+        return await self._write(lambda conn: conn.execute(sql, (expires, owner, *ids)).rowcount)
 
     async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task:
         now = _ts(utcnow())
