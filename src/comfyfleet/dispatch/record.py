@@ -37,6 +37,7 @@ T = TypeVar("T")
 # replaced at once), then every few seconds, so the attempt goes on within seconds of the store's return.
 _WRITE_WAIT_INITIAL_S = 0.1
 _WRITE_WAIT_MAX_S = 2.0
+_WRITE_WAIT_JITTER_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ class AttemptRecord:
             timeout=None,
             wait_initial=_WRITE_WAIT_INITIAL_S,
             wait_max=_WRITE_WAIT_MAX_S,
+            wait_jitter=_WRITE_WAIT_JITTER_S,
         ):
             with try_:
                 try:
