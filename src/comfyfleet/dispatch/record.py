@@ -103,6 +103,7 @@ class AttemptRecord:
     async def _until_answered(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self._patient:
             return await call()
+        failures = 0
         async for try_ in stamina.retry_context(
             on=StoreUnavailable,
             attempts=None,
@@ -115,17 +116,23 @@ class AttemptRecord:
                 try:
                     result = await call()
                 except StoreUnavailable as exc:
-                    if not self._failed_tries:
+                    if not failures:
                         logger.warning(
                             "attempt_store_write_failed task_id=%s write=%s error=%s (trying again until the store answers)",
                             self.task.id,
                             what,
                             exc,
                         )
+                    failures += 1
                     self._failed_tries += 1
                     raise
-                if self._failed_tries:
-                    logger.info("attempt_store_write_recovered task_id=%s write=%s", self.task.id, what)
+                if failures:
+                    logger.info(
+                        "attempt_store_write_recovered task_id=%s write=%s tries=%d",
+                        self.task.id,
+                        what,
+                        failures + 1,
+                    )
                 return result
         raise AssertionError("retried without end")  # pragma: no cover
 
