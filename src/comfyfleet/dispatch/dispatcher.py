@@ -370,11 +370,17 @@ class Dispatcher:
                 else "(each is on some worker, but none of its pool has them all)"
             )
             with contextlib.suppress(StaleLease):
-                await self._record(task).fail(
-                    "missing_node_type",
-                    f"no worker has the node types this workflow uses: {named}",
-                    {"missing_node_types": missing},
+                await self._fail_missing(
+                    task, f"no worker has the node types this workflow uses: {named}", missing
                 )
+
+    async def _fail_missing(self, task: Task, message: str, missing: list[str]) -> None:
+        record = self._record(task)
+        details = {"missing_node_types": missing}
+        failed = await record.end(
+            "fail", lambda lease: self.store.fail_task(lease, message, "missing_node_type", details)
+        )
+        await record.publish(failed)
 
     def _record(self, task: Task) -> AttemptRecord:
         """The store's side of an attempt this dispatcher ends without running it; one try per write (its
