@@ -101,9 +101,19 @@ class AttemptRecord:
 
     # -- writing --------------------------------------------------------------------------------
     async def _until_answered(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        if not self._patient:
-            return await call()
-        failures = 0
+        try:
+            return await call()  # the usual case, without the retry machinery
+        except StoreUnavailable as exc:
+            if not self._patient:
+                raise
+            logger.warning(
+                "attempt_store_write_failed task_id=%s write=%s error=%s (trying again until the store answers)",
+                self.task.id,
+                what,
+                exc,
+            )
+            self._failed_tries += 1
+        tries = 1
         async for try_ in stamina.retry_context(
             on=StoreUnavailable,
             attempts=None,
@@ -113,26 +123,15 @@ class AttemptRecord:
             wait_jitter=_WRITE_WAIT_JITTER_S,
         ):
             with try_:
+                tries += 1
                 try:
                     result = await call()
-                except StoreUnavailable as exc:
-                    if not failures:
-                        logger.warning(
-                            "attempt_store_write_failed task_id=%s write=%s error=%s (trying again until the store answers)",
-                            self.task.id,
-                            what,
-                            exc,
-                        )
-                    failures += 1
+                except StoreUnavailable:
                     self._failed_tries += 1
                     raise
-                if failures:
-                    logger.info(
-                        "attempt_store_write_recovered task_id=%s write=%s tries=%d",
-                        self.task.id,
-                        what,
-                        failures + 1,
-                    )
+                logger.info(
+                    "attempt_store_write_recovered task_id=%s write=%s tries=%d", self.task.id, what, tries
+                )
                 return result
         raise AssertionError("retried without end")  # pragma: no cover
 
