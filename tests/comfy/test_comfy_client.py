@@ -14,6 +14,7 @@ import pytest
 from comfy_helpers import EmulatorFactory, new_id, sampler_graph, trivial_graph
 from comfy_wire import frames_until, post_prompt, wait_until
 from comfy_wire import socket as ws_socket
+from wire_server import RealSequenceServer
 
 from comfyfleet.comfy import (
     ClientStateError,
@@ -301,3 +302,30 @@ async def test_binary_previews_reach_the_prompt_without_breaking_the_stream(
         assert all(
             p.prompt_id == prompt_id for p in previews
         )  # legacy frames carry no id: routed to the running prompt
+
+
+async def test_a_prompt_whose_end_a_poll_learns_first_still_hands_over_every_frame() -> None:
+    # Real ComfyUI's two status frames use up follow()'s short wait for execution_start; the poll that follows
+    # is answered "completed" while the prompt's frames are still arriving. None may be lost.
+    async with RealSequenceServer() as server, ComfyClient(server.url) as comfy:
+        prompt_id = new_id()
+        await comfy.submit(trivial_graph(), prompt_id=prompt_id)
+        seen: list[ComfyEvent] = []
+        outcome = await comfy.follow(prompt_id, on_event=seen.append)
+        assert outcome.status == "success"
+        assert server.polls >= 1  # the end was learned by polling, not from the socket
+        assert [event.type for event in seen] == [
+            "execution_start",
+            "execution_cached",
+            "progress_state",
+            "executing",
+            "progress_state",
+            "progress_state",
+            "executing",
+            "executed",
+            "progress_state",
+            "execution_success",
+            "executing",
+        ]
+        assert seen[-1].is_done
+        assert all(event.prompt_id == prompt_id for event in seen)

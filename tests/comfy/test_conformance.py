@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 from comfy_helpers import EmulatorFactory
-from comfy_wire import wait_until
 from PIL import Image
 
-from comfyfleet.comfy import ComfyClient, PromptLost, WorkflowRejected
+from comfyfleet.comfy import ComfyClient, ComfyEvent, PromptLost, WorkflowRejected
 
 REAL_SERVER = os.environ.get("COMFYUI_URL")
 
@@ -133,6 +132,15 @@ async def test_rejected_workflows(comfy: ComfyClient) -> None:
 
 async def test_queue_delete_interrupt_and_cancel(comfy: ComfyClient) -> None:
     slow, doomed, after = _prompt_id(), _prompt_id(), _prompt_id()
+    # The interrupt must land while the slow node (ImageBlur, node 2) runs, not during the first node: on a
+    # real server the prompt shows as running in /queue ~250 ms before its blur starts.
+    blur_started = asyncio.Event()
+
+    def on_frame(event: ComfyEvent) -> None:
+        if event.type == "executing" and event.prompt_id == slow and event.node == "2":
+            blur_started.set()
+
+    stop_listening = comfy.add_listener(on_frame)
     await comfy.submit(_slow(), prompt_id=slow)
     await comfy.submit(_trivial(), prompt_id=doomed)
     await comfy.submit(_trivial(), prompt_id=after)
@@ -143,11 +151,9 @@ async def test_queue_delete_interrupt_and_cancel(comfy: ComfyClient) -> None:
     assert doomed not in await comfy.queue()
     assert await comfy.job(doomed) is None
 
-    async def slow_is_running() -> bool:
-        return (await comfy.queue()).is_running(slow)
-
-    # Interrupt by prompt_id once it runs; ImageBlur has no progress bar, so it stops at the next node.
-    await wait_until(slow_is_running, within=60, interval=0.02)
+    # Interrupt by prompt_id once its blur runs; ImageBlur has no progress bar, so it stops at the next node.
+    await asyncio.wait_for(blur_started.wait(), 60)
+    stop_listening()
     await comfy.interrupt(after)  # not running yet: a no-op
     await comfy.interrupt(slow)
     outcome = await comfy.follow(slow)

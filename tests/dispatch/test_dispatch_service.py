@@ -335,8 +335,9 @@ async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path:
 
 
 async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> None:
+    # Prompts outlast the stream's 0.5 s throttle of position reads, so position 1 is always seen.
     async with (
-        emulators(EmulatorOptions(prompt_time_s=0.4)) as (worker,),
+        emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,),
         service(tmp_path, [worker.url]) as svc,
     ):
         # One worker holds two prompts (prefetch 1): the third task waits at 1, the fourth at 2.

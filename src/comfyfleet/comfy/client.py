@@ -8,6 +8,9 @@ Protocol facts this client is built around (see the ComfyUI protocol reference):
 * Frames for a prompt go only to the socket whose id was given at submit time. After a reconnect (new id)
   those prompts are followed by polling ``/api/jobs/{id}``, as are prompts of a silent socket.
 * ``/api/jobs/{id}`` answers 404 for a prompt the server does not know: after a restart, that is a loss.
+
+The socket and its frame routing live in :mod:`comfyfleet.comfy.stream`; the answers as values in
+:mod:`comfyfleet.comfy.results` (re-exported here).
 """
 
 from __future__ import annotations
@@ -17,17 +20,12 @@ import contextlib
 import inspect
 import json
 import logging
-import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
 
 from comfyfleet.comfy.errors import (
     ClientStateError,
@@ -38,157 +36,46 @@ from comfyfleet.comfy.errors import (
     WorkerUnreachable,
     WorkflowRejected,
 )
-from comfyfleet.comfy.events import ComfyEvent, parse_binary, parse_text
+from comfyfleet.comfy.events import ComfyEvent
+from comfyfleet.comfy.results import (
+    TERMINAL_JOB_STATUSES,
+    PromptOutcome,
+    PromptTimings,
+    QueueItem,
+    QueueState,
+    SubmitResult,
+    outcome_from_history,
+)
+from comfyfleet.comfy.stream import EventStream, PromptWatch
 
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[ComfyEvent], Awaitable[None] | None]
-TERMINAL_JOB_STATUSES = frozenset({"completed", "failed", "cancelled"})
 _JSON_HEADERS = {"Content-Type": "application/json"}
-# Frames that carry no prompt_id but belong to the prompt running at the time.
 # How long a status frame may precede the execution_start of a prompt before a poll checks on it.
 _START_GRACE_S = 0.02
-_UNTAGGED_BELONG_TO_RUNNING = frozenset(
-    {"executing", "progress", "progress_state", "preview", "text", "executed"}
-)
+# A poll may learn of the end before the socket's last frames of the prompt are read; they follow at once.
+_END_FRAMES_GRACE_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    prompt_id: str
-    number: float
-    node_errors: dict[str, Any]
+class _Handover:
+    """Gives a follower's callback every buffered frame of its prompt, once each and in order."""
 
+    __slots__ = ("delivered", "on_event", "watch")
 
-@dataclass(frozen=True, slots=True)
-class QueueItem:
-    number: float
-    prompt_id: str
-    prompt: dict[str, Any]
-    extra_data: dict[str, Any]
-    outputs_to_execute: list[str]
+    def __init__(self, watch: PromptWatch, on_event: EventCallback | None) -> None:
+        self.watch = watch
+        self.on_event = on_event
+        self.delivered = 0
 
-    @classmethod
-    def from_wire(cls, item: Sequence[Any]) -> QueueItem:
-        return cls(
-            item[0],
-            item[1],
-            item[2],
-            item[3] if len(item) > 3 else {},
-            list(item[4]) if len(item) > 4 else [],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class QueueState:
-    running: list[QueueItem]
-    pending: list[QueueItem]  # in run order (sorted by number), not upstream's heap order
-
-    @property
-    def remaining(self) -> int:
-        return len(self.running) + len(self.pending)
-
-    def __contains__(self, prompt_id: object) -> bool:
-        return any(item.prompt_id == prompt_id for item in (*self.running, *self.pending))
-
-    def is_running(self, prompt_id: str) -> bool:
-        return any(item.prompt_id == prompt_id for item in self.running)
-
-
-@dataclass(frozen=True, slots=True)
-class PromptTimings:
-    """Epoch milliseconds from the server's clock (``None`` when unknown)."""
-
-    created_ms: int | None
-    started_ms: int | None
-    ended_ms: int | None
-
-    @property
-    def queued_s(self) -> float | None:
-        if self.created_ms is None or self.started_ms is None:
-            return None
-        return max(0.0, (self.started_ms - self.created_ms) / 1000)
-
-    @property
-    def execution_s(self) -> float | None:
-        if self.started_ms is None or self.ended_ms is None:
-            return None
-        return max(0.0, (self.ended_ms - self.started_ms) / 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class PromptOutcome:
-    prompt_id: str
-    status: Literal["success", "error", "interrupted"]
-    outputs: dict[str, Any]
-    error: dict[str, Any] | None
-    history: dict[str, Any]
-    timings: PromptTimings
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "success"
-
-    def files(self) -> list[dict[str, Any]]:
-        """Every ``{filename, subfolder, type}`` in the outputs, with ``node_id`` and ``kind`` (``images``…)."""
-        return [
-            {**item, "node_id": node_id, "kind": kind}
-            for node_id, ui in self.outputs.items()
-            if isinstance(ui, dict)
-            for kind, items in ui.items()
-            if isinstance(items, list)
-            for item in items
-            if isinstance(item, dict) and "filename" in item
-        ]
-
-
-def outcome_from_history(prompt_id: str, entry: dict[str, Any]) -> PromptOutcome:
-    """Read a history entry: an interrupted prompt also says ``status_str: "error"``; its last message tells."""
-    status = entry.get("status") or {}
-    messages = [m for m in status.get("messages") or [] if isinstance(m, list | tuple) and len(m) == 2]
-    kinds = {m[0]: m[1] for m in messages if isinstance(m[1], dict)}
-    result: Literal["success", "error", "interrupted"]
-    error = None
-    if status.get("status_str") == "success":
-        result = "success"
-    elif "execution_interrupted" in kinds:
-        result = "interrupted"
-        error = kinds["execution_interrupted"]
-    else:
-        result = "error"
-        error = kinds.get("execution_error")
-    prompt = entry.get("prompt") or []
-    extra_data = prompt[3] if len(prompt) > 3 and isinstance(prompt[3], dict) else {}
-    start = kinds.get("execution_start", {}).get("timestamp")
-    end = messages[-1][1].get("timestamp") if messages and isinstance(messages[-1][1], dict) else None
-    return PromptOutcome(
-        prompt_id=prompt_id,
-        status=result,
-        outputs=dict(entry.get("outputs") or {}),
-        error=error,
-        history=entry,
-        timings=PromptTimings(extra_data.get("create_time"), start, end),
-    )
-
-
-class _PromptWatch:
-    """Frames of one prompt, buffered from before ``follow`` starts (the prompt may finish first)."""
-
-    __slots__ = ("changed", "client_id", "done", "events", "prompt_id", "queue_changed")
-
-    def __init__(self, prompt_id: str, client_id: str | None) -> None:
-        self.prompt_id = prompt_id
-        self.client_id = client_id
-        self.events: list[ComfyEvent] = []
-        self.done = False
-        self.queue_changed = False  # a status frame came while this prompt had not started
-        self.changed = asyncio.Event()
-
-    def push(self, event: ComfyEvent) -> None:
-        self.events.append(event)
-        if event.is_done:
-            self.done = True
-        self.changed.set()
+    async def deliver(self) -> None:
+        while self.delivered < len(self.watch.events):
+            event = self.watch.events[self.delivered]
+            self.delivered += 1
+            if self.on_event is not None:
+                result = self.on_event(event)
+                if inspect.isawaitable(result):
+                    await result
 
 
 class ComfyClient:
@@ -196,8 +83,6 @@ class ComfyClient:
 
     ``events=False`` skips the WebSocket (health probes, one-off calls); ``follow`` then polls.
     """
-
-    _MAX_WATCHES = 10_000
 
     def __init__(
         self,
@@ -218,21 +103,15 @@ class ComfyClient:
         self._poll_interval_s = poll_interval_s
         self._max_poll_interval_s = max_poll_interval_s
         self._unreachable_after_s = unreachable_after_s
-        self._reconnect_max_s = reconnect_max_s
         self._http: httpx.AsyncClient | None = None
         self._state: Literal["new", "open", "closed"] = "new"
         self._events_task: asyncio.Task[None] | None = None
-        self._first_attempt = asyncio.Event()
-        self.client_id = uuid.uuid4().hex
-        self._live_client_id: str | None = None
-        self._running_prompt: str | None = None
-        self._watches: dict[str, _PromptWatch] = {}
-        self._listeners: list[Callable[[ComfyEvent], None]] = []
+        self._stream = EventStream(
+            self.base_url, open_timeout_s=min(timeout, 10.0), reconnect_max_s=reconnect_max_s
+        )
+        self._watches = self._stream.watches  # frames buffered per prompt (tests look at it)
         self._object_info: dict[str, Any] | None = None
         self._object_info_lock = asyncio.Lock()
-        self.queue_remaining: int | None = None
-        self.last_frame_at: float | None = None
-        self.reconnects = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def __aenter__(self) -> ComfyClient:
@@ -246,12 +125,12 @@ class ComfyClient:
             # Owned by this client and cancelled and awaited in close(); not a TaskGroup because the
             # client's lifetime spans __aenter__/__aexit__, which callers may run in different tasks.
             self._events_task = asyncio.get_running_loop().create_task(
-                self._run_events(), name=f"comfy-events {self.base_url}"
+                self._stream.run(), name=f"comfy-events {self.base_url}"
             )
             # Give the first connection a moment so the first submit is routed to a live socket.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(self._timeout, 5.0)):
-                    await self._first_attempt.wait()
+                    await self._stream.first_attempt.wait()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -266,8 +145,7 @@ class ComfyClient:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for watch in self._watches.values():
-            watch.changed.set()
+        self._stream.wake_all()
         if self._http is not None:
             await self._http.aclose()
 
@@ -279,14 +157,32 @@ class ComfyClient:
         return self._http
 
     @property
+    def client_id(self) -> str:
+        """The ``clientId`` of the socket (a fresh one per connection); prompts are routed to it."""
+        return self._stream.client_id
+
+    @property
     def connected(self) -> bool:
         """Whether the WebSocket is open right now (under ``client_id``)."""
-        return self._live_client_id is not None and self._live_client_id == self.client_id
+        return self._stream.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._stream.reconnects
+
+    @property
+    def queue_remaining(self) -> int | None:
+        """The server's queue length, as its last ``status`` frame told."""
+        return self._stream.queue_remaining
+
+    @property
+    def last_frame_at(self) -> float | None:
+        """``time.monotonic()`` of the last frame received."""
+        return self._stream.last_frame_at
 
     def add_listener(self, callback: Callable[[ComfyEvent], None]) -> Callable[[], None]:
         """Call ``callback`` for every frame (``status`` included); returns a function that removes it."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+        return self._stream.add_listener(callback)
 
     # -- HTTP plumbing -------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -315,21 +211,9 @@ class ComfyClient:
             raise UnexpectedResponse("POST", path, response.status_code, response.text)
 
     # -- prompts -------------------------------------------------------------------------------------
-    def _watch(self, prompt_id: str, client_id: str | None) -> _PromptWatch:
-        watch = self._watches.get(prompt_id)
-        if watch is None:
-            if len(self._watches) >= self._MAX_WATCHES:
-                # Submitted but never followed: drop the oldest buffers rather than grow without bound.
-                for stale in list(self._watches)[: self._MAX_WATCHES // 10]:
-                    del self._watches[stale]
-            watch = self._watches[prompt_id] = _PromptWatch(prompt_id, client_id)
-        elif client_id is not None:
-            watch.client_id = client_id
-        return watch
-
     def forget(self, prompt_id: str) -> None:
         """Drop buffered frames of a prompt that will not be followed."""
-        self._watches.pop(prompt_id, None)
+        self._stream.forget(prompt_id)
 
     async def submit(
         self,
@@ -351,7 +235,7 @@ class ComfyClient:
             payload["front"] = True
         if extra_data:
             payload["extra_data"] = extra_data
-        self._watch(prompt_id, routed_to)  # before the POST: frames may arrive before its answer
+        self._stream.watch(prompt_id, routed_to)  # before the POST: frames may arrive before its answer
         try:
             response = await self._request(
                 "POST", "/prompt", content=json.dumps(payload), headers=_JSON_HEADERS
@@ -484,157 +368,93 @@ class ComfyClient:
         change (``status`` frame) while the prompt has not started also triggers one check, so a prompt
         deleted from the queue is reported lost at once. The outcome is read from the history entry,
         which upstream writes before ``executing{node: null}``: a completion always carries its outputs.
+        ``on_event`` gets every frame of the prompt before this returns, however the end was learned.
         Raises :class:`PromptLost` when the server no longer knows the prompt and
         :class:`WorkerUnreachable` when it cannot be reached for ``unreachable_after_s``."""
         self._check_open()
-        watch = self._watch(prompt_id, None)
-        delivered = 0
+        watch = self._stream.watch(prompt_id, None)
+        handover = _Handover(watch, on_event)
+        try:
+            outcome = await self._follow_to_end(watch, handover, silence_s)
+            await handover.deliver()
+            return outcome
+        finally:
+            self._stream.release(watch)
+
+    async def _follow_to_end(
+        self, watch: PromptWatch, handover: _Handover, silence_s: float
+    ) -> PromptOutcome:
+        prompt_id = watch.prompt_id
         poll_delay = self._poll_interval_s
         unreachable_since: float | None = None
-        try:
-            while True:
-                self._check_open()
-                watch.changed.clear()
-                while delivered < len(watch.events):
-                    event = watch.events[delivered]
-                    delivered += 1
-                    if on_event is not None:
-                        result = on_event(event)
-                        if inspect.isawaitable(result):
-                            await result
-                if watch.done:
-                    # executing{node: null}: upstream writes history before sending it.
-                    entry = await self.history(prompt_id)
-                    if entry is not None:
-                        return outcome_from_history(prompt_id, entry)
-                    if await self.job(prompt_id) is None:
-                        raise PromptLost(prompt_id, "finished but its history entry is gone")
-                    watch.done = False  # the server still knows it: fall back to polling
-                routed = (
-                    self._events and watch.client_id is not None and watch.client_id == self._live_client_id
-                )
-                if routed and watch.queue_changed and not watch.events:
-                    # The queue changed while this prompt waited in it. A prompt deleted from the queue
-                    # gets no frame of its own, only this status change: ask whether it is still there,
-                    # unless its execution_start follows at once (a start's status frame precedes it).
-                    watch.queue_changed = False
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_START_GRACE_S):
-                            await watch.changed.wait()
-                    if watch.events:
-                        continue
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(silence_s if routed else poll_delay):
-                            await watch.changed.wait()
-                    if watch.changed.is_set():
-                        continue  # new frames, a queue change or a socket change: look again first
-                try:
-                    job = await self.job(prompt_id)
-                except (WorkerUnreachable, ComfyTimeout):
-                    now = time.monotonic()
-                    unreachable_since = unreachable_since or now
-                    if now - unreachable_since >= self._unreachable_after_s:
-                        raise
-                    poll_delay = min(poll_delay * 2, self._max_poll_interval_s)
-                    continue
-                unreachable_since = None
-                if job is None:
-                    raise PromptLost(
-                        prompt_id, "the worker does not know it (restarted, or deleted from its queue)"
-                    )
-                if job.get("status") in TERMINAL_JOB_STATUSES:
-                    entry = await self.history(prompt_id)
-                    if entry is not None:
-                        return outcome_from_history(prompt_id, entry)
-                poll_delay = min(poll_delay * 1.5, self._max_poll_interval_s)
-        finally:
-            if self._watches.get(prompt_id) is watch:
-                del self._watches[prompt_id]
-
-    # -- the WebSocket -------------------------------------------------------------------------------
-    def _ws_url(self, client_id: str) -> str:
-        scheme, _, rest = self.base_url.partition("://")
-        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws?clientId={client_id}"
-
-    async def _run_events(self) -> None:
-        backoff = 0.05
         while True:
-            # A fresh id per connection: upstream orphans a new socket that reuses a closing one's id.
-            client_id = uuid.uuid4().hex
-            self.client_id = client_id
+            self._check_open()
+            watch.changed.clear()
+            await handover.deliver()
+            if watch.done:
+                # executing{node: null}: upstream writes history before sending it.
+                outcome = await self._outcome_of_done(prompt_id)
+                if outcome is not None:
+                    return outcome
+                watch.done = False  # the server still knows it: fall back to polling
+            routed = self._events and self._stream.routed(watch)
+            if not await self._time_to_poll(watch, routed, silence_s if routed else poll_delay):
+                continue  # new frames, a queue change or a socket change: look again first
             try:
-                async with connect(
-                    self._ws_url(client_id),
-                    open_timeout=min(self._timeout, 10.0),
-                    ping_interval=20,
-                    ping_timeout=20,
-                    max_size=None,
-                    compression=None,
-                ) as ws:
-                    self._set_live(client_id)
-                    backoff = 0.05
-                    await self._read_frames(ws)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-                logger.debug(
-                    "comfy_socket_closed url=%s client_id=%s error=%s", self.base_url, client_id, exc
-                )
-            except Exception:
-                logger.exception("comfy_socket_failed url=%s client_id=%s", self.base_url, client_id)
-            finally:
-                self._set_live(None)
-                self._first_attempt.set()
-            self.reconnects += 1
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self._reconnect_max_s)
-
-    def _set_live(self, client_id: str | None) -> None:
-        if self._live_client_id == client_id:
-            return
-        self._live_client_id = client_id
-        self._running_prompt = None
-        if client_id is not None:
-            self._first_attempt.set()
-        for watch in self._watches.values():
-            watch.changed.set()  # followers re-decide between frames and polling
-
-    async def _read_frames(self, ws: ClientConnection) -> None:
-        async for frame in ws:
-            self.last_frame_at = time.monotonic()
-            event = parse_text(frame) if isinstance(frame, str) else parse_binary(frame)
-            if event is None:
+                job = await self.job(prompt_id)
+            except (WorkerUnreachable, ComfyTimeout):
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since >= self._unreachable_after_s:
+                    raise
+                poll_delay = min(poll_delay * 2, self._max_poll_interval_s)
                 continue
-            self._route(event)
+            unreachable_since = None
+            if job is None:
+                raise PromptLost(
+                    prompt_id, "the worker does not know it (restarted, or deleted from its queue)"
+                )
+            if job.get("status") in TERMINAL_JOB_STATUSES:
+                entry = await self.history(prompt_id)
+                if entry is not None:
+                    if routed:
+                        await self._end_frames(watch)
+                    return outcome_from_history(prompt_id, entry)
+            poll_delay = min(poll_delay * 1.5, self._max_poll_interval_s)
 
-    def _route(self, event: ComfyEvent) -> None:
-        prompt_id = event.prompt_id
-        if event.type == "status":
-            exec_info = (event.data.get("status") or {}).get("exec_info") or {}
-            if isinstance(exec_info.get("queue_remaining"), int):
-                self.queue_remaining = exec_info["queue_remaining"]
-            for waiting in self._watches.values():
-                if not waiting.events and waiting.client_id == self._live_client_id:
-                    waiting.queue_changed = True
-                    waiting.changed.set()
-        elif prompt_id is None and event.type in _UNTAGGED_BELONG_TO_RUNNING and self._running_prompt:
-            event = event.with_prompt(self._running_prompt)
-            prompt_id = self._running_prompt
-        if prompt_id is not None:
-            if event.is_done:
-                if self._running_prompt == prompt_id:
-                    self._running_prompt = None
-            elif event.type in ("execution_start", "executing", "progress"):
-                self._running_prompt = prompt_id
-            watch = self._watches.get(prompt_id)
-            if watch is not None:
-                watch.push(event)
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                logger.exception("comfy_listener_failed url=%s event=%s", self.base_url, event.type)
+    async def _outcome_of_done(self, prompt_id: str) -> PromptOutcome | None:
+        entry = await self.history(prompt_id)
+        if entry is not None:
+            return outcome_from_history(prompt_id, entry)
+        if await self.job(prompt_id) is None:
+            raise PromptLost(prompt_id, "finished but its history entry is gone")
+        return None
+
+    async def _time_to_poll(self, watch: PromptWatch, routed: bool, wait_s: float) -> bool:
+        """Wait for frames; True when ``/api/jobs`` should be asked now, False to look at new frames first."""
+        if routed and watch.queue_changed and not watch.events:
+            # The queue changed while this prompt waited in it. A prompt deleted from the queue gets no
+            # frame of its own, only this status change: ask whether it is still there, unless its
+            # execution_start follows at once (a start's status frame precedes it).
+            watch.queue_changed = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_START_GRACE_S):
+                    await watch.changed.wait()
+            return not watch.events
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await watch.changed.wait()
+        return not watch.changed.is_set()
+
+    async def _end_frames(self, watch: PromptWatch) -> None:
+        """A poll found the prompt ended: its last frames, up to ``executing{node: null}``, are on their way
+        over the socket (real ComfyUI sends two ``status`` frames before ``execution_start``, and a fast
+        prompt can finish while the poll they triggered is answered). Wait briefly for them."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_END_FRAMES_GRACE_S):
+                while not watch.done and self._stream.routed(watch):
+                    watch.changed.clear()
+                    await watch.changed.wait()
 
 
 __all__ = [

@@ -40,4 +40,6 @@ def sanitize_execution_error(error: dict[str, Any]) -> tuple[str, dict[str, Any]
         for key in ("node_id", "node_type", "exception_type", "exception_message", "executed")
         if key in error
     }
+    if "exception_message" in details:
+        details["exception_message"] = message  # ComfyUI ends it with a newline (and sometimes tips)
     return summary, details
