@@ -8,7 +8,6 @@ an integer priority and a string pool in ``extra_data.comfyfleet``); what any su
 from __future__ import annotations
 
 import base64
-import copy
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -121,11 +120,22 @@ def parse_prompt(body: Any, limits: Limits) -> PromptRequest:
 
 
 def graph_to_run(request: PromptRequest) -> dict[str, Any]:
-    """A copy of the prompt's graph, pruned to its ``partial_execution_targets`` when it names some."""
-    graph = copy.deepcopy(request.graph)
+    """A copy of the prompt's graph, pruned to its ``partial_execution_targets`` when it names some. Only the
+    nodes and their ``inputs`` are copied (what attaching uploads changes): a deep copy would recurse once per
+    level of a value's nesting, before the task service could refuse a value nested too deeply."""
+    graph = {node_id: _node_copy(node) for node_id, node in request.graph.items()}
     if request.targets:
         graph = shapes.prune_to_targets(graph, [str(target) for target in request.targets])
     return graph
+
+
+def _node_copy(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    copied = dict(node)
+    if isinstance(node.get("inputs"), dict):
+        copied["inputs"] = dict(node["inputs"])
+    return copied
 
 
 async def attach_uploads(
