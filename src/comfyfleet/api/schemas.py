@@ -10,9 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
-from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth
+from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth, looks_like_api_graph
+from comfyfleet.http.errors import InvalidInput
+from comfyfleet.tasks.checks import check_api_format
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
@@ -113,6 +115,22 @@ class TaskSubmission(BaseModel):
     metadata: dict[str, Any] | None = Field(
         default=None, description="Free-form data kept with the task and returned as is."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_workflow_sent_as_the_whole_body(cls, data: Any) -> Any:
+        # Newcomers post the exported file itself: say what to do instead of listing every node id as an
+        # unknown field. (Raised as the task service's and the API's own errors, which pydantic lets through.)
+        if isinstance(data, dict) and "payload" not in data:
+            check_api_format(data, location=())
+            if looks_like_api_graph(data):
+                raise InvalidInput(
+                    'the body is a workflow graph: wrap it as {"payload": <the graph>}, with the task\'s '
+                    "other fields (priority, workflow_id…) beside it",
+                    [{"loc": ["body"], "message": "a bare workflow graph", "type": "payload_not_wrapped"}],
+                    error="payload_not_wrapped",
+                )
+        return data
 
     @field_validator("webhook", mode="before")
     @classmethod

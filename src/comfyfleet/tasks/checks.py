@@ -115,14 +115,15 @@ def _unstorable_values(
             stack.extend(reversed([(child, (*where, index)) for index, child in enumerate(item)]))
 
 
-def check_api_format(payload: Any) -> None:
-    """A workflow saved in ComfyUI's UI format is not runnable: say how to export the API format."""
+def check_api_format(payload: Any, *, location: tuple[str | int, ...] = ("payload",)) -> None:
+    """A workflow saved in ComfyUI's UI format is not runnable: say how to export the API format.
+    ``location``: where the workflow sits (a front door that found one in place of its whole request says so)."""
     if is_ui_format(payload):
         raise Rejected(
             "workflow_format_ui",
             'the workflow is in ComfyUI\'s UI format (top-level "nodes" and "links"), not the API format. '
             + UI_FORMAT_HELP,
-            [Problem(("payload",), "a UI-format workflow, not the API format", "workflow_format_ui")],
+            [Problem(location, "a UI-format workflow, not the API format", "workflow_format_ui")],
         )
 
 
