@@ -218,8 +218,20 @@ class TaskOut(BaseModel):
     )
 
 
+class TaskListItemOut(TaskOut):
+    """A task in a list: as :class:`TaskOut`, its ``payload`` only when asked for."""
+
+    payload: dict[str, Any] | None = Field(  # type: ignore[assignment]
+        default=None,
+        description="Only with ?include=payload: lists leave each task's workflow graph out unless asked.",
+    )
+
+
 class TaskListOut(BaseModel):
-    tasks: list[TaskOut]
+    tasks: list[TaskListItemOut] = Field(
+        description="Newest first; at most `limit` of them, and at most `limits.max_page_bytes` of JSON (a page "
+        "cut short by that budget has a next_cursor)."
+    )
     count: int = Field(description="Number of tasks in this page.")
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from comfyfleet.store._common import cursor_after
 from comfyfleet.store.base import (
     Conflict,
     InvalidArgument,
@@ -65,5 +66,6 @@ __all__ = [
     "TaskPage",
     "UnknownStoreURL",
     "WebhookDelivery",
+    "cursor_after",
     "open_store",
 ]

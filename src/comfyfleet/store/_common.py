@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Self
 
-from comfyfleet.domain import WorkerMetrics, WorkerState
+from comfyfleet.domain import Task, WorkerMetrics, WorkerState
 from comfyfleet.store.base import Conflict, InvalidArgument, NotFound, Notification, StoreClosed
 
 logger = logging.getLogger("comfyfleet.store")
@@ -32,6 +32,22 @@ TASK_COLUMNS = (
     "prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key, "
     "pool, inputs, webhook, metadata, progress, attempts"
 )
+
+
+def listed_task_columns(inputs_summary: str) -> str:
+    """The columns of a task list, in ``TASK_COLUMNS``'s order, without what lists do not show: the payload
+    (NULL, read as ``{}``) and the input files' bytes (the dialect's ``inputs_summary``: each input without
+    its ``data``, with its ``size``). A list of large tasks then reads kilobytes, not their megabytes."""
+    columns = {"payload": "NULL AS payload", "inputs": f"{inputs_summary} AS inputs"}
+    return ", ".join(columns.get(name, name) for name in TASK_COLUMNS.split(", "))
+
+
+def cursor_after(task: Task) -> str:
+    """The ``cursor`` of a list page that goes on after ``task`` (newest first), for a caller that ends a
+    page before the store's ``limit`` (e.g. at a byte budget)."""
+    return encode_cursor(task.seq)
+
+
 WORKER_COLUMNS = (
     "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
     "last_active_at, health_failures, loaded_models, node_types, error, labels, info"

@@ -45,6 +45,7 @@ from comfyfleet.store._common import (
     check_limit,
     decode_cursor,
     encode_cursor,
+    listed_task_columns,
     load_migrations,
     not_pending,
     pending_tenants_sql,
@@ -90,6 +91,16 @@ WEBHOOK_COLUMNS = (
     "id, task_id, tenant, url, event, message_id, status, attempts, next_attempt_at, created_at, updated_at, "
     "delivered_at, last_status_code, last_error, history"
 )
+# A task's input files as lists show them: each without its base64 ``data``, with the decoded ``size``.
+_DATA = "(spec->>'data')"
+_INPUTS_SUMMARY = (
+    "CASE WHEN tasks.inputs IS NULL THEN NULL ELSE (SELECT coalesce(jsonb_agg(CASE "
+    "WHEN jsonb_typeof(spec->'data') = 'string' THEN (spec - 'data') || jsonb_build_object('size', "
+    f"length({_DATA}) * 3 / 4 - (length({_DATA}) - length(rtrim({_DATA}, '=')))) "
+    "ELSE spec END ORDER BY position), '[]'::jsonb) "
+    "FROM jsonb_array_elements(tasks.inputs) WITH ORDINALITY AS element(spec, position)) END"
+)
+_LISTED_COLUMNS = listed_task_columns(_INPUTS_SUMMARY)
 
 # sqlstate classes that mean "the database cannot serve us": connection exception, insufficient
 # resources (too many connections), operator intervention (shutdown, starting up), authorization refused,
@@ -120,7 +131,8 @@ def _task(record: asyncpg.Record) -> Task:
         priority=record["priority"],
         status=TaskStatus(record["status"]),
         phase=TaskPhase(phase) if phase else None,
-        payload=record["payload"],
+        # None: read by a list, which leaves the payload out.
+        payload=record["payload"] if record["payload"] is not None else {},
         created_at=record["created_at"],
         updated_at=record["updated_at"],
         worker_id=record["worker_id"],
@@ -466,7 +478,7 @@ class PostgresStore:
             clauses.append(f"seq < {bind(decode_cursor(cursor))}")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._fetch(
-            f"SELECT {TASK_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT {bind(limit + 1)}", *args
+            f"SELECT {_LISTED_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT {bind(limit + 1)}", *args
         )
         tasks = [_task(row) for row in rows[:limit]]
         next_cursor = encode_cursor(tasks[-1].seq) if len(rows) > limit else None

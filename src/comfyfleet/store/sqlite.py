@@ -43,6 +43,7 @@ from comfyfleet.store._common import (
     check_limit,
     decode_cursor,
     encode_cursor,
+    listed_task_columns,
     load_migrations,
     not_pending,
     pending_tenants_sql,
@@ -88,6 +89,15 @@ WEBHOOK_COLUMNS = (
     "id, task_id, tenant, url, event, message_id, status, attempts, next_attempt_at, created_at, updated_at, "
     "delivered_at, last_status_code, last_error, history"
 )
+# A task's input files as lists show them: each without its base64 ``data``, with the decoded ``size``.
+_DATA = "json_extract(spec.value, '$.data')"
+_INPUTS_SUMMARY = (
+    "CASE WHEN tasks.inputs IS NULL THEN NULL ELSE (SELECT json_group_array(CASE "
+    f"WHEN json_type(spec.value, '$.data') = 'text' THEN json_set(json_remove(spec.value, '$.data'), '$.size', "
+    f"length({_DATA}) * 3 / 4 - (length({_DATA}) - length(rtrim({_DATA}, '=')))) "
+    "ELSE json(spec.value) END) FROM json_each(tasks.inputs) AS spec) END"
+)
+_LISTED_COLUMNS = listed_task_columns(_INPUTS_SUMMARY)
 
 
 def _ts(moment: datetime) -> str:
@@ -151,7 +161,8 @@ def _task(row: tuple[Any, ...]) -> Task:
         priority=priority,
         status=TaskStatus(status),
         phase=TaskPhase(phase) if phase else None,
-        payload=json.loads(payload),
+        # None: read by a list, which leaves the payload out.
+        payload=json.loads(payload) if payload is not None else {},
         created_at=datetime.fromisoformat(created_at),
         updated_at=datetime.fromisoformat(updated_at),
         worker_id=worker_id,
@@ -683,7 +694,7 @@ class SQLiteStore:
             clauses.append("seq < ?")
             params.append(decode_cursor(cursor))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT {TASK_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT ?"
+        sql = f"SELECT {_LISTED_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT ?"
         params.append(limit + 1)
 
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
