@@ -115,6 +115,7 @@ class Limits(BaseModel):
     max_priority: int = 1_000_000
     min_priority: int = -1_000_000
     max_input_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_page_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
 
 
 class DispatchSettings(BaseModel):

@@ -5,8 +5,10 @@ by both for the same reason, each in its own shape (REST: 422 ``{"error": code, 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 from api_helpers import assert_error_shape, seed_body
 
 from comfyfleet.config import Limits, PoolConfig
+from comfyfleet.domain.graph import UI_FORMAT_HELP
 from comfyfleet.store import Store
 
 MakeClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -126,3 +129,49 @@ async def test_the_gateway_queue_length_is_fresh_after_a_submission_through_eith
     assert await queue_remaining() == 2
     assert (await client.delete(f"/api/v1/tasks/{created.json()['id']}")).status_code == 200
     assert await queue_remaining() == 1
+
+
+UI_FORMAT_WORKFLOW: dict[str, Any] = json.loads(
+    (Path(__file__).parents[1] / "usage" / "data" / "ui_format_workflow.json").read_text()
+)
+
+
+async def test_a_ui_format_workflow_is_refused_by_both_front_doors_with_the_export_help(
+    client: httpx.AsyncClient, api_store: Store
+) -> None:
+    rest, comfy = await both_refuse(client, UI_FORMAT_WORKFLOW)
+    assert rest["error"] == comfy["error"]["type"] == "workflow_format_ui"
+    assert rest["message"] == comfy["error"]["message"]
+    assert UI_FORMAT_HELP in rest["message"]
+    assert rest["details"]["errors"][0]["loc"] == ["body", "payload"]
+    assert comfy["error"]["details"] == "prompt"
+    # The exported file posted as it is, without its wrapper: the same answer, about the whole body.
+    bare_rest = assert_error_shape(await client.post("/api/v1/tasks", json=UI_FORMAT_WORKFLOW), 422)
+    assert bare_rest["error"] == "workflow_format_ui"
+    assert bare_rest["details"]["errors"][0]["loc"] == ["body"]
+    bare_comfy = await client.post("/prompt", json=UI_FORMAT_WORKFLOW)
+    assert bare_comfy.status_code == 400
+    assert bare_comfy.json()["error"]["type"] == "workflow_format_ui"
+    assert UI_FORMAT_HELP in bare_comfy.json()["error"]["message"]
+    assert (await api_store.queue_metrics()).pending_tasks == 0
+
+
+async def test_a_bare_graph_as_the_body_is_told_to_wrap_it(
+    client: httpx.AsyncClient, api_store: Store
+) -> None:
+    graph = seed_body()["payload"]
+    rest = assert_error_shape(await client.post("/api/v1/tasks", json=graph), 422, "payload_not_wrapped")
+    assert '{"payload": <the graph>}' in rest["message"]
+    assert rest["details"]["errors"] == [
+        {"loc": ["body"], "message": "a bare workflow graph", "type": "payload_not_wrapped"}
+    ]
+    comfy = await client.post("/prompt", json=graph)
+    assert comfy.status_code == 400
+    assert comfy.json()["error"]["type"] == "no_prompt"  # ComfyUI's own type, with a hint
+    assert '{"prompt": <the graph>}' in comfy.json()["error"]["details"]
+    # Something that is neither a graph nor a task keeps the usual field-by-field answer.
+    other = assert_error_shape(
+        await client.post("/api/v1/tasks", json={"priority": 1}), 422, "validation_error"
+    )
+    assert other["details"]["errors"][0]["loc"] == ["body", "payload"]
+    assert (await api_store.queue_metrics()).pending_tasks == 0

@@ -122,7 +122,7 @@ async def test_cancel_and_priority_refusals(service: TaskService, sqlite_store: 
         await service.change_priority(ChangePriority(task.id, 1, tenant=None))
 
     running = (await service.submit(command())).task
-    [claimed] = await sqlite_store.claim("test-dispatcher", 30.0)
+    [claimed] = await sqlite_store.claim_ids("test-dispatcher", 30.0, [running.id])
     assert claimed.id == running.id
     async with sqlite_store.listen() as notifications:
         stopping = await service.cancel(CancelTask(running.id, tenant=None))

@@ -125,6 +125,7 @@ INVALID_NAMES = [
     "tab\t.png",
     "é" * 121,  # 242 bytes in UTF-8
     "\udcff.png",  # not encodable as UTF-8
+    "image.png.content-type",  # the local store's sidecar of image.png: reserved in every backend
 ]
 
 

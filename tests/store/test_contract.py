@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import re
 import uuid
@@ -20,6 +21,7 @@ from comfyfleet.store import (
     StaleLease,
     Store,
     StoreUnavailable,
+    cursor_after,
     open_store,
 )
 
@@ -501,6 +503,32 @@ async def test_list_tasks_pages_newest_first_with_filters(store: Store) -> None:
         await store.list_tasks(cursor="not-a-cursor")
     with pytest.raises(InvalidArgument):
         await store.list_tasks(limit=0)
+
+
+async def test_lists_leave_out_payloads_and_input_bytes(store: Store) -> None:
+    data = base64.b64encode(b"\x89PNG" + bytes(range(256)) * 40).decode()  # 10,244 bytes, one "=" of padding
+    inputs = [
+        {"name": "a.png", "data": data},
+        {"name": "b.png", "url": "https://example.com/b.png", "sha256": "ab" * 32},
+        {"name": "c.bin", "data": base64.b64encode(b"xy").decode()},  # "eHk=": 2 bytes
+    ]
+    payload = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png", "text": "é" * 1000}}}
+    task, _ = await store.create_task(NewTask(payload=payload, inputs=inputs, tenant="t", metadata={"k": 1}))
+    await store.create_task(NewTask(payload=payload, tenant="t"))  # no inputs at all
+    summaries = [
+        {"name": "a.png", "size": 10_244},
+        {"name": "b.png", "url": "https://example.com/b.png", "sha256": "ab" * 32},
+        {"name": "c.bin", "size": 2},
+    ]
+    listed = await store.list_tasks(tenant="t")
+    assert [entry.payload for entry in listed.tasks] == [{}, {}]
+    assert [entry.inputs for entry in listed.tasks] == [None, summaries]
+    assert listed.tasks[1].metadata == {"k": 1}
+    whole = await store.get_task(task.id)  # the task itself keeps both
+    assert (whole.payload, whole.inputs) == (payload, inputs)
+    # A page cut short by its reader goes on after any task of it.
+    rest = await store.list_tasks(tenant="t", limit=5, cursor=cursor_after(listed.tasks[0]))
+    assert [entry.id for entry in rest.tasks] == [task.id]
 
 
 async def test_queue_metrics_and_counts(store: Store) -> None:

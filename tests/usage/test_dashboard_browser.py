@@ -89,10 +89,12 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(
         await page.locator(f"#task-{doomed.id} button.cancel").click()
         await expect(page.locator(f"#task-{doomed.id} .badge.status")).to_have_text("cancelled")
         assert (await client.get(doomed.id)).status == "cancelled"
+        await expect(page.locator(f"#task-{doomed.id} button.cancel")).to_have_count(0)  # nothing to cancel
 
         # The waiting task runs and completes, live, without a reload.
         await expect(third_row.locator(".badge.status")).to_have_text("running", timeout=15_000)
         await expect(third_row.locator(".badge.status")).to_have_text("completed", timeout=15_000)
+        await expect(third_row.locator("button.cancel")).to_have_count(0)
         await expect(page.locator("#q-completed")).to_have_text("3", timeout=5_000)
         await page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
 
@@ -103,6 +105,7 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(
         await page.wait_for_function(
             "() => { const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth === 512; }"
         )
+        await expect(page.locator("#cancel")).to_have_count(0)
         await page.screenshot(path=str(ARTIFACTS / "dashboard-task.png"), full_page=True)
 
         # A running task's page: its progress moves live and its Cancel button stops it on the worker.
@@ -112,6 +115,7 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(
         await expect(page.locator("#progress")).to_contain_text("KSampler", timeout=10_000)
         await page.locator("#cancel").click()
         await expect(page.locator("#status")).to_have_text("cancelled", timeout=15_000)
+        await expect(page.locator("#cancel")).to_have_count(0)  # a finished task's page has no Cancel
         await page.screenshot(path=str(ARTIFACTS / "dashboard-cancelled.png"), full_page=True)
         assert (await client.get(slow.id)).status == "cancelled"
         assert (await client.get(first.id)).status == "completed"

@@ -1,12 +1,18 @@
-"""The dashboard's pages without a browser: server rendering, sign-in with an API key, and the cookie's
-CSRF guard on the API."""
+"""The dashboard's pages without a browser: server rendering, sign-in with an API key, the cookie's CSRF
+guard on the API, and how a retried or finished task is shown."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from usage_helpers import running_fleet, tiny_workflow
+
+from comfyfleet.config import Settings
+from comfyfleet.domain import NewTask, Task
+from comfyfleet.runtime import create_app
+from comfyfleet.store import Lease, Store
 
 
 async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:
@@ -72,3 +78,52 @@ async def test_open_access_renders_without_sign_in(tmp_path: Path) -> None:
         assert task["id"] in page.text
         assert "default" in page.text  # the worker's pool
         assert 'name="key"' not in page.text
+
+
+async def test_a_retried_task_shows_its_previous_error_as_such_and_finished_tasks_no_cancel(
+    sqlite_store: Store,
+) -> None:
+    store = sqlite_store
+    retried, _ = await store.create_task(NewTask(payload=tiny_workflow(), workflow_id="retried"))
+    done, _ = await store.create_task(NewTask(payload=tiny_workflow(), workflow_id="done"))
+    [first] = await store.claim_ids("d", 60.0, [retried.id])
+    await store.retry_task(_lease(first), datetime.now(UTC), "the worker went away", "worker_lost")
+    [finished] = await store.claim_ids("d", 60.0, [done.id])
+    await store.complete_task(_lease(finished), {"outputs": []})
+    app = create_app(Settings(store=store.url), store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as browser:
+        for state in ("pending", "running"):
+            if state == "running":
+                await store.claim_ids("d", 60.0, [retried.id])
+            page = (await browser.get(f"/tasks/{retried.id}")).text
+            assert 'id="status">' + state in page
+            assert "<h2>Error</h2>" not in page
+            assert 'class="error"' not in page
+            assert "Previous attempt" in page
+            assert "the worker went away" in page
+            assert 'id="cancel"' in page
+            row = _row(await browser.get("/"), retried.id)
+            assert "previous attempt: the worker went away" in row
+            assert "Cancel" in row
+        page = (await browser.get(f"/tasks/{done.id}")).text
+        assert 'id="status">completed' in page
+        assert 'id="cancel"' not in page  # nothing left to cancel
+        assert "Cancel" not in _row(await browser.get("/"), done.id)
+        # Once the retried task fails for good, its error is the task's own.
+        [again] = await store.running_tasks()
+        await store.fail_task(_lease(again), "out of memory", "out_of_memory")
+        page = (await browser.get(f"/tasks/{retried.id}")).text
+        assert "<h2>Error</h2>" in page
+        assert "Previous attempt" not in page
+        assert 'id="cancel"' not in page
+
+
+def _lease(task: Task) -> Lease:
+    assert task.lease_owner is not None
+    return Lease(task.id, task.attempt, task.lease_owner)
+
+
+def _row(page: httpx.Response, task_id: str) -> str:
+    """The overview's table row of one task."""
+    start = page.text.index(f'<tr id="task-{task_id}"')
+    return page.text[start : page.text.index("</tr>", start)]

@@ -72,6 +72,10 @@ async def test_async_client_submits_follows_waits_and_downloads(tmp_path: Path) 
         page = await client.list_tasks(status="completed", limit=10)
         assert [listed.id for listed in page.tasks] == [task.id]
         assert page.next_cursor is None
+        assert page.tasks[0].payload is None  # lists leave the graph out unless asked
+        assert (await client.get(task.id)).payload == seed_workflow()
+        with_graph = await client.list_tasks(status="completed", include_payload=True)
+        assert with_graph.tasks[0].payload == seed_workflow()
         assert (await client.queue_metrics())["completed_tasks"] == 1
 
         # Typed errors, one per decision.

@@ -43,12 +43,20 @@ def rest_error(exc: TaskCommandError) -> tuple[int, str, str, dict[str, Any] | N
     if exc.problems:
         details = {
             "errors": [
-                {"loc": ["body", *problem.location], "message": problem.message, "type": problem.type}
+                {"loc": _loc(problem.location), "message": problem.message, "type": problem.type}
                 | dict(problem.extra)
                 for problem in exc.problems
             ]
         }
     return status, _CODES.get(exc.code, exc.code), message, details
+
+
+def _loc(location: tuple[str | int, ...]) -> list[str | int]:
+    """Where a problem of the command sits in the request: the body's fields, or the header the idempotency
+    key came in."""
+    if location[:1] == ("idempotency",):
+        return ["header", "Idempotency-Key", *location[1:]]
+    return ["body", *location]
 
 
 def _task_command_error(_request: Request, exc: Exception) -> Response:

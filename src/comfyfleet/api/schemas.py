@@ -10,9 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
-from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth
+from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth, looks_like_api_graph
+from comfyfleet.http.errors import InvalidInput
+from comfyfleet.tasks.checks import check_api_format
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
@@ -114,6 +116,22 @@ class TaskSubmission(BaseModel):
         default=None, description="Free-form data kept with the task and returned as is."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_workflow_sent_as_the_whole_body(cls, data: Any) -> Any:
+        # Newcomers post the exported file itself: say what to do instead of listing every node id as an
+        # unknown field. (Raised as the task service's and the API's own errors, which pydantic lets through.)
+        if isinstance(data, dict) and "payload" not in data:
+            check_api_format(data, location=())
+            if looks_like_api_graph(data):
+                raise InvalidInput(
+                    'the body is a workflow graph: wrap it as {"payload": <the graph>}, with the task\'s '
+                    "other fields (priority, workflow_id…) beside it",
+                    [{"loc": ["body"], "message": "a bare workflow graph", "type": "payload_not_wrapped"}],
+                    error="payload_not_wrapped",
+                )
+        return data
+
     @field_validator("webhook", mode="before")
     @classmethod
     def _webhook_url_shorthand(cls, value: Any) -> Any:
@@ -200,8 +218,20 @@ class TaskOut(BaseModel):
     )
 
 
+class TaskListItemOut(TaskOut):
+    """A task in a list: as :class:`TaskOut`, its ``payload`` only when asked for."""
+
+    payload: dict[str, Any] | None = Field(  # type: ignore[assignment]
+        default=None,
+        description="Only with ?include=payload: lists leave each task's workflow graph out unless asked.",
+    )
+
+
 class TaskListOut(BaseModel):
-    tasks: list[TaskOut]
+    tasks: list[TaskListItemOut] = Field(
+        description="Newest first; at most `limit` of them, and at most `limits.max_page_bytes` of JSON (a page "
+        "cut short by that budget has a next_cursor)."
+    )
     count: int = Field(description="Number of tasks in this page.")
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
 

@@ -113,6 +113,34 @@ def is_link(value: object) -> bool:
     return looks_like_link(value) and output_index(value[1]) is not None  # type: ignore[index]
 
 
+UI_FORMAT_HELP: Final = (
+    "comfyfleet runs workflows in ComfyUI's API format. Export that format from ComfyUI: in the new "
+    'interface, use the menu Workflow → Export (API); in the old interface, turn on "Enable Dev mode '
+    'Options" in the settings (gear icon) and use "Save (API Format)". Then submit the exported file.'
+)
+"""How to get the API format from ComfyUI, for everyone who meets a UI-format workflow (server and CLI)."""
+
+
+def is_ui_format(value: object) -> bool:
+    """Whether ``value`` is a workflow saved in ComfyUI's UI format (top-level ``nodes`` and ``links``
+    lists, what "Save" writes) rather than the API format comfyfleet runs."""
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("nodes"), list)
+        and isinstance(value.get("links"), list)
+    )
+
+
+def looks_like_api_graph(value: object) -> bool:
+    """Whether ``value`` looks like an API-format graph: a non-empty object whose entries are all nodes with
+    a ``class_type`` (to tell a graph sent where a wrapper was expected)."""
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(node, Mapping) and "class_type" in node for node in value.values())
+    )
+
+
 def _entries(graph: Mapping[Any, Any]) -> Iterator[tuple[str, object]]:
     # Node ids are strings on the wire; a Python caller's other keys are read as their str.
     for node_id, node in graph.items():

@@ -45,6 +45,10 @@ async def json_body(request: Request) -> Any:
         raise PromptRejected(
             shapes.prompt_error("invalid_json", f"The request body is not valid JSON: {exc}", "")
         ) from exc
+    except RecursionError as exc:  # Python's JSON reader recurses once per level of nesting
+        raise PromptRejected(
+            shapes.prompt_error("invalid_json", "The request body is nested too deeply to be read", "")
+        ) from exc
 
 
 def rejected(exc: PromptRejected) -> Response:

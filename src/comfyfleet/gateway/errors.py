@@ -31,6 +31,8 @@ _WIRE_FIELDS = {
     "priority": "extra_data.comfyfleet.priority",
     "pool": "extra_data.comfyfleet.pool",
     "inputs": "prompt (uploaded files)",
+    "workflow_id": "extra_data.extra_pnginfo.workflow.id",
+    "idempotency": "prompt_id",
 }
 
 
@@ -48,13 +50,21 @@ def comfyui_rejection(exc: TaskCommandError, graph: Mapping[str, Any]) -> Prompt
         if exc.problems and exc.problems[0].type == GraphErrorType.TOO_MANY_NODES:
             return PromptRejected(shapes.prompt_error("prompt_too_large", exc.problems[0].message))
         return PromptRejected(shapes.structural_errors_body(graph, exc.problems))
-    return PromptRejected(
-        shapes.prompt_error(_TYPES.get(exc.code, exc.code), exc.message, _where(exc.problems))
-    )
+    where = _where(exc.problems)
+    message = exc.message
+    if exc.code == "invalid_text" and exc.problems:
+        message = f"{where} {exc.problems[0].message}"  # named as the request names it, not as the command
+    return PromptRejected(shapes.prompt_error(_TYPES.get(exc.code, exc.code), message, where))
 
 
 def _where(problems: tuple[Problem, ...]) -> str:
+    """The first problem's place in the ``POST /prompt`` body (``prompt.3.inputs.text``)."""
     if not problems or not problems[0].location:
         return ""
-    field = str(problems[0].location[0])
-    return _WIRE_FIELDS.get(field, field)
+    field, *rest = (str(part) for part in problems[0].location)
+    if field == "metadata" and rest[:1] == [shapes.METADATA_KEY]:
+        # The gateway keeps a prompt's client_id and extra_data under the task's metadata["comfyui"].
+        field, rest = rest[1] if len(rest) > 1 else "extra_data", rest[2:]
+    elif field not in ("payload", "metadata"):
+        rest = []
+    return ".".join([_WIRE_FIELDS.get(field, field), *rest])

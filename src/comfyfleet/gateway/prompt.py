@@ -8,17 +8,18 @@ an integer priority and a string pool in ``extra_data.comfyfleet``); what any su
 from __future__ import annotations
 
 import base64
-import copy
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from comfyfleet.comfy.workflow import INPUT_FILE_NODES
 from comfyfleet.config import Limits
+from comfyfleet.domain.graph import looks_like_api_graph
 from comfyfleet.gateway import shapes
-from comfyfleet.gateway.errors import PromptRejected
+from comfyfleet.gateway.errors import PromptRejected, comfyui_rejection
 from comfyfleet.gateway.uploads import UploadStore, split_reference, strip_annotation
-from comfyfleet.tasks import GraphCheck, Idempotency, OnReuse, SubmitTask
+from comfyfleet.tasks import GraphCheck, Idempotency, OnReuse, Rejected, SubmitTask
+from comfyfleet.tasks.checks import check_api_format
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._\- ]")
 
@@ -80,7 +81,17 @@ def parse_prompt(body: Any, limits: Limits) -> PromptRequest:
     if not isinstance(body, dict):
         raise _refuse("invalid_prompt", "The request body must be a JSON object")
     if "prompt" not in body:
-        raise _refuse("no_prompt", "No prompt provided")
+        # A workflow file posted as it is: say what ComfyUI would not (its type stays ComfyUI's no_prompt).
+        try:
+            check_api_format(body, location=())
+        except Rejected as exc:
+            raise comfyui_rejection(exc, {}) from None
+        hint = (
+            'the body is a workflow graph: send it as {"prompt": <the graph>}'
+            if looks_like_api_graph(body)
+            else ""
+        )
+        raise _refuse("no_prompt", "No prompt provided", hint)
     graph = body["prompt"]
     if not isinstance(graph, dict) or not graph:
         raise _refuse(
@@ -121,11 +132,22 @@ def parse_prompt(body: Any, limits: Limits) -> PromptRequest:
 
 
 def graph_to_run(request: PromptRequest) -> dict[str, Any]:
-    """A copy of the prompt's graph, pruned to its ``partial_execution_targets`` when it names some."""
-    graph = copy.deepcopy(request.graph)
+    """A copy of the prompt's graph, pruned to its ``partial_execution_targets`` when it names some. Only the
+    nodes and their ``inputs`` are copied (what attaching uploads changes): a deep copy would recurse once per
+    level of a value's nesting, before the task service could refuse a value nested too deeply."""
+    graph = {node_id: _node_copy(node) for node_id, node in request.graph.items()}
     if request.targets:
         graph = shapes.prune_to_targets(graph, [str(target) for target in request.targets])
     return graph
+
+
+def _node_copy(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    copied = dict(node)
+    if isinstance(node.get("inputs"), dict):
+        copied["inputs"] = dict(node["inputs"])
+    return copied
 
 
 async def attach_uploads(

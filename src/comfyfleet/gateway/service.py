@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 from comfyfleet.domain import Task, TaskStatus
@@ -16,6 +17,7 @@ from comfyfleet.gateway.errors import comfyui_rejection
 from comfyfleet.gateway.prompt import attach_uploads, graph_to_run, parse_prompt
 from comfyfleet.gateway.uploads import UploadStore
 from comfyfleet.http.auth import Principal
+from comfyfleet.http.pages import ByteBudget
 from comfyfleet.http.services import Services
 from comfyfleet.store import NotFound, StoreError
 from comfyfleet.tasks import CancelTask, Submitted, TaskCommandError, TaskNotFound, TaskStateConflict
@@ -25,7 +27,9 @@ logger = logging.getLogger(__name__)
 _OWNER_CACHE_SIZE = 10_000
 # Every socket's status frame reads the queue length; one read per tenant this often serves them all.
 _QUEUE_REMAINING_TTL_S = 0.25
-_PAGE = 500
+# Tasks read at once by a listing, without payloads (a gateway task's metadata still holds the prompt's
+# extra_data, with the UI workflow ComfyUI's frontend sends along).
+_PAGE = 100
 
 
 class Gateway:
@@ -113,12 +117,12 @@ class Gateway:
             logger.info("gateway_prompt_queued task_id=%s client_id=%s", submitted.task.id, request.client_id)
         return submitted
 
-    async def cancel(self, tasks: list[Task], principal: Principal) -> None:
+    async def cancel(self, task_ids: Iterable[str], principal: Principal) -> None:
         """Cancel these tasks of the caller (ComfyUI's queue deletions and interrupts); a task that ended or
         vanished meanwhile is left alone, as ComfyUI ignores an id it no longer has."""
-        for task in tasks:
+        for task_id in task_ids:
             try:
-                await self.services.tasks.cancel(CancelTask(task.id, principal.visible_tenant))
+                await self.services.tasks.cancel(CancelTask(task_id, principal.visible_tenant))
             except (TaskNotFound, TaskStateConflict):
                 continue
 
@@ -132,19 +136,40 @@ class Gateway:
         except NotFound:
             return None
 
-    async def tasks(self, principal: Principal, statuses: list[TaskStatus], cap: int) -> list[Task]:
-        """Up to ``cap`` of the caller's tasks in ``statuses``, newest first."""
-        found: list[Task] = []
+    async def iter_tasks(
+        self, principal: Principal, statuses: list[TaskStatus], cap: int
+    ) -> AsyncGenerator[Task, None]:
+        """Up to ``cap`` of the caller's tasks in ``statuses``, newest first, as lists read them (without their
+        payloads), a page at a time."""
         cursor = None
-        while len(found) < cap:
+        seen = 0
+        while seen < cap:
             page = await self.store.list_tasks(
                 tenant=principal.visible_tenant,
                 statuses=statuses,
-                limit=min(_PAGE, cap - len(found)),
+                limit=min(_PAGE, cap - seen),
                 cursor=cursor,
             )
-            found.extend(page.tasks)
+            for task in page.tasks:
+                yield task
+            seen += len(page.tasks)
             cursor = page.next_cursor
             if cursor is None:
+                return
+
+    async def encoded(
+        self, task_ids: Iterable[str], encode: Callable[[Task], bytes], budget: ByteBudget
+    ) -> list[tuple[str, bytes]]:
+        """``(task id, encode(task))`` for these tasks, each read whole (with its payload) one at a time, in
+        order, until the next would take the answer past ``budget``; a task gone meanwhile is skipped."""
+        pieces = []
+        for task_id in task_ids:
+            try:
+                task = await self.store.get_task(task_id)
+            except NotFound:
+                continue
+            piece = encode(task)
+            if not budget.take(piece):
                 break
-        return found
+            pieces.append((task_id, piece))
+        return pieces

@@ -114,7 +114,7 @@ class ComfySocket:
                 text = message.get("text")
                 if first and text:
                     # ComfyUI answers only a first frame announcing feature flags; it ignores the rest.
-                    with contextlib.suppress(ValueError, AttributeError):
+                    with contextlib.suppress(ValueError, AttributeError, RecursionError):
                         frame = json.loads(text)
                         if frame.get("type") == "feature_flags":
                             await self.send("feature_flags", {"supports_preview_metadata": False})

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
-from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputStore
+from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputStore, check_name
 
 MAX_NAME_LENGTH = 180  # the stored name is percent-encoded and must stay under file-system limits
 _ANNOTATION = re.compile(r"\s*\[(input|output|temp)\]$")
@@ -75,10 +75,18 @@ class UploadStore:
 
     @staticmethod
     def _key(subfolder: str, name: str) -> str:
-        key = quote(f"{subfolder}/{name}", safe="")
+        """The stored name of ``subfolder/name`` (percent-encoded); :class:`UploadError` for a name the
+        output storage cannot keep."""
+        try:
+            key = quote(f"{subfolder}/{name}", safe="")
+        except UnicodeEncodeError:  # a lone surrogate: not text, not a file name
+            raise UploadError(f"invalid file name {name[:100]!r}") from None
         if len(key) > MAX_NAME_LENGTH:
             raise UploadError(f"file name {name[:60]!r}… is too long")
-        return key
+        try:
+            return check_name(key)
+        except InvalidOutputName:
+            raise UploadError(f"invalid file name {name[:100]!r}") from None
 
     async def _digest(self, tenant: str, key: str) -> str | None:
         hasher = hashlib.sha256()

@@ -5,7 +5,8 @@
 - ``services``: the typed :class:`Services` the composition root builds, ``deps`` the dependencies that
   hand them to routes;
 - ``auth``: API keys and the caller (:class:`Principal`); ``errors``: the error shape and its handlers;
-- ``wire``: the JSON form of a task, shared by every front door and the webhooks.
+- ``wire``: the JSON form of a task, shared by every front door and the webhooks;
+- ``pages``: the byte budget that keeps an answer listing many tasks bounded.
 
 The parts of the edge import this package and never each other; ``comfyfleet.runtime`` mounts them.
 """

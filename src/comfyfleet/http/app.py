@@ -7,11 +7,13 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfyfleet.http.errors import RequestTooLarge, error_body, install_error_handlers
+from comfyfleet.http.errors import ApiError, InvalidInput, RequestTooLarge, error_body, install_error_handlers
 from comfyfleet.http.responses import JSONBody
 from comfyfleet.http.services import Services
+from comfyfleet.tasks.checks import TEXT_PROBLEMS, shown, text_problem
 
 try:
     __version__ = version("comfyfleet")
@@ -27,6 +29,45 @@ class ServiceApp(FastAPI):
         self.services = services
         install_error_handlers(self)
         self.add_middleware(BodyLimitMiddleware, max_body_bytes=services.settings.limits.max_body_bytes)
+        self.add_middleware(UnstorableTextMiddleware)
+
+
+class UnstorableTextMiddleware:
+    """Refuse a request whose query parameters hold text no store can keep (a NUL character) with 422
+    ``invalid_text`` naming the parameter, and a path holding one with 404 (nothing is named so), before a
+    route hands it to the store (PostgreSQL would refuse it as if it were down). Bodies are the task service's
+    business (``tasks.checks``); percent-decoding turns undecodable bytes into U+FFFD, so a lone surrogate
+    cannot come in through a URL."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self._refusal(scope)
+            if error is not None:
+                await _send_error(send, error)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _refusal(scope: Scope) -> ApiError | None:
+        if text_problem(scope["path"]) is not None:
+            return ApiError(404, "not_found", f"no route {shown(scope['path'])[:200]}")
+        for name, value in QueryParams(scope["query_string"]).multi_items():
+            kind = text_problem(name) or text_problem(value)
+            if kind is not None:
+                problem = TEXT_PROBLEMS[kind]
+                errors = [{"loc": ["query", shown(name)], "message": problem, "type": kind}]
+                return InvalidInput(f"query parameter {shown(name)!r} {problem}", errors, "invalid_text")
+        return None
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    body = error_body(error.status, error.error, error.message, error.details)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -93,19 +134,7 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        error = RequestTooLarge(self.max_body_bytes)
-        body = error_body(error.status, error.error, error.message, error.details)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": error.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    # No "Connection: close": closing with the client's unread body in our receive buffer makes
-                    # the kernel reset the connection, and the client may lose this answer. The HTTP server
-                    # discards the rest of the body (it knows where it ends) and keeps the connection.
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        # No "Connection: close": closing with the client's unread body in our receive buffer makes the
+        # kernel reset the connection, and the client may lose this answer. The HTTP server discards the
+        # rest of the body (it knows where it ends) and keeps the connection.
+        await _send_error(send, RequestTooLarge(self.max_body_bytes))

@@ -232,7 +232,10 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     code = _HTTP_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     headers = dict(exc.headers) if exc.headers else None
     if status == 400 and exc.detail == "There was an error parsing the body":
-        # FastAPI's answer when the body is not even text (e.g. not UTF-8): still a JSON problem to the client.
+        # FastAPI's answer when the body is not even text (e.g. not UTF-8), or nests deeper than Python's
+        # JSON reader recurses: still a JSON problem to the client.
+        if isinstance(exc.__cause__, RecursionError):
+            return error_response(400, "invalid_json", "the request body is nested too deeply to be read")
         return error_response(
             400, "invalid_json", "the request body is not valid JSON (it must be UTF-8 encoded JSON)"
         )

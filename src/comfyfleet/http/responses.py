@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic_core import to_json
+from pydantic_core import PydanticSerializationError, to_json, to_jsonable_python
 from starlette.responses import Response
 
 
+def json_bytes(content: Any) -> bytes:
+    """``content`` as JSON, rendered by pydantic-core (datetimes as RFC 3339, ``Z`` for UTC; fast).
+
+    A lone UTF-16 surrogate has no UTF-8 form, so pydantic-core refuses it; the task service refuses such
+    text at the door, but a record stored before that check must not make every answer that holds it fail:
+    it is then written with ``\\ud800`` escapes, as JSON allows.
+    """
+    try:
+        return to_json(content)
+    except PydanticSerializationError:
+        return json.dumps(to_jsonable_python(content), separators=(",", ":")).encode("ascii")
+
+
 class JSONBody(Response):
-    """JSON rendered by pydantic-core: handles datetimes (RFC 3339, ``Z`` for UTC) and is fast."""
+    """JSON rendered by :func:`json_bytes`."""
 
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return to_json(content)
+        return json_bytes(content)

@@ -43,10 +43,14 @@ def _redacted_webhook(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def task_json(
-    task: Task, queue_position: int | None = None, estimated_start_s: float | None = None
+    task: Task,
+    queue_position: int | None = None,
+    estimated_start_s: float | None = None,
+    *,
+    include_payload: bool = True,
 ) -> dict[str, Any]:
-    """The wire form of a task (see :class:`TaskOut`)."""
-    return {
+    """The wire form of a task (see :class:`TaskOut`); lists leave the ``payload`` out unless asked."""
+    body = {
         "id": task.id,
         "workflow_id": task.workflow_id,
         "priority": task.priority,
@@ -80,6 +84,9 @@ def task_json(
         "queue_position": queue_position,
         "estimated_start_s": estimated_start_s,
     }
+    if not include_payload:
+        del body["payload"]
+    return body
 
 
 def queue_metrics_json(metrics: QueueMetrics) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from comfyfleet.outputs.base import (
     OutputStore,
     OutputsUnavailable,
     StoredOutput,
+    check_name,
 )
 
 # scheme -> "module:Class", imported only when chosen so boto3 loads only for S3.
@@ -113,5 +114,6 @@ __all__ = [
     "OutputsError",
     "OutputsUnavailable",
     "StoredOutput",
+    "check_name",
     "open_outputs",
 ]

@@ -30,6 +30,9 @@ class OutputsUnavailable(OutputsError):
 # Most file systems cap a name at 255 bytes, and the local store adds up to 13 to name its sidecar files;
 # every backend accepts the same names, so none stores a file another could not.
 MAX_NAME_BYTES = 240
+# The local store keeps each file's content type beside it, in "<name>.content-type": no output may take
+# such a name (in any backend, so names mean the same everywhere).
+RESERVED_SUFFIX = ".content-type"
 _CONTROL_CHARACTERS = frozenset(map(chr, [*range(0x20), 0x7F]))
 
 
@@ -37,7 +40,8 @@ def check_name(part: str) -> str:
     """``part`` (a task id or a file name) if it is one plain path segment, else :class:`InvalidOutputName`.
 
     No separators, ``.``/``..`` or NUL, so a name never reaches another task's files; no control characters
-    (S3 listings are XML, which cannot carry most of them); valid UTF-8 of at most ``MAX_NAME_BYTES``."""
+    (S3 listings are XML, which cannot carry most of them); valid UTF-8 of at most ``MAX_NAME_BYTES``; not
+    ending in ``RESERVED_SUFFIX``."""
     try:
         encoded = part.encode("utf-8")
     except UnicodeEncodeError:
@@ -49,6 +53,7 @@ def check_name(part: str) -> str:
         or "/" in part
         or "\\" in part
         or not _CONTROL_CHARACTERS.isdisjoint(part)
+        or part.endswith(RESERVED_SUFFIX)
     ):
         raise InvalidOutputName(f"invalid output name {part[:300]!r}")
     return part

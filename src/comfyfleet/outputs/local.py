@@ -8,14 +8,15 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from comfyfleet.outputs.base import InvalidOutputName, OutputNotFound, StoredOutput, check_name
+from comfyfleet.outputs.base import RESERVED_SUFFIX, OutputNotFound, StoredOutput, check_name
 
 _CHUNK = 256 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 def _content_type_sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".content-type")
+    # check_name keeps this suffix out of every output's name, so a sidecar never meets a file.
+    return path.with_name(path.name + RESERVED_SUFFIX)
 
 
 class LocalOutputStore:
@@ -25,9 +26,6 @@ class LocalOutputStore:
     def _path(self, task_id: str, name: str) -> Path:
         check_name(task_id)
         check_name(name)
-        # Reserved for the sidecars that keep each file's content type.
-        if name.endswith(".content-type"):
-            raise InvalidOutputName(f"invalid output name {name!r}")
         return self.root / task_id / name
 
     async def put(

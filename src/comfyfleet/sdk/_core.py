@@ -161,9 +161,15 @@ def submission(
 
 
 def list_params(
-    status: str | Sequence[str] | None, workflow_id: str | None, limit: int, cursor: str | None
+    status: str | Sequence[str] | None,
+    workflow_id: str | None,
+    limit: int,
+    cursor: str | None,
+    include_payload: bool = False,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": limit}
+    if include_payload:
+        params["include"] = "payload"
     if status:
         params["status"] = status if isinstance(status, str) else ",".join(status)
     if workflow_id:

@@ -125,9 +125,12 @@ class AsyncClient:
         workflow_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        include_payload: bool = False,
     ) -> TaskPage:
-        """One page of tasks, newest first; pass ``page.next_cursor`` for the next one."""
-        params = _core.list_params(status, workflow_id, limit, cursor)
+        """One page of tasks, newest first; pass ``page.next_cursor`` for the next one. Tasks come without
+        their workflow graph (``task.payload`` is None) unless ``include_payload``; a page may then hold fewer
+        than ``limit`` tasks (the server's byte budget per answer), with a ``next_cursor`` to go on."""
+        params = _core.list_params(status, workflow_id, limit, cursor, include_payload)
         return _core.task_page(await self._call("GET", "/api/v1/tasks", params=params))
 
     async def cancel(self, task_id: str) -> Task:
@@ -364,9 +367,12 @@ class Client:
         workflow_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        include_payload: bool = False,
     ) -> TaskPage:
-        """One page of tasks, newest first; pass ``page.next_cursor`` for the next one."""
-        params = _core.list_params(status, workflow_id, limit, cursor)
+        """One page of tasks, newest first; pass ``page.next_cursor`` for the next one. Tasks come without
+        their workflow graph (``task.payload`` is None) unless ``include_payload``; a page may then hold fewer
+        than ``limit`` tasks (the server's byte budget per answer), with a ``next_cursor`` to go on."""
+        params = _core.list_params(status, workflow_id, limit, cursor, include_payload)
         return _core.task_page(self._call("GET", "/api/v1/tasks", params=params))
 
     def cancel(self, task_id: str) -> Task:

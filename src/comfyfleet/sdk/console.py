@@ -29,6 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from comfyfleet.domain.graph import UI_FORMAT_HELP, is_ui_format
 from comfyfleet.humanize import ago
 from comfyfleet.sdk._core import client_config_path
 from comfyfleet.sdk.client import Client
@@ -52,12 +53,6 @@ EXIT_INTERRUPTED = 130
 
 # From this width on, list tables show every column; narrower terminals (80 columns) get the essential ones.
 WIDE_TABLE_COLUMNS = 120
-
-UI_FORMAT_HELP = (
-    "comfyfleet runs workflows in ComfyUI's API format. Export that format from ComfyUI: in the new "
-    'interface, use the menu Workflow → Export (API); in the old interface, turn on "Enable Dev mode '
-    'Options" in the settings (gear icon) and use "Save (API Format)". Then submit the exported file.'
-)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -165,7 +160,7 @@ def load_workflow(path: Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         _fail(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", EXIT_USAGE)
-    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list):
+    if is_ui_format(data):
         _fail(
             f'{path} is a workflow saved in ComfyUI\'s UI format (it has top-level "nodes" and "links"), '
             "not the API format.",

@@ -100,6 +100,12 @@ class Task:
         return self.status == "completed"
 
     @property
+    def payload(self) -> dict[str, Any] | None:
+        """The workflow graph; None in a list fetched without ``include_payload``."""
+        payload = self.raw.get("payload")
+        return payload if isinstance(payload, dict) else None
+
+    @property
     def result(self) -> dict[str, Any] | None:
         result = self.raw.get("result")
         return result if isinstance(result, dict) else None

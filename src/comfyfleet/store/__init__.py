@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from comfyfleet.store._common import cursor_after
 from comfyfleet.store.base import (
     Conflict,
     Coordination,
@@ -76,5 +77,6 @@ __all__ = [
     "WebhookDelivery",
     "WebhookOutbox",
     "WorkerRecords",
+    "cursor_after",
     "open_store",
 ]

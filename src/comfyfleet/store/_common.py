@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+from comfyfleet.domain import Task
 from comfyfleet.store.base import Conflict, InvalidArgument, Lease, NotFound, StaleLease
 
 MAX_LIST_LIMIT = 1000
@@ -113,3 +114,9 @@ def advisory_key(namespace: str, name: str) -> int:
     names apart from the store's own locks."""
     digest = hashlib.sha256(f"comfyfleet:{namespace}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def cursor_after(task: Task) -> str:
+    """The ``cursor`` of a list page that goes on after ``task`` (newest first), for a caller that ends a
+    page before the store's ``limit`` (e.g. at a byte budget)."""
+    return encode_cursor(task.seq)

@@ -103,7 +103,7 @@ def task_from_row(row: Row, codec: Codec) -> Task:
         priority=priority,
         status=TaskStatus(status),
         phase=TaskPhase(phase) if phase else None,
-        payload=load_json(payload),
+        payload=load_json(payload) if payload is not None else {},  # None: a list leaves it out
         created_at=codec.load_time(created_at),
         updated_at=codec.load_time(updated_at),
         worker_id=worker_id,

@@ -22,6 +22,11 @@ FENCE = "id = :task_id AND status = 'running' AND attempt = :attempt AND lease_o
 LEAVE_RUNNING = "phase = NULL, lease_owner = NULL, lease_expires_at = NULL"
 
 
+def base64_size(text: str) -> str:
+    """The byte size of base64 ``text`` (an SQL expression), without decoding it."""
+    return f"length({text}) * 3 / 4 - (length({text}) - length(rtrim({text}, '=')))"
+
+
 class Statements:
     """The SQL of one dialect. Subclasses set the tokens below; the statements are built once, on first use."""
 
@@ -55,6 +60,16 @@ class Statements:
     def as_json(self, parameter: str) -> str:
         """A JSON parameter where SQL cannot tell its type from the context."""
         return f":{parameter}"
+
+    # A task's input files as lists show them: each spec without its base64 ``data``, with the decoded ``size``.
+    inputs_summary: str
+
+    @cached_property
+    def listed_task_columns(self) -> str:
+        """The columns of a task list, in ``TASK_COLUMNS``'s order, without what lists do not show: the payload
+        (NULL, read as ``{}``) and the input files' bytes. A list of large tasks reads kilobytes, not megabytes."""
+        columns = {"payload": "NULL AS payload", "inputs": f"{self.inputs_summary} AS inputs"}
+        return ", ".join(columns.get(name, name) for name in TASK_COLUMNS.split(", "))
 
     # -- fragments ----------------------------------------------------------------------------
     @cached_property
@@ -103,7 +118,7 @@ class Statements:
 
     def list_tasks(self, filters: Iterable[str]) -> str:
         where = " AND ".join(filters) or "TRUE"
-        return f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT :limit"
+        return f"SELECT {self.listed_task_columns} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT :limit"
 
     @cached_property
     def list_filters(self) -> dict[str, str]:

@@ -117,7 +117,11 @@ class TaskQueue(Protocol):
         limit: int = 50,
         cursor: str | None = None,
     ) -> TaskPage:
-        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page (or
+        :func:`~comfyfleet.store.cursor_after` a task of it).
+
+        Lists read what lists show: no ``payload`` (it is ``{}``; :meth:`get_task` has it), and ``inputs``
+        without their bytes (each spec without ``data``, with the decoded ``size``)."""
 
     async def queue_position(self, task_id: str) -> int | None:
         """1 = next to run among pending tasks, by priority then FIFO; None when not pending.

@@ -34,7 +34,7 @@ import asyncpg
 from comfyfleet.store._common import advisory_key, load_migrations
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
-from comfyfleet.store._statements import Statements
+from comfyfleet.store._statements import Statements, base64_size
 from comfyfleet.store.base import (
     Conflict,
     InvalidArgument,
@@ -76,6 +76,13 @@ class PostgresStatements(Statements):
     # The database's clock: the replicas agree on when a lease expires however their own clocks drift.
     now = "now()"
     lease_expiry = "now() + make_interval(secs => :lease_s)"
+    inputs_summary = (
+        "CASE WHEN tasks.inputs IS NULL THEN NULL ELSE (SELECT coalesce(jsonb_agg(CASE "
+        "WHEN jsonb_typeof(spec->'data') = 'string' THEN (spec - 'data') || jsonb_build_object('size', "
+        + base64_size("(spec->>'data')")
+        + ") ELSE spec END ORDER BY position), '[]'::jsonb) "
+        "FROM jsonb_array_elements(tasks.inputs) WITH ORDINALITY AS element(spec, position)) END"
+    )
 
     def in_list(self, column: str, parameter: str) -> str:
         return f"{column} = ANY(CAST(:{parameter} AS TEXT[]))"

@@ -28,7 +28,7 @@ from comfyfleet.store._common import load_migrations, utcnow
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
 from comfyfleet.store._sqlite_threads import ConnectionThread
-from comfyfleet.store._statements import Statements
+from comfyfleet.store._statements import Statements, base64_size
 from comfyfleet.store.base import (
     Conflict,
     InvalidArgument,
@@ -99,6 +99,12 @@ class SQLiteStatements(Statements):
     # Without statistics the planner may prefer tasks_status_seq and sort every pending task; name the index.
     pending_by_order = "tasks INDEXED BY tasks_pending_order"
     pending_by_tenant = "tasks INDEXED BY tasks_pending_tenant"
+    inputs_summary = (
+        "CASE WHEN tasks.inputs IS NULL THEN NULL ELSE (SELECT json_group_array(CASE "
+        "WHEN json_type(spec.value, '$.data') = 'text' THEN json_set(json_remove(spec.value, '$.data'), '$.size', "
+        + base64_size("json_extract(spec.value, '$.data')")
+        + ") ELSE json(spec.value) END) FROM json_each(tasks.inputs) AS spec) END"
+    )
 
     def in_list(self, column: str, parameter: str) -> str:
         return f"{column} IN (:{parameter})"  # see _bind_lists

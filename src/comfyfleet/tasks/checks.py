@@ -1,4 +1,5 @@
-"""What a submission is checked for before it is stored: priority, graph, input files, webhook, pool.
+"""What a submission is checked for before it is stored: text every store can keep, the workflow's format,
+priority, graph, input files, webhook, pool.
 
 Each check raises :class:`~comfyfleet.tasks.errors.Rejected` with a machine code and one problem per place
 at fault; none of them touches the network or the store.
@@ -6,20 +7,123 @@ at fault; none of them touches the network or the store.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+import re
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic_core import PydanticSerializationError, to_json
 from standardwebhooks.webhooks import Webhook
 
 from comfyfleet.comfy.errors import MalformedPrompt
 from comfyfleet.comfy.workflow import INPUT_FILE_NODES, MODEL_INPUTS, validate
 from comfyfleet.config import Limits, Settings
 from comfyfleet.dispatch.inputs import InputError, check_input_spec
-from comfyfleet.domain.graph import GraphError, validate_graph
+from comfyfleet.domain.graph import UI_FORMAT_HELP, GraphError, is_ui_format, validate_graph
+from comfyfleet.tasks.commands import SubmitTask
 from comfyfleet.tasks.errors import Problem, Rejected
 
 MAX_WEBHOOK_URL_LENGTH = 2048
+# NUL and the UTF-16 surrogate halves: JSON can spell them ("\u0000", a lone "\ud800"), Python keeps
+# them, but PostgreSQL refuses both, and no UTF-8 answer can carry a lone surrogate.
+_UNSTORABLE_CHARACTERS = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be kept (and answered) as it is by every store: ``"nul_character"``,
+    ``"lone_surrogate"``, or None when it can."""
+    if text.isascii():
+        return "nul_character" if "\x00" in text else None
+    found = _UNSTORABLE_CHARACTERS.search(text)
+    if found is None:
+        return None
+    return "nul_character" if found.group() == "\x00" else "lone_surrogate"
+
+
+def shown(text: str) -> str:
+    """``text`` as it can be shown in an answer: unstorable characters escaped (``\\u0000``, ``\\ud800``)."""
+    return _UNSTORABLE_CHARACTERS.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+TEXT_PROBLEMS = {
+    "nul_character": "contains a NUL character (\\u0000), which cannot be stored",
+    "lone_surrogate": "contains a lone UTF-16 surrogate (e.g. \\ud800 without its pair), which is not text",
+    "non_finite_number": "is NaN or Infinity, which JSON does not allow",
+}
+
+
+def check_storable(command: SubmitTask) -> None:
+    """Refuse a command holding a value no store keeps the same way (a NUL character or a lone surrogate in
+    any string or key, at any depth; a NaN or Infinity number): PostgreSQL refuses them, SQLite would keep
+    what no answer can carry. The first one found is reported, at its location."""
+    fields: dict[str, Any] = {
+        "payload": command.payload,
+        "workflow_id": command.workflow_id,
+        "pool": command.pool,
+        "inputs": command.inputs,
+        "webhook": command.webhook,
+        "metadata": command.metadata,
+        "idempotency": command.idempotency.key if command.idempotency is not None else None,
+    }
+    if not _may_hold_unstorable(fields):
+        return
+    for name, value in fields.items():
+        for location, kind in _unstorable_values(value, (name,)):
+            where = ".".join(str(part) for part in location)
+            message = f"{where} {TEXT_PROBLEMS[kind]}"
+            raise Rejected("invalid_text", message, [Problem(location, TEXT_PROBLEMS[kind], kind)])
+
+
+def _may_hold_unstorable(value: Any) -> bool:
+    """A quick look (the whole command serialized once, in native code) that clears almost every command;
+    True means "walk it to be sure"."""
+    try:
+        encoded = to_json(value, inf_nan_mode="constants")
+    except PydanticSerializationError:  # a lone surrogate cannot be encoded as UTF-8
+        return True
+    # NUL, and the non-finite numbers Python's JSON reader accepts (NaN, Infinity, -Infinity); a hit (also
+    # such words inside a string) is confirmed by a walk. Substring searches: quick over megabytes.
+    return b"\\u0000" in encoded or b"NaN" in encoded or b"Infinity" in encoded
+
+
+def _unstorable_values(
+    value: Any, location: tuple[str | int, ...]
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """``(location, problem)`` of every unstorable key, string or number in ``value``, depth first.
+    Iterative: a value nested thousands of levels deep cannot exhaust the stack."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, location)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            kind = text_problem(item)
+            if kind is not None:
+                yield where, kind
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                yield where, "non_finite_number"
+        elif isinstance(item, Mapping):
+            children = []
+            for key, child in item.items():
+                kind = text_problem(key) if isinstance(key, str) else None
+                if kind is not None:
+                    yield (*where, shown(key)), kind
+                children.append((child, (*where, shown(str(key)))))
+            stack.extend(reversed(children))
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed([(child, (*where, index)) for index, child in enumerate(item)]))
+
+
+def check_api_format(payload: Any, *, location: tuple[str | int, ...] = ("payload",)) -> None:
+    """A workflow saved in ComfyUI's UI format is not runnable: say how to export the API format.
+    ``location``: where the workflow sits (a front door that found one in place of its whole request says so)."""
+    if is_ui_format(payload):
+        raise Rejected(
+            "workflow_format_ui",
+            'the workflow is in ComfyUI\'s UI format (top-level "nodes" and "links"), not the API format. '
+            + UI_FORMAT_HELP,
+            [Problem(location, "a UI-format workflow, not the API format", "workflow_format_ui")],
+        )
 
 
 def known_pools(settings: Settings) -> frozenset[str]:

@@ -78,6 +78,8 @@ class TaskService:
     async def submit(self, command: SubmitTask, *, wait_s: float | None = None) -> Submitted:
         """Check and store ``command`` as a pending task and wake the dispatcher. With ``wait_s``, answer
         only when the task ended or that many seconds passed (with the task as it then stands)."""
+        # Before anything reads the store: a value no store can keep must not reach one.
+        checks.check_storable(command)
         idempotency = command.idempotency
         if idempotency is not None and idempotency.names_task:
             existing = await self._named_task(idempotency, command.tenant)
@@ -114,6 +116,7 @@ class TaskService:
         """Every check of a submission, in the order its problems are reported; the ``node_errors`` of
         outputs a fleet check skipped while others passed."""
         limits = self._limits
+        checks.check_api_format(command.payload)
         checks.check_priority(command.priority, limits)
         node_errors = await self._check_graph(command)
         checks.check_inputs(command.inputs, max_bytes=limits.max_input_bytes)

@@ -13,10 +13,12 @@ from starlette.responses import Response
 
 from comfyfleet.api.schemas import TaskListOut, TaskOut, TaskSubmission, TaskUpdate, error_responses
 from comfyfleet.domain import TaskStatus
-from comfyfleet.http.deps import EstimatorDep, PrincipalDep, StoreDep, TasksDep
+from comfyfleet.http.deps import EstimatorDep, PrincipalDep, SettingsDep, StoreDep, TasksDep
 from comfyfleet.http.errors import ApiError, InvalidInput
-from comfyfleet.http.responses import JSONBody
+from comfyfleet.http.pages import ByteBudget, json_array
+from comfyfleet.http.responses import JSONBody, json_bytes
 from comfyfleet.http.wire import delivery_json, task_json
+from comfyfleet.store import cursor_after
 from comfyfleet.tasks import CancelTask, ChangePriority, Idempotency, OnReuse, SubmitTask
 
 router = APIRouter(tags=["tasks"])
@@ -109,6 +111,18 @@ def _parse_statuses(raw: str | None) -> list[TaskStatus] | None:
     return [TaskStatus(name) for name in dict.fromkeys(names)] or None
 
 
+def _parse_include(raw: str | None) -> bool:
+    """Whether ``?include=`` asks for the payloads (the one field lists leave out unless asked)."""
+    names = {part.strip().lower() for part in (raw or "").split(",") if part.strip()}
+    unknown = sorted(names - {"payload"})
+    if unknown:
+        raise InvalidInput(
+            f"unknown include {', '.join(map(repr, unknown))}; lists can include: payload",
+            [{"loc": ["query", "include"], "message": "unknown field to include", "type": "enum"}],
+        )
+    return "payload" in names
+
+
 @router.get(
     "/tasks",
     response_model=TaskListOut,
@@ -118,6 +132,7 @@ def _parse_statuses(raw: str | None) -> list[TaskStatus] | None:
 async def list_tasks(
     principal: PrincipalDep,
     store: StoreDep,
+    settings: SettingsDep,
     status: Annotated[
         str | None,
         Query(
@@ -128,12 +143,28 @@ async def list_tasks(
     workflow_id: Annotated[
         str | None, Query(description="Only tasks with this workflow_id.", max_length=256)
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="Page size.")] = 50,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_LIST_LIMIT, description="Page size (most tasks in a page).")
+    ] = 50,
     cursor: Annotated[
         str | None, Query(description="The next_cursor of the previous page.", max_length=200)
     ] = None,
+    include: Annotated[
+        str | None,
+        Query(
+            description="`payload`: give each task its workflow graph too (left out by default). A page with "
+            "payloads may hold fewer than `limit` tasks: see the byte budget above.",
+            max_length=100,
+        ),
+    ] = None,
 ) -> Response:
-    """Tasks newest first, in pages: follow `next_cursor` until it is null. A tenant sees its own tasks."""
+    """Tasks newest first, in pages: follow `next_cursor` until it is null. A tenant sees its own tasks.
+
+    Tasks are listed without their `payload` unless `?include=payload`, and always with input files
+    summarised (name and size). An answer holds at most `limits.max_page_bytes` (8 MiB by default) of tasks:
+    a page stops before the task that would take it past that, however large `limit`, and `next_cursor` goes
+    on from there (a page always holds at least one task, so a single larger task comes alone)."""
+    with_payload = _parse_include(include)
     page = await store.list_tasks(
         tenant=principal.visible_tenant,
         statuses=_parse_statuses(status),
@@ -141,8 +172,19 @@ async def list_tasks(
         limit=limit,
         cursor=cursor,
     )
-    tasks = [task_json(task) for task in page.tasks]
-    return JSONBody({"tasks": tasks, "count": len(tasks), "next_cursor": page.next_cursor})
+    budget = ByteBudget(settings.limits.max_page_bytes)
+    pieces: list[bytes] = []
+    next_cursor = page.next_cursor
+    for listed in page.tasks:
+        # A list is read without payloads; one asked for is read with its task, one task at a time.
+        task = await store.get_task(listed.id) if with_payload else listed
+        piece = json_bytes(task_json(task, include_payload=with_payload))
+        if not budget.take(piece):
+            next_cursor = cursor_after(page.tasks[len(pieces) - 1])
+            break
+        pieces.append(piece)
+    tail = b',"count":%d,"next_cursor":%b}' % (len(pieces), json_bytes(next_cursor))
+    return Response(b"".join([b'{"tasks":', *json_array(pieces), tail]), media_type="application/json")
 
 
 def checked_task_id(task_id: str) -> str:

@@ -89,7 +89,7 @@ class FileRoutes(RouteGroup):
             name, annotated = strip_annotation(str(reference["filename"]))
             folder_type = annotated or str(reference.get("type") or "output")
             subfolder = str(reference.get("subfolder") or "")
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return _text(400, 'original_ref must be JSON {"filename", "subfolder", "type"}')
         original = await self._read_file(principal, name, subfolder, folder_type)
         if original is None:

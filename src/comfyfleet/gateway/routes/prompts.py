@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+
 from fastapi import Request
 from starlette.responses import Response
 
@@ -10,7 +12,9 @@ from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep, json_body, rejected
 from comfyfleet.gateway.errors import PromptRejected
 from comfyfleet.gateway.routes.group import RouteGroup, route
-from comfyfleet.http.responses import JSONBody
+from comfyfleet.http.auth import Principal
+from comfyfleet.http.pages import ByteBudget, json_array
+from comfyfleet.http.responses import JSONBody, json_bytes
 
 QUEUE_CAP = 1000  # /queue lists at most this many pending prompts
 
@@ -37,19 +41,33 @@ class PromptRoutes(RouteGroup):
     @route("GET", "/queue", "Running and pending prompts (ComfyUI)")
     async def get_queue(self, principal: PrincipalDep) -> Response:
         """Items are `[number, prompt_id, prompt, extra_data, outputs_to_execute]`; pending ones in the order
-        they will run (at most 1,000)."""
+        they will run (at most 1,000 of each). An answer holds at most `limits.max_page_bytes` (8 MiB) of
+        items: the running ones first, then the pending ones next to run."""
+        running = [(task.seq, task.id) async for task in self._listed(principal, TaskStatus.RUNNING)]
+        pending = [
+            (-task.priority, task.seq, task.id) async for task in self._listed(principal, TaskStatus.PENDING)
+        ]
         info = await self.gateway.catalogue.object_info()
-        running = await self.gateway.tasks(principal, [TaskStatus.RUNNING], QUEUE_CAP)
-        pending = await self.gateway.tasks(principal, [TaskStatus.PENDING], QUEUE_CAP)
-        pending.sort(key=lambda task: (-task.priority, task.seq))
-        return JSONBody(
-            {
-                "queue_running": [
-                    shapes.queue_item(task, info) for task in sorted(running, key=lambda t: t.seq)
-                ],
-                "queue_pending": [shapes.queue_item(task, info) for task in pending],
-            }
-        )
+        budget = ByteBudget(self.gateway.settings.limits.max_page_bytes)
+
+        def item(task: Task) -> bytes:
+            return json_bytes(shapes.queue_item(task, info))
+
+        queue_running = await self.gateway.encoded([key[-1] for key in sorted(running)], item, budget)
+        queue_pending = []
+        if len(queue_running) == len(running):
+            queue_pending = await self.gateway.encoded([key[-1] for key in sorted(pending)], item, budget)
+        parts = [
+            b'{"queue_running":',
+            *json_array([piece for _, piece in queue_running]),
+            b',"queue_pending":',
+            *json_array([piece for _, piece in queue_pending]),
+            b"}",
+        ]
+        return Response(b"".join(parts), media_type="application/json")
+
+    def _listed(self, principal: Principal, status: TaskStatus) -> AsyncGenerator[Task, None]:
+        return self.gateway.iter_tasks(principal, [status], QUEUE_CAP)
 
     @route("POST", "/queue", "Delete pending prompts (ComfyUI)")
     async def post_queue(self, request: Request, principal: PrincipalDep) -> Response:
@@ -61,14 +79,15 @@ class PromptRoutes(RouteGroup):
         except PromptRejected as exc:
             return rejected(exc)
         body = body if isinstance(body, dict) else {}
-        targets: list[Task] = []
+        targets: list[str] = []
         if body.get("clear") is True:
-            pending = await self.gateway.tasks(principal, [TaskStatus.PENDING], 100_000)
-            targets.extend(task for task in pending if shapes.METADATA_KEY in (task.metadata or {}))
+            async for task in self.gateway.iter_tasks(principal, [TaskStatus.PENDING], 100_000):
+                if shapes.METADATA_KEY in (task.metadata or {}):
+                    targets.append(task.id)
         for task_id in body.get("delete") or [] if isinstance(body.get("delete"), list) else []:
-            task = await self.gateway.visible_task(str(task_id), principal)
-            if task is not None and task.status is TaskStatus.PENDING:
-                targets.append(task)
+            deleted = await self.gateway.visible_task(str(task_id), principal)
+            if deleted is not None and deleted.status is TaskStatus.PENDING:
+                targets.append(deleted.id)
         # A task that started meanwhile is cancelled all the same: the delete was asked while it waited.
         await self.gateway.cancel(targets, principal)
         return Response(status_code=200)
@@ -82,11 +101,14 @@ class PromptRoutes(RouteGroup):
         except PromptRejected:
             body = None  # ComfyUI tolerates a bad body here: a global interrupt
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+        targets: list[str] = []
         if prompt_id:
             task = await self.gateway.visible_task(str(prompt_id), principal)
-            targets = [task] if task is not None and task.status is TaskStatus.RUNNING else []
+            if task is not None and task.status is TaskStatus.RUNNING:
+                targets.append(task.id)
         else:
-            running = await self.gateway.tasks(principal, [TaskStatus.RUNNING], 10_000)
-            targets = [task for task in running if shapes.METADATA_KEY in (task.metadata or {})]
+            async for task in self.gateway.iter_tasks(principal, [TaskStatus.RUNNING], 10_000):
+                if shapes.METADATA_KEY in (task.metadata or {}):
+                    targets.append(task.id)
         await self.gateway.cancel(targets, principal)
         return Response(status_code=200)
