@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field
 
 from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth
 
+# The error shape, which every route of the API documents for its failures.
+from comfyfleet.http.errors import ErrorOut as ErrorOut
+from comfyfleet.http.errors import error_responses as error_responses
+
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 
@@ -263,15 +267,3 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     status: Literal["ready"]
-
-
-class ErrorOut(BaseModel):
-    error: str = Field(description="A stable snake_case code, e.g. invalid_graph, not_found, unauthorized.")
-    code: int = Field(description="The HTTP status.")
-    message: str = Field(description="What went wrong, in a sentence.")
-    details: dict[str, Any] | None = None
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries documenting the error shape for these statuses."""
-    return {status: {"model": ErrorOut} for status in statuses}
