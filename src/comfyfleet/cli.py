@@ -217,7 +217,7 @@ def _serve_until_signal(host: str, port: int, serve: Callable[[asyncio.Event], A
 
 
 def _register_client_commands() -> None:
-    # submit, tasks list|show|cancel, workers list|drain, queue: they talk to a server through the SDK.
+    # submit, tasks list|show|cancel, workers list|drain|undrain, queue: they talk to a server through the SDK.
     from comfyfleet.sdk.commands import register
 
     register(app)
