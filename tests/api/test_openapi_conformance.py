@@ -32,6 +32,12 @@ from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.runtime import Runtime, create_app
 from comfyfleet.store import open_store
 
+# Some of schemathesis' own strategies draw from `random` (seen in long runs); hypothesis warns, and warnings
+# are errors in this suite. The warning is about schemathesis, not about the server.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies:hypothesis.errors.HypothesisDeprecationWarning"
+)
+
 # What the document promises about every answer (schemathesis' response conformance checks), and nothing
 # about which requests the server should accept: refusing more than the schema says is the server's right.
 CHECKS = [
