@@ -22,10 +22,14 @@ app = typer.Typer(
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from comfyfleet.redaction import RedactingFormatter
+
+    logging.basicConfig(level=level.upper())
+    # Every line goes through the redaction, whoever logs it (uvicorn logs /ws?token=KEY handshakes, the
+    # WebSocket library request headers at debug level, HTTP clients the URLs they fetch).
+    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
     # One line per HTTP request to a worker drowns the service's own events.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -213,7 +217,7 @@ def _serve_until_signal(host: str, port: int, serve: Callable[[asyncio.Event], A
 
 
 def _register_client_commands() -> None:
-    # submit, tasks list|show|cancel, workers list|drain, queue: they talk to a server through the SDK.
+    # submit, tasks list|show|cancel, workers list|drain|undrain, queue: they talk to a server through the SDK.
     from comfyfleet.sdk.commands import register
 
     register(app)

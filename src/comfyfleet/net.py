@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from comfyfleet.redaction import redact
+
 
 class UnsafeAddress(Exception):
     """The URL has no host, its host does not resolve, or it resolves to an address that is not public."""
@@ -45,8 +47,9 @@ async def pin_public_address(url: str, *, allow_private: bool, label: str = "URL
     address. ``label`` names the URL in messages ("input URL", "webhook URL")."""
     parts = urlsplit(url)
     host = parts.hostname
+    shown = redact(url)  # messages are kept on the task and logged: not the URL's token
     if not host:
-        raise UnsafeAddress(f"{label} {url!r} has no host")
+        raise UnsafeAddress(f"{label} {shown!r} has no host")
     if allow_private:
         return PinnedTarget(url, {}, {})
     try:
@@ -57,7 +60,7 @@ async def pin_public_address(url: str, *, allow_private: bool, label: str = "URL
     for address in addresses:
         if not is_public_address(address):
             raise UnsafeAddress(
-                f"{label} {url!r} points at a non-public address ({address}); "
+                f"{label} {shown!r} points at a non-public address ({address}); "
                 "set dispatch.allow_private_input_urls to allow it"
             )
     address = addresses[0]

@@ -59,6 +59,32 @@ async def test_every_api_route_needs_a_valid_key(
     assert (await keyed.get("/api/v1/tasks", headers=bearer("alice"))).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [({}, "unauthorized"), ({"Authorization": "Bearer wrong-key"}, "invalid_api_key")],
+)
+async def test_the_gateway_refuses_a_missing_key_in_comfyuis_error_shape(
+    keyed: httpx.AsyncClient, headers: dict[str, str], error: str
+) -> None:
+    """A ComfyUI client shows ``error.message`` of a refusal; the REST shape would leave it blank."""
+    for method, path in (("POST", "/prompt"), ("GET", "/queue"), ("GET", "/history"), ("GET", "/api/queue")):
+        response = await keyed.request(
+            method, path, json={"prompt": {}} if method == "POST" else None, headers=headers
+        )
+        assert response.status_code == 401, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        body = response.json()
+        assert set(body) == {"error", "node_errors"}
+        assert body["node_errors"] == {}
+        assert set(body["error"]) == {"type", "message", "details", "extra_info"}
+        assert body["error"]["type"] == error
+        assert "key" in body["error"]["message"]
+        assert "token" in body["error"]["details"]
+    assert (await keyed.get("/queue", headers=bearer("alice"))).status_code == 200
+    assert (await keyed.get("/queue", params={"token": "alice-secret-key"})).status_code == 200
+
+
 async def test_health_ready_and_docs_need_no_key(keyed: httpx.AsyncClient) -> None:
     for path in ("/health", "/ready", "/openapi.json", "/docs"):
         assert (await keyed.get(path)).status_code == 200, path

@@ -177,3 +177,67 @@ async def _passes_since(fleet: FleetManager, before: int, count: int) -> bool:
 async def _state_of(client: httpx.AsyncClient, worker_id: str, state: str) -> bool:
     body: dict[str, Any] = (await client.get(f"/api/v1/workers/{worker_id}")).json()
     return body["state"] == state
+
+
+async def test_a_tenant_sees_workers_without_their_tasks_or_addresses(
+    api: tuple[httpx.AsyncClient, FleetManager],
+) -> None:
+    client, fleet = api
+    static = next(worker for worker in fleet.workers() if worker.pool == "default")
+    await fleet.set_assignments(static.id, ["someone-elses-task"])
+    tenant = {"Authorization": f"Bearer {TENANT_KEY}"}
+    seen = (await client.get("/api/v1/workers", headers=tenant)).json()["workers"]
+    assert {worker["id"] for worker in seen} == {worker.id for worker in fleet.workers()}
+    one = (await client.get(f"/api/v1/workers/{static.id}", headers=tenant)).json()
+    for worker in [*seen, one]:
+        assert worker["current_task_id"] is None
+        assert worker["current_task_ids"] == []
+        assert worker["endpoint"] is None
+        assert worker["port"] is None
+        assert worker["provider_id"] is None
+        assert worker["pod_name"] == worker["id"]
+        assert set(worker["info"]) <= {"ready_at", "startup_s"}
+        assert "someone-elses-task" not in str(worker)
+        assert "127.0.0.1" not in str(worker)
+    assert one["state"] == "busy"  # what a tenant may know: the worker is taken
+    # The admin (and open mode) still sees everything.
+    full = (await client.get(f"/api/v1/workers/{static.id}")).json()
+    assert full["current_task_ids"] == ["someone-elses-task"]
+    assert full["endpoint"] == static.endpoint
+    assert full["pod_name"] == static.provider_id
+
+
+async def test_undrain_gives_a_drained_static_worker_tasks_again(
+    api: tuple[httpx.AsyncClient, FleetManager],
+) -> None:
+    client, fleet = api
+    static = next(worker for worker in fleet.workers() if worker.pool == "default")
+    assert (await client.post(f"/api/v1/workers/{static.id}/drain")).json()["state"] == "draining"
+    passes = fleet.reconcile_passes
+    await eventually(lambda: _passes_since(fleet, passes, 3), "the reconciler ran")
+    assert static.id not in {w.id for w in fleet.usable_workers()}, "a static worker stays draining"
+
+    tenant = {"Authorization": f"Bearer {TENANT_KEY}"}
+    assert_error(await client.post(f"/api/v1/workers/{static.id}/undrain", headers=tenant), 403, "forbidden")
+    response = await client.post(f"/api/v1/workers/{static.id}/undrain")
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "idle"
+    await eventually(lambda: _usable(fleet, static.id), "the undrained worker gets tasks again")
+    # Undraining a worker that is not draining changes nothing.
+    again = await client.post(f"/api/v1/workers/{static.id}/undrain")
+    assert again.status_code == 200
+    assert again.json()["state"] == "idle"
+    assert_error(await client.post("/api/v1/workers/no-such-worker/undrain"), 404, "not_found")
+
+
+async def test_undrain_refuses_a_worker_on_its_way_out(
+    api: tuple[httpx.AsyncClient, FleetManager],
+) -> None:
+    client, fleet = api
+    cloud = next(worker for worker in fleet.workers() if worker.pool == "cloud")
+    assert (await client.delete(f"/api/v1/workers/{cloud.id}")).json()["state"] == "terminated"
+    assert_error(await client.post(f"/api/v1/workers/{cloud.id}/undrain"), 409, "conflict")
+
+
+async def _usable(fleet: FleetManager, worker_id: str) -> bool:
+    return worker_id in {w.id for w in fleet.usable_workers()}

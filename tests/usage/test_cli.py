@@ -173,6 +173,13 @@ async def test_tasks_queue_commands_and_the_config_file(tmp_path: Path) -> None:
         code, _, err = await cli("workers", "drain", "no-such-worker", env=env)
         assert code == EXIT_REJECTED
         assert "no-such-worker" in err
+        code, out, _ = await cli("workers", "undrain", worker.id, env=env)
+        assert code == 0, out
+        assert f"undrained worker {worker.id} (state " in out
+        assert fleet.runtime.services.fleet.workers()[0].state.value in ("idle", "busy")
+        code, _, err = await cli("workers", "undrain", "no-such-worker", env=env)
+        assert code == EXIT_REJECTED
+        assert "no-such-worker" in err
 
 
 async def _with_status(fleet: Fleet, status: str) -> str:

@@ -1,5 +1,6 @@
 """Must-show 4: the dashboard in a real browser (Debian's chromium driven by Playwright): the page loads,
-a task goes from pending to completed with its image shown, and cancel works from the page.
+a task goes from pending to completed with its image shown, cancel works from the page, and so do drain and
+undrain.
 
 Screenshots are kept under ``.test-run/artifacts/`` (ignored by git)."""
 
@@ -130,6 +131,16 @@ async def test_the_dashboard_follows_a_task_to_its_image_and_cancels_one(
             return all(w["id"] != worker.id or w["state"] != "idle" for w in await client.workers())
 
         await eventually(drained, within=10)
+
+        # A drained static worker stays draining: Undrain, next to Drain, takes it back.
+        undrain = page.locator(f"#worker-{worker.id} button.undrain")
+        await expect(undrain).to_be_visible(timeout=10_000)
+        await expect(page.locator(f"#worker-{worker.id} button.drain")).to_be_disabled()
+        await undrain.click()
+        await expect(page.locator("#toast")).to_contain_text("Undrained")
+        await expect(page.locator(f"#worker-{worker.id} .badge")).to_have_text("idle", timeout=10_000)
+        await expect(undrain).to_be_hidden()
+        assert (await client.run(seed_workflow(seed=6), timeout=30)).ok  # it takes tasks again
         assert errors == []
         await page.close()  # its event streams end before the server stops, which then need not wait for them
 

@@ -127,3 +127,23 @@ def _row(page: httpx.Response, task_id: str) -> str:
     """The overview's table row of one task."""
     start = page.text.index(f'<tr id="task-{task_id}"')
     return page.text[start : page.text.index("</tr>", start)]
+
+
+async def test_a_tenant_sees_workers_without_addresses_or_drain_buttons(tmp_path: Path) -> None:
+    keys = [{"key": "alice-key", "tenant": "alice"}, {"key": "ops-key", "tenant": "ops", "admin": True}]
+    async with running_fleet(tmp_path, workers=1, api_keys=keys) as fleet:
+        [worker] = fleet.runtime.services.fleet.usable_workers()
+        assert worker.endpoint is not None
+        async with httpx.AsyncClient(base_url=fleet.url) as browser:
+            await browser.post("/dashboard/login", data={"key": "alice-key", "next": "/"})
+            tenant_page = (await browser.get("/")).text
+            assert worker.id in tenant_page
+            assert worker.endpoint not in tenant_page
+            assert 'class="drain"' not in tenant_page
+            assert 'class="undrain"' not in tenant_page
+            browser.cookies.clear()
+            await browser.post("/dashboard/login", data={"key": "ops-key", "next": "/"})
+            admin_page = (await browser.get("/")).text
+            assert worker.endpoint in admin_page
+            assert 'class="drain"' in admin_page
+            assert 'class="undrain"' in admin_page  # hidden until the worker drains

@@ -170,3 +170,23 @@ async def test_a_missing_input_file_is_the_sdks_own_error(tmp_path: Path) -> Non
     assert "No such file" in error.value.reason
     with Client("127.0.0.1:9") as client, pytest.raises(InputFileError, match="Is a directory"):
         client.submit(graph, inputs={"cat.png": tmp_path})
+
+
+async def test_drain_and_undrain_a_worker(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, workers=1) as fleet:
+        [worker] = fleet.runtime.services.fleet.usable_workers()
+        async with AsyncClient(fleet.url) as client:
+            assert (await client.drain_worker(worker.id))["state"] == "draining"
+            assert (await client.undrain_worker(worker.id))["state"] == "idle"
+            with pytest.raises(NotFound):
+                await client.undrain_worker("no-such-worker")
+
+        def blocking() -> None:
+            with Client(fleet.url) as client:
+                assert client.drain_worker(worker.id)["state"] == "draining"
+                assert client.undrain_worker(worker.id)["state"] == "idle"
+
+        await asyncio.to_thread(blocking)
+        # Undrained, the worker runs tasks again.
+        async with AsyncClient(fleet.url) as client:
+            assert (await client.run(tiny_workflow(color=12), timeout=30)).ok

@@ -13,7 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from comfyfleet.domain.graph import MAX_VALUE_DEPTH, exceeds_depth, looks_like_api_graph
+
+# The error shape, which every route of the API documents for its failures.
+from comfyfleet.http.errors import ErrorOut as ErrorOut
 from comfyfleet.http.errors import InvalidInput
+from comfyfleet.http.errors import error_responses as error_responses
 from comfyfleet.tasks.checks import check_api_format
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -293,15 +297,3 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     status: Literal["ready"]
-
-
-class ErrorOut(BaseModel):
-    error: str = Field(description="A stable snake_case code, e.g. invalid_graph, not_found, unauthorized.")
-    code: int = Field(description="The HTTP status.")
-    message: str = Field(description="What went wrong, in a sentence.")
-    details: dict[str, Any] | None = None
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries documenting the error shape for these statuses."""
-    return {status: {"model": ErrorOut} for status in statuses}

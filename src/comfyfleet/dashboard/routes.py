@@ -1,7 +1,7 @@
 """The dashboard's pages: ``/`` (queue, workers, live task list) and ``/tasks/{id}`` (one task, its images).
 
 Pages are rendered on the server from the store; a small inline script keeps them live through the API's
-server-sent events (``/api/v1/events``, ``/api/v1/tasks/{id}/events``) and drives the cancel and drain
+server-sent events (``/api/v1/events``, ``/api/v1/tasks/{id}/events``) and drives the cancel, drain and undrain
 buttons through the API. No build step and no third-party files.
 
 With API keys configured, the dashboard asks for a key once and keeps it in an HttpOnly, SameSite=Strict

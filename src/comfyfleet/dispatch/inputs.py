@@ -21,6 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from comfyfleet.net import UnsafeAddress, pin_public_address
+from comfyfleet.redaction import redact
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,199}$")
 _MAX_REDIRECTS = 5
@@ -70,8 +71,9 @@ def decode_data(name: str, data: Any, *, max_bytes: int) -> bytes:
 
 async def fetch_url(client: httpx.AsyncClient, url: str, *, max_bytes: int, allow_private: bool) -> bytes:
     for _ in range(_MAX_REDIRECTS + 1):
+        shown = redact(url)  # the message is kept on the task and logged: not the URL's token
         if urlsplit(url).scheme not in {"http", "https"}:
-            raise InputError(f"input URL {url!r} must be http(s)")
+            raise InputError(f"input URL {shown!r} must be http(s)")
         try:
             target = await pin_public_address(url, allow_private=allow_private, label="input URL")
         except UnsafeAddress as exc:
@@ -87,22 +89,22 @@ async def fetch_url(client: httpx.AsyncClient, url: str, *, max_bytes: int, allo
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
-                        raise InputError(f"input URL {url!r} redirected without a Location")
+                        raise InputError(f"input URL {shown!r} redirected without a Location")
                     url = urljoin(url, location)
                     continue
                 if response.status_code != 200:
-                    raise InputError(f"input URL {url!r} answered HTTP {response.status_code}")
+                    raise InputError(f"input URL {shown!r} answered HTTP {response.status_code}")
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise InputError(f"input URL {url!r} is larger than {max_bytes} bytes")
+                    raise InputError(f"input URL {shown!r} is larger than {max_bytes} bytes")
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body.extend(chunk)
                     if len(body) > max_bytes:
-                        raise InputError(f"input URL {url!r} is larger than {max_bytes} bytes")
+                        raise InputError(f"input URL {shown!r} is larger than {max_bytes} bytes")
                 return bytes(body)
         except httpx.HTTPError as exc:
-            raise InputError(f"input URL {url!r} could not be fetched: {exc}") from exc
+            raise InputError(f"input URL {shown!r} could not be fetched: {redact(str(exc))}") from exc
     raise InputError(f"input URL followed more than {_MAX_REDIRECTS} redirects")
 
 

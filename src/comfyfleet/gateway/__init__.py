@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from comfyfleet.gateway.access import install_unauthorized_handler
 from comfyfleet.gateway.routes import routers
 from comfyfleet.gateway.service import Gateway
 from comfyfleet.http.services import Services
@@ -18,6 +19,7 @@ def install_gateway(app: FastAPI, services: Services) -> Gateway:
     """Add the ComfyUI routes at the root and their ``/api`` aliases (documented once, at the root); return
     the gateway they share."""
     gateway = Gateway(services)
+    install_unauthorized_handler(app)
     groups = routers(gateway)
     for router in groups:
         app.include_router(router)

@@ -1,12 +1,13 @@
 """What every gateway route needs from a request: the caller (also from ``?token=``) and the JSON body
-as ComfyUI's own clients send it."""
+as ComfyUI's own clients send it. A caller without a valid key is refused in ComfyUI's error shape, which
+ComfyUI clients know how to show."""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
@@ -14,6 +15,7 @@ from comfyfleet.gateway import shapes
 from comfyfleet.gateway.errors import PromptRejected
 from comfyfleet.http.auth import KeyRing, Principal, principal_from
 from comfyfleet.http.deps import ServicesDep
+from comfyfleet.http.errors import Unauthorized
 from comfyfleet.http.responses import JSONBody
 
 
@@ -26,8 +28,32 @@ def gateway_principal(connection: HTTPConnection, keyring: KeyRing) -> Principal
     return principal_from(connection, keyring)
 
 
+class GatewayUnauthorized(Exception):
+    """A gateway request without a valid key: answered 401 in ComfyUI's error shape."""
+
+    def __init__(self, refusal: Unauthorized) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
 async def _principal(connection: HTTPConnection, services: ServicesDep) -> Principal:
-    return gateway_principal(connection, services.keyring)
+    try:
+        return gateway_principal(connection, services.keyring)
+    except Unauthorized as exc:
+        raise GatewayUnauthorized(exc) from None
+
+
+def _unauthorized(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayUnauthorized)
+    refusal = exc.refusal
+    body = shapes.prompt_error(
+        refusal.error, refusal.message, "send Authorization: Bearer <key>, or ?token=<key>"
+    )
+    return JSONBody(body, status_code=refusal.status, headers=refusal.headers)
+
+
+def install_unauthorized_handler(app: FastAPI) -> None:
+    app.add_exception_handler(GatewayUnauthorized, _unauthorized)
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]

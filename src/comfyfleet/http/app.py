@@ -10,7 +10,14 @@ from fastapi import FastAPI
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comfyfleet.http.errors import ApiError, InvalidInput, RequestTooLarge, error_body, install_error_handlers
+from comfyfleet.http.errors import (
+    ApiError,
+    ErrorOut,
+    InvalidInput,
+    RequestTooLarge,
+    error_body,
+    install_error_handlers,
+)
 from comfyfleet.http.responses import JSONBody
 from comfyfleet.http.services import Services
 from comfyfleet.tasks.checks import TEXT_PROBLEMS, shown, text_problem
@@ -30,6 +37,12 @@ class ServiceApp(FastAPI):
         install_error_handlers(self)
         self.add_middleware(BodyLimitMiddleware, max_body_bytes=services.settings.limits.max_body_bytes)
         self.add_middleware(UnstorableTextMiddleware)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, completed with what this application's handlers and middleware answer."""
+        if self.openapi_schema is None:
+            self.openapi_schema = _with_edge_answers(super().openapi())
+        return self.openapi_schema
 
 
 class UnstorableTextMiddleware:
@@ -138,3 +151,41 @@ class BodyLimitMiddleware:
         # kernel reset the connection, and the client may lose this answer. The HTTP server discards the
         # rest of the body (it knows where it ends) and keeps the connection.
         await _send_error(send, RequestTooLarge(self.max_body_bytes))
+
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
+_FASTAPI_VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+# Every route that reads a JSON body may answer these, whatever the route itself declares.
+_BODY_ANSWERS = {
+    "400": "The request body is not valid JSON",
+    "413": "The request body is over the size limit",
+    "415": "The request body is not sent as JSON",
+}
+
+
+def _with_edge_answers(document: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents a 422 in its own ``HTTPValidationError`` shape on every route with parameters;
+    the error handlers answer it in the error shape (``ErrorOut``). And a route that reads a JSON body
+    also answers 400 for a body that is not JSON, 415 for one sent as another media type, and 413
+    (``BodyLimitMiddleware``) for one too large."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("ErrorOut", ErrorOut.model_json_schema())
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            answers = operation.setdefault("responses", {})
+            for answer in answers.values():
+                media = answer.get("content", {}).get("application/json", {})
+                if media.get("schema", {}).get("$ref") == _FASTAPI_VALIDATION_REF:
+                    media["schema"] = dict(_ERROR_REF)
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                for status, description in _BODY_ANSWERS.items():
+                    answers.setdefault(
+                        status,
+                        {
+                            "description": description,
+                            "content": {"application/json": {"schema": dict(_ERROR_REF)}},
+                        },
+                    )
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    return document

@@ -13,12 +13,14 @@ ComfyUI's in ``gateway/errors.py``).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -35,6 +37,20 @@ from comfyfleet.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class ErrorOut(BaseModel):
+    """The error shape, as the OpenAPI document describes it."""
+
+    error: str = Field(description="A stable snake_case code, e.g. invalid_graph, not_found, unauthorized.")
+    code: int = Field(description="The HTTP status.")
+    message: str = Field(description="What went wrong, in a sentence.")
+    details: dict[str, Any] | None = None
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting the error shape for these statuses."""
+    return {status: {"model": ErrorOut} for status in statuses}
 
 
 class ApiError(Exception):
@@ -254,17 +270,37 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(status, code, message, headers=headers)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _allowed_methods(request: Request) -> str:
-    # Starlette names only the first route that matched the path; GET and POST /tasks are two routes.
-    allowed = [
+    """The methods of the resource at the request's path, for the ``Allow`` header of a 405."""
+    # Starlette names only the first route that matched the path (GET and POST /tasks are two routes).
+    routed = [
         method
-        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        for method in _METHODS
         if any(
             route.matches({**request.scope, "method": method})[0] is Match.FULL
             for route in request.app.routes
         )
     ]
-    return ", ".join(allowed)
+    documented = _documented_methods(request.app, request.url.path)
+    return ", ".join(method for method in routed if documented is None or method in documented)
+
+
+def _documented_methods(app: FastAPI, path: str) -> set[str] | None:
+    """The methods the OpenAPI document gives the most specific of its paths matching ``path`` (None when
+    none does). A fixed path is a resource of its own: ``DELETE /workers/{worker_id}`` would take
+    ``/workers/metrics`` as a worker's id, but DELETE is not a method of the metrics."""
+    candidates: list[tuple[int, set[str]]] = []
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            candidates.append((template.count("{"), {method.upper() for method in operations}))
+    if not candidates:
+        return None
+    fewest = min(parameters for parameters, _ in candidates)
+    return set().union(*(methods for parameters, methods in candidates if parameters == fewest))
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:

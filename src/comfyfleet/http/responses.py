@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fastapi.responses import JSONResponse
 from pydantic_core import PydanticSerializationError, to_json, to_jsonable_python
-from starlette.responses import Response
 
 
 def json_bytes(content: Any) -> bytes:
@@ -22,10 +22,12 @@ def json_bytes(content: Any) -> bytes:
         return json.dumps(to_jsonable_python(content), separators=(",", ":")).encode("ascii")
 
 
-class JSONBody(Response):
-    """JSON rendered by :func:`json_bytes`."""
+class JSONBody(JSONResponse):
+    """JSON rendered by :func:`json_bytes`.
 
-    media_type = "application/json"
+    A :class:`JSONResponse` so that FastAPI describes a route's ``response_model`` as the body of its
+    answer in the OpenAPI document (of any other response class it only says "a string").
+    """
 
     def render(self, content: Any) -> bytes:
         return json_bytes(content)

@@ -22,7 +22,8 @@ from comfyfleet.tasks import StartEstimator, TaskService, WorkerCatalogue
 
 
 class FleetControl(Protocol):
-    """What the API asks of the worker manager: its pools, its fresh copies of workers, drain and remove."""
+    """What the API asks of the worker manager: its pools, its fresh copies of workers, drain, undrain and
+    remove."""
 
     @property
     def pools(self) -> Mapping[str, PoolConfig]: ...
@@ -30,6 +31,8 @@ class FleetControl(Protocol):
     def workers(self, *, pool: str | None = None) -> list[Worker]: ...
 
     async def drain(self, worker_id: str) -> Worker: ...
+
+    async def undrain(self, worker_id: str) -> Worker: ...
 
     async def remove(self, worker_id: str) -> Worker: ...
 

@@ -275,6 +275,11 @@ class AsyncClient:
         body = await self._call("POST", f"/api/v1/workers/{worker_id}/drain")
         return body if isinstance(body, dict) else {}
 
+    async def undrain_worker(self, worker_id: str) -> dict[str, Any]:
+        """Give a draining worker tasks again (the way back for a drained static worker)."""
+        body = await self._call("POST", f"/api/v1/workers/{worker_id}/undrain")
+        return body if isinstance(body, dict) else {}
+
     async def queue_metrics(self) -> dict[str, Any]:
         body = await self._call("GET", "/api/v1/queue/metrics")
         return body if isinstance(body, dict) else {}
@@ -505,6 +510,11 @@ class Client:
     def drain_worker(self, worker_id: str) -> dict[str, Any]:
         """Let a worker finish what it holds, take nothing new, then stop."""
         body = self._call("POST", f"/api/v1/workers/{worker_id}/drain")
+        return body if isinstance(body, dict) else {}
+
+    def undrain_worker(self, worker_id: str) -> dict[str, Any]:
+        """Give a draining worker tasks again (the way back for a drained static worker)."""
+        body = self._call("POST", f"/api/v1/workers/{worker_id}/undrain")
         return body if isinstance(body, dict) else {}
 
     def queue_metrics(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ ApiKeyOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON instead of a table.")]
 
 tasks_app = typer.Typer(help="List, show, cancel and re-prioritise tasks.", no_args_is_help=True)
-workers_app = typer.Typer(help="List and drain workers.", no_args_is_help=True)
+workers_app = typer.Typer(help="List, drain and undrain workers.", no_args_is_help=True)
 
 
 def submit(
@@ -172,6 +172,18 @@ def workers_drain(
     from comfyfleet.sdk.console import run_workers_drain
 
     run_workers_drain(worker_id, server=server, api_key=api_key)
+
+
+@workers_app.command("undrain")
+def workers_undrain(
+    worker_id: Annotated[str, typer.Argument(help="The worker's id.", show_default=False)],
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Undrain a draining worker: it takes tasks again (a drained static worker stays draining until then)."""
+    from comfyfleet.sdk.console import run_workers_undrain
+
+    run_workers_undrain(worker_id, server=server, api_key=api_key)
 
 
 def queue(as_json: JsonOption = False, server: ServerOption = None, api_key: ApiKeyOption = None) -> None:

@@ -534,6 +534,16 @@ def run_workers_drain(worker_id: str, *, server: str | None, api_key: str | None
     out.print(f"draining worker {worker_id} (state {worker.get('state') or worker.get('status') or '?'})")
 
 
+def run_workers_undrain(worker_id: str, *, server: str | None, api_key: str | None) -> None:
+    with _reporting(), _client(server, api_key) as client:
+        worker = client.undrain_worker(worker_id)
+    state = worker.get("state") or worker.get("status") or "?"
+    if state == "draining":  # a follower replica left it for the fleet's leader
+        out.print(f"undrain of worker {worker_id} requested (the fleet's leader carries it out)")
+    else:
+        out.print(f"undrained worker {worker_id} (state {state})")
+
+
 def run_validate(workflow_path: Path, *, as_json: bool, server: str | None, api_key: str | None) -> None:
     graph = load_workflow(workflow_path)
     with _reporting(), _client(server, api_key) as client:

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
+from starlette.responses import Response
 
 from comfyfleet.api.routes.tasks import TaskId, checked_task_id
 from comfyfleet.api.schemas import error_responses
@@ -38,6 +39,7 @@ def _sse(event: TaskEvent, counter: int) -> dict[str, Any]:
 @router.get(
     "/tasks/{task_id}/events",
     summary="Follow one task live (server-sent events)",
+    response_class=Response,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
         **error_responses(401, 404, 503),
@@ -115,6 +117,7 @@ async def task_events(
 @router.get(
     "/events",
     summary="Follow every visible task live (server-sent events)",
+    response_class=Response,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "An event stream."},
         **error_responses(401, 503),

@@ -22,8 +22,12 @@ router = APIRouter(tags=["tasks"])
 @router.get(
     "/tasks/{task_id}/outputs/{filename}",
     summary="Download an output file",
+    response_class=Response,
     responses={
-        200: {"content": {"image/png": {}, "application/octet-stream": {}}, "description": "The file."},
+        200: {
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The file, in its own content type (e.g. image/png).",
+        },
         **error_responses(401, 404, 503),
     },
 )
@@ -63,6 +67,7 @@ async def download_output(
 @router.get(
     "/tasks/{task_id}/preview",
     summary="The latest preview image of a running task",
+    response_class=Response,
     responses={
         200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "The newest preview."},
         **error_responses(401, 404, 503),

@@ -1,8 +1,10 @@
-"""``/api/v1/workers``: the fleet as the seed's Worker objects, its metrics, and drain / remove.
+"""``/api/v1/workers``: the fleet as the seed's Worker objects, its metrics, and drain / undrain / remove.
 
-Reads come from the store, so every replica answers the same; drain and remove go through the worker manager
-(on a replica that is not the autoscaler's leader, they are left on the record for the leader to carry out).
-Drain and remove need an admin key when API keys are configured: workers are shared by every tenant.
+Reads come from the store, so every replica answers the same; drain, undrain and remove go through the worker
+manager (on a replica that is not the autoscaler's leader, they are left on the record for the leader to carry
+out). They need an admin key when API keys are configured: workers are shared by every tenant. For the same
+reason a tenant's key sees a worker without what belongs to other tenants or to the operator: the tasks it
+holds, where its ComfyUI answers, its provider's names for it and its errors.
 """
 
 from __future__ import annotations
@@ -41,16 +43,21 @@ SEED_STATUS = {
 
 
 class WorkerOut(BaseModel):
-    """The seed's Worker fields first, then comfyfleet's."""
+    """The seed's Worker fields first, then comfyfleet's. Seen with a tenant's key (not an admin's), the
+    fields that belong to other tenants or to the operator are empty: ``pod_name`` is the worker's id, and
+    ``endpoint``, ``port``, ``current_task_id``, ``provider_id`` and ``error`` are null, ``current_task_ids``
+    empty and ``info`` holds only ``ready_at`` and ``startup_s``."""
 
     id: str
     pod_name: str = Field(
         description="The provider's name for it: container or instance name, URL, process id."
     )
     status: str = Field(description="starting, idle, running, draining, terminating, terminated or failed")
-    endpoint: str | None = Field(description="Base URL of the worker's ComfyUI, once known")
+    endpoint: str | None = Field(description="Base URL of the worker's ComfyUI, once known (admin only)")
     port: int | None
-    current_task_id: str | None = Field(description="The first task it holds (current_task_ids has all)")
+    current_task_id: str | None = Field(
+        description="The first task it holds (current_task_ids has all; admin only)"
+    )
     created_at: datetime
     last_active_at: datetime | None
     health_status: bool = Field(description="Ready and its last health probe passed")
@@ -94,7 +101,29 @@ class WorkerMetricsOut(BaseModel):
     )
 
 
-def worker_json(worker: Worker) -> dict[str, Any]:
+# What a tenant's key sees of a worker's info: nothing that names an address, a container or an error.
+_TENANT_INFO = frozenset({"ready_at", "startup_s"})
+
+
+def worker_json(worker: Worker, principal: Principal) -> dict[str, Any]:
+    """The wire form of a worker: all of it for an admin (and in open mode); for a tenant, without other
+    tenants' task ids and the operator's details (its URL, port, provider id and names, errors)."""
+    body = _worker_json(worker)
+    if principal.admin:
+        return body
+    return body | {
+        "pod_name": worker.id,
+        "endpoint": None,
+        "port": None,
+        "current_task_id": None,
+        "current_task_ids": [],
+        "provider_id": None,
+        "error": None,
+        "info": {key: value for key, value in body["info"].items() if key in _TENANT_INFO},
+    }
+
+
+def _worker_json(worker: Worker) -> dict[str, Any]:
     info = worker.info or {}
     pod_name = str(info.get("container_name") or info.get("instance_name") or worker.provider_id or worker.id)
     return {
@@ -138,7 +167,7 @@ def _require_admin(principal: Principal) -> None:
         raise ApiError(
             403,
             "forbidden",
-            "workers are shared by every tenant: draining or removing one needs an admin key",
+            "workers are shared by every tenant: draining, undraining or removing one needs an admin key",
         )
 
 
@@ -185,7 +214,9 @@ async def list_workers(
     if states is not None:
         workers = [worker for worker in workers if worker.state in states]
     workers.sort(key=lambda worker: (worker.created_at, worker.id))
-    return JSONBody({"workers": [worker_json(worker) for worker in workers], "count": len(workers)})
+    return JSONBody(
+        {"workers": [worker_json(worker, principal) for worker in workers], "count": len(workers)}
+    )
 
 
 @router.get(
@@ -237,7 +268,7 @@ async def get_worker(worker_id: str, principal: PrincipalDep, services: Services
     fleet = services.fleet
     cached = {worker.id: worker for worker in fleet.workers()} if fleet is not None else {}
     worker = cached.get(worker_id) or await services.store.get_worker(worker_id)
-    return JSONBody(worker_json(worker))
+    return JSONBody(worker_json(worker, principal))
 
 
 async def _act(services: Services, principal: Principal, worker_id: str, action: str) -> Worker:
@@ -246,6 +277,8 @@ async def _act(services: Services, principal: Principal, worker_id: str, action:
     try:
         if action == "drain":
             return await fleet.drain(worker_id)
+        if action == "undrain":
+            return await fleet.undrain(worker_id)
         return await fleet.remove(worker_id)
     except UnknownWorker:
         raise ApiError(404, "not_found", f"no worker {worker_id!r}") from None
@@ -266,7 +299,29 @@ async def drain_worker(worker_id: str, principal: PrincipalDep, services: Servic
     """Stop giving the worker new tasks; it is terminated once the tasks it holds are done. A worker that is
     not ready yet is removed at once. 202: the drain goes on in the background."""
     worker = await _act(services, principal, worker_id, "drain")
-    return JSONBody(worker_json(worker), status_code=202)
+    return JSONBody(worker_json(worker, principal), status_code=202)
+
+
+@router.post(
+    "/workers/{worker_id}/undrain",
+    response_model=WorkerOut,
+    summary="Undrain a worker",
+    responses={
+        202: {
+            "model": WorkerOut,
+            "description": "This replica is not the fleet's leader: the undrain is left for the leader, and "
+            "the worker is shown still draining.",
+        },
+        **error_responses(401, 403, 404, 409, 503),
+    },
+)
+async def undrain_worker(worker_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
+    """Give a draining worker tasks again: it is back to idle (busy while it holds tasks), the way out of a
+    drain for a static worker, which otherwise stays draining. A worker that is not draining is returned as
+    it is; 409 for one that failed or whose termination has begun."""
+    worker = await _act(services, principal, worker_id, "undrain")
+    status = 202 if worker.state is WorkerState.DRAINING else 200
+    return JSONBody(worker_json(worker, principal), status_code=status)
 
 
 @router.delete(
@@ -279,4 +334,4 @@ async def remove_worker(worker_id: str, principal: PrincipalDep, services: Servi
     """Terminate the worker now (its container or instance is deleted; a busy worker's tasks are retried on
     other workers). 409 for a static worker: remove its URL from the configuration instead."""
     worker = await _act(services, principal, worker_id, "remove")
-    return JSONBody(worker_json(worker))
+    return JSONBody(worker_json(worker, principal))

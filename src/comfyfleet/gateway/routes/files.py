@@ -15,6 +15,16 @@ from starlette.responses import Response, StreamingResponse
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep
 from comfyfleet.gateway.routes.group import RouteGroup, route
+from comfyfleet.gateway.schemas import (
+    EMPTY_NOT_FOUND,
+    FILE,
+    MASK_ORIGINAL_MISSING,
+    UPLOAD_REFUSED,
+    UPLOAD_TOO_LARGE,
+    UploadedOut,
+    answers,
+    refused,
+)
 from comfyfleet.gateway.uploads import UploadError, strip_annotation
 from comfyfleet.http.auth import Principal
 from comfyfleet.http.errors import ApiError
@@ -31,7 +41,13 @@ class _Upload:
 
 
 class FileRoutes(RouteGroup):
-    @route("GET", "/view", "An output or uploaded file (ComfyUI)")
+    @route(
+        "GET",
+        "/view",
+        "An output or uploaded file (ComfyUI)",
+        response_class=Response,
+        responses=answers(FILE, refused("The file name or subfolder is not allowed"), EMPTY_NOT_FOUND),
+    )
     async def view(
         self,
         principal: PrincipalDep,
@@ -67,7 +83,13 @@ class FileRoutes(RouteGroup):
             gateway.outputs.read(task.id, stored.name), stored.content_type, stored.size, stored.name
         )
 
-    @route("POST", "/upload/image", "Upload an input image (ComfyUI)")
+    @route(
+        "POST",
+        "/upload/image",
+        "Upload an input image (ComfyUI)",
+        response_model=UploadedOut,
+        responses=answers(UPLOAD_REFUSED, UPLOAD_TOO_LARGE),
+    )
     async def upload_image(self, request: Request, principal: PrincipalDep) -> Response:
         """Multipart `image` (+ `subfolder`, `type`, `overwrite`) → `{"name", "subfolder", "type"}`. The file
         is kept by comfyfleet and placed on whichever worker runs a prompt that reads it."""
@@ -76,7 +98,13 @@ class FileRoutes(RouteGroup):
             return upload
         return await self._save_upload(principal, upload)
 
-    @route("POST", "/upload/mask", "Upload a mask for an image (ComfyUI)")
+    @route(
+        "POST",
+        "/upload/mask",
+        "Upload a mask for an image (ComfyUI)",
+        response_model=UploadedOut,
+        responses=answers(UPLOAD_REFUSED, UPLOAD_TOO_LARGE, MASK_ORIGINAL_MISSING),
+    )
     async def upload_mask(self, request: Request, principal: PrincipalDep) -> Response:
         """As `/upload/image`, plus `original_ref` (JSON `{"filename", "subfolder", "type"}`): the upload's
         alpha channel is copied into that image (an earlier upload, or a task's output) and the result is

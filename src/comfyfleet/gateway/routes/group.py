@@ -19,13 +19,17 @@ class _Route:
     method: str  # an HTTP method, or "WEBSOCKET"
     path: str
     summary: str | None
+    options: dict[str, Any]
 
 
-def route(method: str, path: str, summary: str | None = None) -> Callable[[Endpoint], Endpoint]:
-    """Mark a method of a :class:`RouteGroup` as the endpoint of ``method path`` (``"WEBSOCKET"``: a socket)."""
+def route(
+    method: str, path: str, summary: str | None = None, **options: Any
+) -> Callable[[Endpoint], Endpoint]:
+    """Mark a method of a :class:`RouteGroup` as the endpoint of ``method path`` (``"WEBSOCKET"``: a socket).
+    ``options`` go to FastAPI's ``add_api_route`` (``responses``, ``response_model``, ``response_class``)."""
 
     def mark(endpoint: Endpoint) -> Endpoint:
-        vars(endpoint)[_MARK] = _Route(method, path, summary)
+        vars(endpoint)[_MARK] = _Route(method, path, summary, options)
         return endpoint
 
     return mark
@@ -46,4 +50,6 @@ class RouteGroup:
             if spec.method == "WEBSOCKET":
                 self.router.add_api_websocket_route(spec.path, endpoint)
             else:
-                self.router.add_api_route(spec.path, endpoint, methods=[spec.method], summary=spec.summary)
+                self.router.add_api_route(
+                    spec.path, endpoint, methods=[spec.method], summary=spec.summary, **spec.options
+                )

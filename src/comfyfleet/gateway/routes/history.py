@@ -10,6 +10,7 @@ from comfyfleet.domain import TERMINAL_STATUSES
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep
 from comfyfleet.gateway.routes.group import RouteGroup, route
+from comfyfleet.gateway.schemas import EMPTY_OK, TOO_LARGE, HistoryEntryOut, answers, refused
 from comfyfleet.http.auth import Principal
 from comfyfleet.http.pages import ByteBudget, json_object
 from comfyfleet.http.responses import JSONBody, json_bytes
@@ -18,7 +19,13 @@ HISTORY_CAP = 1000  # /history without max_items lists at most this many (ComfyU
 
 
 class HistoryRoutes(RouteGroup):
-    @route("GET", "/history", "Finished prompts (ComfyUI)")
+    @route(
+        "GET",
+        "/history",
+        "Finished prompts (ComfyUI)",
+        response_model=dict[str, HistoryEntryOut],
+        responses=answers(refused("max_items or offset is not an integer")),
+    )
     async def get_history(
         self, principal: PrincipalDep, max_items: str | None = None, offset: str | None = None
     ) -> Response:
@@ -64,7 +71,13 @@ class HistoryRoutes(RouteGroup):
                         break
         return ids
 
-    @route("GET", "/history/{prompt_id}", "One finished prompt (ComfyUI)")
+    @route(
+        "GET",
+        "/history/{prompt_id}",
+        "One finished prompt (ComfyUI)",
+        response_model=dict[str, HistoryEntryOut],
+        responses=answers(),
+    )
     async def get_history_entry(self, prompt_id: str, principal: PrincipalDep) -> Response:
         """`{prompt_id: entry}` once the prompt finished; `{}` while it waits or runs, or when unknown."""
         task = await self.gateway.visible_task(prompt_id, principal)
@@ -72,7 +85,13 @@ class HistoryRoutes(RouteGroup):
             return JSONBody({})
         return JSONBody({task.id: shapes.history_entry(task, await self.gateway.catalogue.object_info())})
 
-    @route("POST", "/history", "Delete history (ComfyUI; kept)")
+    @route(
+        "POST",
+        "/history",
+        "Delete history (ComfyUI; kept)",
+        response_class=Response,
+        responses=answers(EMPTY_OK, TOO_LARGE),
+    )
     async def post_history(self, principal: PrincipalDep) -> Response:
         """Accepted for compatibility; comfyfleet keeps every task's record and outputs."""
         del principal

@@ -12,6 +12,15 @@ from comfyfleet.gateway import shapes
 from comfyfleet.gateway.access import PrincipalDep, json_body, rejected
 from comfyfleet.gateway.errors import PromptRejected
 from comfyfleet.gateway.routes.group import RouteGroup, route
+from comfyfleet.gateway.schemas import (
+    EMPTY_OK,
+    TOO_LARGE,
+    PromptQueuedOut,
+    QueueLengthOut,
+    QueueOut,
+    answers,
+    refused,
+)
 from comfyfleet.http.auth import Principal
 from comfyfleet.http.pages import ByteBudget, json_array
 from comfyfleet.http.responses import JSONBody, json_bytes
@@ -20,7 +29,13 @@ QUEUE_CAP = 1000  # /queue lists at most this many pending prompts
 
 
 class PromptRoutes(RouteGroup):
-    @route("POST", "/prompt", "Queue a prompt (ComfyUI)")
+    @route(
+        "POST",
+        "/prompt",
+        "Queue a prompt (ComfyUI)",
+        response_model=PromptQueuedOut,
+        responses=answers(refused("The prompt is refused: ComfyUI's error shape"), TOO_LARGE),
+    )
     async def post_prompt(self, request: Request, principal: PrincipalDep) -> Response:
         """ComfyUI's `POST /prompt`: `{"prompt": <API graph>, "client_id"?, "prompt_id"?, "extra_data"?,
         "front"?, "partial_execution_targets"?}` → `{"prompt_id", "number", "node_errors"}`. The prompt runs
@@ -33,12 +48,14 @@ class PromptRoutes(RouteGroup):
         task = submitted.task
         return JSONBody({"prompt_id": task.id, "number": task.seq, "node_errors": submitted.node_errors})
 
-    @route("GET", "/prompt", "Queue length (ComfyUI)")
+    @route("GET", "/prompt", "Queue length (ComfyUI)", response_model=QueueLengthOut, responses=answers())
     async def get_prompt(self, principal: PrincipalDep) -> Response:
         remaining = await self.gateway.queue_remaining(principal.visible_tenant)
         return JSONBody({"exec_info": {"queue_remaining": remaining}})
 
-    @route("GET", "/queue", "Running and pending prompts (ComfyUI)")
+    @route(
+        "GET", "/queue", "Running and pending prompts (ComfyUI)", response_model=QueueOut, responses=answers()
+    )
     async def get_queue(self, principal: PrincipalDep) -> Response:
         """Items are `[number, prompt_id, prompt, extra_data, outputs_to_execute]`; pending ones in the order
         they will run (at most 1,000 of each). An answer holds at most `limits.max_page_bytes` (8 MiB) of
@@ -69,7 +86,13 @@ class PromptRoutes(RouteGroup):
     def _listed(self, principal: Principal, status: TaskStatus) -> AsyncGenerator[Task, None]:
         return self.gateway.iter_tasks(principal, [status], QUEUE_CAP)
 
-    @route("POST", "/queue", "Delete pending prompts (ComfyUI)")
+    @route(
+        "POST",
+        "/queue",
+        "Delete pending prompts (ComfyUI)",
+        response_class=Response,
+        responses=answers(EMPTY_OK, refused("The body is not JSON"), TOO_LARGE),
+    )
     async def post_queue(self, request: Request, principal: PrincipalDep) -> Response:
         """`{"delete": [prompt_id…]}` cancels those pending prompts; `{"clear": true}` cancels every pending
         prompt queued through this gateway. As in ComfyUI, a running prompt is left alone (use
@@ -92,7 +115,13 @@ class PromptRoutes(RouteGroup):
         await self.gateway.cancel(targets, principal)
         return Response(status_code=200)
 
-    @route("POST", "/interrupt", "Interrupt a running prompt (ComfyUI)")
+    @route(
+        "POST",
+        "/interrupt",
+        "Interrupt a running prompt (ComfyUI)",
+        response_class=Response,
+        responses=answers(EMPTY_OK, TOO_LARGE),
+    )
     async def post_interrupt(self, request: Request, principal: PrincipalDep) -> Response:
         """`{"prompt_id": id}` stops that prompt if it is running (else nothing). Without a prompt_id, every
         running prompt queued through this gateway by the caller is stopped, as ComfyUI stops whatever it runs."""

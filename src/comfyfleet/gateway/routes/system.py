@@ -14,6 +14,7 @@ from starlette.responses import Response
 from comfyfleet.domain import Worker
 from comfyfleet.gateway.access import PrincipalDep, gateway_principal
 from comfyfleet.gateway.routes.group import RouteGroup, route
+from comfyfleet.gateway.schemas import FeaturesOut, SystemStatsOut, answers
 from comfyfleet.gateway.socket import ComfySocket
 from comfyfleet.http.errors import ApiError, Unauthorized
 from comfyfleet.http.responses import JSONBody
@@ -22,7 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 class SystemRoutes(RouteGroup):
-    @route("GET", "/object_info", "Node catalogue of the fleet (ComfyUI)")
+    @route(
+        "GET",
+        "/object_info",
+        "Node catalogue of the fleet (ComfyUI)",
+        response_model=dict[str, dict[str, Any]],
+        responses=answers(),
+    )
     async def object_info(self, principal: PrincipalDep) -> Response:
         """Every node class some worker offers (merged over the live workers, cached)."""
         del principal
@@ -36,13 +43,25 @@ class SystemRoutes(RouteGroup):
             )
         return JSONBody(info)
 
-    @route("GET", "/object_info/{node_class}", "One node class (ComfyUI)")
+    @route(
+        "GET",
+        "/object_info/{node_class}",
+        "One node class (ComfyUI)",
+        response_model=dict[str, dict[str, Any]],
+        responses=answers(),
+    )
     async def object_info_one(self, node_class: str, principal: PrincipalDep) -> Response:
         del principal
         info = await self.gateway.catalogue.object_info() or {}
         return JSONBody({node_class: info[node_class]} if node_class in info else {})
 
-    @route("GET", "/system_stats", "System and devices (ComfyUI)")
+    @route(
+        "GET",
+        "/system_stats",
+        "System and devices (ComfyUI)",
+        response_model=SystemStatsOut,
+        responses=answers(),
+    )
     async def system_stats(self, principal: PrincipalDep) -> Response:
         """This server's system facts; `devices` lists every live worker's devices, named after the worker."""
         del principal
@@ -50,7 +69,9 @@ class SystemRoutes(RouteGroup):
         first = stats[0][1].get("system", {}) if stats else {}
         return JSONBody({"system": _system(first, len(stats)), "devices": _devices(stats)})
 
-    @route("GET", "/features", "Server feature flags (ComfyUI)")
+    @route(
+        "GET", "/features", "Server feature flags (ComfyUI)", response_model=FeaturesOut, responses=answers()
+    )
     async def features(self, principal: PrincipalDep) -> Response:
         del principal
         limits = self.gateway.settings.limits

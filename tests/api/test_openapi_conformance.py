@@ -1,0 +1,182 @@
+"""The OpenAPI document tells the truth: schemathesis sends what ``/openapi.json`` describes to a real server
+(a ComfyUI emulator as its worker, SQLite) and checks every answer against the document — no server error,
+every status and content type documented, every body in its documented schema, ``Allow`` listing exactly the
+documented methods — with API keys (a tenant's key, and no key at all) and without.
+
+Bounded and deterministic: a fixed seed, derandomized generation and a small number of examples per operation,
+so it runs in the test command on every change. A bigger run by hand (it prints how many requests it made)::
+
+    COMFYFLEET_CONFORMANCE_EXAMPLES=300 pytest -s tests/api/test_openapi_conformance.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from api_helpers import API_KEYS, bearer
+from hypothesis import HealthCheck, settings
+from schemathesis.config import SchemathesisConfig
+
+from comfyfleet.config import Settings
+from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from comfyfleet.runtime import Runtime, create_app
+from comfyfleet.store import open_store
+
+# Some of schemathesis' own strategies draw from `random` (seen in long runs); hypothesis warns, and warnings
+# are errors in this suite. The warning is about schemathesis, not about the server.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies:hypothesis.errors.HypothesisDeprecationWarning"
+)
+
+# What the document promises about every answer (schemathesis' response conformance checks), and nothing
+# about which requests the server should accept: refusing more than the schema says is the server's right.
+CHECKS = [
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "unsupported_method",
+    "allow_header_conformance",
+]
+EXAMPLES_PER_OPERATION = int(os.environ.get("COMFYFLEET_CONFORMANCE_EXAMPLES", "12"))
+SEED = 20_240_901
+# `?wait=` may hold a submission up to 10 minutes while no worker is free (schemathesis may drain the worker
+# in open mode); a short cap keeps the run bounded without changing what is checked.
+MAX_WAIT_S = 1.0
+REQUEST_TIMEOUT_S = 30.0
+STREAM_READ_S = 0.5
+
+
+@dataclass
+class Served:
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    requests: int = 0
+
+
+class FleetThread:
+    """comfyfleet (a real HTTP server) in front of one ComfyUI emulator, both on loopback and run from a
+    thread of their own, so that a synchronous client such as schemathesis can call them."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.url = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="comfyfleet-conformance", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runtime: Runtime | None = None
+        self._error: BaseException | None = None
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        options = EmulatorOptions(base_dir=str(self.workdir / "emulator"))
+        async with EmulatorServer(options) as emulator:
+            await emulator.wait_ready()
+            settings = self.settings.model_copy(update={"workers": [emulator.url]})
+            async with Runtime(settings) as runtime, asyncio.TaskGroup() as group:
+                self._runtime = runtime
+                group.create_task(runtime.run(), name="runtime")
+                self.url = f"http://127.0.0.1:{await runtime.wait_listening()}"
+                self._ready.set()
+
+    def __enter__(self) -> FleetThread:
+        self._thread.start()
+        if not self._ready.wait(timeout=30) or self._error is not None:
+            raise RuntimeError(f"the server did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._loop is not None and self._runtime is not None:
+            self._loop.call_soon_threadsafe(self._runtime.request_stop)
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the server did not stop"
+        if self._error is not None:
+            raise self._error
+
+
+def _wait_for_a_ready_worker(url: str, headers: dict[str, str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        workers = httpx.get(f"{url}/api/v1/workers", headers=headers, timeout=5).json()["workers"]
+        if any(worker["state"] == "idle" for worker in workers):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the emulator never became a ready worker")
+
+
+# name: (API keys configured, the headers the client sends)
+CONFIGURATIONS = {
+    "open": (False, {}),
+    "tenant-key": (True, bearer("alice")),
+    "without-key": (True, {}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGURATIONS))
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    keyed, headers = CONFIGURATIONS[request.param]
+    workdir = tmp_path_factory.mktemp(f"conformance-{request.param}")
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        store=f"sqlite:///{workdir / 'comfyfleet.db'}",
+        outputs=str(workdir / "outputs"),
+        api_keys=API_KEYS if keyed else [],
+    )
+    with FleetThread(settings, workdir) as fleet:
+        _wait_for_a_ready_worker(fleet.url, bearer("ops") if keyed else {})
+        served = Served(fleet.url, dict(headers))
+        yield served
+    if "COMFYFLEET_CONFORMANCE_EXAMPLES" in os.environ:
+        print(f"\nconformance {request.param}: {served.requests} requests")
+
+
+def _document() -> dict[str, Any]:
+    """The OpenAPI document, as the application builds it (it depends neither on the store nor on the keys)."""
+    settings = Settings(store="sqlite:///never-opened.db")
+    return create_app(settings, open_store(settings.store)).openapi()
+
+
+schema = schemathesis.openapi.from_dict(
+    _document(),
+    config=SchemathesisConfig.from_dict(
+        {
+            "seed": SEED,
+            "request-timeout": REQUEST_TIMEOUT_S,
+            "generation": {"max-examples": EXAMPLES_PER_OPERATION, "deterministic": True},
+            "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
+        }
+    ),
+)
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+def test_every_answer_is_as_documented(case: Any, served: Served) -> None:
+    wait = (case.query or {}).get("wait")
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and wait > MAX_WAIT_S:
+        case.query["wait"] = MAX_WAIT_S
+    # An event stream never ends: its status, headers and first events are read for this long.
+    timeout = STREAM_READ_S if case.path.endswith("/events") else REQUEST_TIMEOUT_S
+    served.requests += 1
+    case.call_and_validate(base_url=served.url, headers=served.headers, timeout=timeout)
