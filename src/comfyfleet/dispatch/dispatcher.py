@@ -474,6 +474,7 @@ class Dispatcher:
                 http=self._http,
                 max_bytes=self._max_input_bytes,
                 allow_private=self.settings.allow_private_input_urls,
+                outputs=self.outputs,
             )
         except InputError as exc:
             await self._fail(attempt, "input_invalid", str(exc))

@@ -7,9 +7,11 @@ import importlib
 from typing import Any
 
 from comfyfleet.store.base import (
+    AssetRecords,
     Conflict,
     Coordination,
     DispatchQueue,
+    IdempotencyKeys,
     InvalidArgument,
     Lease,
     NotFound,
@@ -58,9 +60,11 @@ def open_store(url: str, **options: Any) -> Store:
 
 __all__ = [
     "BACKENDS",
+    "AssetRecords",
     "Conflict",
     "Coordination",
     "DispatchQueue",
+    "IdempotencyKeys",
     "InvalidArgument",
     "Lease",
     "NotFound",
