@@ -176,11 +176,11 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise _unsatisfiable(size)
         return max(size - length, 0), size - 1
     first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last < first:
-        return None
     if first >= size:
         raise _unsatisfiable(size)
+    last = int(last_text) if last_text else size - 1
+    if last < first:
+        return None  # not a valid range: the whole file, as RFC 9110 asks
     return first, min(last, size - 1)
 
 
