@@ -36,6 +36,8 @@ def create_v2_app(services: Services) -> V2App:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # /jobs/ (a job id left empty) is no job; redirecting it to the list would answer another question.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     app.add_middleware(

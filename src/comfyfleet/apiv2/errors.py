@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from comfyfleet.assets import (
     AssetError,
@@ -206,9 +207,31 @@ def _http_exception(request: Request, exc: Exception) -> Response:
         return Response(status_code=status, headers=headers)
     if status == 404:
         return v2_response(404, "not_found", f"no route {request.url.path}", headers=headers)
+    if status == 405:
+        # Starlette names the methods of the first route that matched the path only; GET and POST /jobs are two.
+        allowed = _allowed_methods(request)
+        headers = {**(headers or {}), "Allow": allowed}
+        return v2_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed here (allowed: {allowed})",
+            headers=headers,
+        )
     code = _CODES.get(status, "invalid_request" if status < 500 else "upstream_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     return v2_response(status, code, message, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    return ", ".join(
+        method
+        for method in methods
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.routes
+        )
+    )
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import mimetypes
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -44,6 +45,8 @@ BLOB_KEY = "content"
 # Output asset ids are derived from the task and file name, so every replica names them alike.
 _OUTPUTS = uuid.UUID("6c1f3a52-27b5-4c8e-9d0c-5e4a5b1f0c11")
 _ENSURED_TASKS = 4096
+# type/subtype in RFC 9110's token characters, with optional parameters: what a Content-Type header may say.
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[\x20-\x7e]*)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,15 @@ class OutputAsset:
 
     output: dict[str, Any]
     asset: Asset
+
+
+def media_type(declared: str | None, file_path: str | None) -> str:
+    """The content type an asset is served with: the one declared when it is a media type (``image/png``),
+    else the one its name suggests, else ``application/octet-stream``."""
+    if declared and _MEDIA_TYPE.match(declared.strip()):
+        return declared.strip()
+    guessed = mimetypes.guess_type(file_path)[0] if file_path else None
+    return guessed or "application/octet-stream"
 
 
 def output_asset_id(task_id: str, filename: str) -> str:
@@ -94,6 +106,7 @@ class AssetService:
         """Keep the bytes of ``source`` (a seekable file) for ``tenant``: a new blob, or the blob it already
         has of the same bytes. Return the new asset record and whether its bytes were new."""
         placement = classify(file_path, self.model_folders)
+        content_type = media_type(content_type, file_path)
         digest = await asyncio.to_thread(hash_file, source)
         if expected_hash is not None and normal_hash(expected_hash) != digest.blake3:
             raise HashMismatch(
@@ -122,9 +135,7 @@ class AssetService:
             except BaseException:
                 await self._drop(blob.tenant, blob.hash)
                 raise
-        content_type = (
-            mimetypes.guess_type(file_path)[0] if file_path else None
-        ) or "application/octet-stream"
+        content_type = media_type(None, file_path)
         return await self._mint(tenant, blob, placement, content_type, file_path, tags)
 
     async def has_blob(self, tenant: str, hash_text: str) -> bool:
