@@ -201,3 +201,25 @@ async def test_upload_refusals(fleet: Fleet) -> None:
     )
     assert (answer.status_code, answer.json()["error"]["code"]) == (404, "blob_not_found")
     assert blob_folders(fleet) == []
+
+
+async def test_a_client_cannot_name_a_stored_file_as_an_input(fleet: Fleet) -> None:
+    """Only the v2 front door, having checked the asset is the caller's, makes stored inputs: an /api/v1 client
+    naming a folder of the output store (another tenant's blob, say) is refused."""
+    asset = (await upload(fleet, png(5, 5), BOB)).json()
+    folder = blob_folders(fleet)[0].name
+    body = {
+        "payload": tiny_workflow(),
+        "inputs": [
+            {
+                "name": "x.png",
+                "url": "https://example.com/x.png",
+                "stored": {"folder": folder, "key": "content"},
+            }
+        ],
+    }
+    answer = await fleet.http.post("/api/v1/tasks", json=body, headers=ALICE)
+    assert answer.status_code == 422
+    assert answer.json()["error"] == "invalid_input"
+    assert "stored" in answer.json()["message"]
+    assert asset["id"]
