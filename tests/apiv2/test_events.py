@@ -49,7 +49,7 @@ async def test_an_ended_job_streams_its_final_status_at_once(sdk: Any) -> None:
 async def test_a_queued_job_hears_its_place_and_its_cancel(sdk: Any) -> None:
     async with sdk() as client:
         busy = [
-            await client.submit(client.workflows.from_json(seed_workflow(steps=300, seed=i)))
+            await client.submit(client.workflows.from_json(seed_workflow(steps=3000, seed=i)))
             for i in range(4)
         ]
         waiting = await client.submit(client.workflows.from_json(tiny_workflow()))

@@ -175,9 +175,9 @@ async def test_cancel_stops_a_running_job_and_is_idempotent(sdk: Any, fleet: Fle
 
 async def test_cancel_of_a_queued_job_is_at_once(sdk: Any) -> None:
     async with sdk() as client:
-        # Two long jobs keep both workers busy (one more waits queued on each), so the fifth waits in comfyfleet.
-        busy = [await client.submit(client.workflows.from_json(slow_workflow(300 + i))) for i in range(4)]
-        queued = await client.submit(client.workflows.from_json(slow_workflow(299)))
+        # Four long jobs fill both workers (one running and one queued on each), so the fifth waits in comfyfleet.
+        busy = [await client.submit(client.workflows.from_json(slow_workflow(3000 + i))) for i in range(4)]
+        queued = await client.submit(client.workflows.from_json(slow_workflow(2999)))
         assert queued.status == "queued"
         assert queued._model.queue_position is not None
         await queued.cancel()

@@ -64,7 +64,10 @@ async def job_of(app: V2App, task: Task, links: Links) -> dict[str, Any]:
     position: int | None = None
     if task.status is TaskStatus.PENDING:
         position = await app.services.store.queue_position(task.id)
-    elif task.status is TaskStatus.RUNNING and task.phase is not TaskPhase.EXECUTING:
+        if position is None:
+            # Claimed (or cancelled) between the two reads: answer with the job as it now stands.
+            task = await app.services.store.get_task(task.id)
+    if task.status is TaskStatus.RUNNING and task.phase is not TaskPhase.EXECUTING:
         position = 0  # handed to a worker, which starts it next
     outputs = [output_json(item, links) for item in await app.assets.job_outputs(task)]
     return job_json(task, queue_position=position, outputs=outputs, links=links)
