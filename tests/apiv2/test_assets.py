@@ -4,6 +4,7 @@ input on whichever worker runs the job, the hash fast path, ranges, deletion, te
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from comfy_low.errors import ApiError
 from comfy_sdk import MissingAsset, NotFound
 from PIL import Image
-from usage_helpers import Fleet, tiny_workflow
+from usage_helpers import Fleet, running_fleet, tiny_workflow
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -223,3 +224,30 @@ async def test_a_client_cannot_name_a_stored_file_as_an_input(fleet: Fleet) -> N
     assert answer.json()["error"] == "invalid_input"
     assert "stored" in answer.json()["message"]
     assert asset["id"]
+
+
+async def test_an_upload_over_the_limit_is_refused(tmp_path: Path) -> None:
+    settings = {"api_keys": [{"key": "key-alice", "tenant": "alice"}], "apiv2": {"max_upload_bytes": 4096}}
+    async with running_fleet(tmp_path, workers=0, wait_for_workers=False, **settings) as small:
+        answer = await upload(small, b"x" * 200_000, ALICE)
+        assert answer.status_code == 413
+        assert answer.json()["error"]["code"] == "payload_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+            yield (
+                b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n"
+            )
+            for _ in range(100):
+                yield b"y" * 10_000
+            yield b"\r\n--zzz--\r\n"
+
+        answer = await small.http.post(
+            "/api/v2/assets",
+            content=chunked(),
+            headers={**ALICE, "Content-Type": "multipart/form-data; boundary=zzz"},
+        )
+        assert answer.status_code == 413
+        assert answer.json()["error"]["code"] == "payload_too_large"
+        assert (await upload(small, png(4, 4), ALICE)).status_code == 201
+        assert blob_folders(small) != []
