@@ -68,6 +68,7 @@ async def schemathesis(spec: Path, fleet: Fleet, config: Path, *options: str) ->
         *options,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=config.parent,  # where schemathesis keeps its cache
     )
     output, _ = await asyncio.wait_for(process.communicate(), ST_TIMEOUT_S)
     assert process.returncode is not None
