@@ -159,6 +159,45 @@ class WebhookSettings(BaseModel):
     safety_poll_s: float = Field(default=5.0, gt=0)
 
 
+# ComfyUI's model folders a Comfy API v2 model upload may go to (``models/<folder>/<name>.safetensors``). Not
+# ``configs`` (arbitrary YAML) nor ``custom_nodes`` (arbitrary Python), though ComfyUI has folders of those names.
+DEFAULT_MODEL_FOLDERS = [
+    "checkpoints",
+    "clip",
+    "clip_vision",
+    "controlnet",
+    "diffusion_models",
+    "embeddings",
+    "gligen",
+    "hypernetworks",
+    "loras",
+    "model_patches",
+    "photomaker",
+    "style_models",
+    "text_encoders",
+    "unet",
+    "upscale_models",
+    "vae",
+    "vae_approx",
+]
+
+
+class ApiV2Settings(BaseModel):
+    """Comfy API v2 (``/api/v2``, see docs/comfy-api-v2.md)."""
+
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, gt=0)  # one asset upload
+    max_event_streams: int = Field(default=16, ge=1)  # open /events streams per tenant and replica
+    model_folders: list[str] = Field(default_factory=lambda: list(DEFAULT_MODEL_FOLDERS))
+
+    @field_validator("model_folders")
+    @classmethod
+    def _plain_folder_names(cls, folders: list[str]) -> list[str]:
+        for folder in folders:
+            if not folder or folder in {".", ".."} or "/" in folder or "\\" in folder:
+                raise ValueError(f"model folder {folder!r} must be one plain folder name")
+        return folders
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COMFYFLEET_", env_nested_delimiter="__", extra="forbid")
 
@@ -177,6 +216,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    apiv2: ApiV2Settings = Field(default_factory=ApiV2Settings)
     replica_id: str | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 

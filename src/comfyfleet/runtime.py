@@ -2,7 +2,7 @@
 
 Only this module picks concrete backends (store by URL, providers, output storage), and only it assembles
 the HTTP application: :func:`create_app` builds the :class:`~comfyfleet.http.Services` and mounts the REST
-API, the ComfyUI gateway, ``/metrics`` and the dashboard on one :class:`~comfyfleet.http.ServiceApp`. Long-lived
+API, Comfy API v2, the ComfyUI gateway, ``/metrics`` and the dashboard on one :class:`~comfyfleet.http.ServiceApp`. Long-lived
 components are async context managers entered in one ``AsyncExitStack`` (closed in reverse order:
 HTTP stops before the dispatcher, the dispatcher before the store), and their loops run as named tasks
 of one ``TaskGroup`` next to the HTTP server. If a loop dies, the whole service stops loudly instead of
@@ -27,6 +27,7 @@ from typing import Self
 import uvicorn
 
 from comfyfleet import api
+from comfyfleet.apiv2 import install_apiv2
 from comfyfleet.config import Settings
 from comfyfleet.dashboard import install_dashboard
 from comfyfleet.dispatch.dispatcher import Dispatcher
@@ -77,10 +78,11 @@ def create_app(
 
 def compose_app(services: Services) -> ServiceApp:
     """Mount every part of the HTTP edge: the REST API first (routes are matched in order, and submissions
-    are the hot path), then ``/metrics``, the ComfyUI gateway (at the root and under ``/api``) and the
+    are the hot path), then Comfy API v2 under ``/api/v2``, ``/metrics``, the ComfyUI gateway (at the root and under ``/api``) and the
     dashboard at ``/``."""
     app = ServiceApp(services, title="comfyfleet", description=api.DESCRIPTION, openapi_tags=api.OPENAPI_TAGS)
     api.install_api(app)
+    install_apiv2(app)
     app.include_router(metrics_router)
     install_gateway(app, services)
     install_dashboard(app)

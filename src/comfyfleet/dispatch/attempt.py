@@ -147,6 +147,7 @@ class Attempt:
                 http=self.ctx.http,
                 max_bytes=self.ctx.max_input_bytes,
                 allow_private=self.ctx.settings.allow_private_input_urls,
+                outputs=self.ctx.outputs,
             )
         except InputError as exc:
             await self.record.fail("input_invalid", str(exc))

@@ -1,10 +1,13 @@
-"""Task input files: fetched (base64 or URL), uploaded to the chosen worker, referenced from the graph.
+"""Task input files: fetched (base64, URL, or a file comfyfleet stores), uploaded to the chosen worker,
+referenced from the graph.
 
 Each task's files go to their own subfolder of the worker's input folder, so tasks that share a worker
 never collide, and every string input of the graph equal to an input's name is rewritten to the uploaded
 path (``LoadImage`` takes ``"<subfolder>/<name>"``).
 
-URL fetches refuse loopback, private, link-local and other non-public addresses unless the config allows
+A stored input (``"stored": {"folder", "key"}``: an uploaded Comfy API v2 asset) is read from the output store;
+only a front door that checked the caller may use that file makes one, so a client-sent input naming
+``stored`` is refused. URL fetches refuse loopback, private, link-local and other non-public addresses unless the config allows
 them (``comfyfleet.net``), check every redirect hop the same way, and stop at a size cap.
 """
 
@@ -21,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from comfyfleet.net import UnsafeAddress, pin_public_address
+from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputStore
 from comfyfleet.redaction import redact
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,199}$")
@@ -31,8 +35,14 @@ class InputError(Exception):
     """An input that cannot be used: bad name, bad base64, forbidden or failing URL, too large."""
 
 
-def check_input_spec(spec: Any, *, max_bytes: int) -> None:
-    """Validate one entry of a task's ``inputs`` at submission time (no network)."""
+def stored_input(name: str, folder: str, key: str, *, size: int, asset_id: str) -> dict[str, Any]:
+    """The ``inputs`` entry of a file the output store keeps under ``folder``/``key``."""
+    return {"name": name, "stored": {"folder": folder, "key": key}, "size": size, "asset_id": asset_id}
+
+
+def check_input_spec(spec: Any, *, max_bytes: int, allow_stored: bool = False) -> None:
+    """Validate one entry of a task's ``inputs`` at submission time (no network). ``allow_stored``: the entry
+    may name a stored file (never for what a client sent)."""
     if not isinstance(spec, dict):
         raise InputError("each input must be an object with 'name' and one of 'data' or 'url'")
     name = spec.get("name")
@@ -40,10 +50,20 @@ def check_input_spec(spec: Any, *, max_bytes: int) -> None:
         raise InputError(
             f"input name {name!r} must be a plain file name (letters, digits, '.', '_', '-', space; no '/')"
         )
-    has_data, has_url = "data" in spec, "url" in spec
-    if has_data == has_url:
+    if "stored" in spec and not allow_stored:
+        raise InputError(f"input {name!r}: unknown field 'stored'; an input has 'data' or 'url'")
+    given = [kind for kind in ("data", "url", "stored") if kind in spec]
+    if len(given) != 1:
         raise InputError(f"input {name!r} needs exactly one of 'data' (base64) or 'url'")
-    if has_data:
+    if given == ["stored"]:
+        stored = spec["stored"]
+        if not (
+            isinstance(stored, dict)
+            and isinstance(stored.get("folder"), str)
+            and isinstance(stored.get("key"), str)
+        ):
+            raise InputError(f"input {name!r}: 'stored' needs 'folder' and 'key'")
+    elif given == ["data"]:
         decode_data(name, spec["data"], max_bytes=max_bytes)
     else:
         url = spec["url"]
@@ -108,6 +128,21 @@ async def fetch_url(client: httpx.AsyncClient, url: str, *, max_bytes: int, allo
     raise InputError(f"input URL followed more than {_MAX_REDIRECTS} redirects")
 
 
+async def read_stored(outputs: OutputStore | None, name: str, stored: dict[str, str]) -> bytes:
+    """The bytes of a stored input (its size was checked when it was stored)."""
+    if outputs is None:
+        raise InputError(f"input {name!r} is a stored file, but this dispatcher has no output store")
+    body = bytearray()
+    try:
+        async for chunk in outputs.read(stored["folder"], stored["key"]):
+            body.extend(chunk)
+    except (OutputNotFound, InvalidOutputName) as exc:
+        # Deleted since the submission (its asset was deleted). A storage outage is not the input's fault:
+        # it goes up as OutputsUnavailable, and the attempt is retried.
+        raise InputError(f"input {name!r} is no longer stored (its asset was deleted)") from exc
+    return bytes(body)
+
+
 def rewrite_graph(graph: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
     """A copy of ``graph`` whose string inputs equal to an input name point at the uploaded path."""
     if not renames:
@@ -135,16 +170,20 @@ async def prepare_inputs(
     http: httpx.AsyncClient,
     max_bytes: int,
     allow_private: bool,
+    outputs: OutputStore | None = None,
 ) -> dict[str, Any]:
-    """Upload every input of a task to the worker (``upload(data, name, subfolder)``); return the graph to submit."""
+    """Upload every input of a task to the worker (``upload(data, name, subfolder)``); return the graph to submit.
+    ``outputs``: where stored inputs are read from."""
     if not inputs:
         return graph
     subfolder = f"comfyfleet/{task_id}"
     renames: dict[str, str] = {}
     for spec in inputs:
-        check_input_spec(spec, max_bytes=max_bytes)
+        check_input_spec(spec, max_bytes=max_bytes, allow_stored=True)
         name = spec["name"]
-        if "data" in spec:
+        if "stored" in spec:
+            data = await read_stored(outputs, name, spec["stored"])
+        elif "data" in spec:
             data = decode_data(name, spec["data"], max_bytes=max_bytes)
         else:
             data = await fetch_url(http, spec["url"], max_bytes=max_bytes, allow_private=allow_private)

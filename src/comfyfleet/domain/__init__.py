@@ -1,5 +1,6 @@
-"""Pure domain model: tasks, workers, their statuses and allowed transitions. Imports nothing of ours."""
+"""Pure domain model: tasks, workers, their statuses and allowed transitions, assets. Imports nothing of ours."""
 
+from comfyfleet.domain.assets import Asset, Blob, ModelFile, StoredFile
 from comfyfleet.domain.tasks import (
     TERMINAL_STATUSES,
     NewTask,
@@ -20,8 +21,12 @@ from comfyfleet.domain.workers import (
 __all__ = [
     "LIVE_WORKER_STATES",
     "TERMINAL_STATUSES",
+    "Asset",
+    "Blob",
+    "ModelFile",
     "NewTask",
     "QueueMetrics",
+    "StoredFile",
     "Task",
     "TaskPhase",
     "TaskStatus",

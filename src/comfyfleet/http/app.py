@@ -3,6 +3,7 @@ the services, the JSON response class, the error handlers and the request body l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -35,8 +36,19 @@ class ServiceApp(FastAPI):
         super().__init__(version=__version__, default_response_class=JSONBody, **options)
         self.services = services
         install_error_handlers(self)
-        self.add_middleware(BodyLimitMiddleware, max_body_bytes=services.settings.limits.max_body_bytes)
-        self.add_middleware(UnstorableTextMiddleware)
+        self._own_limits: list[str] = []
+        self.add_middleware(
+            BodyLimitMiddleware,
+            max_body_bytes=services.settings.limits.max_body_bytes,
+            exempt_prefixes=self._own_limits,
+        )
+        self.add_middleware(UnstorableTextMiddleware, exempt_prefixes=self._own_limits)
+
+    def mount_front_door(self, path: str, app: ASGIApp) -> None:
+        """Mount an application that answers everything under ``path`` itself: its own error shape and its
+        own request size limits (Comfy API v2, whose uploads are larger than this application's limit)."""
+        self.mount(path, app)
+        self._own_limits.append(path.rstrip("/") + "/")
 
     def openapi(self) -> dict[str, Any]:
         """FastAPI's document, completed with what this application's handlers and middleware answer."""
@@ -52,11 +64,12 @@ class UnstorableTextMiddleware:
     business (``tasks.checks``); percent-decoding turns undecodable bytes into U+FFFD, so a lone surrogate
     cannot come in through a URL."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, exempt_prefixes: Sequence[str] = ()) -> None:
         self.app = app
+        self.exempt_prefixes = exempt_prefixes  # mounted front doors that answer in their own error shape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not str(scope["path"]).startswith(tuple(self.exempt_prefixes)):
             error = self._refusal(scope)
             if error is not None:
                 await _send_error(send, error)
@@ -92,12 +105,13 @@ class BodyLimitMiddleware:
     skips the rest of that body, so the connection stays usable).
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, exempt_prefixes: Sequence[str] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.exempt_prefixes = exempt_prefixes  # mounted front doors that limit their own bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or str(scope.get("path", "")).startswith(tuple(self.exempt_prefixes)):
             await self.app(scope, receive, send)
             return
         declared: int | None = None

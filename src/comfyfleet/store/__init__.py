@@ -8,9 +8,11 @@ from typing import Any
 
 from comfyfleet.store._common import cursor_after
 from comfyfleet.store.base import (
+    AssetRecords,
     Conflict,
     Coordination,
     DispatchQueue,
+    IdempotencyKeys,
     InvalidArgument,
     Lease,
     NotFound,
@@ -59,9 +61,11 @@ def open_store(url: str, **options: Any) -> Store:
 
 __all__ = [
     "BACKENDS",
+    "AssetRecords",
     "Conflict",
     "Coordination",
     "DispatchQueue",
+    "IdempotencyKeys",
     "InvalidArgument",
     "Lease",
     "NotFound",

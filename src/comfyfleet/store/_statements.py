@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import cached_property
 
+from comfyfleet.store._asset_statements import AssetStatements
 from comfyfleet.store._rows import QUEUE_ORDER, TASK_COLUMNS, WEBHOOK_COLUMNS, WORKER_COLUMNS
 
 # A write about an attempt applies only while its lease is current: the fencing condition.
@@ -27,7 +28,7 @@ def base64_size(text: str) -> str:
     return f"length({text}) * 3 / 4 - (length({text}) - length(rtrim({text}, '=')))"
 
 
-class Statements:
+class Statements(AssetStatements):
     """The SQL of one dialect. Subclasses set the tokens below; the statements are built once, on first use."""
 
     # The migrations folder of this dialect.
@@ -392,6 +393,27 @@ class Statements:
         f"SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE task_id = :task_id ORDER BY id"
     )
     next_webhook_due_at = "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE status = 'pending'"
+
+    # -- idempotency keys held apart from tasks --------------------------------------------------
+    @cached_property
+    def claim_idempotency_key(self) -> str:
+        """Claim ``:key`` of ``:tenant`` for ``:task_id`` until the end of ``:lease_s`` seconds, unless a claim
+        whose time has not run out holds it: then nothing is returned."""
+        return (
+            "INSERT INTO idempotency_keys (tenant, key, task_id, expires_at) "
+            f"VALUES (:tenant, :key, :task_id, {self.lease_expiry}) "
+            "ON CONFLICT (tenant, key) DO UPDATE SET task_id = excluded.task_id, expires_at = excluded.expires_at "
+            f"WHERE idempotency_keys.expires_at <= {self.now} RETURNING task_id"
+        )
+
+    idempotency_key_holder = "SELECT task_id FROM idempotency_keys WHERE tenant = :tenant AND key = :key"
+    release_idempotency_key = (
+        "DELETE FROM idempotency_keys WHERE tenant = :tenant AND key = :key AND task_id = :task_id"
+    )
+
+    @cached_property
+    def purge_idempotency_keys(self) -> str:
+        return f"DELETE FROM idempotency_keys WHERE expires_at <= {self.now} RETURNING key"
 
     # -- schema -----------------------------------------------------------------------------------
     schema_version = "SELECT max(version) FROM schema_migrations"

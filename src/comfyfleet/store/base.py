@@ -1,7 +1,8 @@
 """The store's ports: the durable queue of tasks, the worker records, the webhook outbox and coordination.
 
 One small protocol per role (:class:`TaskQueue` for the front doors, :class:`DispatchQueue` for the
-dispatcher, :class:`WorkerRecords`, :class:`WebhookOutbox`, :class:`Coordination`); :class:`Store` is all of
+dispatcher, :class:`WorkerRecords`, :class:`WebhookOutbox`, :class:`AssetRecords`,
+:class:`IdempotencyKeys`, :class:`Coordination`); :class:`Store` is all of
 them, which every backend provides. Backends are picked by URL scheme in ``comfyfleet.store.open_store``; the
 behaviour is written once in ``sql.py`` and each dialect module (``sqlite.py``, ``postgres.py``) keeps only its
 SQL text and its connection handling. The behavioural contract suite in ``tests/store`` runs against both.
@@ -13,12 +14,23 @@ never overwrite what the new owner wrote.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, Self
 
-from comfyfleet.domain import NewTask, QueueMetrics, Task, TaskPhase, TaskStatus, Worker, WorkerMetrics
+from comfyfleet.domain import (
+    Asset,
+    Blob,
+    ModelFile,
+    NewTask,
+    QueueMetrics,
+    Task,
+    TaskPhase,
+    TaskStatus,
+    Worker,
+    WorkerMetrics,
+)
 
 
 class StoreError(Exception):
@@ -269,6 +281,62 @@ class WebhookOutbox(Protocol):
         """The earliest ``next_attempt_at`` among pending deliveries, for the deliverer's timer."""
 
 
+class AssetRecords(Protocol):
+    """Comfy API v2's assets: blobs (a tenant's uploaded bytes, by blake3 hash, reference-counted), the asset
+    records over them or over a job's output files, and the fleet's model files (by folder and name, never
+    overwritten, found by sha256)."""
+
+    async def take_blob(self, tenant: str, hash: str) -> Blob | None:
+        """One more reference to ``tenant``'s blob of ``hash``, or None when it has none."""
+
+    async def put_blob(self, blob: Blob) -> tuple[Blob, bool]:
+        """Store a new blob with one reference, or take one more reference to the one of the same tenant and
+        hash stored meanwhile: the blob kept, and whether it is this one (else the caller removes its bytes)."""
+
+    async def drop_blob(self, tenant: str, hash: str) -> Blob | None:
+        """One reference fewer; the blob, once the last one went and its record was removed (the caller then
+        removes its bytes), else None."""
+
+    async def has_blob(self, tenant: str, hash: str) -> bool: ...
+
+    async def insert_asset(self, asset: Asset) -> Asset | None:
+        """Store an asset record (its ``created_at`` is the store's); None when its id exists already."""
+
+    async def insert_assets(self, assets: Sequence[Asset]) -> None:
+        """Store the records whose ids do not exist yet (a job's outputs, on first sight)."""
+
+    async def get_asset(self, asset_id: str, tenant: str | None = None) -> Asset:
+        """:class:`NotFound` when unknown or another tenant's (``tenant=None`` sees all)."""
+
+    async def delete_asset(self, asset_id: str, tenant: str | None = None) -> Asset:
+        """Remove a record and return it (its blob reference is the caller's to drop); :class:`NotFound`."""
+
+    async def put_model_file(self, model: ModelFile) -> tuple[ModelFile, bool]:
+        """Record a model file unless its folder and name are taken: the record kept, and whether it is this."""
+
+    async def find_model_file(self, sha256: str) -> ModelFile | None:
+        """A model file with this content (the first recorded, when several names have it)."""
+
+    async def list_model_files(self, folder: str | None = None) -> list[ModelFile]:
+        """The model files of one folder (all with None), by folder and name."""
+
+
+class IdempotencyKeys(Protocol):
+    """Idempotency keys held apart from the tasks they created, for a limited time (Comfy API v2's
+    ``Idempotency-Key``: used once, remembered for a day), so that a key can be used again once it expired."""
+
+    async def claim_idempotency_key(self, tenant: str, key: str, task_id: str, ttl_s: float) -> str | None:
+        """Claim ``tenant``'s ``key`` for ``task_id`` (the task about to be created) for ``ttl_s`` seconds:
+        None when claimed (also over a claim whose time ran out), else the id of the task that holds it."""
+
+    async def release_idempotency_key(self, tenant: str, key: str, task_id: str) -> None:
+        """Give the key up again (the submission it was claimed for created no task); a no-op unless
+        ``task_id`` holds it."""
+
+    async def purge_idempotency_keys(self) -> int:
+        """Forget the keys whose time ran out; return how many."""
+
+
 class Coordination(Protocol):
     """The schema, and what keeps replicas in step: wake-ups and leadership."""
 
@@ -299,7 +367,16 @@ class Coordination(Protocol):
         :class:`StoreUnavailable` when the store is not migrated."""
 
 
-class Store(TaskQueue, DispatchQueue, WorkerRecords, WebhookOutbox, Coordination, Protocol):
+class Store(
+    TaskQueue,
+    DispatchQueue,
+    WorkerRecords,
+    WebhookOutbox,
+    AssetRecords,
+    IdempotencyKeys,
+    Coordination,
+    Protocol,
+):
     """Async, durable state: every role at once. Every long-lived store is an async context manager."""
 
     url: str

@@ -24,6 +24,7 @@ from typing import Any
 from uuid import uuid4
 
 from comfyfleet.domain import NewTask, QueueMetrics, Task, TaskPhase, TaskStatus
+from comfyfleet.store._assets import AssetsMixin
 from comfyfleet.store._common import (
     check_limit,
     decode_cursor,
@@ -34,7 +35,6 @@ from comfyfleet.store._common import (
     not_pending,
     pool_filter,
 )
-from comfyfleet.store._records import RecordsMixin
 from comfyfleet.store._rows import Row, queue_order, task_from_row
 from comfyfleet.store.base import Conflict, Lease, NotFound, StoreError, StoreUnavailable, TaskPage
 
@@ -44,7 +44,7 @@ logger = logging.getLogger("comfyfleet.store")
 READY_TIMEOUT_S = 2.0
 
 
-class SqlStore(RecordsMixin):
+class SqlStore(AssetsMixin):
     """The :class:`~comfyfleet.store.base.Store` roles over a dialect's statements (see the module's doc)."""
 
     def _task(self, row: Row) -> Task:
@@ -365,3 +365,23 @@ class SqlStore(RecordsMixin):
     async def next_due_at(self) -> datetime | None:
         rows = await self._read(self.sql.next_due_at, self._now())
         return self.codec.load_optional_time(rows[0][0])
+
+    # -- idempotency keys held apart from tasks ---------------------------------------------------
+    async def claim_idempotency_key(self, tenant: str, key: str, task_id: str, ttl_s: float) -> str | None:
+        params = {"tenant": tenant, "key": key, "task_id": task_id, **self._lease(ttl_s)}
+        for _ in range(3):
+            if await self._write(self.sql.claim_idempotency_key, params):
+                return None
+            holder = await self._read(self.sql.idempotency_key_holder, params)
+            if holder:
+                return str(holder[0][0])
+            # Released between the two statements: the key is free again, so claim it once more.
+        raise StoreError(f"could not claim idempotency key {key!r}: keeps changing hands")
+
+    async def release_idempotency_key(self, tenant: str, key: str, task_id: str) -> None:
+        await self._write(
+            self.sql.release_idempotency_key, {"tenant": tenant, "key": key, "task_id": task_id}
+        )
+
+    async def purge_idempotency_keys(self) -> int:
+        return len(await self._write(self.sql.purge_idempotency_keys, self._now()))

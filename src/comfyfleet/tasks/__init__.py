@@ -13,6 +13,7 @@ from comfyfleet.tasks.commands import (
     GraphCheck,
     Idempotency,
     OnReuse,
+    StoredInput,
     SubmitTask,
     Submitted,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "Problem",
     "Rejected",
     "StartEstimator",
+    "StoredInput",
     "SubmitTask",
     "Submitted",
     "TaskCommandError",

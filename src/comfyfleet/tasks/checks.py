@@ -21,7 +21,7 @@ from comfyfleet.comfy.workflow import INPUT_FILE_NODES, MODEL_INPUTS, validate
 from comfyfleet.config import Limits, Settings
 from comfyfleet.dispatch.inputs import InputError, check_input_spec
 from comfyfleet.domain.graph import UI_FORMAT_HELP, GraphError, is_ui_format, validate_graph
-from comfyfleet.tasks.commands import SubmitTask
+from comfyfleet.tasks.commands import StoredInput, SubmitTask
 from comfyfleet.tasks.errors import Problem, Rejected
 
 MAX_WEBHOOK_URL_LENGTH = 2048
@@ -254,6 +254,16 @@ def check_inputs(inputs: list[dict[str, Any]] | None, *, max_bytes: int) -> None
             raise Rejected(
                 "invalid_input", str(exc), [Problem(("inputs", index), str(exc), "invalid_input")]
             ) from None
+
+
+def check_stored_inputs(inputs: list[dict[str, Any]] | None, stored: Collection[StoredInput]) -> None:
+    """Stored input files (made by a front door) take names no other input of the task has."""
+    taken = {spec.get("name") for spec in inputs or [] if isinstance(spec, dict)}
+    for index, item in enumerate(stored):
+        if item.name in taken:
+            message = f"two input files are named {item.name!r}"
+            raise Rejected("invalid_input", message, [Problem(("inputs", index), message, "invalid_input")])
+        taken.add(item.name)
 
 
 def webhook_problem(webhook: dict[str, Any]) -> str | None:

@@ -32,6 +32,14 @@ class Idempotency:
     key: str
     on_reuse: OnReuse
     names_task: bool = False
+    remember_s: float | None = None
+    """Held apart from the task, for this many seconds, instead of on it (Comfy API v2's key: used once and
+    remembered for a day, then free again). The key is claimed only once the submission passed its checks,
+    and stays claimed if storing the task fails in a way that may have stored it."""
+
+    def __post_init__(self) -> None:
+        if self.remember_s is not None and (self.on_reuse is not OnReuse.REFUSE or self.names_task):
+            raise ValueError("a key remembered for a time is refused on reuse and does not name the task")
 
 
 class GraphCheck(enum.Enum):
@@ -42,6 +50,19 @@ class GraphCheck(enum.Enum):
     FLEET = "fleet"
     """As ComfyUI's ``POST /prompt`` checks it, against the node catalogue of the fleet's workers (the last seen
     when none is up); its shape only when no worker was ever seen."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInput:
+    """An input file comfyfleet already keeps in its output store (an uploaded Comfy API v2 asset), sent to the
+    worker like the task's other inputs: ``name`` is the graph's string that becomes the file's path there.
+    Only front doors make these (after checking the caller may use the file); a client never names a location."""
+
+    name: str
+    folder: str
+    key: str
+    size: int
+    asset_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +77,8 @@ class SubmitTask:
     timeout_s: float | None = None
     pool: str | None = None
     inputs: list[dict[str, Any]] | None = None
+    stored_inputs: tuple[StoredInput, ...] = ()
+    """Input files already in the output store, added to ``inputs`` once those passed their checks."""
     webhook: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     idempotency: Idempotency | None = None

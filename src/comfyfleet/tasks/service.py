@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from comfyfleet.config import Settings
+from comfyfleet.dispatch.inputs import stored_input
 from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
 from comfyfleet.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, status_event
 from comfyfleet.store import Conflict, NotFound, Store, StoreError
@@ -32,6 +33,9 @@ from comfyfleet.tasks.errors import IdempotencyConflict, TaskNotFound, TaskState
 from comfyfleet.tasks.ids import TaskIds
 
 logger = logging.getLogger(__name__)
+
+# How many keys held apart from tasks are claimed between two sweeps of the expired ones.
+_PURGE_KEYS_EVERY = 500
 
 # What makes two submissions "the same request" for an idempotency key.
 _REQUEST_FIELDS = (
@@ -68,6 +72,7 @@ class TaskService:
         self._known_pools = checks.known_pools(settings)
         self._new_id = TaskIds()
         self._listeners: list[Callable[[Task], None]] = []
+        self._keys_claimed = 0
 
     def add_listener(self, listener: Callable[[Task], None]) -> None:
         """Call ``listener(task)`` for every change this service announces, just before the announcement, so a
@@ -87,6 +92,8 @@ class TaskService:
                 return await self._replayed(existing, wait_s)
         node_errors = await self._check(command)
         new = self._new_task(command)
+        if idempotency is not None and idempotency.remember_s is not None:
+            await self._claim_key(idempotency, new)
         try:
             task, created = await self._store.create_task(new)
         except Conflict:
@@ -120,6 +127,7 @@ class TaskService:
         checks.check_priority(command.priority, limits)
         node_errors = await self._check_graph(command)
         checks.check_inputs(command.inputs, max_bytes=limits.max_input_bytes)
+        checks.check_stored_inputs(command.inputs, command.stored_inputs)
         checks.check_webhook(command.webhook)
         checks.check_pool(command.pool, self._known_pools)
         return node_errors
@@ -134,6 +142,7 @@ class TaskService:
             return {}
         checks.check_size(command.payload, max_nodes=max_nodes)
         attached = {spec.get("name") for spec in command.inputs or [] if isinstance(spec, dict)}
+        attached.update(stored.name for stored in command.stored_inputs)
         return checks.check_against_catalogue(
             command.payload,
             object_info,
@@ -159,12 +168,49 @@ class TaskService:
             if command.timeout_s is not None
             else self._dispatch.default_timeout_s,
             tenant=command.tenant,
-            idempotency_key=idempotency.key if idempotency is not None and not names_task else None,
+            idempotency_key=idempotency.key
+            if idempotency is not None and not names_task and idempotency.remember_s is None
+            else None,
             pool=command.pool,
-            inputs=command.inputs,
+            inputs=self._inputs(command),
             webhook=command.webhook,
             metadata=command.metadata,
         )
+
+    @staticmethod
+    def _inputs(command: SubmitTask) -> list[dict[str, Any]] | None:
+        if not command.stored_inputs:
+            return command.inputs
+        stored = [
+            stored_input(item.name, item.folder, item.key, size=item.size, asset_id=item.asset_id)
+            for item in command.stored_inputs
+        ]
+        return [*(command.inputs or []), *stored]
+
+    async def _claim_key(self, idempotency: Idempotency, new: NewTask) -> None:
+        """Claim a key held apart from tasks for the task about to be stored, or refuse its reuse."""
+        assert idempotency.remember_s is not None
+        assert new.id is not None
+        holder = await self._store.claim_idempotency_key(
+            new.tenant, idempotency.key, new.id, idempotency.remember_s
+        )
+        if holder is not None:
+            raise IdempotencyConflict(
+                "idempotency_key_reused",
+                f"the idempotency key {idempotency.key!r} was already used; keys are used once: poll or "
+                "list your jobs to find the one it created, or use a new key",
+                idempotency.key,
+                holder,
+            )
+        self._keys_claimed += 1
+        if self._keys_claimed % _PURGE_KEYS_EVERY == 0:
+            # Expired keys are taken over by a new claim anyway; this only keeps the table small.
+            try:
+                purged = await self._store.purge_idempotency_keys()
+            except StoreError as exc:
+                logger.warning("idempotency_key_purge_failed error=%s", exc)
+            else:
+                logger.info("idempotency_keys_purged count=%d", purged)
 
     async def _named_task(self, idempotency: Idempotency, tenant: str) -> Task | None:
         """The task a client-chosen id already names, if any; refused when it is another tenant's or the key
