@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
 
 from comfyfleet.assets import (
     AssetError,
@@ -32,7 +31,7 @@ from comfyfleet.assets import (
     MissingAsset,
     ModelNameTaken,
 )
-from comfyfleet.http.errors import ApiError, describe_validation_errors
+from comfyfleet.http.errors import ApiError, describe_validation_errors, json_response, routed_methods
 from comfyfleet.store import InvalidArgument, NotFound, StoreError
 from comfyfleet.tasks import IdempotencyConflict, Rejected, TaskCommandError, TaskNotFound
 
@@ -41,23 +40,12 @@ logger = logging.getLogger(__name__)
 UPSTREAM_MESSAGE = "an unexpected failure occurred while processing the request; try again shortly"
 
 
-class V2Error(Exception):
-    """A failure the client is told about in v2's envelope."""
+class V2Error(ApiError):
+    """A failure the client is told about in v2's envelope (``error`` holds v2's code)."""
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        details: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = dict(details) if details else None
-        self.headers = dict(headers) if headers else None
+    @property
+    def code(self) -> str:
+        return self.error
 
 
 def not_found(what: str) -> V2Error:
@@ -85,12 +73,7 @@ def v2_response(
     details: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    return Response(
-        envelope(code, message, details),
-        status_code=status,
-        media_type="application/json",
-        headers=dict(headers) if headers else None,
-    )
+    return json_response(envelope(code, message, details), status, headers)
 
 
 def task_command_error(exc: TaskCommandError) -> V2Error:
@@ -209,7 +192,7 @@ def _http_exception(request: Request, exc: Exception) -> Response:
         return v2_response(404, "not_found", f"no route {request.url.path}", headers=headers)
     if status == 405:
         # Starlette names the methods of the first route that matched the path only; GET and POST /jobs are two.
-        allowed = _allowed_methods(request)
+        allowed = ", ".join(routed_methods(request))
         headers = {**(headers or {}), "Allow": allowed}
         return v2_response(
             405,
@@ -220,18 +203,6 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     code = _CODES.get(status, "invalid_request" if status < 500 else "upstream_error")
     message = str(exc.detail) if exc.detail else code.replace("_", " ")
     return v2_response(status, code, message, headers=headers)
-
-
-def _allowed_methods(request: Request) -> str:
-    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-    return ", ".join(
-        method
-        for method in methods
-        if any(
-            route.matches({**request.scope, "method": method})[0] is Match.FULL
-            for route in request.app.routes
-        )
-    )
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:

@@ -104,6 +104,13 @@ def error_body(status: int, error: str, message: str, details: Mapping[str, Any]
     return to_json(body)
 
 
+def json_response(body: bytes, status: int, headers: Mapping[str, str] | None = None) -> Response:
+    """An error body already encoded, as a response (every front door's error shape goes out through here)."""
+    return Response(
+        body, status_code=status, media_type="application/json", headers=dict(headers) if headers else None
+    )
+
+
 def error_response(
     status: int,
     error: str,
@@ -111,12 +118,7 @@ def error_response(
     details: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    return Response(
-        error_body(status, error, message, details),
-        status_code=status,
-        media_type="application/json",
-        headers=dict(headers) if headers else None,
-    )
+    return json_response(error_body(status, error, message, details), status, headers)
 
 
 # Store error → (status, code, message used when the store's own message is not for clients).
@@ -273,10 +275,10 @@ def _http_exception(request: Request, exc: Exception) -> Response:
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
-def _allowed_methods(request: Request) -> str:
-    """The methods of the resource at the request's path, for the ``Allow`` header of a 405."""
+def routed_methods(request: Request) -> list[str]:
+    """The methods some route of the app answers at the request's path."""
     # Starlette names only the first route that matched the path (GET and POST /tasks are two routes).
-    routed = [
+    return [
         method
         for method in _METHODS
         if any(
@@ -284,6 +286,11 @@ def _allowed_methods(request: Request) -> str:
             for route in request.app.routes
         )
     ]
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of the resource at the request's path, for the ``Allow`` header of a 405."""
+    routed = routed_methods(request)
     documented = _documented_methods(request.app, request.url.path)
     return ", ".join(method for method in routed if documented is None or method in documented)
 
