@@ -13,18 +13,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from support import ServeProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 README_URL = "http://127.0.0.1:8080"
-_LISTENING = re.compile(r"api_listening url=(http://\S+)")
 
 
 def _blocks(language: str) -> list[str]:
@@ -34,38 +33,19 @@ def _blocks(language: str) -> list[str]:
 @pytest.fixture(scope="module")
 def quickstart_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("quickstart")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("COMFYFLEET_")}
-    env.update(
-        COMFYFLEET_STORE=f"sqlite:///{workdir / 'quickstart.db'}", COMFYFLEET_OUTPUTS=str(workdir / "outputs")
-    )
-    log_path = workdir / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "comfyfleet",
-                "serve",
-                "--config",
-                "examples/quickstart.yaml",
-                "--port",
-                "0",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not (match := _LISTENING.search(log_path.read_text(errors="replace"))):
-                assert process.poll() is None, log_path.read_text(errors="replace")
-                assert time.monotonic() < deadline, "the quickstart service did not listen within 30 s"
-                time.sleep(0.05)
-            yield match[1]
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    server = ServeProcess(
+        workdir,
+        "--config",
+        str(ROOT / "examples" / "quickstart.yaml"),
+        "--store",
+        f"sqlite:///{workdir / 'quickstart.db'}",
+        "--outputs",
+        str(workdir / "outputs"),
+    ).start()
+    try:
+        yield server.wait_listening()
+    finally:
+        server.stop()
 
 
 @pytest.fixture

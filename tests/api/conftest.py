@@ -1,4 +1,4 @@
-"""Fixtures for the API tests: an app around a real SQLite store, and real servers on loopback."""
+"""Fixtures for the API tests: an app around a real SQLite store, called in process through ASGI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import ServerThread
 
 from comfyfleet.config import Settings
 from comfyfleet.runtime import create_app
@@ -51,14 +50,3 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client() as opened:
         yield opened
-
-
-@pytest.fixture
-def serve_in_thread(tmp_path: Path) -> Callable[..., ServerThread]:
-    """``with serve_in_thread(**settings) as server``: a real server on 127.0.0.1, port chosen by the OS."""
-
-    def start(**settings: Any) -> ServerThread:
-        settings.setdefault("store", f"sqlite:///{tmp_path / 'server.db'}")
-        return ServerThread(Settings(host="127.0.0.1", port=0, **settings))
-
-    return start

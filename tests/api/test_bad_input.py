@@ -7,34 +7,29 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from api_helpers import API_KEYS, ServerThread, assert_error_shape, bearer, seed_body, small_body
+from api_helpers import API_KEYS, assert_error_shape, bearer, small_body
 
-from comfyfleet.config import Limits, Settings
+from comfyfleet.config import Limits
+from support import FleetThread, seed_body
 
 MAX_BODY_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    store = tmp_path_factory.mktemp("bad-input") / "server.db"
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        store=f"sqlite:///{store}",
-        api_keys=API_KEYS,
-        limits=Limits(max_body_bytes=MAX_BODY_BYTES),
-    )
-    with ServerThread(settings) as running:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetThread]:
+    workdir = tmp_path_factory.mktemp("bad-input")
+    limits = Limits(max_body_bytes=MAX_BODY_BYTES)
+    with FleetThread(workdir, workers=0, api_keys=API_KEYS, limits=limits) as running:
         yield running
 
 
 @pytest.fixture
-async def http(server: ServerThread) -> AsyncIterator[httpx.AsyncClient]:
+async def http(server: FleetThread) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, headers=bearer("alice"), timeout=10) as client:
         yield client
 
 
-async def still_serving(server: ServerThread) -> None:
+async def still_serving(server: FleetThread) -> None:
     """A fresh connection can still submit and read a task."""
     async with httpx.AsyncClient(base_url=server.url, headers=bearer("alice"), timeout=10) as client:
         assert (await client.get("/health")).status_code == 200
@@ -50,7 +45,7 @@ def post_raw(client: httpx.AsyncClient, content: bytes) -> httpx.Request:
     )
 
 
-async def test_body_not_json(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_body_not_json(http: httpx.AsyncClient, server: FleetThread) -> None:
     for content in (b'{"payload": ', b"not json at all", b"\xff\xfe\x00", b""):
         response = await http.send(post_raw(http, content))
         body = assert_error_shape(response, 400 if content else 422)
@@ -58,7 +53,7 @@ async def test_body_not_json(http: httpx.AsyncClient, server: ServerThread) -> N
     await still_serving(server)
 
 
-async def test_a_json_array(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_a_json_array(http: httpx.AsyncClient, server: FleetThread) -> None:
     response = await http.send(post_raw(http, json.dumps([seed_body()]).encode()))
     body = assert_error_shape(response, 422, "validation_error")
     assert body["message"] == "the request body must be a JSON object"
@@ -66,21 +61,21 @@ async def test_a_json_array(http: httpx.AsyncClient, server: ServerThread) -> No
 
 
 @pytest.mark.parametrize("payload", [[], "graph", 7, None, [["3", {"class_type": "KSampler"}]]])
-async def test_payload_not_an_object(http: httpx.AsyncClient, server: ServerThread, payload: object) -> None:
+async def test_payload_not_an_object(http: httpx.AsyncClient, server: FleetThread, payload: object) -> None:
     response = await http.post("/api/v1/tasks", json={"payload": payload})
     body = assert_error_shape(response, 422, "validation_error")
     assert body["details"]["errors"][0]["loc"] == ["body", "payload"]
     await still_serving(server)
 
 
-async def test_missing_payload(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_missing_payload(http: httpx.AsyncClient, server: FleetThread) -> None:
     response = await http.post("/api/v1/tasks", json={"workflow_id": "x", "priority": 1})
     body = assert_error_shape(response, 422, "validation_error")
     assert body["details"]["errors"][0]["loc"] == ["body", "payload"]
     await still_serving(server)
 
 
-async def test_a_node_without_class_type(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_a_node_without_class_type(http: httpx.AsyncClient, server: FleetThread) -> None:
     body = seed_body()
     del body["payload"]["6"]["class_type"]
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "invalid_graph")
@@ -97,7 +92,7 @@ async def test_a_node_without_class_type(http: httpx.AsyncClient, server: Server
     await still_serving(server)
 
 
-async def test_a_link_to_a_missing_node(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_a_link_to_a_missing_node(http: httpx.AsyncClient, server: FleetThread) -> None:
     body = seed_body()
     body["payload"]["3"]["inputs"]["latent_image"] = ["55", 0]
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "invalid_graph")
@@ -112,7 +107,7 @@ async def test_a_link_to_a_missing_node(http: httpx.AsyncClient, server: ServerT
     await still_serving(server)
 
 
-async def test_a_cycle(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_a_cycle(http: httpx.AsyncClient, server: FleetThread) -> None:
     body = seed_body()
     body["payload"]["4"]["inputs"]["ckpt_name"] = ["9", 0]  # the loader now reads the saver's output
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "invalid_graph")
@@ -125,9 +120,7 @@ async def test_a_cycle(http: httpx.AsyncClient, server: ServerThread) -> None:
 
 
 @pytest.mark.parametrize("priority", [5.5, 5.0, "5", "high", None, [5], True])
-async def test_a_non_integer_priority(
-    http: httpx.AsyncClient, server: ServerThread, priority: object
-) -> None:
+async def test_a_non_integer_priority(http: httpx.AsyncClient, server: FleetThread, priority: object) -> None:
     body = seed_body()
     body["priority"] = priority
     error = assert_error_shape(await http.post("/api/v1/tasks", json=body), 422, "validation_error")
@@ -136,7 +129,7 @@ async def test_a_non_integer_priority(
 
 
 @pytest.mark.parametrize("field", ["payload", "metadata"])
-async def test_values_nested_absurdly_deep(http: httpx.AsyncClient, server: ServerThread, field: str) -> None:
+async def test_values_nested_absurdly_deep(http: httpx.AsyncClient, server: FleetThread, field: str) -> None:
     # Deep enough to be stored but not serialized back: refused up front, never a 500 after the insert.
     deep = "[" * 500 + "]" * 500
     if field == "payload":
@@ -152,7 +145,7 @@ async def test_values_nested_absurdly_deep(http: httpx.AsyncClient, server: Serv
     await still_serving(server)
 
 
-async def test_a_body_over_the_limit(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_a_body_over_the_limit(http: httpx.AsyncClient, server: FleetThread) -> None:
     body = small_body(metadata={"padding": "x" * MAX_BODY_BYTES})
     content = json.dumps(body).encode()
     response = await http.send(post_raw(http, content))
@@ -163,7 +156,7 @@ async def test_a_body_over_the_limit(http: httpx.AsyncClient, server: ServerThre
     await still_serving(server)
 
 
-async def test_a_chunked_body_over_the_limit(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_a_chunked_body_over_the_limit(http: httpx.AsyncClient, server: FleetThread) -> None:
     # No Content-Length: the size is only known by reading, so the server must count as it reads.
     chunk = b" " * 8192
 
@@ -196,7 +189,7 @@ async def test_a_chunked_body_under_the_limit_is_accepted(http: httpx.AsyncClien
     assert response.json()["payload"] == seed_body()["payload"]
 
 
-async def test_an_unknown_task_id(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_an_unknown_task_id(http: httpx.AsyncClient, server: FleetThread) -> None:
     for task_id in ("3f1b0c9e-0000-4000-8000-000000000000", "nope"):
         body = assert_error_shape(await http.get(f"/api/v1/tasks/{task_id}"), 404, "not_found")
         assert task_id in body["message"]
@@ -204,7 +197,7 @@ async def test_an_unknown_task_id(http: httpx.AsyncClient, server: ServerThread)
     await still_serving(server)
 
 
-async def test_a_wrong_api_key(server: ServerThread) -> None:
+async def test_a_wrong_api_key(server: FleetThread) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as anonymous:
         for headers in ({"Authorization": "Bearer not-a-key"}, {}):
             response = await anonymous.post("/api/v1/tasks", json=seed_body(), headers=headers)
@@ -212,7 +205,7 @@ async def test_a_wrong_api_key(server: ServerThread) -> None:
     await still_serving(server)
 
 
-async def test_another_tenants_task(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_another_tenants_task(http: httpx.AsyncClient, server: FleetThread) -> None:
     created = await http.post("/api/v1/tasks", json=seed_body())
     task_id = created.json()["id"]
     body = assert_error_shape(
@@ -224,7 +217,7 @@ async def test_another_tenants_task(http: httpx.AsyncClient, server: ServerThrea
     await still_serving(server)
 
 
-async def test_wrong_content_type(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_wrong_content_type(http: httpx.AsyncClient, server: FleetThread) -> None:
     response = await http.post(
         "/api/v1/tasks",
         content=json.dumps(seed_body()).encode(),
@@ -235,7 +228,7 @@ async def test_wrong_content_type(http: httpx.AsyncClient, server: ServerThread)
     await still_serving(server)
 
 
-async def test_unknown_route_and_method(http: httpx.AsyncClient, server: ServerThread) -> None:
+async def test_unknown_route_and_method(http: httpx.AsyncClient, server: FleetThread) -> None:
     assert_error_shape(await http.get("/api/v9/tasks"), 404, "not_found")
     assert_error_shape(
         await http.put("/api/v1/tasks/3f1b0c9e-0000-4000-8000-000000000000"), 405, "method_not_allowed"

@@ -13,11 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import assert_error_shape, seed_body
+from api_helpers import assert_error_shape
 
 from comfyfleet.config import Limits, PoolConfig
 from comfyfleet.domain.graph import UI_FORMAT_HELP
 from comfyfleet.store import Store
+from support import seed_body
 
 MakeClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 

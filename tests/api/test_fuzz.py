@@ -7,9 +7,11 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from api_helpers import assert_error_shape, seed_body
+from api_helpers import assert_error_shape
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from support import seed_body
 
 json_values = st.recursive(
     st.none()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +24,7 @@ from comfyfleet.domain.graph import (
     nodes,
     validate_graph,
 )
-
-SEED = json.loads((Path(__file__).parent / "data" / "seed_task.json").read_text())
+from support import seed_workflow
 
 
 def node(class_type: str = "Node", **inputs: Any) -> dict[str, Any]:
@@ -39,8 +36,8 @@ def types_of(errors: list[GraphError]) -> list[str]:
 
 
 def test_the_seed_workflow_is_valid() -> None:
-    assert validate_graph(SEED["payload"]) == []
-    links = list(iter_links(SEED["payload"]))
+    assert validate_graph(seed_workflow()) == []
+    links = list(iter_links(seed_workflow()))
     assert len(links) == 9
     assert {(link.node_id, link.input_name, link.source_id, link.output_index) for link in links} >= {
         ("3", "model", "4", 0),

@@ -22,13 +22,13 @@ import pytest
 import yaml
 from aiohttp import web
 from PIL import Image
-from test_serve import ServeProcess
 from websockets.asyncio.client import connect
 
 from comfyfleet.dispatch.inputs import InputError, fetch_url
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.emulators.novita import NovitaEmulator, NovitaEmulatorOptions
 from comfyfleet.redaction import redact
+from support import ServeProcess, eventually
 
 
 def _secret(prefix: str) -> str:
@@ -145,17 +145,6 @@ def _graph() -> dict[str, Any]:
     }
 
 
-async def _wait_for(check: Any, within: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {within} s")
-        await asyncio.sleep(0.05)
-
-
 async def _call_every_documented_route(
     client: httpx.AsyncClient, key: str, task_id: str, worker_id: str, filename: str
 ) -> int:
@@ -234,7 +223,7 @@ async def test_no_api_key_webhook_secret_or_credential_reaches_the_log(
             str(tmp_path / "outputs"),
             "--log-level",
             "debug",
-        )
+        ).start()
         try:
             url = await asyncio.to_thread(server.wait_listening)
             await _exercise(url, found, outside)
@@ -275,7 +264,7 @@ async def _exercise(url: str, found: Secrets, outside: Outside) -> None:
                 task: dict[str, Any] = (await client.get(f"/api/v1/tasks/{task_id}", headers=tenant)).json()
                 return task if task["status"] in ("completed", "failed", "cancelled") else None
 
-            task = await _wait_for(finished)
+            task = await eventually(finished, within=20, what="the task ending")
             assert task["status"] == "completed", {
                 k: task[k] for k in ("error", "error_kind", "error_details")
             }

@@ -11,16 +11,11 @@ so it runs in the test command on every change. A bigger run by hand (it prints 
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from api_helpers import API_KEYS, bearer
@@ -28,9 +23,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from comfyfleet.config import Settings
-from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
-from comfyfleet.runtime import Runtime, create_app
+from comfyfleet.runtime import create_app
 from comfyfleet.store import open_store
+from support import FleetThread
 
 # Some of schemathesis' own strategies draw from `random` (seen in long runs); hypothesis warns, and warnings
 # are errors in this suite. The warning is about schemathesis, not about the server.
@@ -65,64 +60,6 @@ class Served:
     requests: int = 0
 
 
-class FleetThread:
-    """comfyfleet (a real HTTP server) in front of one ComfyUI emulator, both on loopback and run from a
-    thread of their own, so that a synchronous client such as schemathesis can call them."""
-
-    def __init__(self, settings: Settings, workdir: Path) -> None:
-        self.settings = settings
-        self.workdir = workdir
-        self.url = ""
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="comfyfleet-conformance", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runtime: Runtime | None = None
-        self._error: BaseException | None = None
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        options = EmulatorOptions(base_dir=str(self.workdir / "emulator"))
-        async with EmulatorServer(options) as emulator:
-            await emulator.wait_ready()
-            settings = self.settings.model_copy(update={"workers": [emulator.url]})
-            async with Runtime(settings) as runtime, asyncio.TaskGroup() as group:
-                self._runtime = runtime
-                group.create_task(runtime.run(), name="runtime")
-                self.url = f"http://127.0.0.1:{await runtime.wait_listening()}"
-                self._ready.set()
-
-    def __enter__(self) -> FleetThread:
-        self._thread.start()
-        if not self._ready.wait(timeout=30) or self._error is not None:
-            raise RuntimeError(f"the server did not start: {self._error!r}")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._loop is not None and self._runtime is not None:
-            self._loop.call_soon_threadsafe(self._runtime.request_stop)
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "the server did not stop"
-        if self._error is not None:
-            raise self._error
-
-
-def _wait_for_a_ready_worker(url: str, headers: dict[str, str]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        workers = httpx.get(f"{url}/api/v1/workers", headers=headers, timeout=5).json()["workers"]
-        if any(worker["state"] == "idle" for worker in workers):
-            return
-        time.sleep(0.05)
-    raise AssertionError("the emulator never became a ready worker")
-
-
 # name: (API keys configured, the headers the client sends)
 CONFIGURATIONS = {
     "open": (False, {}),
@@ -135,15 +72,8 @@ CONFIGURATIONS = {
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     keyed, headers = CONFIGURATIONS[request.param]
     workdir = tmp_path_factory.mktemp(f"conformance-{request.param}")
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        store=f"sqlite:///{workdir / 'comfyfleet.db'}",
-        outputs=str(workdir / "outputs"),
-        api_keys=API_KEYS if keyed else [],
-    )
-    with FleetThread(settings, workdir) as fleet:
-        _wait_for_a_ready_worker(fleet.url, bearer("ops") if keyed else {})
+    # One emulator as its worker; the server is up once the worker is usable.
+    with FleetThread(workdir, workers=1, api_keys=API_KEYS if keyed else []) as fleet:
         served = Served(fleet.url, dict(headers))
         yield served
     if "COMFYFLEET_CONFORMANCE_EXAMPLES" in os.environ:

@@ -4,71 +4,17 @@ and durability across ``kill -9``."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from api_helpers import seed_body
 
-STARTUP_TIMEOUT_S = 30.0
-_LISTENING = re.compile(r"api_listening url=(http://\S+)")
-
-
-def clean_env() -> dict[str, str]:
-    """The test's environment without COMFYFLEET_* settings that could change what the server does."""
-    return {name: value for name, value in os.environ.items() if not name.startswith("COMFYFLEET_")}
-
-
-class ServeProcess:
-    """``python -m comfyfleet serve …`` with its log in a file."""
-
-    def __init__(self, workdir: Path, *args: str, name: str = "serve") -> None:
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "comfyfleet", "serve", "--port", "0", *args],
-            cwd=workdir,
-            env=clean_env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.url = ""
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_listening(self) -> str:
-        """Poll the log for the listening line, with a deadline (the server says where it listens)."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            match = _LISTENING.search(self.log)
-            if match:
-                self.url = match[1].replace("0.0.0.0", "127.0.0.1")
-                return self.url
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log}")
-            time.sleep(0.02)
-        raise AssertionError(f"serve did not listen within {STARTUP_TIMEOUT_S} s:\n{self.log}")
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout=STARTUP_TIMEOUT_S)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+from support import ServeProcess, clean_env, seed_body
 
 
 @pytest.fixture
@@ -76,7 +22,7 @@ def serve_process(tmp_path: Path) -> Iterator[Any]:
     started: list[ServeProcess] = []
 
     def start(*args: str, name: str = "serve") -> ServeProcess:
-        process = ServeProcess(tmp_path, *args, name=name)
+        process = ServeProcess(tmp_path, *args, name=name).start()
         started.append(process)
         return process
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import SEED_TASK_FIELDS, assert_error_shape, seed_body, small_body
+from api_helpers import SEED_TASK_FIELDS, assert_error_shape, small_body
 
 from comfyfleet.config import Limits, PoolConfig
 from comfyfleet.store import Lease, Store
+from support import seed_body
 
 MakeClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 

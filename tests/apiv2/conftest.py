@@ -14,14 +14,12 @@ from typing import Any
 import pytest
 from comfy_sdk import AsyncComfy
 
+from support import Fleet, running_fleet
+
 ROOT = Path(__file__).resolve().parents[2]
 SDK_SDIST = "comfy-sdk==0.5.0"
 SPEC_CACHE = ROOT / ".test-run" / "comfy-sdk-0.5.0"
 
-# The usage tests' helpers (running_fleet, eventually…) are a plain module of that folder.
-sys.path.append(str(Path(__file__).resolve().parent.parent / "usage"))
-
-from usage_helpers import Fleet, running_fleet  # noqa: E402
 
 KEYS = [
     {"key": "key-alice", "tenant": "alice"},

@@ -12,7 +12,8 @@ import pytest
 from comfy_low.errors import ApiError
 from comfy_sdk import MissingAsset, NotFound
 from PIL import Image
-from usage_helpers import Fleet, running_fleet, tiny_workflow
+
+from support import Fleet, running_fleet, tiny_workflow
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -228,7 +229,7 @@ async def test_a_client_cannot_name_a_stored_file_as_an_input(fleet: Fleet) -> N
 
 async def test_an_upload_over_the_limit_is_refused(tmp_path: Path) -> None:
     settings = {"api_keys": [{"key": "key-alice", "tenant": "alice"}], "apiv2": {"max_upload_bytes": 4096}}
-    async with running_fleet(tmp_path, workers=0, wait_for_workers=False, **settings) as small:
+    async with running_fleet(tmp_path, workers=0, wait_workers=0, **settings) as small:
         answer = await upload(small, b"x" * 200_000, ALICE)
         assert answer.status_code == 413
         assert answer.json()["error"]["code"] == "payload_too_large"

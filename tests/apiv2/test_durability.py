@@ -5,54 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from comfy_sdk import AsyncComfy, IdempotencyKeyReuse
 from PIL import Image
 
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
-
-STARTUP_TIMEOUT_S = 30.0
-_LISTENING = re.compile(r"api_listening url=(http://\S+)")
-
-
-class Serve:
-    """``python -m comfyfleet serve --config …`` as a child process, its log in a file."""
-
-    def __init__(self, workdir: Path, config: Path, name: str) -> None:
-        self.log_path = workdir / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "comfyfleet", "serve", "--config", str(config), "--port", "0"],
-                cwd=workdir,
-                env={k: v for k, v in os.environ.items() if not k.startswith("COMFYFLEET_")},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_listening(self) -> str:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            match = _LISTENING.search(self.log_path.read_text(errors="replace"))
-            if match:
-                return match[1]
-            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
-            time.sleep(0.02)
-        raise AssertionError(f"serve did not listen within {STARTUP_TIMEOUT_S} s")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=STARTUP_TIMEOUT_S)
+from support import ServeProcess
 
 
 def png(size: int) -> bytes:
@@ -78,21 +40,16 @@ async def test_kill_9_after_a_2xx_loses_nothing(tmp_path: Path, monkeypatch: pyt
     options = EmulatorOptions(base_dir=str(tmp_path / "worker"), prompt_time_s=0.3)
     async with EmulatorServer(options) as worker:
         await worker.wait_ready()
-        config = tmp_path / "comfyfleet.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "store": f"sqlite:///{tmp_path / 'durable.db'}",
-                    "outputs": str(tmp_path / "outputs"),
-                    "workers": [worker.url],
-                    "api_keys": [{"key": "key-alice", "tenant": "alice"}],
-                    "fleet": {"probe_interval_s": 0.5, "reconcile_interval_s": 0.2},
-                }
-            )
-        )
-        first = Serve(tmp_path, config, "before-kill")
+        config = {
+            "store": f"sqlite:///{tmp_path / 'durable.db'}",
+            "outputs": str(tmp_path / "outputs"),
+            "workers": [worker.url],
+            "api_keys": [{"key": "key-alice", "tenant": "alice"}],
+            "fleet": {"probe_interval_s": 0.5, "reconcile_interval_s": 0.2},
+        }
+        first = ServeProcess(tmp_path, config=config, name="before-kill").start()
         try:
-            monkeypatch.setenv("COMFY_BASE_URL", await _wait(first))
+            monkeypatch.setenv("COMFY_BASE_URL", await asyncio.to_thread(first.wait_listening))
             async with AsyncComfy(api_key="key-alice") as client:
                 asset = client.assets.from_bytes(png(10), filename="photo.png")
                 jobs = [
@@ -106,9 +63,9 @@ async def test_kill_9_after_a_2xx_loses_nothing(tmp_path: Path, monkeypatch: pyt
             first.kill()
         assert first.process.returncode == -signal.SIGKILL
 
-        second = Serve(tmp_path, config, "after-kill")
+        second = ServeProcess(tmp_path, config=config, name="after-kill").start()
         try:
-            monkeypatch.setenv("COMFY_BASE_URL", await _wait(second))
+            monkeypatch.setenv("COMFY_BASE_URL", await asyncio.to_thread(second.wait_listening))
             async with AsyncComfy(api_key="key-alice") as client:
                 for index, job in enumerate(jobs):
                     again = await client.jobs.get(job.id)
@@ -128,7 +85,3 @@ async def test_kill_9_after_a_2xx_loses_nothing(tmp_path: Path, monkeypatch: pyt
                 assert sorted(listed) == sorted(job.id for job in jobs)
         finally:
             second.kill()
-
-
-async def _wait(serve: Serve) -> str:
-    return await asyncio.to_thread(serve.wait_listening)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from comfy_sdk import OutputReady, Preview, Progress, StatusChange
-from usage_helpers import Fleet, eventually, running_fleet, seed_workflow, tiny_workflow
+
+from support import Fleet, eventually, running_fleet, seed_workflow, tiny_workflow
 
 ALICE = {"Authorization": "Bearer key-alice"}
 
@@ -92,7 +93,7 @@ async def test_events_reach_a_stream_on_another_replica(tmp_path: Path, postgres
     settings = {"store": postgres_url, "api_keys": [{"key": "key-alice", "tenant": "alice"}]}
     async with (
         running_fleet(tmp_path / "a", workers=1, **settings) as submitting,
-        running_fleet(tmp_path / "b", workers=0, wait_for_workers=False, **settings) as watching,
+        running_fleet(tmp_path / "b", workers=0, wait_workers=0, **settings) as watching,
     ):
         created = await submitting.http.post(
             "/api/v2/jobs", json={"workflow": seed_workflow(steps=40)}, headers=ALICE

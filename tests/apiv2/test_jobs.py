@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from comfy_sdk import IdempotencyKeyReuse, InvalidWorkflow, NotFound
 from comfy_sdk.exceptions import ComfyError
-from usage_helpers import Fleet, eventually, seed_workflow, tiny_workflow
+
+from support import Fleet, eventually, seed_workflow, tiny_workflow
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}

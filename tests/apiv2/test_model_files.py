@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from usage_helpers import Fleet, seed_workflow
 
 from comfyfleet.assets import InvalidAsset, ModelLibrary, ModelNameTaken, place_model_file
 from comfyfleet.assets.paths import classify
 from comfyfleet.assets.safetensors import read_header
 from comfyfleet.config import DEFAULT_MODEL_FOLDERS
+from support import Fleet, seed_workflow
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 from openapi_schema_validator import OAS30Validator
-from usage_helpers import Fleet, eventually, seed_workflow, tiny_workflow
+
+from support import Fleet, eventually, seed_workflow, tiny_workflow
 
 ALICE = {"Authorization": "Bearer key-alice"}
 ST_TIMEOUT_S = 600

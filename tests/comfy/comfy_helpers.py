@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 from comfyfleet.emulators.comfyui import EmulatorServer
-
-DATA = Path(__file__).parent / "data"
+from support.workflows import seed_workflow
 
 
 def seed_payload() -> dict[str, Any]:
     """The seed's example workflow (KSampler, flux1-dev-fp8 checkpoint, 512x512, SaveImage)."""
-    payload: dict[str, Any] = json.loads((DATA / "seed_payload.json").read_text())
-    return payload
+    return seed_workflow()
 
 
 def trivial_graph(color: int = 0, prefix: str = "probe/empty", size: int = 64) -> dict[str, Any]:

@@ -79,15 +79,3 @@ def types(frames: list[dict[str, Any]]) -> list[str]:
 
 async def post_prompt(http: httpx.AsyncClient, graph: dict[str, Any], **fields: Any) -> httpx.Response:
     return await http.post("/prompt", json={"prompt": graph, **fields})
-
-
-async def wait_until(predicate: Any, within: float = 10.0, interval: float = 0.01) -> None:
-    """Poll an async or sync predicate until true, with a deadline."""
-    async with asyncio.timeout(within):
-        while True:
-            result = predicate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(interval)

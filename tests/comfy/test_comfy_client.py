@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from comfy_helpers import EmulatorFactory, new_id, sampler_graph, trivial_graph
-from comfy_wire import frames_until, post_prompt, wait_until
+from comfy_wire import frames_until, post_prompt
 from comfy_wire import socket as ws_socket
 from wire_server import RealSequenceServer
 
@@ -27,6 +27,7 @@ from comfyfleet.comfy import (
 )
 from comfyfleet.comfy.events import parse_binary, parse_text
 from comfyfleet.emulators.comfyui import EmulatorServer
+from support import eventually
 
 
 async def test_submit_and_follow_collects_outputs_and_events(emulator_factory: EmulatorFactory) -> None:
@@ -78,7 +79,7 @@ async def test_socket_dropped_mid_prompt_the_outcome_is_still_learned(
         assert outcome.status == "success"
         assert outcome.outputs["9"]["images"][0]["filename"].endswith(".png")
         assert comfy.reconnects >= 1
-        await wait_until(lambda: comfy.connected)
+        await eventually(lambda: comfy.connected)
         assert comfy.client_id != first_id  # a fresh clientId for the new connection
         assert emu.stats.executions[prompt_id] == 1
 

@@ -18,11 +18,12 @@ from typing import Any
 import httpx
 import pytest
 from comfy_helpers import EmulatorFactory, new_id, sampler_graph, seed_payload, trivial_graph
-from comfy_wire import frames_until, frames_until_done, next_json, post_prompt, types, wait_until
+from comfy_wire import frames_until, frames_until_done, next_json, post_prompt, types
 from comfy_wire import socket as ws_socket
 from PIL import Image
 
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
+from support import eventually
 
 
 def _free_port() -> int:
@@ -149,7 +150,7 @@ async def test_frames_are_routed_by_client_id(emulator_factory: EmulatorFactory)
         await frames_until_done(owner, prompt_id)
         # A prompt without a client_id: progress is broadcast, execution frames go nowhere.
         orphan = (await post_prompt(http, sampler_graph(seed=4))).json()["prompt_id"]
-        await wait_until(lambda: emu.state.history.get(orphan) is not None)
+        await eventually(lambda: emu.state.history.get(orphan) is not None)
         marker = (await post_prompt(http, trivial_graph(5), client_id="other")).json()["prompt_id"]
         seen_by_other = await frames_until_done(other, marker)
         before_marker = seen_by_other[
@@ -164,10 +165,10 @@ async def test_reusing_a_client_id_orphans_the_new_socket_like_upstream(emulator
     async with httpx.AsyncClient(base_url=emulator.url) as http, ws_socket(emulator.url, "dup") as second:
         async with ws_socket(emulator.url, "dup") as first:
             await next_json(first)
-        await wait_until(lambda: "dup" not in emulator.state.sockets)
+        await eventually(lambda: "dup" not in emulator.state.sockets)
         await next_json(second)  # its own hello arrived before the first socket closed
         prompt_id = (await post_prompt(http, trivial_graph(11), client_id="dup")).json()["prompt_id"]
-        await wait_until(lambda: prompt_id in emulator.state.history)
+        await eventually(lambda: prompt_id in emulator.state.history)
         with pytest.raises(TimeoutError):
             await frames_until(second, "execution_start", within=0.3)
 
@@ -222,7 +223,7 @@ async def test_prompt_id_must_be_a_canonical_uuid_and_is_not_deduplicated(emulat
         second = await post_prompt(http, trivial_graph(3), prompt_id=chosen)
         assert first.json()["prompt_id"] == second.json()["prompt_id"] == chosen
         assert second.json()["number"] == first.json()["number"] + 1
-        await wait_until(
+        await eventually(
             lambda: (
                 emulator.stats.executions.get(chosen) == 2
                 and not emulator.state.heap
@@ -239,7 +240,7 @@ async def test_queue_is_a_heap_honouring_front_and_delete_touches_pending_only(
     async with emulator_factory(step_time_s=0.02) as emu, httpx.AsyncClient(base_url=emu.url) as http:
         j1, j2, j3, j4 = new_id(), new_id(), new_id(), new_id()
         await post_prompt(http, sampler_graph(seed=1, steps=500), prompt_id=j1)
-        await wait_until(lambda: emu.state.running is not None and emu.state.running.prompt_id == j1)
+        await eventually(lambda: emu.state.running is not None and emu.state.running.prompt_id == j1)
         await post_prompt(http, sampler_graph(seed=2, steps=5), prompt_id=j2)
         await post_prompt(http, trivial_graph(3), prompt_id=j3)
         await post_prompt(http, trivial_graph(4), prompt_id=j4, front=True, client_id="someone")
@@ -258,9 +259,9 @@ async def test_queue_is_a_heap_honouring_front_and_delete_touches_pending_only(
         await http.post("/interrupt", json={"prompt_id": j2})  # not running: a no-op
         assert (await http.get(f"/api/jobs/{j1}")).json()["status"] == "in_progress"
         await http.post("/interrupt", json={"prompt_id": j1})
-        await wait_until(lambda: emu.state.running is not None and emu.state.running.prompt_id == j2)
+        await eventually(lambda: emu.state.running is not None and emu.state.running.prompt_id == j2)
         assert (await http.post(f"/api/jobs/{j2}/cancel")).json() == {"cancelled": True}
-        await wait_until(lambda: j2 in emu.state.history)
+        await eventually(lambda: j2 in emu.state.history)
         assert (await http.post(f"/api/jobs/{j2}/cancel")).json() == {"cancelled": False}
         statuses = {j: (await http.get(f"/api/jobs/{j}")) for j in (j1, j2, j3, j4)}
         assert statuses[j3].status_code == 404
@@ -290,9 +291,9 @@ async def test_interrupt_stops_a_sampler_between_steps(emulator_factory: Emulato
         assert entry["status"]["messages"][-1][0] == "execution_interrupted"
         # The global form (no body) interrupts whatever runs.
         other = (await post_prompt(http, sampler_graph(seed=9, steps=200))).json()["prompt_id"]
-        await wait_until(lambda: emu.state.running is not None)
+        await eventually(lambda: emu.state.running is not None)
         await http.post("/interrupt")
-        await wait_until(lambda: other in emu.state.history)
+        await eventually(lambda: other in emu.state.history)
         assert (await http.get(f"/api/jobs/{other}")).json()["status"] == "cancelled"
 
 
@@ -417,7 +418,7 @@ async def test_uploads_and_view(emulator_factory: EmulatorFactory) -> None:
             },
         }
         prompt_id = (await post_prompt(http, graph)).json()["prompt_id"]
-        await wait_until(lambda: prompt_id in emu.state.history)
+        await eventually(lambda: prompt_id in emu.state.history)
         image = emu.state.history[prompt_id]["outputs"]["3"]["images"][0]
         view = await http.get("/view", params=image)
         assert view.headers["x-content-type-options"] == "nosniff"
@@ -518,7 +519,7 @@ async def test_other_output_nodes(emulator_factory: EmulatorFactory) -> None:
             },
         }
         prompt_id = (await post_prompt(http, extra)).json()["prompt_id"]
-        await wait_until(lambda: prompt_id in emu.state.history)
+        await eventually(lambda: prompt_id in emu.state.history)
         outputs = emu.state.history[prompt_id]["outputs"]
         assert [i["type"] for i in outputs["2"]["images"]] == ["temp", "temp"]
         assert outputs["4"] == {
@@ -592,7 +593,7 @@ async def test_model_lru_and_load_time(emulator_factory: EmulatorFactory) -> Non
             prompt_id = (await post_prompt(http, sampler_graph(seed=seed, steps=1, ckpt=ckpt))).json()[
                 "prompt_id"
             ]
-            await wait_until(lambda: prompt_id in emu.state.history)
+            await eventually(lambda: prompt_id in emu.state.history)
             return time.monotonic() - started
 
         assert await run("a.safetensors", 1) >= 0.15
@@ -654,7 +655,7 @@ async def test_hanging_node_ignores_interrupts_until_it_returns(emulator_factory
         }
         async with ws_socket(emu.url, "h") as ws:
             prompt_id = (await post_prompt(http, graph, client_id="h")).json()["prompt_id"]
-            await wait_until(lambda: emu.state.last_node_id == "2")
+            await eventually(lambda: emu.state.last_node_id == "2")
             asked = time.monotonic()
             await http.post("/interrupt", json={"prompt_id": prompt_id})
             frames = await frames_until_done(ws, prompt_id)
@@ -667,7 +668,7 @@ async def test_hanging_node_ignores_interrupts_until_it_returns(emulator_factory
 async def test_restart_loses_queue_and_history(emulator_factory: EmulatorFactory) -> None:
     async with emulator_factory(step_time_s=0.02) as emu, httpx.AsyncClient(base_url=emu.url) as http:
         done = (await post_prompt(http, trivial_graph(1))).json()["prompt_id"]
-        await wait_until(lambda: done in emu.state.history)
+        await eventually(lambda: done in emu.state.history)
         async with ws_socket(emu.url, "r") as ws:
             await next_json(ws)
             running = (await post_prompt(http, sampler_graph(steps=500), client_id="r")).json()["prompt_id"]
@@ -693,7 +694,7 @@ async def test_restart_with_down_time_and_in_process_crash(emulator_factory: Emu
             await http.get("/system_stats")
         await emu.wait_ready()
         first = (await post_prompt(http, trivial_graph(1))).json()["prompt_id"]
-        await wait_until(lambda: first in emu.state.history)
+        await eventually(lambda: first in emu.state.history)
         await post_prompt(http, trivial_graph(2))
         await asyncio.wait_for(emu.crashed.wait(), 5)
         with pytest.raises(httpx.ConnectError):
@@ -733,7 +734,7 @@ async def test_save_counter_follows_the_folder_like_upstream(emulator: EmulatorS
 
         async def save(color: int) -> str:
             prompt_id = (await post_prompt(http, trivial_graph(color, prefix="count/me"))).json()["prompt_id"]
-            await wait_until(lambda: prompt_id in emulator.state.history)
+            await eventually(lambda: prompt_id in emulator.state.history)
             name: str = emulator.state.history[prompt_id]["outputs"]["2"]["images"][0]["filename"]
             return name
 
@@ -843,7 +844,7 @@ async def test_an_interrupt_is_noticed_after_the_next_nodes_executing_frame(
         await next_json(ws)
         prompt_id = (await post_prompt(http, _hang_graph(), client_id="int")).json()["prompt_id"]
         await frames_until(ws, "executing")  # node 1
-        await wait_until(lambda: emu.state.last_node_id == "2")
+        await eventually(lambda: emu.state.last_node_id == "2")
         await http.post("/interrupt", json={"prompt_id": prompt_id})
         frames = await frames_until_done(ws, prompt_id)
         assert _labels(frames)[-6:] == [

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 from comfy_helpers import seed_payload, trivial_graph
-from comfy_wire import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from comfyfleet.comfy.errors import MalformedPrompt
 from comfyfleet.domain.graph import Link, iter_links
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.emulators.comfyui.nodes import Catalogue
+from support import eventually
 
 
 def _without_tracebacks(body: Any) -> Any:
@@ -240,7 +240,7 @@ async def test_partial_validity_is_accepted_with_node_errors(emulator: EmulatorS
         body = response.json()
         assert list(body["node_errors"]) == ["3"]
         prompt_id = body["prompt_id"]
-        await wait_until(lambda: prompt_id in emulator.state.history)
+        await eventually(lambda: prompt_id in emulator.state.history)
         entry = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
     assert list(entry["outputs"]) == ["2"]
     assert entry["status"]["status_str"] == "success"

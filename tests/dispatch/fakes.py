@@ -21,8 +21,7 @@ from comfyfleet.domain import NewTask, Task, Worker, WorkerState
 from comfyfleet.events import CANCEL_CHANNEL, EventBus, Subscription, TaskEvent
 from comfyfleet.outputs import open_outputs
 from comfyfleet.store import Store, StoreUnavailable, open_store
-
-from .service import poll_until
+from support import eventually
 
 
 class FakeClock:
@@ -176,23 +175,23 @@ class Harness:
 
     async def wait(self, task_id: str, check: Any = None, *, timeout_s: float = 10.0) -> Task:
         ended = check or (lambda task: task.is_terminal)
-        task: Task = await poll_until(
+        task: Task = await eventually(
             lambda: self.store.get_task(task_id),
-            ended,
-            timeout_s=timeout_s,
+            until=ended,
+            within=timeout_s,
             what=f"task {task_id}",
-            every_s=0.01,
+            interval=0.01,
         )
         return task
 
     async def wait_for_sleepers(self, count: int = 1) -> None:
         """Until the dispatcher waits on the clock ``count`` times (timeouts, grace periods)."""
-        await poll_until(
-            lambda: asyncio.sleep(0, self.clock.sleepers),
-            lambda sleepers: sleepers >= count,
-            timeout_s=10,
+        await eventually(
+            lambda: self.clock.sleepers,
+            until=lambda sleepers: sleepers >= count,
+            within=10,
             what="the dispatcher waiting on its clock",
-            every_s=0.005,
+            interval=0.005,
         )
 
 

@@ -5,7 +5,6 @@ stand-ins (see ``fakes.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -14,13 +13,13 @@ from typing import Any
 from comfyfleet.domain import NewTask, Task, TaskPhase, TaskStatus
 from comfyfleet.emulators.comfyui.options import EmulatorOptions
 from comfyfleet.emulators.comfyui.server import EmulatorServer
+from support import emulators, eventually, tiny_workflow
 
 from .fakes import Harness, dispatching
-from .service import emulators, poll_until, tiny_payload
 
 
 async def _until(read: Callable[[], Any], what: str) -> None:
-    await poll_until(lambda: asyncio.sleep(0, read()), bool, timeout_s=10, what=what, every_s=0.005)
+    await eventually(read, within=10, what=what, interval=0.005)
 
 
 async def _running_on(worker: EmulatorServer, harness: Harness, task: Task) -> None:
@@ -37,7 +36,7 @@ async def test_a_prompt_past_its_timeout_is_interrupted_and_the_task_fails(tmp_p
         emulators(EmulatorOptions(prompt_time_s=60)) as (worker,),
         dispatching(tmp_path, [worker.url]) as h,
     ):
-        task = await h.submit(tiny_payload(), timeout_s=30)
+        task = await h.submit(tiny_workflow(), timeout_s=30)
         await _running_on(worker, h, task)
         h.clock.advance(29.9)
         assert h.clock.sleepers == 1  # not yet
@@ -53,7 +52,7 @@ async def test_a_prompt_past_its_timeout_is_interrupted_and_the_task_fails(tmp_p
 async def test_a_timed_out_prompt_that_ignores_the_interrupt_gets_its_worker_recycled(tmp_path: Path) -> None:
     deaf = EmulatorOptions(hang_s=5, hang_node="EmptyImage")  # a node without a progress bar: deaf
     async with emulators(deaf) as (worker,), dispatching(tmp_path, [worker.url], interrupt_grace_s=20) as h:
-        task = await h.submit(tiny_payload(), timeout_s=30)
+        task = await h.submit(tiny_workflow(), timeout_s=30)
         await _until(lambda: worker.stats.node_executions.get("EmptyImage") == 1, "the deaf node running")
         await h.wait_for_sleepers()
         h.clock.advance(30)
@@ -72,7 +71,7 @@ async def test_with_retry_timeouts_a_timed_out_task_goes_back_to_the_queue(tmp_p
         emulators(slow) as (worker,),
         dispatching(tmp_path, [worker.url], retry_timeouts=True, retry_base_s=600, retry_max_s=600) as h,
     ):
-        task = await h.submit(tiny_payload(), timeout_s=10, max_retries=2)
+        task = await h.submit(tiny_workflow(), timeout_s=10, max_retries=2)
         await _running_on(worker, h, task)
         h.clock.advance(10)
         retried = await h.wait(task.id, lambda task: task.status is TaskStatus.PENDING)
@@ -90,7 +89,7 @@ async def test_out_of_memory_is_retried_after_a_backoff_read_on_the_dispatchers_
         dispatching(tmp_path, [worker.url], retry_base_s=60, retry_max_s=600) as h,
     ):
         h.clock.advance(3600)  # the dispatcher's wall clock an hour ahead: the retry time follows it
-        task = await h.submit(tiny_payload(), max_retries=3)
+        task = await h.submit(tiny_workflow(), max_retries=3)
         retried = await h.wait(task.id, lambda task: task.retry_count == 1)
         wait_s = (retried.not_before - h.clock.now()).total_seconds() if retried.not_before else None
     assert retried.status is TaskStatus.PENDING
@@ -104,7 +103,7 @@ async def test_out_of_memory_gives_up_after_max_retries(tmp_path: Path) -> None:
         emulators(EmulatorOptions(oom_rate=1.0)) as (worker,),
         dispatching(tmp_path, [worker.url]) as h,
     ):
-        task = await h.submit(tiny_payload(), max_retries=1)
+        task = await h.submit(tiny_workflow(), max_retries=1)
         ended = await h.wait(task.id)
     assert ended.status is TaskStatus.FAILED
     assert ended.error_kind == "out_of_memory"
@@ -117,7 +116,7 @@ async def test_out_of_memory_gives_up_after_max_retries(tmp_path: Path) -> None:
 async def test_a_node_error_on_the_users_input_is_not_retried(tmp_path: Path) -> None:
     failing = EmulatorOptions(failure_rate=1.0, seed=1)
     async with emulators(failing) as (worker,), dispatching(tmp_path, [worker.url]) as h:
-        task = await h.submit(tiny_payload(), max_retries=3)
+        task = await h.submit(tiny_workflow(), max_retries=3)
         ended = await h.wait(task.id)
     assert (ended.status, ended.error_kind, ended.retry_count) == (TaskStatus.FAILED, "node_error", 0)
 
@@ -129,7 +128,7 @@ async def test_an_unreachable_worker_is_reported_and_the_task_retried_until_it_g
         sock.bind(("127.0.0.1", 0))
         nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
         async with dispatching(tmp_path, [nowhere]) as h:
-            task = await h.submit(tiny_payload(), max_retries=2)
+            task = await h.submit(tiny_workflow(), max_retries=2)
             ended = await h.wait(task.id)
     assert (ended.status, ended.error_kind) == (TaskStatus.FAILED, "worker_unreachable")
     assert [attempt["kind"] for attempt in ended.attempts] == ["worker_unreachable"] * 3
@@ -144,7 +143,7 @@ async def test_cancel_interrupts_a_running_prompt(tmp_path: Path) -> None:
         emulators(EmulatorOptions(prompt_time_s=60)) as (worker,),
         dispatching(tmp_path, [worker.url]) as h,
     ):
-        task = await h.submit(tiny_payload())
+        task = await h.submit(tiny_workflow())
         await _running_on(worker, h, task)
         await h.cancel(task.id)
         ended = await h.wait(task.id)
@@ -157,8 +156,8 @@ async def test_cancel_interrupts_a_running_prompt(tmp_path: Path) -> None:
 async def test_cancel_dequeues_a_prompt_still_waiting_on_the_worker(tmp_path: Path) -> None:
     slow = EmulatorOptions(prompt_time_s=60)
     async with emulators(slow) as (worker,), dispatching(tmp_path, [worker.url], prefetch=1) as h:
-        first = await h.submit(tiny_payload(color=1))
-        queued = await h.submit(tiny_payload(color=2))
+        first = await h.submit(tiny_workflow(color=1))
+        queued = await h.submit(tiny_workflow(color=2))
         waiting = await h.wait(queued.id, lambda task: task.phase is TaskPhase.QUEUED_ON_WORKER)
         await _until(lambda: worker.stats.prompts_started == 1, "the first prompt starting")
         await h.cancel(queued.id)
@@ -174,7 +173,7 @@ async def test_cancel_dequeues_a_prompt_still_waiting_on_the_worker(tmp_path: Pa
 async def test_cancel_of_a_prompt_that_ignores_it_recycles_the_worker_after_the_grace(tmp_path: Path) -> None:
     deaf = EmulatorOptions(hang_s=5, hang_node="EmptyImage")
     async with emulators(deaf) as (worker,), dispatching(tmp_path, [worker.url], interrupt_grace_s=20) as h:
-        task = await h.submit(tiny_payload())
+        task = await h.submit(tiny_workflow())
         await _until(lambda: worker.stats.node_executions.get("EmptyImage") == 1, "the deaf node running")
         await h.cancel(task.id)
         await h.wait_for_sleepers(2)  # the grace period, next to the task's own timeout
@@ -190,7 +189,7 @@ async def test_cancel_of_a_prompt_that_ignores_it_recycles_the_worker_after_the_
 async def test_a_result_the_store_cannot_take_is_kept_and_written_until_it_lands(tmp_path: Path) -> None:
     async with emulators(EmulatorOptions()) as (worker,), dispatching(tmp_path, [worker.url]) as h:
         h.flaky.fail("complete_task", 2)
-        task = await h.submit(tiny_payload())
+        task = await h.submit(tiny_workflow())
         ended = await h.wait(task.id)
     assert ended.status is TaskStatus.COMPLETED
     assert h.flaky.calls["complete_task"] == 3
@@ -201,11 +200,11 @@ async def test_a_result_the_store_cannot_take_is_kept_and_written_until_it_lands
 async def test_a_result_whose_answer_was_lost_is_read_back_not_written_twice(tmp_path: Path) -> None:
     async with emulators(EmulatorOptions()) as (worker,), dispatching(tmp_path, [worker.url]) as h:
         h.flaky.fail("complete_task", 1, commit_first=True)
-        task = await h.submit(tiny_payload())
-        await poll_until(
-            lambda: asyncio.sleep(0, h.statuses(task.id)),
-            lambda statuses: "completed" in statuses,
-            timeout_s=10,
+        task = await h.submit(tiny_workflow())
+        await eventually(
+            lambda: h.statuses(task.id),
+            until=lambda statuses: "completed" in statuses,
+            within=10,
             what="the completion published",
         )
         ended = await h.store.get_task(task.id)
@@ -218,7 +217,7 @@ async def test_a_result_whose_answer_was_lost_is_read_back_not_written_twice(tmp
 async def test_a_claim_whose_answer_was_lost_goes_back_to_the_queue_and_runs_once(tmp_path: Path) -> None:
     async with emulators(EmulatorOptions()) as (worker,), dispatching(tmp_path, [worker.url]) as h:
         h.flaky.fail("claim_ids", 1, commit_first=True)
-        task = await h.submit(tiny_payload())
+        task = await h.submit(tiny_workflow())
         ended = await h.wait(task.id)
     assert ended.status is TaskStatus.COMPLETED
     assert h.flaky.calls["claim_ids"] >= 2
@@ -232,7 +231,7 @@ async def test_a_cancel_reaches_an_attempt_waiting_for_the_store(tmp_path: Path)
         dispatching(tmp_path, [worker.url], instant_retries=False) as h,
     ):
         h.flaky.fail("record_dispatch")  # the store is away before the prompt could be sent
-        task = await h.submit(tiny_payload())
+        task = await h.submit(tiny_workflow())
         await _until(lambda: h.flaky.calls.get("record_dispatch", 0) >= 1, "the dispatch record failing")
         await h.cancel(task.id)
         tried = h.flaky.calls["record_dispatch"]
@@ -250,7 +249,7 @@ async def test_a_running_row_the_dispatcher_does_not_hold_expires_and_is_run(tmp
         emulators(EmulatorOptions()) as (worker,),
         dispatching(tmp_path, [worker.url], lease_s=0.6) as h,
     ):
-        created, _ = await h.store.create_task(NewTask(payload=tiny_payload()))
+        created, _ = await h.store.create_task(NewTask(payload=tiny_workflow()))
         [claimed] = await h.store.claim_ids("replica-test", 0.6, [created.id])
         ended = await h.wait(created.id)
     assert ended.status is TaskStatus.COMPLETED

@@ -15,16 +15,15 @@ from typing import Any
 from PIL import Image
 
 from comfyfleet.emulators.comfyui.options import EmulatorOptions
-
-from .service import SEED_WORKFLOW, TERMINAL, emulators, poll_until, seed_payload, service, tiny_payload
+from support import TERMINAL, emulators, eventually, running_fleet, seed_workflow, tiny_workflow
 
 
 async def test_seed_example_completes_and_its_png_downloads(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(), EmulatorOptions()) as (one, two),
-        service(tmp_path, [one.url, two.url]) as svc,
+        running_fleet(tmp_path, workers=[one.url, two.url]) as svc,
     ):
-        created = await svc.submit(SEED_WORKFLOW["payload"], workflow_id="text_to_image_v1", priority=5)
+        created = await svc.submit(seed_workflow(), workflow_id="text_to_image_v1", priority=5)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "completed", task
         outputs = task["result"]["outputs"]
@@ -48,11 +47,11 @@ async def test_worker_crash_mid_task_is_retried_elsewhere(tmp_path: Path) -> Non
     crashing = EmulatorOptions(crash_after=0, prompt_time_s=0.2)
     async with (
         emulators(crashing, EmulatorOptions()) as (bad, good),
-        service(tmp_path, [bad.url, good.url]) as svc,
+        running_fleet(tmp_path, workers=[bad.url, good.url]) as svc,
     ):
         # Two tasks on two idle workers: one lands on the worker that dies when it starts a prompt.
-        first = await svc.submit(seed_payload(1))
-        second = await svc.submit(seed_payload(2))
+        first = await svc.submit(seed_workflow(seed=1))
+        second = await svc.submit(seed_workflow(seed=2))
         tasks = [await svc.wait_task(task["id"]) for task in (first, second)]
         assert [task["status"] for task in tasks] == ["completed", "completed"]
         assert bad.stats.crashes == 1
@@ -67,9 +66,9 @@ async def test_worker_crash_mid_task_is_retried_elsewhere(tmp_path: Path) -> Non
 async def test_node_error_fails_at_once_with_comfyui_message(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(failure_rate=1.0, seed=1)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(3), max_retries=3)
+        created = await svc.submit(seed_workflow(seed=3), max_retries=3)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed"
         assert task["error_kind"] == "node_error"
@@ -83,9 +82,9 @@ async def test_node_error_fails_at_once_with_comfyui_message(tmp_path: Path) -> 
 async def test_out_of_memory_is_retried(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(oom_rate=1.0, seed=1)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(4), max_retries=2)
+        created = await svc.submit(seed_workflow(seed=4), max_retries=2)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed"
         assert task["error_kind"] == "out_of_memory"
@@ -94,9 +93,12 @@ async def test_out_of_memory_is_retried(tmp_path: Path) -> None:
 
 
 async def test_workflow_rejected_by_comfyui_fails_with_node_errors(tmp_path: Path) -> None:
-    payload = seed_payload(5)
+    payload = seed_workflow(seed=5)
     payload["3"]["inputs"]["sampler_name"] = "magic"
-    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions()) as (worker,),
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
+    ):
         created = await svc.submit(payload)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed"
@@ -108,9 +110,12 @@ async def test_workflow_rejected_by_comfyui_fails_with_node_errors(tmp_path: Pat
 
 
 async def test_unknown_node_type_fails_before_reaching_a_worker(tmp_path: Path) -> None:
-    payload = tiny_payload()
+    payload = tiny_workflow()
     payload["1"]["class_type"] = "NoSuchNode"
-    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions()) as (worker,),
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
+    ):
         created = await svc.submit(payload)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed"
@@ -123,10 +128,10 @@ async def test_timeout_interrupts_then_recycles_a_worker_that_ignores_it(tmp_pat
     hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
     async with (
         emulators(hanging) as (worker,),
-        service(tmp_path, [worker.url], dispatch={"interrupt_grace_s": 0.3}) as svc,
+        running_fleet(tmp_path, workers=[worker.url], dispatch={"interrupt_grace_s": 0.3}) as svc,
     ):
-        created = await svc.submit(seed_payload(6), timeout_s=0.5, max_retries=3)
-        task = await svc.wait_task(created["id"], timeout_s=15)
+        created = await svc.submit(seed_workflow(seed=6), timeout_s=0.5, max_retries=3)
+        task = await svc.wait_task(created["id"], within=15)
         assert task["status"] == "failed"
         assert task["error_kind"] == "timeout"
         assert task["retry_count"] == 0
@@ -141,12 +146,14 @@ async def test_timeout_retried_elsewhere_when_configured(tmp_path: Path) -> None
     hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
     async with (
         emulators(hanging, EmulatorOptions()) as (bad, good),
-        service(
-            tmp_path, [bad.url, good.url], dispatch={"interrupt_grace_s": 0.3, "retry_timeouts": True}
+        running_fleet(
+            tmp_path,
+            workers=[bad.url, good.url],
+            dispatch={"interrupt_grace_s": 0.3, "retry_timeouts": True},
         ) as svc,
     ):
-        tasks = [await svc.submit(seed_payload(10 + n), timeout_s=1.0) for n in range(2)]
-        done = [await svc.wait_task(task["id"], timeout_s=20) for task in tasks]
+        tasks = [await svc.submit(seed_workflow(seed=10 + n), timeout_s=1.0) for n in range(2)]
+        done = [await svc.wait_task(task["id"], within=20) for task in tasks]
         assert [task["status"] for task in done] == ["completed", "completed"]
         timed_out = [task for task in done if task["attempts"][0]["kind"] == "timeout"]
         assert len(timed_out) == 1
@@ -154,8 +161,8 @@ async def test_timeout_retried_elsewhere_when_configured(tmp_path: Path) -> None
 
 
 async def test_cancel_pending_task(tmp_path: Path) -> None:
-    async with service(tmp_path, []) as svc:
-        created = await svc.submit(tiny_payload())
+    async with running_fleet(tmp_path, workers=[]) as svc:
+        created = await svc.submit(tiny_workflow())
         response = await svc.http.delete(f"/api/v1/tasks/{created['id']}")
         assert response.status_code == 200
         assert response.json()["status"] == "cancelled"
@@ -164,13 +171,11 @@ async def test_cancel_pending_task(tmp_path: Path) -> None:
 async def test_cancel_task_queued_on_worker_never_runs_it(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        running = await svc.submit(seed_payload(20))
-        queued = await svc.submit(seed_payload(21))
-        task = await svc.wait_task(
-            queued["id"], lambda task: task["phase"] == "queued_on_worker", timeout_s=10
-        )
+        running = await svc.submit(seed_workflow(seed=20))
+        queued = await svc.submit(seed_workflow(seed=21))
+        task = await svc.wait_task(queued["id"], lambda task: task["phase"] == "queued_on_worker", within=10)
         prompt_id = task["prompt_id"]
         response = await svc.http.delete(f"/api/v1/tasks/{queued['id']}")
         assert response.status_code == 202
@@ -185,14 +190,14 @@ async def test_cancel_task_queued_on_worker_never_runs_it(tmp_path: Path) -> Non
 async def test_cancel_executing_task_interrupts_its_prompt(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(prompt_time_s=30.0)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(30))
-        await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
+        created = await svc.submit(seed_workflow(seed=30))
+        await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", within=10)
         started = asyncio.get_running_loop().time()
         response = await svc.http.delete(f"/api/v1/tasks/{created['id']}")
         assert response.status_code == 202
-        task = await svc.wait_task(created["id"], timeout_s=10)
+        task = await svc.wait_task(created["id"], within=10)
         assert task["status"] == "cancelled"
         assert asyncio.get_running_loop().time() - started < 5
         assert worker.stats.prompts_interrupted == 1
@@ -201,33 +206,36 @@ async def test_cancel_executing_task_interrupts_its_prompt(tmp_path: Path) -> No
 async def test_progress_is_kept_on_the_task(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(step_time_s=0.05)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(40, steps=20))
+        created = await svc.submit(seed_workflow(seed=40, steps=20))
         task = await svc.wait_task(
             created["id"],
             lambda task: (
                 (task.get("progress") or {}).get("class_type") == "KSampler"
                 and (task["progress"].get("value") or 0) > 0
             ),
-            timeout_s=10,
+            within=10,
         )
         assert task["progress"]["max"] == 20
         assert (await svc.wait_task(created["id"]))["status"] == "completed"
 
 
 async def test_submit_with_wait_answers_when_the_task_ended(tmp_path: Path) -> None:
-    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions()) as (worker,),
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
+    ):
         response = await svc.http.post(
-            "/api/v1/tasks", params={"wait": 20}, json={"payload": seed_payload(50)}
+            "/api/v1/tasks", params={"wait": 20}, json={"payload": seed_workflow(seed=50)}
         )
         assert response.status_code == 201
         assert response.json()["status"] == "completed"
         assert response.json()["result"]["outputs"][0]["content_type"] == "image/png"
         # With nothing to run it, the wait ends at its limit with the task as it stands.
-    async with service(tmp_path / "idle", []) as svc:
+    async with running_fleet(tmp_path / "idle", workers=[]) as svc:
         response = await svc.http.post(
-            "/api/v1/tasks", params={"wait": 0.3}, json={"payload": tiny_payload()}
+            "/api/v1/tasks", params={"wait": 0.3}, json={"payload": tiny_workflow()}
         )
         assert response.status_code == 201
         assert response.json()["status"] == "pending"
@@ -255,7 +263,10 @@ async def test_base64_input_is_uploaded_and_referenced_by_load_image(tmp_path: P
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "scaled"}},
     }
     data = base64.b64encode(_png((8, 8), (255, 0, 0))).decode()
-    async with emulators(EmulatorOptions()) as (worker,), service(tmp_path, [worker.url]) as svc:
+    async with (
+        emulators(EmulatorOptions()) as (worker,),
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
+    ):
         created = await svc.submit(graph, inputs=[{"name": "cat.png", "data": data}])
         assert created["inputs"] == [{"name": "cat.png", "size": len(base64.b64decode(data))}]
         task = await svc.wait_task(created["id"])
@@ -268,14 +279,14 @@ async def test_base64_input_is_uploaded_and_referenced_by_load_image(tmp_path: P
 
 
 async def test_bad_inputs_are_refused_at_submission(tmp_path: Path) -> None:
-    async with service(tmp_path, []) as svc:
+    async with running_fleet(tmp_path, workers=[]) as svc:
         for inputs in (
             [{"name": "../x.png", "data": "aGk="}],
             [{"name": "x.png", "data": "%%%"}],
             [{"name": "x.png", "url": "file:///etc/passwd"}],
         ):
             response = await svc.http.post(
-                "/api/v1/tasks", json={"payload": tiny_payload(), "inputs": inputs}
+                "/api/v1/tasks", json={"payload": tiny_workflow(), "inputs": inputs}
             )
             assert response.status_code == 422, response.text
             assert response.json()["error"] == "invalid_input"
@@ -284,9 +295,9 @@ async def test_bad_inputs_are_refused_at_submission(tmp_path: Path) -> None:
 async def test_task_events_stream_queue_position_status_and_progress(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(step_time_s=0.02)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(60, steps=10))
+        created = await svc.submit(seed_workflow(seed=60, steps=10))
         seen: list[tuple[str, dict[str, object]]] = []
         async with svc.http.stream("GET", f"/api/v1/tasks/{created['id']}/events") as response:
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -318,17 +329,17 @@ async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path:
         }
 
     async with emulators(EmulatorOptions(), EmulatorOptions(failure_rate=1.0, seed=3)) as (good, bad):
-        async with service(tmp_path, [good.url]) as svc:
+        async with running_fleet(tmp_path, workers=[good.url]) as svc:
             before = samples((await svc.http.get("/metrics")).text)
-            task = await svc.wait_task((await svc.submit(seed_payload(70)))["id"])
+            task = await svc.wait_task((await svc.submit(seed_workflow(seed=70)))["id"])
             assert task["status"] == "completed"
             after = samples((await svc.http.get("/metrics")).text)
         latency = ("comfyfleet_dispatch_latency_seconds_count", ())
         completed = ("comfyfleet_task_duration_seconds_count", (("status", "completed"),))
         assert after[latency] == before.get(latency, 0) + 1
         assert after[completed] == before.get(completed, 0) + 1
-        async with service(tmp_path / "bad", [bad.url]) as svc:
-            task = await svc.wait_task((await svc.submit(seed_payload(71)))["id"])
+        async with running_fleet(tmp_path / "bad", workers=[bad.url]) as svc:
+            task = await svc.wait_task((await svc.submit(seed_workflow(seed=71)))["id"])
             assert task["error_kind"] == "node_error"
             failures = samples((await svc.http.get("/metrics")).text)
         assert failures[("comfyfleet_task_failures_total", (("kind", "node_error"),))] >= 1
@@ -338,11 +349,11 @@ async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> Non
     # Prompts outlast the stream's 0.5 s throttle of position reads, so position 1 is always seen.
     async with (
         emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
         # One worker holds two prompts (prefetch 1): the third task waits at 1, the fourth at 2.
-        tasks = [await svc.submit(seed_payload(80 + n)) for n in range(4)]
-        await svc.wait_task(tasks[1]["id"], lambda task: task["status"] == "running", timeout_s=10)
+        tasks = [await svc.submit(seed_workflow(seed=80 + n)) for n in range(4)]
+        await svc.wait_task(tasks[1]["id"], lambda task: task["status"] == "running", within=10)
         seen: list[tuple[str, dict[str, object]]] = []
         async with svc.http.stream("GET", f"/api/v1/tasks/{tasks[3]['id']}/events") as response:
             event_name = None
@@ -361,14 +372,14 @@ async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> Non
 async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(prompt_time_s=1.0)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(90))
-        running = await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", timeout_s=10)
+        created = await svc.submit(seed_workflow(seed=90))
+        running = await svc.wait_task(created["id"], lambda task: task["phase"] == "executing", within=10)
         fleet = svc.runtime.services.fleet
         # A failed request makes the fleet hold the worker back until its next probe passes.
         await fleet.report_unreachable(running["worker_id"], "a request timed out")
-        task = await svc.wait_task(created["id"], timeout_s=15)
+        task = await svc.wait_task(created["id"], within=15)
         assert task["status"] == "completed"
         assert len(task["attempts"]) == 1
         assert worker.stats.executions == {task["prompt_id"]: 1}
@@ -377,9 +388,9 @@ async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path
 async def test_latest_preview_of_a_running_task(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(previews=True, step_time_s=0.1)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
-        created = await svc.submit(seed_payload(95, steps=30))
+        created = await svc.submit(seed_workflow(seed=95, steps=30))
         previews: list[dict[str, object]] = []
         async with svc.http.stream("GET", f"/api/v1/tasks/{created['id']}/events") as response:
             event_name = None
@@ -406,12 +417,12 @@ async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path:
 
     async with (
         emulators(EmulatorOptions(previews=True, step_time_s=0.05)) as (worker,),
-        service(tmp_path, [worker.url]) as svc,
+        running_fleet(tmp_path, workers=[worker.url]) as svc,
     ):
         socket_url = svc.url.replace("http://", "ws://") + "/ws?clientId=viewer"
         async with connect(socket_url, open_timeout=10) as ws:
             response = await svc.http.post(
-                "/prompt", json={"prompt": seed_payload(96, steps=10), "client_id": "viewer"}
+                "/prompt", json={"prompt": seed_workflow(seed=96, steps=10), "client_id": "viewer"}
             )
             assert response.status_code == 200
             prompt_id = response.json()["prompt_id"]
@@ -436,13 +447,13 @@ async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: P
     worker_options = EmulatorOptions(prompt_time_s=0.3)
     async with (
         emulators(worker_options) as (worker,),
-        service(tmp_path, [worker.url], api_keys=keys, dispatch={"fair_share": True}) as svc,
+        running_fleet(tmp_path, workers=[worker.url], api_keys=keys, dispatch={"fair_share": True}) as svc,
     ):
 
         async def submit(key: str, color: int) -> str:
             response = await svc.http.post(
                 "/api/v1/tasks",
-                json={"payload": tiny_payload(color)},
+                json={"payload": tiny_workflow(color)},
                 headers={"Authorization": f"Bearer {key}"},
             )
             assert response.status_code == 201, response.text
@@ -460,8 +471,8 @@ async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: P
                 body: dict[str, Any] = answer.json()
                 return body
 
-            done: dict[str, Any] = await poll_until(
-                read, lambda t: t["status"] in TERMINAL, timeout_s=30, what=task_id
+            done: dict[str, Any] = await eventually(
+                read, until=lambda t: t["status"] in TERMINAL, within=30, what=task_id
             )
             return done
 

@@ -18,19 +18,10 @@ from comfyfleet.domain import NewTask
 from comfyfleet.emulators.comfyui.options import EmulatorOptions
 from comfyfleet.emulators.comfyui.server import EmulatorServer
 from comfyfleet.store import Store, StoreUnavailable
+from support import ServeProcess, emulators, eventually, running_fleet, tiny_workflow
 
 from .pg_cluster import PrivateCluster
-from .service import (
-    ServeProcess,
-    emulators,
-    executions,
-    poll_until,
-    read_tasks,
-    serve_config,
-    service,
-    submit_all,
-    tiny_payload,
-)
+from .service import executions, read_tasks, serve_config, submit_all
 
 OUTAGE_S = 6.0
 DRAIN_S = 60.0
@@ -77,15 +68,15 @@ async def test_postgres_killed_for_six_seconds_strands_no_task(
     async with emulators(options, options, options) as workers, httpx.AsyncClient(timeout=30) as http:
         urls = [worker.url for worker in workers]
         config = serve_config(tmp_path, urls, store=private_postgres.url, replica_id="replica-0")
-        server = ServeProcess(tmp_path, config)
+        server = ServeProcess(tmp_path, config=config)
         server.start()
         try:
-            await server.wait_ready(http)
+            await server.wait_ready()
             ids = await submit_all(http, [server.url], total)
-            await poll_until(
+            await eventually(
                 lambda: _queue_counts(http, server.url),
-                lambda counts: counts is not None and counts["completed_tasks"] >= 40,
-                timeout_s=60,
+                until=lambda counts: counts is not None and counts["completed_tasks"] >= 40,
+                within=60,
                 what="first completions",
             )
             finished_before = _finished(workers)
@@ -94,12 +85,12 @@ async def test_postgres_killed_for_six_seconds_strands_no_task(
             assert _finished(workers) > finished_before, "no prompt was in flight"
             private_postgres.start()
             back_at = time.monotonic()
-            await poll_until(
+            await eventually(
                 lambda: _queue_counts(http, server.url),
-                _drained,
-                timeout_s=DRAIN_S,
+                until=_drained,
+                within=DRAIN_S,
                 what="the queue draining after PostgreSQL came back",
-                every_s=0.2,
+                interval=0.2,
             )
             drained_in = time.monotonic() - back_at
             tasks = await read_tasks(http, server.url, ids)
@@ -129,42 +120,42 @@ async def test_sqlite_disk_full_for_a_while_strands_no_task(tmp_path: Path) -> N
     options = EmulatorOptions(prompt_time_s=0.1)
     async with (
         emulators(options, options) as workers,
-        service(tmp_path, [worker.url for worker in workers], dispatch={"lease_s": 2.0}) as svc,
+        running_fleet(tmp_path, workers=[worker.url for worker in workers], dispatch={"lease_s": 2.0}) as svc,
     ):
-        ids = [(await svc.submit(tiny_payload(color=n)))["id"] for n in range(total)]
-        await poll_until(
+        ids = [(await svc.submit(tiny_workflow(color=n)))["id"] for n in range(total)]
+        await eventually(
             lambda: _queue_counts(svc.http, svc.url),
-            lambda counts: counts is not None and counts["completed_tasks"] >= 20,
-            timeout_s=60,
+            until=lambda counts: counts is not None and counts["completed_tasks"] >= 20,
+            within=60,
             what="first completions",
         )
         store = svc.runtime.store
         # The disk fills while prompts run on the workers.
-        in_flight = await poll_until(
-            lambda: asyncio.sleep(0, sum(worker.stats.prompts_accepted for worker in workers)),
-            lambda accepted: accepted > _finished(workers),
-            timeout_s=30,
+        in_flight = await eventually(
+            lambda: sum(worker.stats.prompts_accepted for worker in workers),
+            until=lambda accepted: accepted > _finished(workers),
+            within=30,
             what="a prompt in flight",
-            every_s=0.005,
+            interval=0.005,
         )
         await _limit_pages(store, None)
         # The disk is full: nothing that needs room can be stored.
         with pytest.raises(StoreUnavailable, match="full"):
             await store.create_task(NewTask(payload={"x": {"class_type": "y" * 20_000, "inputs": {}}}))
         # The prompts in flight finish on their workers while their results cannot be written.
-        await poll_until(
-            lambda: asyncio.sleep(0, _finished(workers)),
-            lambda finished: finished >= in_flight,
-            timeout_s=30,
+        await eventually(
+            lambda: _finished(workers),
+            until=lambda finished: finished >= in_flight,
+            within=30,
             what="the prompts in flight finishing while the disk is full",
         )
         await _limit_pages(store, 1_073_741_823)
-        await poll_until(
+        await eventually(
             lambda: _queue_counts(svc.http, svc.url),
-            _drained,
-            timeout_s=DRAIN_S,
+            until=_drained,
+            within=DRAIN_S,
             what="the queue draining after the disk has room again",
-            every_s=0.2,
+            interval=0.2,
         )
         tasks = [await svc.task(task_id) for task_id in ids]
     _assert_each_completed_once(tasks, executions(workers), total)

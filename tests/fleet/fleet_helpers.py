@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -76,15 +75,6 @@ def pool(name: str, provider: str, settings: dict[str, object], **policy: object
     return PoolConfig.model_validate({"name": name, "provider": provider, "settings": settings, **policy})
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``check`` until it is true, failing the test after ``deadline_s``."""
-    deadline = time.monotonic() + deadline_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {deadline_s}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 async def answers(endpoint: str) -> bool:
     """The ComfyUI at ``endpoint`` answers /system_stats."""
     try:
@@ -113,7 +103,8 @@ def settings(namespace: str, pools: list[dict[str, Any]] | None = None, **extra:
 
 
 @asynccontextmanager
-async def running_fleet(config: Settings, store: Store, **options: Any) -> AsyncIterator[FleetManager]:
+async def running_manager(config: Settings, store: Store, **options: Any) -> AsyncIterator[FleetManager]:
+    """The worker manager alone (no API, no dispatcher), running until the block ends."""
     async with FleetManager(config, store, **options) as fleet, asyncio.TaskGroup() as tg:
         tg.create_task(fleet.run(), name="fleet-under-test")
         try:

@@ -3,13 +3,11 @@ containers running the ComfyUI emulator."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,90 +15,35 @@ import httpx
 import pytest
 from fleet_helpers import EMULATOR_COMMAND, docker_image
 
-from comfyfleet.config import load_settings
 from comfyfleet.domain import WorkerState
-from comfyfleet.fleet.manager import FleetManager
-from comfyfleet.runtime import Runtime
-
-TERMINAL = {"completed", "failed", "cancelled"}
+from support import Fleet, eventually, running_fleet, tiny_workflow
 
 
-def tiny_payload(color: int) -> dict[str, Any]:
-    """EmptyImage → SaveImage with a colour of its own, so no two tasks share ComfyUI's cached result."""
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e2e"}},
-    }
+def e2e_workflow(color: int) -> dict[str, Any]:
+    """The tiny graph with a colour of its own, so no two tasks share ComfyUI's cached result."""
+    return tiny_workflow(color, size=8, prefix="e2e")
 
 
-@dataclass
-class Service:
-    runtime: Runtime
-    http: httpx.AsyncClient
-
-    @property
-    def fleet(self) -> FleetManager:
-        fleet: FleetManager = self.runtime.services.fleet
-        return fleet
-
-    async def submit(self, color: int) -> str:
-        response = await self.http.post("/api/v1/tasks", json={"payload": tiny_payload(color)})
-        assert response.status_code == 201, response.text
-        task_id: str = response.json()["id"]
-        return task_id
-
-    async def tasks(self, task_ids: list[str]) -> list[dict[str, Any]]:
-        found = []
-        for task_id in task_ids:
-            response = await self.http.get(f"/api/v1/tasks/{task_id}")
-            assert response.status_code == 200, response.text
-            found.append(response.json())
-        return found
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s}s: {what}")
-        await asyncio.sleep(0.05)
+async def submit(svc: Fleet, color: int) -> str:
+    return str((await svc.submit(e2e_workflow(color)))["id"])
 
 
 @asynccontextmanager
 async def service(
     tmp_path: Path, namespace: str, pool: dict[str, Any], *, db: str = "comfyfleet.db"
-) -> AsyncIterator[Service]:
-    settings = load_settings(
+) -> AsyncIterator[Fleet]:
+    """comfyfleet with this one pool and no static worker; the test waits for the workers it expects."""
+    async with running_fleet(
+        tmp_path,
+        workers=[],
         store=f"sqlite:///{tmp_path / db}",
-        outputs=str(tmp_path / "outputs"),
-        host="127.0.0.1",
-        port=0,
         pools=[pool],
-        dispatch={"retry_base_s": 0.05, "retry_max_s": 0.2, "lease_s": 5.0},
-        fleet={
-            "namespace": namespace,
-            "probe_interval_s": 0.2,
-            "probe_timeout_s": 1.0,
-            "failure_threshold": 2,
-            "reconcile_interval_s": 0.2,
-            "reap_interval_s": 1.0,
-        },
-    )
-    async with Runtime(settings) as runtime:
-        running = asyncio.ensure_future(runtime.run())
-        try:
-            port = await runtime.wait_listening()
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                yield Service(runtime, http)
-        finally:
-            runtime.request_stop()
-            await running
+        fleet={"namespace": namespace, "reap_interval_s": 1.0},
+    ) as svc:
+        yield svc
 
 
-async def all_completed(svc: Service, task_ids: list[str]) -> bool:
+async def all_completed(svc: Fleet, task_ids: list[str]) -> bool:
     tasks = await svc.tasks(task_ids)
     failed = [task for task in tasks if task["status"] in ("failed", "cancelled")]
     assert not failed, failed
@@ -127,32 +70,32 @@ async def test_scale_from_zero_with_processes_runs_20_tasks_and_returns_to_zero(
 ) -> None:
     pool = process_pool(tmp_path, min_workers=0, max_workers=4, idle_timeout_s=1.0)
     async with service(tmp_path, namespace, pool) as svc:
-        assert svc.fleet.workers() == []
-        task_ids = [await svc.submit(color) for color in range(20)]
+        assert svc.manager.workers() == []
+        task_ids = [await submit(svc, color) for color in range(20)]
         seen_workers: set[str] = set()
         most_at_once = 0
 
         async def done() -> bool:
             nonlocal most_at_once
-            live = [w for w in svc.fleet.workers() if w.state is not WorkerState.TERMINATED]
+            live = [w for w in svc.manager.workers() if w.state is not WorkerState.TERMINATED]
             most_at_once = max(most_at_once, len(live))
             seen_workers.update(w.id for w in live)
             return await all_completed(svc, task_ids)
 
-        await until(done, "all 20 tasks completed")
+        await eventually(done, what="all 20 tasks completed", within=60)
         tasks = await svc.tasks(task_ids)
         used = {task["worker_id"] for task in tasks}
         assert 1 < len(used) <= 4, used
         assert most_at_once <= 4, "never more than max_workers"
         assert used <= seen_workers
-        await until(lambda: _no_workers(svc), "the pool back to zero after idle_timeout", 30)
+        await eventually(lambda: _no_workers(svc), what="the pool back to zero after idle_timeout", within=30)
         gone = await svc.runtime.store.list_workers(include_gone=True)
         assert all(worker.state is WorkerState.TERMINATED for worker in gone)
         assert all("idle for" in str(worker.info.get("stop_reason")) for worker in gone)
 
 
-async def _no_workers(svc: Service) -> bool:
-    return svc.fleet.workers() == []
+async def _no_workers(svc: Fleet) -> bool:
+    return svc.manager.workers() == []
 
 
 @pytest.mark.slow
@@ -163,30 +106,36 @@ async def test_killed_process_worker_its_task_completes_elsewhere_and_a_replacem
         tmp_path, min_workers=2, max_workers=2, idle_timeout_s=600, prompt_time_s=3.0, prefetch=0
     )
     async with service(tmp_path, namespace, pool) as svc:
-        await until(lambda: _usable(svc, 2), "two workers ready")
-        task_id = await svc.submit(1)
+        await eventually(lambda: _usable(svc, 2), what="two workers ready", within=60)
+        task_id = await submit(svc, 1)
 
         async def executing() -> bool:
             (task,) = await svc.tasks([task_id])
             return task["status"] == "running" and task["phase"] == "executing"
 
-        await until(executing, "the task executes")
+        await eventually(executing, what="the task executes", within=60)
         (task,) = await svc.tasks([task_id])
-        victim = next(w for w in svc.fleet.workers() if w.id == task["worker_id"])
+        victim = next(w for w in svc.manager.workers() if w.id == task["worker_id"])
         killed_at = time.monotonic()
         os.kill(int(str(victim.provider_id).split("@")[0]), signal.SIGKILL)
-        await until(lambda: _not_usable(svc, victim.id), "the killed worker is withdrawn", 10)
+        await eventually(
+            lambda: _not_usable(svc, victim.id), what="the killed worker is withdrawn", within=10
+        )
         assert time.monotonic() - killed_at < 0.2 * (2 + 2) + 1.0, (
             "within the health threshold (2 probes of 0.2 s)"
         )
         record = await svc.runtime.store.get_worker(victim.id)
         assert record.state in (WorkerState.FAILED, WorkerState.TERMINATING, WorkerState.TERMINATED)
 
-        await until(lambda: all_completed(svc, [task_id]), "the task completes on the other worker")
+        await eventually(
+            lambda: all_completed(svc, [task_id]), what="the task completes on the other worker", within=60
+        )
         (task,) = await svc.tasks([task_id])
         assert task["worker_id"] != victim.id
         assert task["retry_count"] + len(task["attempts"]) >= 1
-        await until(lambda: _usable(svc, 2, excluding=victim.id), "a replacement keeps the floor of 2")
+        await eventually(
+            lambda: _usable(svc, 2, excluding=victim.id), what="a replacement keeps the floor of 2", within=60
+        )
 
 
 async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, namespace: str) -> None:
@@ -194,9 +143,9 @@ async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, na
         tmp_path, min_workers=1, max_workers=1, idle_timeout_s=600, recycle_after_tasks=3, prompt_time_s=0.05
     )
     async with service(tmp_path, namespace, pool) as svc:
-        await until(lambda: _usable(svc, 1), "the first worker ready")
-        task_ids = [await svc.submit(color) for color in range(7)]
-        await until(lambda: all_completed(svc, task_ids), "all 7 tasks completed")
+        await eventually(lambda: _usable(svc, 1), what="the first worker ready", within=60)
+        task_ids = [await submit(svc, color) for color in range(7)]
+        await eventually(lambda: all_completed(svc, task_ids), what="all 7 tasks completed", within=60)
         tasks = await svc.tasks(task_ids)
         per_worker: dict[str, int] = {}
         for task in tasks:
@@ -205,14 +154,14 @@ async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, na
         # in one go, with prefetch 1): 3 + 3 + 1 as a rule.
         assert len(per_worker) >= 2, per_worker
         assert all(n <= 4 for n in per_worker.values()), per_worker
-        await until(lambda: _usable(svc, 1), "a fresh worker keeps the floor of 1")
+        await eventually(lambda: _usable(svc, 1), what="a fresh worker keeps the floor of 1", within=60)
         records = {w.id: w for w in await svc.runtime.store.list_workers(include_gone=True)}
 
         async def recycled_ones_stopped() -> bool:
             records.update({w.id: w for w in await svc.runtime.store.list_workers(include_gone=True)})
             return sum(1 for w in records.values() if w.state is WorkerState.TERMINATED) >= 2
 
-        await until(recycled_ones_stopped, "the recycled workers are terminated")
+        await eventually(recycled_ones_stopped, what="the recycled workers are terminated", within=60)
         recycled = [w for w in records.values() if w.info.get("recycled_after_tasks")]
         assert sorted(w.id for w in recycled) == sorted(w for w, n in per_worker.items() if n >= 3)
         assert all(
@@ -221,12 +170,12 @@ async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, na
         assert all(per_worker[w.id] == w.info["recycled_after_tasks"] for w in recycled)
 
 
-async def _usable(svc: Service, count: int, excluding: str | None = None) -> bool:
-    return len([w for w in svc.fleet.usable_workers() if w.id != excluding]) == count
+async def _usable(svc: Fleet, count: int, excluding: str | None = None) -> bool:
+    return len([w for w in svc.manager.usable_workers() if w.id != excluding]) == count
 
 
-async def _not_usable(svc: Service, worker_id: str) -> bool:
-    return worker_id not in {w.id for w in svc.fleet.usable_workers()}
+async def _not_usable(svc: Fleet, worker_id: str) -> bool:
+    return worker_id not in {w.id for w in svc.manager.usable_workers()}
 
 
 # -- docker -------------------------------------------------------------------------------------------------------
@@ -276,21 +225,23 @@ async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_contai
         },
     }
     async with service(tmp_path, namespace, pool) as svc:
-        first_batch = [await svc.submit(color) for color in range(6)]
-        await until(lambda: _usable(svc, 2), "two containers ready")
+        first_batch = [await submit(svc, color) for color in range(6)]
+        await eventually(lambda: _usable(svc, 2), what="two containers ready", within=60)
         created = {c["Id"] for c in containers(namespace)}
         assert len(created) == 2
         for container in containers(namespace):
             labels = container["Labels"]
             assert labels["comfyfleet.pool"] == "dock"
-            assert labels["comfyfleet.worker-id"] in {w.id for w in svc.fleet.workers()}
+            assert labels["comfyfleet.worker-id"] in {w.id for w in svc.manager.workers()}
             assert labels["comfyfleet.installation"] == await svc.runtime.store.installation_id()
         # comfyfleet stops mid-run (tasks still pending or running); the containers stay up.
     assert {c["Id"] for c in containers(namespace)} == created
     async with service(tmp_path, namespace, pool) as svc:
-        second_batch = [await svc.submit(color) for color in range(6, 10)]
-        await until(
-            lambda: all_completed(svc, first_batch + second_batch), "every task completes after the restart"
+        second_batch = [await submit(svc, color) for color in range(6, 10)]
+        await eventually(
+            lambda: all_completed(svc, first_batch + second_batch),
+            what="every task completes after the restart",
+            within=60,
         )
         assert {c["Id"] for c in containers(namespace)} <= created, (
             "the running containers were adopted, none duplicated"
@@ -298,8 +249,8 @@ async def test_docker_pool_runs_tasks_survives_a_restart_and_removes_idle_contai
         tasks = await svc.tasks(first_batch + second_batch)
         workers_used = {t["worker_id"] for t in tasks}
         assert workers_used <= {c["Labels"]["comfyfleet.worker-id"] for c in containers(namespace)} | {None}
-        await until(lambda: _no_containers(namespace), "idle containers removed", 30)
-        await until(lambda: _no_workers(svc), "their workers terminated", 10)
+        await eventually(lambda: _no_containers(namespace), what="idle containers removed", within=30)
+        await eventually(lambda: _no_workers(svc), what="their workers terminated", within=10)
 
 
 async def _no_containers(namespace: str) -> bool:
@@ -396,10 +347,10 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
     server = start()
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            await until(lambda: ready(http), "serve answers /ready", 30)
+            await eventually(lambda: ready(http), what="serve answers /ready", within=30)
             task_ids = []
             for color in range(8):
-                response = await http.post(f"{url}/api/v1/tasks", json={"payload": tiny_payload(color)})
+                response = await http.post(f"{url}/api/v1/tasks", json={"payload": e2e_workflow(color)})
                 assert response.status_code == 201, response.text
                 task_ids.append(response.json()["id"])
 
@@ -408,7 +359,7 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
                 statuses = [(await http.get(f"{url}/api/v1/tasks/{t}")).json()["status"] for t in task_ids]
                 return "completed" in statuses and any(s != "completed" for s in statuses)
 
-            await until(some_done_some_not, "the containers run tasks", 60)
+            await eventually(some_done_some_not, what="the containers run tasks", within=60)
             before = {c["Id"] for c in containers(namespace)}
             assert len(before) == 2
             server.send_signal(signal.SIGKILL)
@@ -418,7 +369,7 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
             )
 
             server = start()
-            await until(lambda: ready(http), "serve answers /ready again", 30)
+            await eventually(lambda: ready(http), what="serve answers /ready again", within=30)
 
             async def all_done() -> bool:
                 await containers_seen()
@@ -426,9 +377,11 @@ async def test_docker_pool_after_kill_9_mid_run_adopts_its_containers_and_leaks_
                 assert "failed" not in statuses
                 return all(s == "completed" for s in statuses)
 
-            await until(all_done, "every task completes after the restart", 60)
+            await eventually(all_done, what="every task completes after the restart", within=60)
             assert peak == before, "no container was started twice or in addition"
-            await until(lambda: _no_containers(namespace), "idle containers removed, none leaked", 30)
+            await eventually(
+                lambda: _no_containers(namespace), what="idle containers removed, none leaked", within=30
+            )
             workers = (await http.get(f"{url}/api/v1/workers")).json()
             assert workers["count"] == 0
     finally:

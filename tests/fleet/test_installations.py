@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from fleet_helpers import EMULATOR_COMMAND, eventually
+from fleet_helpers import DEADLINE_S, EMULATOR_COMMAND
 
-_LISTENING = re.compile(r"api_listening url=(http://\S+)")
+from support import ServeProcess, eventually
+
 STARTUP_S = 60.0
 
 
@@ -39,17 +39,24 @@ def tiny_payload(color: int) -> dict[str, Any]:
 
 @dataclass
 class Installation:
-    """``python -m comfyfleet serve`` in a directory of its own (its store, outputs and worker logs)."""
+    """``comfyfleet serve`` in a directory of its own (its store, outputs and worker logs)."""
 
     name: str
     home: Path
-    process: subprocess.Popen[bytes]
-    url: str = ""
+    server: ServeProcess
     worker_pids: dict[str, int] = field(default_factory=dict)  # worker id -> pid, once its workers are up
 
     @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.server.process
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
     def log(self) -> str:
-        return (self.home / "serve.log").read_text(errors="replace")
+        return self.server.log
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.splitlines()[-lines:])
@@ -57,13 +64,8 @@ class Installation:
     def count(self, event: str) -> int:
         return self.log.count(event)
 
-    async def listening(self) -> bool:
-        if self.process.poll() is not None:
-            pytest.fail(f"{self.name}: serve exited with {self.process.returncode}:\n{self.log}")
-        match = _LISTENING.search(self.log)
-        if match:
-            self.url = match[1]
-        return bool(match)
+    async def listening(self) -> None:
+        await asyncio.to_thread(self.server.wait_listening, STARTUP_S)
 
     async def workers(self) -> list[dict[str, Any]]:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
@@ -75,19 +77,8 @@ class Installation:
 
 def start(home: Path, config: Path, name: str) -> Installation:
     home.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COMFYFLEET_")}
-    with (home / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "comfyfleet", "serve", "--port", "0", "--log-level", "debug"),
-                *("--config", str(config), "--store", f"sqlite:///{home / 'comfyfleet.db'}"),
-            ],
-            cwd=home,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Installation(name, home, process)
+    args = ("--log-level", "debug", "--config", str(config), "--store", f"sqlite:///{home / 'comfyfleet.db'}")
+    return Installation(name, home, ServeProcess(home, *args).start())
 
 
 @contextlib.asynccontextmanager
@@ -130,7 +121,7 @@ async def ready_workers(installation: Installation, count: int, watching: list[I
         installation.worker_pids = {w["id"]: pid_of(w) for w in workers}
         return True
 
-    await eventually(check, f"{installation.name}: {count} workers ready", STARTUP_S)
+    await eventually(check, what=f"{installation.name}: {count} workers ready", within=STARTUP_S)
 
 
 def assert_keeps_its_workers(installations: list[Installation]) -> None:
@@ -163,12 +154,12 @@ async def test_two_installations_with_the_same_config_keep_their_own_workers(tmp
     async with side_by_side(tmp_path, config) as started:
         first = start(tmp_path / "first", config, "first")
         started.append(first)
-        await eventually(first.listening, "the first installation listens", STARTUP_S)
+        await first.listening()
         await ready_workers(first, 2, [])
 
         second = start(tmp_path / "second", config, "second")
         started.append(second)
-        await eventually(second.listening, "the second installation listens", STARTUP_S)
+        await second.listening()
         first_before = first.count("fleet_reap_pass")
 
         await ready_workers(second, 2, [first])
@@ -181,12 +172,12 @@ async def test_two_installations_with_the_same_config_keep_their_own_workers(tmp
                 and first.count("fleet_reap_pass") >= first_before + 2
             )
 
-        await eventually(both_reaped_twice, "two reaper cycles of each installation", STARTUP_S)
+        await eventually(both_reaped_twice, what="two reaper cycles of each installation", within=STARTUP_S)
         assert set(first.worker_pids).isdisjoint(second.worker_pids)
 
         await asyncio.gather(*(run_tasks(installation, 4) for installation in started))
         first_before, second_before = first.count("fleet_reap_pass"), second.count("fleet_reap_pass")
-        await eventually(both_reaped_twice, "two more reaper cycles", STARTUP_S)
+        await eventually(both_reaped_twice, what="two more reaper cycles", within=STARTUP_S)
         assert_keeps_its_workers(started)
 
         # A worker process killed from outside: its own installation says so, with the signal.
@@ -200,7 +191,7 @@ async def test_two_installations_with_the_same_config_keep_their_own_workers(tmp
         async def logged() -> bool:
             return bool(line.search(first.log))
 
-        await eventually(logged, "the first installation logs the killed worker")
+        await eventually(logged, what="the first installation logs the killed worker", within=DEADLINE_S)
         assert "worker_process_killed" not in second.log
         assert_keeps_its_workers([second])
 
@@ -222,4 +213,4 @@ async def run_tasks(installation: Installation, count: int) -> None:
             assert all(task["retry_count"] == 0 for task in done), done
             return len(done) == count
 
-        await eventually(completed, f"{installation.name}: {count} tasks completed", STARTUP_S)
+        await eventually(completed, what=f"{installation.name}: {count} tasks completed", within=STARTUP_S)

@@ -16,9 +16,8 @@ from fleet_helpers import (
     EMULATOR_COMMAND,
     FAST_FLEET,
     answers,
-    eventually,
     novita_pool_settings,
-    running_fleet,
+    running_manager,
     settings,
     wait_for,
 )
@@ -29,6 +28,7 @@ from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.fleet.providers import InstanceState, ProviderContext, build_provider
 from comfyfleet.store import Store
+from support import eventually
 
 
 def states(fleet: FleetManager, pool: str | None = None) -> list[WorkerState]:
@@ -62,7 +62,7 @@ async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_
         EmulatorServer(EmulatorOptions(startup_delay_s=60)) as silent,
     ):
         config = settings(namespace, workers=[alive.url, silent.url])
-        async with running_fleet(config, store) as fleet:
+        async with running_manager(config, store) as fleet:
             await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the answering URL is usable")
             ready = fleet.usable_workers()[0]
             assert ready.endpoint == alive.url
@@ -77,7 +77,7 @@ async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_
             await fleet.set_assignments(ready.id, ["task-1"])
             assert ready.state is WorkerState.BUSY
             await eventually(
-                lambda: _stored_state(store, ready.id, WorkerState.BUSY), "busy is written behind"
+                lambda: _stored_state(store, ready.id, WorkerState.BUSY), what="busy is written behind"
             )
             await fleet.set_assignments(ready.id, [])
             assert ready.state is WorkerState.IDLE
@@ -92,7 +92,7 @@ async def test_static_workers_become_idle_only_after_a_probe_and_fail_after_the_
                 return (await store.get_worker(ready.id)).state in gone
 
             # The dispatcher is told at once; the record is written right behind.
-            await eventually(failure_written, "the failure is written")
+            await eventually(failure_written, what="the failure is written")
             failed = await store.get_worker(ready.id)
             assert "probe" in (failed.error or "")
             # The URL stays configured: a fresh record waits for it to answer again.
@@ -117,7 +117,7 @@ async def test_report_unreachable_hides_the_worker_until_a_probe_passes(
 ) -> None:
     async with EmulatorServer(EmulatorOptions()) as comfy:
         config = settings(namespace, workers=[comfy.url], fleet={"probe_interval_s": 30})
-        async with running_fleet(config, sqlite_store) as fleet:
+        async with running_manager(config, sqlite_store) as fleet:
             await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "usable")
             worker = fleet.usable_workers()[0]
             await fleet.report_unreachable(worker.id, "connection reset")
@@ -164,7 +164,7 @@ async def test_process_pool_scales_from_zero_to_demand_and_back(
     sqlite_store: Store, namespace: str, tmp_path: Path
 ) -> None:
     pool = process_pool(tmp_path / "logs", max_workers=2)
-    async with running_fleet(settings(namespace, pools=[pool]), sqlite_store) as fleet:
+    async with running_manager(settings(namespace, pools=[pool]), sqlite_store) as fleet:
         assert fleet.workers() == []
         task_ids = await add_tasks(sqlite_store, 5)
         await wait_for(
@@ -190,7 +190,7 @@ async def test_process_pool_scales_from_zero_to_demand_and_back(
 async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
     sqlite_store: Store, namespace: str, tmp_path: Path
 ) -> None:
-    async with running_fleet(
+    async with running_manager(
         settings(namespace, pools=[process_pool(tmp_path, max_workers=1)]), sqlite_store
     ) as fleet:
         await add_tasks(sqlite_store, 1)
@@ -209,7 +209,7 @@ async def test_killed_process_worker_fails_within_the_threshold_and_is_replaced(
         async def failure_written() -> bool:
             return (await sqlite_store.get_worker(victim.id)).state in gone
 
-        await eventually(failure_written, "the failure is written")
+        await eventually(failure_written, what="the failure is written")
         record = await sqlite_store.get_worker(victim.id)
         assert "exited" in (record.error or "")
         await wait_for(
@@ -268,19 +268,20 @@ async def test_restart_adopts_its_processes_and_reaps_strangers(
         # They ran for a while before the crash: wait until they answer, as a long-running worker would.
         for handle in (running, half_made, stranger):
             await eventually(
-                lambda endpoint=handle.endpoint: answers(endpoint or ""), "the worker process answers"
+                lambda endpoint=handle.endpoint: answers(endpoint or ""), what="the worker process answers"
             )
         # Hand the processes over: the outside provider must not kill them when it closes.
         outside._children.clear()  # type: ignore[attr-defined]
 
-    async with running_fleet(config, sqlite_store) as fleet:
+    async with running_manager(config, sqlite_store) as fleet:
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 2, "both surviving processes adopted")
         assert {w.id for w in fleet.usable_workers()} == {"emu-00000000a1", "emu-00000000a2"}
         assert (await sqlite_store.get_worker("emu-00000000a4")).state is WorkerState.TERMINATED
         checker = build_provider(PoolConfig.model_validate(pool_config), context)
         async with checker:
             await eventually(
-                lambda: _state_is(checker, stranger.provider_id, InstanceState.GONE), "the stranger is reaped"
+                lambda: _state_is(checker, stranger.provider_id, InstanceState.GONE),
+                what="the stranger is reaped",
             )
             listed = {i.worker_id for i in await checker.list_ours()}
             assert listed == {"emu-00000000a1", "emu-00000000a2"}
@@ -312,7 +313,7 @@ def novita_pool(novita: NovitaEmulator, **policy: Any) -> dict[str, Any]:
 async def test_novita_create_pulling_running_then_deleted_when_idle(
     sqlite_store: Store, namespace: str, novita: NovitaEmulator
 ) -> None:
-    async with running_fleet(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
+    async with running_manager(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
         task_ids = await add_tasks(sqlite_store, 1)
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the cloud worker is ready")
         worker = fleet.usable_workers()[0]
@@ -323,7 +324,7 @@ async def test_novita_create_pulling_running_then_deleted_when_idle(
         assert worker.endpoint == instance.comfy.url
         await cancel_all(sqlite_store, task_ids)
         await wait_for(fleet, lambda: fleet.workers() == [], "deleted after idle_timeout")
-    await eventually(lambda: _all_removed(novita), "nothing left behind at Novita")
+    await eventually(lambda: _all_removed(novita), what="nothing left behind at Novita")
 
 
 async def _all_removed(novita: NovitaEmulator) -> bool:
@@ -334,7 +335,7 @@ async def test_novita_failed_start_is_deleted_and_retried_with_backoff(
     sqlite_store: Store, namespace: str, novita: NovitaEmulator
 ) -> None:
     novita.options.fail_starts = 2
-    async with running_fleet(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
+    async with running_manager(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
         await add_tasks(sqlite_store, 1)
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "a third attempt succeeds", 30)
         created = sorted(novita.instances.values(), key=lambda i: i.created_at)
@@ -379,9 +380,9 @@ async def test_novita_reaper_deletes_an_unknown_instance_with_our_prefix(
             key: (await api.post("/gpu/instance/create", json={**body, "name": name})).json()["id"]
             for key, name in names.items()
         }
-    async with running_fleet(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
+    async with running_manager(settings(namespace, pools=[novita_pool(novita)]), sqlite_store) as fleet:
         await eventually(
-            lambda: _removing(novita, created["ours"]), "the unknown instance with our prefix is deleted"
+            lambda: _removing(novita, created["ours"]), what="the unknown instance with our prefix is deleted"
         )
         assert fleet.workers() == []
         assert await fleet.reap() == 0, "nothing else is ours to reap"
@@ -405,8 +406,8 @@ async def test_only_the_leader_starts_workers(
     config = settings(namespace, pools=[novita_pool(novita, max_workers=2, idle_timeout_s=60)])
     async with (
         open_store(postgres_url) as second_store,
-        running_fleet(config, postgres_store) as first,
-        running_fleet(config, second_store) as second,
+        running_manager(config, postgres_store) as first,
+        running_manager(config, second_store) as second,
     ):
         await add_tasks(postgres_store, 3)
         await wait_for(first, lambda: len(first.usable_workers()) == 2, "two workers")
@@ -427,7 +428,9 @@ async def test_only_the_leader_starts_workers(
         await wait_for(
             leader, lambda: other.id not in {w.id for w in leader.workers()}, "drained and terminated"
         )
-        await eventually(lambda: _stored_state(postgres_store, other.id, WorkerState.TERMINATED), "recorded")
+        await eventually(
+            lambda: _stored_state(postgres_store, other.id, WorkerState.TERMINATED), what="recorded"
+        )
         await wait_for(
             follower, lambda: other.id not in {w.id for w in follower.usable_workers()}, "follower sees it"
         )
@@ -448,14 +451,14 @@ async def test_a_drained_static_worker_is_undrained_back_to_idle_or_busy(
 
     async with (
         EmulatorServer(EmulatorOptions()) as comfy,
-        running_fleet(settings(namespace, workers=[comfy.url]), sqlite_store) as fleet,
+        running_manager(settings(namespace, workers=[comfy.url]), sqlite_store) as fleet,
     ):
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the static worker is usable")
         worker = fleet.usable_workers()[0]
         assert (await fleet.drain(worker.id)).state is WorkerState.DRAINING
         assert fleet.usable_workers() == []
         passes = fleet.reconcile_passes
-        await eventually(lambda: _passes_since(fleet, passes, 3), "the reconciler ran")
+        await eventually(lambda: _passes_since(fleet, passes, 3), what="the reconciler ran")
         assert worker.state is WorkerState.DRAINING, "a static worker is never stopped: it waits"
 
         assert (await fleet.undrain(worker.id)).state is WorkerState.IDLE
@@ -478,12 +481,13 @@ async def test_undrain_refuses_a_worker_whose_stop_has_begun(
     from comfyfleet.fleet.errors import WorkerStateConflict
 
     pool = novita_pool(novita, min_workers=1, idle_timeout_s=600)
-    async with running_fleet(settings(namespace, pools=[pool]), sqlite_store) as fleet:
+    async with running_manager(settings(namespace, pools=[pool]), sqlite_store) as fleet:
         await wait_for(fleet, lambda: len(fleet.usable_workers()) == 1, "the cloud worker is ready")
         worker = fleet.usable_workers()[0]
         await fleet.drain(worker.id)  # holds no task: the reconciler stops it
         await eventually(
-            lambda: _stored_state(sqlite_store, worker.id, WorkerState.TERMINATED), "drained and terminated"
+            lambda: _stored_state(sqlite_store, worker.id, WorkerState.TERMINATED),
+            what="drained and terminated",
         )
         with pytest.raises(WorkerStateConflict, match="terminated: it cannot be undrained"):
             await fleet.undrain(worker.id)
@@ -499,8 +503,8 @@ async def test_undrain_on_a_follower_is_carried_out_by_the_leader(
         config = settings(namespace, workers=[comfy.url])
         async with (
             open_store(postgres_url) as second_store,
-            running_fleet(config, postgres_store) as first,
-            running_fleet(config, second_store) as second,
+            running_manager(config, postgres_store) as first,
+            running_manager(config, second_store) as second,
         ):
             await wait_for(first, lambda: len(first.usable_workers()) == 1, "usable")
             await wait_for(second, lambda: len(second.usable_workers()) == 1, "the follower sees it")

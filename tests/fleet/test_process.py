@@ -12,10 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fleet_helpers import eventually, pool
+from fleet_helpers import pool
 
 from comfyfleet.fleet.errors import FleetConfigError, ProviderRejected
 from comfyfleet.fleet.providers import InstanceState, ProviderContext, build_provider
+from support import eventually
 
 SLEEPER = [
     "{python}",
@@ -50,7 +51,7 @@ async def environ_of(provider_id: str) -> dict[str, str]:
         found.update(psutil.Process(pid_of(provider_id)).environ())
         return "COMFYFLEET_WORKER_ID" in found
 
-    await eventually(executed, f"process {provider_id} runs its command")
+    await eventually(executed, what=f"process {provider_id} runs its command")
     return found
 
 
@@ -79,7 +80,7 @@ async def test_each_worker_gets_its_own_gpu_and_a_log(
         log = tmp_path / "logs" / "gpu-00000000a2.log"
         port = second.endpoint.rsplit(":", 1)[1] if second.endpoint else "?"
         await eventually(
-            lambda: _contains(log, f"worker on port {port}"), "the worker's output is in its log"
+            lambda: _contains(log, f"worker on port {port}"), what="the worker's output is in its log"
         )
         assert "starting:" in log.read_text()  # the command line is logged before the worker's own output
 
@@ -91,7 +92,9 @@ async def test_a_worker_ignoring_sigterm_is_killed_after_the_grace(
     async with build_provider(pool("gpu", "process", settings), provider_context) as provider:
         handle = await provider.create("gpu-00000000b1")
         log = tmp_path / "gpu-00000000b1.log"
-        await eventually(lambda: _has_line(log, "ready"), "the stubborn worker ignores SIGTERM from now on")
+        await eventually(
+            lambda: _has_line(log, "ready"), what="the stubborn worker ignores SIGTERM from now on"
+        )
         started = time.monotonic()
         await provider.terminate(handle.provider_id)
         took = time.monotonic() - started
@@ -126,7 +129,7 @@ async def test_an_exit_we_did_not_ask_for_is_logged_with_its_signal(
         async def logged() -> bool:
             return expected in caplog.messages
 
-        await eventually(logged, "the killed worker is logged")
+        await eventually(logged, what="the killed worker is logged")
         assert "exited on SIGKILL" in str((await provider.describe(killed.provider_id)).error)
         await provider.terminate(stopped.provider_id)  # our own SIGTERM: nothing to report
         await provider.terminate(killed.provider_id)

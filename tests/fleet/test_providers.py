@@ -12,11 +12,12 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import pytest
-from fleet_helpers import EMULATOR_COMMAND, answers, eventually, novita_pool_settings, pool
+from fleet_helpers import DEADLINE_S, EMULATOR_COMMAND, answers, novita_pool_settings, pool
 
 from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.providers import Instance, InstanceState, Provider, ProviderContext, build_provider
 from comfyfleet.fleet.providers.base import worker_belongs_to_pool
+from support import eventually
 
 
 @dataclass
@@ -98,7 +99,7 @@ async def running(provider: Provider, provider_id: str) -> Instance:
         found[:] = [instance]
         return instance.state is InstanceState.RUNNING and instance.endpoint is not None
 
-    await eventually(check, f"{provider_id} running with an endpoint")
+    await eventually(check, what=f"{provider_id} running with an endpoint", within=DEADLINE_S)
     return found[0]
 
 
@@ -117,7 +118,9 @@ async def test_create_reports_the_id_at_once_then_the_worker_answers(kind: Kind)
         )
     instance = await running(provider, handle.provider_id)
     assert instance.endpoint is not None
-    await eventually(lambda: answers(instance.endpoint or ""), "the worker's /system_stats answers")
+    await eventually(
+        lambda: answers(instance.endpoint or ""), what="the worker's /system_stats answers", within=DEADLINE_S
+    )
 
 
 async def test_list_ours_finds_this_pool_only_and_a_fresh_provider_rediscovers(kind: Kind) -> None:
@@ -138,11 +141,15 @@ async def test_list_ours_finds_this_pool_only_and_a_fresh_provider_rediscovers(k
         assert rediscovered[handle.provider_id].worker_id == worker_id
     again.adopt(handle.provider_id, worker_id)
     instance = await running(again, handle.provider_id)
-    await eventually(lambda: answers(instance.endpoint or ""), "the rediscovered worker answers")
+    await eventually(
+        lambda: answers(instance.endpoint or ""), what="the rediscovered worker answers", within=DEADLINE_S
+    )
     await again.terminate(handle.provider_id)
     if kind.managed:
         await eventually(
-            lambda: _gone(again, handle.provider_id), "terminated through the second provider object"
+            lambda: _gone(again, handle.provider_id),
+            what="terminated through the second provider object",
+            within=DEADLINE_S,
         )
 
 
@@ -176,11 +183,19 @@ async def test_terminate_is_idempotent_and_leaves_nothing(kind: Kind) -> None:
     await provider.terminate(kind.unknown_id)  # never existed: a success too
     assert worker_id not in {listed.worker_id for listed in await provider.list_ours()}
     if kind.managed:
-        await eventually(lambda: _gone(provider, handle.provider_id), "the instance is gone")
         await eventually(
-            lambda: _true(kind.finished(handle.provider_id)), "the provider finished deleting it"
+            lambda: _gone(provider, handle.provider_id), what="the instance is gone", within=DEADLINE_S
         )
-        await eventually(lambda: _not_answering(instance.endpoint or ""), "its ComfyUI no longer answers")
+        await eventually(
+            lambda: _true(kind.finished(handle.provider_id)),
+            what="the provider finished deleting it",
+            within=DEADLINE_S,
+        )
+        await eventually(
+            lambda: _not_answering(instance.endpoint or ""),
+            what="its ComfyUI no longer answers",
+            within=DEADLINE_S,
+        )
     else:
         # A static URL is never stopped: the server still answers, it just backs no worker.
         assert await answers(instance.endpoint)

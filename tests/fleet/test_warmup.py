@@ -8,13 +8,14 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet_helpers import eventually, running_fleet, settings, wait_for
+from fleet_helpers import running_manager, settings, wait_for
 
 from comfyfleet.config import ConfigError, PoolConfig, load_settings
 from comfyfleet.domain import WorkerState
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
 from comfyfleet.fleet.warmup import run_warmup
 from comfyfleet.store import Store
+from support import eventually
 
 CHECKPOINT = "warm_model.safetensors"
 
@@ -38,7 +39,7 @@ async def test_a_worker_takes_tasks_only_after_its_warmup_loaded_the_models(
 ) -> None:
     async with EmulatorServer(EmulatorOptions(model_load_s=1.0)) as emulator:
         config = settings(namespace, [static_pool(emulator.url, warmup_graph())])
-        async with running_fleet(config, store) as fleet:
+        async with running_manager(config, store) as fleet:
             await wait_for(
                 fleet,
                 lambda: any(w.info.get("warmup", {}).get("state") == "running" for w in fleet.workers()),
@@ -62,7 +63,7 @@ async def test_a_worker_takes_tasks_only_after_its_warmup_loaded_the_models(
                 record = await store.get_worker(worker.id)
                 return record.state is WorkerState.IDLE and record.loaded_models == [CHECKPOINT]
 
-            await eventually(warm_record_written, "the warm worker is written to the store")
+            await eventually(warm_record_written, what="the warm worker is written to the store")
             # The warm-up leaves nothing in the worker's history.
             assert emulator.state.history == {}
 
@@ -71,13 +72,13 @@ async def test_a_rejected_warmup_fails_the_start_with_comfyuis_reason(store: Sto
     options = EmulatorOptions(accept_any_model=False, model_load_s=0.0)
     async with EmulatorServer(options) as emulator:
         config = settings(namespace, [static_pool(emulator.url, warmup_graph("no_such_model.safetensors"))])
-        async with running_fleet(config, store) as fleet:
+        async with running_manager(config, store) as fleet:
 
             async def start_failed() -> bool:
                 records = await store.list_workers(include_gone=True)
                 return any("warm-up workflow rejected" in (r.error or "") for r in records)
 
-            await eventually(start_failed, "the start fails on the rejected warm-up")
+            await eventually(start_failed, what="the start fails on the rejected warm-up")
             failed = [r for r in await store.list_workers(include_gone=True) if r.error]
             assert "value_not_in_list" in (failed[0].error or "")
             assert "no_such_model.safetensors" in (failed[0].error or "")

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet_helpers import eventually, novita_pool_settings
+from fleet_helpers import novita_pool_settings
 
 from comfyfleet.config import Settings
 from comfyfleet.emulators.comfyui import EmulatorOptions, EmulatorServer
@@ -16,6 +16,7 @@ from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.runtime import create_app
 from comfyfleet.store import Store
+from support import eventually
 
 SEED_WORKER_FIELDS = {
     "id",
@@ -69,7 +70,7 @@ async def api(
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://test", headers=headers
             ) as client:
-                await eventually(lambda: _ready(fleet, 2), "both workers ready")
+                await eventually(lambda: _ready(fleet, 2), what="both workers ready")
                 try:
                     yield client, fleet
                 finally:
@@ -148,7 +149,7 @@ async def test_delete_terminates_and_the_floor_replaces(
     gone = (await client.get(f"/api/v1/workers/{cloud.id}")).json()
     assert gone["status"] == "terminated"
     # min_workers 1: a replacement comes up.
-    await eventually(lambda: _cloud_ready_other_than(fleet, cloud.id), "a replacement cloud worker")
+    await eventually(lambda: _cloud_ready_other_than(fleet, cloud.id), what="a replacement cloud worker")
 
 
 async def _cloud_ready_other_than(fleet: FleetManager, worker_id: str) -> bool:
@@ -164,10 +165,12 @@ async def test_drain_waits_for_the_task_then_terminates(api: tuple[httpx.AsyncCl
     assert response.json()["state"] == "draining"
     assert cloud.id not in {w.id for w in fleet.usable_workers()}, "a draining worker gets no new task"
     passes = fleet.reconcile_passes
-    await eventually(lambda: _passes_since(fleet, passes, 3), "the reconciler ran")
+    await eventually(lambda: _passes_since(fleet, passes, 3), what="the reconciler ran")
     assert cloud.state.value == "draining", "a worker holding a task is never stopped"
     await fleet.set_assignments(cloud.id, [])
-    await eventually(lambda: _state_of(client, cloud.id, "terminated"), "terminated once its task is done")
+    await eventually(
+        lambda: _state_of(client, cloud.id, "terminated"), what="terminated once its task is done"
+    )
 
 
 async def _passes_since(fleet: FleetManager, before: int, count: int) -> bool:
@@ -214,7 +217,7 @@ async def test_undrain_gives_a_drained_static_worker_tasks_again(
     static = next(worker for worker in fleet.workers() if worker.pool == "default")
     assert (await client.post(f"/api/v1/workers/{static.id}/drain")).json()["state"] == "draining"
     passes = fleet.reconcile_passes
-    await eventually(lambda: _passes_since(fleet, passes, 3), "the reconciler ran")
+    await eventually(lambda: _passes_since(fleet, passes, 3), what="the reconciler ran")
     assert static.id not in {w.id for w in fleet.usable_workers()}, "a static worker stays draining"
 
     tenant = {"Authorization": f"Bearer {TENANT_KEY}"}
@@ -222,7 +225,7 @@ async def test_undrain_gives_a_drained_static_worker_tasks_again(
     response = await client.post(f"/api/v1/workers/{static.id}/undrain")
     assert response.status_code == 200, response.text
     assert response.json()["state"] == "idle"
-    await eventually(lambda: _usable(fleet, static.id), "the undrained worker gets tasks again")
+    await eventually(lambda: _usable(fleet, static.id), what="the undrained worker gets tasks again")
     # Undraining a worker that is not draining changes nothing.
     again = await client.post(f"/api/v1/workers/{static.id}/undrain")
     assert again.status_code == 200

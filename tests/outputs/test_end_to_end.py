@@ -14,7 +14,7 @@ from PIL import Image
 
 from comfyfleet.emulators.comfyui.options import EmulatorOptions
 from comfyfleet.outputs import open_outputs
-from dispatch.service import emulators, seed_payload, service
+from support import emulators, running_fleet, seed_workflow
 
 from .test_s3 import closed_port
 
@@ -25,9 +25,9 @@ async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
     outputs = f"s3://{s3_bucket}/runs?endpoint_url={s3_endpoint}&region=us-east-1"
     async with (
         emulators(EmulatorOptions()) as (worker,),
-        service(tmp_path, [worker.url], outputs=outputs) as svc,
+        running_fleet(tmp_path, workers=[worker.url], outputs=outputs) as svc,
     ):
-        created = await svc.submit(seed_payload(7))
+        created = await svc.submit(seed_workflow(seed=7))
         task = await svc.wait_task(created["id"])
         assert task["status"] == "completed", task
         [output] = task["result"]["outputs"]
@@ -70,9 +70,9 @@ async def test_a_missing_bucket_fails_the_task_after_its_retries(
     outputs = f"s3://{s3_bucket}-missing?endpoint_url={s3_endpoint}"
     async with (
         emulators(EmulatorOptions()) as (worker,),
-        service(tmp_path, [worker.url], outputs=outputs) as svc,
+        running_fleet(tmp_path, workers=[worker.url], outputs=outputs) as svc,
     ):
-        created = await svc.submit(seed_payload(8), max_retries=1)
+        created = await svc.submit(seed_workflow(seed=8), max_retries=1)
         task = await svc.wait_task(created["id"])
         assert task["status"] == "failed", task
         assert task["error_kind"] == "outputs_unavailable"

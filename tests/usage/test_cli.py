@@ -12,17 +12,9 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-from usage_helpers import (
-    DATA,
-    NO_CLIENT_CONFIG,
-    Fleet,
-    cli,
-    eventually,
-    running_fleet,
-    seed_workflow,
-    tiny_workflow,
-    write,
-)
+from usage_helpers import DATA, NO_CLIENT_CONFIG, cli, write
+
+from support import Fleet, eventually, running_fleet, seed_workflow, tiny_workflow
 
 EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED = 1, 2, 3, 4
 

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from usage_helpers import eventually, running_fleet, seed_workflow
 
 from comfyfleet import AsyncClient
+from support import eventually, running_fleet, seed_workflow
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from usage_helpers import running_fleet, tiny_workflow
 
 from comfyfleet.config import Settings
 from comfyfleet.domain import NewTask, Task
 from comfyfleet.runtime import create_app
 from comfyfleet.store import Lease, Store
+from support import running_fleet, tiny_workflow
 
 
 async def test_pages_render_and_sign_in_guards_them(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from usage_helpers import cli, eventually, running_fleet, tiny_workflow, wait_task
+from usage_helpers import cli
 
 from comfyfleet import AsyncClient
+from support import eventually, running_fleet, tiny_workflow
 
 
 async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) -> None:
@@ -40,7 +41,7 @@ async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) ->
 
         # Two completed runs give the mean execution time.
         fleet.emulators[0].options.update({"prompt_time_s": 0.2})
-        done = [await wait_task(fleet, await submit(color)) for color in (4, 5)]
+        done = [await fleet.wait_task(await submit(color)) for color in (4, 5)]
         assert [task["status"] for task in done] == ["completed", "completed"]
         mean_s = statistics.fmean(task["result"]["timings"]["executing_s"] for task in done)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from usage_helpers import running_fleet, seed_workflow, tiny_workflow
 from websockets.sync.client import connect
+
+from support import running_fleet, seed_workflow, tiny_workflow
 
 
 def comfyui_websocket_client(

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from usage_helpers import Fleet, eventually, running_fleet, tiny_workflow, wait_task
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+
+from support import Fleet, eventually, running_fleet, tiny_workflow
 
 
 def _png(width: int, height: int, color: tuple[int, int, int]) -> bytes:
@@ -63,7 +64,7 @@ async def test_an_uploaded_image_is_used_by_whichever_worker_runs_the_prompt(tmp
         }
         queued = await _prompt(fleet, graph, client_id="uploader")
         assert queued["node_errors"] == {}
-        task = await wait_task(fleet, queued["prompt_id"])
+        task = await fleet.wait_task(queued["prompt_id"])
         assert task["status"] == "completed", task
         history = (await fleet.http.get(f"/history/{queued['prompt_id']}")).json()[queued["prompt_id"]]
         [image] = history["outputs"]["3"]["images"]
@@ -116,7 +117,7 @@ async def test_a_mask_upload_puts_its_alpha_into_the_original_image(tmp_path: Pa
             "1": {"class_type": "LoadImage", "inputs": {"image": "clipspace/clipspace-mask.png"}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "masked"}},
         }
-        task = await wait_task(fleet, (await _prompt(fleet, graph))["prompt_id"])
+        task = await fleet.wait_task((await _prompt(fleet, graph))["prompt_id"])
         assert task["status"] == "completed", task
 
         # The original may be a task's output (subfolder = the task id, as /view names it).
@@ -166,8 +167,8 @@ async def test_queue_delete_interrupt_and_history(tmp_path: Path) -> None:
         assert (await fleet.http.get(f"/api/v1/tasks/{ids[2]}")).json()["status"] == "cancelled"
         assert (await fleet.http.get(f"/api/v1/tasks/{ids[0]}")).json()["status"] == "running"
         assert (await fleet.http.post("/api/interrupt", json={"prompt_id": ids[0]})).status_code == 200
-        assert (await wait_task(fleet, ids[0]))["status"] == "cancelled"
-        assert (await wait_task(fleet, ids[1]))["status"] == "completed"
+        assert (await fleet.wait_task(ids[0]))["status"] == "cancelled"
+        assert (await fleet.wait_task(ids[1]))["status"] == "completed"
 
         assert (
             await fleet.http.get(f"/history/{ids[2]}")
@@ -206,7 +207,7 @@ async def test_catalogue_routes_view_errors_and_a_client_chosen_prompt_id(tmp_pa
         assert queued["prompt_id"] == chosen  # the client's id is the task's id
         again = await _prompt(fleet, tiny_workflow(), prompt_id=chosen)  # a retried POST queues nothing new
         assert again["number"] == queued["number"]
-        assert (await wait_task(fleet, chosen))["status"] == "completed"
+        assert (await fleet.wait_task(chosen))["status"] == "completed"
         assert (await fleet.http.get("/api/v1/tasks")).json()["count"] == 1
 
         for params, status in (
@@ -226,7 +227,7 @@ async def test_catalogue_routes_view_errors_and_a_client_chosen_prompt_id(tmp_pa
             "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "other"}},
         }
         partial = await _prompt(fleet, graph, partial_execution_targets=["4"])
-        task = await wait_task(fleet, partial["prompt_id"])
+        task = await fleet.wait_task(partial["prompt_id"])
         assert sorted(task["payload"]) == ["3", "4"]
         assert [output["node_id"] for output in task["result"]["outputs"]] == ["4"]
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from usage_helpers import running_fleet, seed_workflow, tiny_workflow, wait_task
 
 from comfyfleet import metrics
+from support import running_fleet, seed_workflow, tiny_workflow
 
 
 def _families(text: str) -> dict[str, object]:
@@ -43,8 +43,8 @@ async def test_metrics_parse_and_have_every_series(tmp_path: Path) -> None:
         assert waiting.status_code == 201
         await fleet.http.delete(f"/api/v1/tasks/{waiting.json()['id']}", headers=auth)
         fleet.http.headers.update(auth)
-        assert (await wait_task(fleet, done["id"]))["status"] == "completed"
-        assert (await wait_task(fleet, bad["id"]))["status"] == "failed"
+        assert (await fleet.wait_task(done["id"]))["status"] == "completed"
+        assert (await fleet.wait_task(bad["id"]))["status"] == "failed"
         fleet.http.headers.pop("Authorization")
 
         before = _families((await fleet.http.get("/metrics")).text)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from usage_helpers import cli, running_fleet, tiny_workflow
+from usage_helpers import cli
 
 from comfyfleet import AsyncClient
-from comfyfleet.sdk.console import EXIT_REJECTED
+from comfyfleet.sdk.reporting import EXIT_REJECTED
+from support import running_fleet, tiny_workflow
 
 
 async def test_the_cli_moves_a_task_up_and_its_stream_says_so(tmp_path: Path) -> None:

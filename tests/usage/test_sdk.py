@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from usage_helpers import running_fleet, seed_workflow, tiny_workflow
 
 import comfyfleet
 from comfyfleet import AsyncClient, Client
@@ -26,6 +25,7 @@ from comfyfleet.sdk import (
     Unauthorized,
     WaitTimeout,
 )
+from support import running_fleet, seed_workflow, tiny_workflow
 
 
 def test_importing_comfyfleet_stays_cheap() -> None:

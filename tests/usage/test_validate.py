@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from usage_helpers import cli, running_fleet, seed_workflow, write
+from usage_helpers import cli, write
 
 from comfyfleet import AsyncClient
-from comfyfleet.sdk.console import EXIT_REJECTED
+from comfyfleet.sdk.reporting import EXIT_REJECTED
+from support import running_fleet, seed_workflow
 
 # Each worker has one checkpoint of its own and lists only the models it has (as a real ComfyUI does).
 WORKERS = [

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from usage_helpers import eventually
 
 from comfyfleet.domain import NewTask, TaskStatus
 from comfyfleet.store import Lease, StaleLease, Store
+from support import eventually
 
 GRAPH = {"1": {"class_type": "EmptyImage", "inputs": {}}}
 HOOK = {"url": "https://hooks.example/comfyfleet"}

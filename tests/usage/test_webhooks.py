@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from usage_helpers import eventually, running_fleet, tiny_workflow
 
 from comfyfleet import AsyncClient
 from comfyfleet.tasks.checks import webhook_problem
 from comfyfleet.webhooks import backoff_s
+from support import eventually, running_fleet, tiny_workflow
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_RETRIES = {"retry_base_s": 0.05, "retry_max_s": 0.2, "safety_poll_s": 0.5}

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from comfyfleet.sdk.client import AsyncClient, Client
+    from comfyfleet.sdk.async_client import AsyncClient
+    from comfyfleet.sdk.client import Client
     from comfyfleet.sdk.errors import (
         ApiError,
         ComfyfleetError,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 # name -> module. Loaded on first use: the CLI imports comfyfleet.sdk.commands without paying for httpx.
 _EXPORTS = {
-    "AsyncClient": "client",
+    "AsyncClient": "async_client",
     "Client": "client",
     "ApiError": "errors",
     "ComfyfleetError": "errors",

@@ -1,12 +1,12 @@
 """What the synchronous and the asynchronous client share: where the server is, how requests are built
-and how answers (and server-sent events) are read. No I/O here."""
+how answers (and server-sent events) are read, and how long to wait and retry. No I/O here."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,12 +14,32 @@ from urllib.parse import quote
 import httpx
 
 from comfyfleet.sdk.errors import ComfyfleetError, InputFileError, ServerUnreachable, api_error
-from comfyfleet.sdk.models import Task, TaskEvent, TaskPage
+from comfyfleet.sdk.models import Output, Task, TaskEvent, TaskPage
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 USER_AGENT = "comfyfleet-sdk"
 
 InputFiles = Mapping[str, "bytes | str | os.PathLike[str]"] | Sequence[Mapping[str, Any]]
+
+EventCallback = Callable[[TaskEvent], Any]
+
+# A dropped event stream is reopened after this long (doubling up to the cap) while waiting.
+RECONNECT_S = 0.2
+RECONNECT_MAX_S = 5.0
+STREAM_READ_TIMEOUT_S = 60.0  # the server pings every 15 s
+# run() first lets the server hold the submission until the task ends (POST ?wait=), for at most this long:
+# short enough that proxies between here and the server do not cut an idle request.
+SERVER_WAIT_S = 50.0
+
+
+def submit_request(wait: float | None, connect_timeout: float | None) -> dict[str, Any]:
+    if not wait or wait <= 0:
+        return {}
+    return {"params": {"wait": round(wait, 3)}, "timeout": httpx.Timeout(connect_timeout, read=wait + 30)}
+
+
+def outputs_of(task_or_outputs: Task | Sequence[Output]) -> list[Output]:
+    return task_or_outputs.outputs if isinstance(task_or_outputs, Task) else list(task_or_outputs)
 
 
 class ConfigFileError(ComfyfleetError):
