@@ -8,7 +8,11 @@ folders of the workers whose folders live on this host (``process`` workers, and
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ProvisionProgress = Callable[[dict[str, Any]], None]
+WORKER_TOKEN_PREFIX = "cfw."
 
 
 class ModelService:
@@ -198,6 +203,34 @@ class ModelService:
             return None
         self.cache.touch(sha256)
         return self.cache.path(sha256)
+
+    def worker_token(self, worker_id: str) -> str:
+        """The token a worker (the companion beside a remote ComfyUI) presents to pull blobs:
+        ``cfw.<worker_id>.<hmac>``, signed with this host's secret (``<cache>/blob-secret``)."""
+        signature = hmac.new(self._secret(), worker_id.encode(), hashlib.sha256).hexdigest()
+        return f"{WORKER_TOKEN_PREFIX}{worker_id}.{signature}"
+
+    def worker_of_token(self, token: str) -> str | None:
+        """The worker a token was made for, or None when it is not one of this host's tokens."""
+        if not token.startswith(WORKER_TOKEN_PREFIX):
+            return None
+        worker_id, _, _ = token.removeprefix(WORKER_TOKEN_PREFIX).rpartition(".")
+        return worker_id if worker_id and hmac.compare_digest(self.worker_token(worker_id), token) else None
+
+    def _secret(self) -> bytes:
+        path = self.cache.root / "blob-secret"
+        if not path.exists():
+            temporary = path.with_name(f".blob-secret.{os.getpid()}")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(32))
+            try:
+                os.link(temporary, path)  # atomic, and the first process of the host to get there wins
+            except FileExistsError:
+                pass
+            finally:
+                temporary.unlink()
+        return path.read_bytes()
 
     def snapshot(self) -> dict[str, Any]:
         """This host's cache: use, budget, each file (size, last use, pinned, names, workers linked)."""
