@@ -167,6 +167,8 @@ def emulator(
     hang_node: flags.HangNode = None,
     seed: flags.Seed = None,
     model: flags.Models = None,
+    models_dir: flags.ModelsDir = None,
+    extra_model_paths_config: flags.ExtraModelPaths = None,
     strict_models: flags.StrictModels = False,
     cache_none: flags.CacheNone = False,
     previews: flags.Previews = False,

@@ -23,6 +23,9 @@ from pydantic_settings import (
 )
 
 from comfyfleet.domain.graph import validate_graph
+from comfyfleet.models.spec import DEFAULT_MODEL_FOLDERS, ModelPolicy, ModelSpec
+
+__all__ = ["DEFAULT_MODEL_FOLDERS"]  # Comfy API v2's model uploads use ComfyUI's folders too
 
 
 class ConfigError(Exception):
@@ -74,6 +77,16 @@ class PoolConfig(BaseModel):
     warmup: dict[str, Any] | None = None
     # Provider-specific settings (urls, command, image, product…); each provider validates its own.
     settings: dict[str, Any] = Field(default_factory=dict)
+    # The pool's model manifest: every worker has these files in its models folder before it becomes ready
+    # (docs/models.md). Pickle formats and URLs to non-public hosts only where the pool allows them, for the
+    # manifest and for the models tasks sent to this pool bring.
+    models: list[ModelSpec] = Field(default_factory=list)
+    allow_pickle_models: bool = False
+    models_allow_private: bool = False
+
+    @property
+    def model_policy(self) -> ModelPolicy:
+        return ModelPolicy(allow_pickle=self.allow_pickle_models, allow_private=self.models_allow_private)
 
     @field_validator("warmup", mode="before")
     @classmethod
@@ -106,6 +119,8 @@ class PoolConfig(BaseModel):
             raise ValueError(
                 f"pool {self.name!r}: min_workers {self.min_workers} > max_workers {self.max_workers}"
             )
+        for spec in self.models:
+            self.model_policy.check_format(spec)
         return self
 
 
@@ -159,27 +174,16 @@ class WebhookSettings(BaseModel):
     safety_poll_s: float = Field(default=5.0, gt=0)
 
 
-# ComfyUI's model folders a Comfy API v2 model upload may go to (``models/<folder>/<name>.safetensors``). Not
-# ``configs`` (arbitrary YAML) nor ``custom_nodes`` (arbitrary Python), though ComfyUI has folders of those names.
-DEFAULT_MODEL_FOLDERS = [
-    "checkpoints",
-    "clip",
-    "clip_vision",
-    "controlnet",
-    "diffusion_models",
-    "embeddings",
-    "gligen",
-    "hypernetworks",
-    "loras",
-    "model_patches",
-    "photomaker",
-    "style_models",
-    "text_encoders",
-    "unet",
-    "upscale_models",
-    "vae",
-    "vae_approx",
-]
+class ModelSettings(BaseModel):
+    """The host's model cache (docs/models.md): one verified copy of each file, linked into workers' folders."""
+
+    cache_dir: str = "./comfyfleet-models/cache"  # <cache_dir>/sha256/<ab>/<sha256>
+    workers_dir: str = "./comfyfleet-models/workers"  # <workers_dir>/<worker_id>/models/<folder>/<name>
+    cache_budget_bytes: int = Field(default=200 * 1024**3, gt=0)  # least recently used files go beyond it
+    max_file_bytes: int = Field(default=64 * 1024**3, gt=0)  # one download
+    fetch_attempts: int = Field(default=5, ge=1)  # tries of one download on transient errors (each resumes)
+    fetch_timeout_s: float = Field(default=60.0, gt=0)  # without a byte from the source
+    fetch_retry_base_s: float = Field(default=1.0, ge=0)  # first back-off between tries; doubles, with jitter
 
 
 class ApiV2Settings(BaseModel):
@@ -217,6 +221,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     apiv2: ApiV2Settings = Field(default_factory=ApiV2Settings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
     replica_id: str | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
@@ -332,6 +337,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
             and not Path(pool["warmup"]).is_absolute()
         ):
             pool["warmup"] = str(base / pool["warmup"])
+    models = data.get("models")
+    if isinstance(models, dict):
+        for key in ("cache_dir", "workers_dir"):
+            if isinstance(models.get(key), str) and not Path(models[key]).is_absolute():
+                models[key] = str(base / models[key])
     store = data.get("store")
     if isinstance(store, str) and store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
         data["store"] = "sqlite:///" + str(base / store.removeprefix("sqlite:///"))

@@ -41,10 +41,17 @@ class PinnedTarget:
     extensions: dict[str, Any]
 
 
-async def pin_public_address(url: str, *, allow_private: bool, label: str = "URL") -> PinnedTarget:
+async def pin_public_address(
+    url: str,
+    *,
+    allow_private: bool,
+    label: str = "URL",
+    hint: str = "set dispatch.allow_private_input_urls to allow it",
+) -> PinnedTarget:
     """Resolve ``url``'s host once, refuse it (:class:`UnsafeAddress`) when any address is loopback, private,
     link-local or otherwise not public (unless ``allow_private``), and pin the request to the checked
-    address. ``label`` names the URL in messages ("input URL", "webhook URL")."""
+    address. ``label`` names the URL in messages ("input URL", "webhook URL"), ``hint`` says which setting
+    allows it."""
     parts = urlsplit(url)
     host = parts.hostname
     shown = redact(url)  # messages are kept on the task and logged: not the URL's token
@@ -59,10 +66,7 @@ async def pin_public_address(url: str, *, allow_private: bool, label: str = "URL
     addresses = [str(info[4][0]) for info in infos]
     for address in addresses:
         if not is_public_address(address):
-            raise UnsafeAddress(
-                f"{label} {shown!r} points at a non-public address ({address}); "
-                "set dispatch.allow_private_input_urls to allow it"
-            )
+            raise UnsafeAddress(f"{label} {shown!r} points at a non-public address ({address}); {hint}")
     address = addresses[0]
     if address == host:
         return PinnedTarget(url, {}, {})

@@ -28,6 +28,7 @@ import uvicorn
 
 from comfyfleet import api
 from comfyfleet.apiv2 import install_apiv2
+from comfyfleet.assets import ModelLibrary
 from comfyfleet.config import Settings
 from comfyfleet.dashboard import install_dashboard
 from comfyfleet.dispatch.dispatcher import Dispatcher
@@ -37,6 +38,7 @@ from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.gateway import install_gateway
 from comfyfleet.http import FleetControl, PreviewSource, ServiceApp, Services
 from comfyfleet.metrics.routes import router as metrics_router
+from comfyfleet.models.service import ModelService
 from comfyfleet.outputs import OutputsError, OutputStore, open_outputs
 from comfyfleet.store import Store, StoreError, open_store
 from comfyfleet.webhooks import WebhookDeliverer
@@ -69,10 +71,13 @@ def create_app(
     outputs: OutputStore | None = None,
     fleet: FleetControl | None = None,
     dispatcher: PreviewSource | None = None,
+    models: ModelService | None = None,
 ) -> ServiceApp:
     """The HTTP application over an open ``store`` (tests build it the same way, with fewer services)."""
     return compose_app(
-        Services.build(settings, store, bus=bus, outputs=outputs, fleet=fleet, previews=dispatcher)
+        Services.build(
+            settings, store, bus=bus, outputs=outputs, fleet=fleet, previews=dispatcher, models=models
+        )
     )
 
 
@@ -186,8 +191,12 @@ class Runtime:
         bus = EventBus(store, replica_id=replica_id, shared=not settings.store.startswith("sqlite:"))
         try:
             outputs = open_outputs(settings.outputs)
+            library = ModelLibrary(store, outputs)
+            models = await self._stack.enter_async_context(
+                ModelService(settings.models, assets=library.read_sha256)
+            )
             fleet = await self._stack.enter_async_context(
-                FleetManager(settings, store, replica_id=replica_id)
+                FleetManager(settings, store, replica_id=replica_id, models=models)
             )
         except (OutputsError, FleetError) as exc:
             # A bad pool or outputs setting is a configuration problem: say which, without a traceback.
@@ -203,6 +212,7 @@ class Runtime:
                 bus=bus,
                 pools=list(fleet.pools.values()),
                 limits_max_input_bytes=settings.limits.max_input_bytes,
+                models=models,
             )
         )
         # Webhooks of ended tasks, from the store's outbox (every replica delivers; leases keep them apart).
@@ -218,7 +228,9 @@ class Runtime:
                 "submitted tasks wait in the queue until workers exist"
             )
 
-        self._app = create_app(settings, store, bus=bus, outputs=outputs, fleet=fleet, dispatcher=dispatcher)
+        self._app = create_app(
+            settings, store, bus=bus, outputs=outputs, fleet=fleet, dispatcher=dispatcher, models=models
+        )
 
     def request_stop(self) -> None:
         """Begin a graceful stop (the first call) or stop at once (the second)."""

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 
 from comfyfleet.api.errors import install_error_handler
-from comfyfleet.api.routes import events, health, outputs, queue, tasks, workers, workflows
+from comfyfleet.api.routes import events, health, models, outputs, queue, tasks, workers, workflows
 from comfyfleet.http.deps import authenticate
 
 API_V1_PREFIX = "/api/v1"
@@ -21,6 +21,7 @@ API_V1_ROUTERS: list[APIRouter] = [
     queue.router,
     workers.router,
     workflows.router,
+    models.router,
 ]
 
 DESCRIPTION = """\
@@ -35,6 +36,11 @@ OPENAPI_TAGS: list[dict[str, Any]] = [
     {"name": "tasks", "description": "Submit, list, read and cancel workflow runs."},
     {"name": "queue", "description": "Queue depth and age."},
     {"name": "workflows", "description": "Check a workflow against the fleet before submitting it."},
+    {
+        "name": "models",
+        "description": "Models on demand: the host's model cache, pool manifests and where each worker's copy "
+        "stands; verified model files for remote workers.",
+    },
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
@@ -45,4 +51,6 @@ def install_api(app: FastAPI) -> None:
     install_error_handler(app)
     for router in API_V1_ROUTERS:
         app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
+    # Its own check: an admin key or a worker's token (a remote worker's companion holds no API key).
+    app.include_router(models.blob_router, prefix=API_V1_PREFIX)
     app.include_router(health.router)

@@ -24,7 +24,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 
 TaskStatusName = Literal["pending", "running", "completed", "failed", "cancelled"]
-TaskPhaseName = Literal["dispatching", "queued_on_worker", "executing"]
+TaskPhaseName = Literal["dispatching", "fetching_models", "queued_on_worker", "executing"]
 
 
 class TaskSubmission(BaseModel):
@@ -119,6 +119,25 @@ class TaskSubmission(BaseModel):
     metadata: dict[str, Any] | None = Field(
         default=None, description="Free-form data kept with the task and returned as is."
     )
+    models: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Model files the task brings, put on its worker before the prompt is sent (docs/models.md): "
+        'each {"url": "https://…" | "s3://bucket/key" | "asset://<sha256>", "sha256": "<hex>", "folder": '
+        '"loras", "name": "style.safetensors"} (name defaults to the URL\'s file name). Files are verified by '
+        "sha256 and kept once per host. Refused with 422 (invalid_models) when a file can never be had: a bad "
+        "sha256 or folder, a pickle format (.ckpt, .pt, .pth, .bin) or a non-public host the task's pool does "
+        "not allow. A file that cannot be fetched fails the task with error_kind model_unavailable.",
+        examples=[
+            [
+                {
+                    "url": "https://example.com/loras/watercolor.safetensors",
+                    "sha256": "9f2c1b0e5a7d43c68e1f0b2a3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7",
+                    "folder": "loras",
+                }
+            ]
+        ],
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -141,7 +160,7 @@ class TaskSubmission(BaseModel):
     def _webhook_url_shorthand(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
 
-    @field_validator("metadata", "webhook", "inputs")
+    @field_validator("metadata", "webhook", "inputs", "models")
     @classmethod
     def _not_absurdly_nested(cls, value: Any) -> Any:
         # Kept values are sent back in every answer: refuse what could be stored but not serialized again.
@@ -187,7 +206,8 @@ class TaskOut(BaseModel):
     retry_count: int
     max_retries: int
     phase: TaskPhaseName | None = Field(
-        description="Inside running: dispatching, queued_on_worker or executing."
+        description="Inside running: dispatching, fetching_models (the task's model files are being put on its "
+        "worker), queued_on_worker or executing."
     )
     attempt: int = Field(description="Number of the current (or last) attempt; 0 before the first claim.")
     prompt_id: str | None
@@ -205,6 +225,9 @@ class TaskOut(BaseModel):
     inputs: list[dict[str, Any]] | None
     webhook: dict[str, Any] | None
     metadata: dict[str, Any] | None
+    models: list[dict[str, Any]] | None = Field(
+        default=None, description="The model files the task brings, as stored (each with its name filled in)."
+    )
     webhook_deliveries: list[dict[str, Any]] | None = Field(
         default=None,
         description="GET /api/v1/tasks/{id} of a task with a webhook: its delivery once the task ended (url, "

@@ -19,6 +19,7 @@ from pathlib import Path
 from comfyfleet.assets.errors import AssetNotFound, AssetsUnavailable, InvalidAsset, ModelNameTaken
 from comfyfleet.assets.paths import MODEL_SUFFIX
 from comfyfleet.domain import Blob, ModelFile
+from comfyfleet.models import ModelUnavailable
 from comfyfleet.outputs import OutputNotFound, OutputStore
 from comfyfleet.store import Store
 
@@ -47,6 +48,18 @@ class ModelLibrary:
             raise AssetNotFound(
                 f"the bytes of model {model.folder}/{model.name} are no longer stored"
             ) from exc
+
+    async def read_sha256(self, sha256: str) -> AsyncIterator[bytes]:
+        """The bytes of the model file with this sha256, for models on demand (``asset://<sha256>``): raises
+        :class:`~comfyfleet.models.ModelUnavailable` when there is none or its bytes are gone."""
+        model = await self.find_model(sha256)
+        if model is None:
+            raise ModelUnavailable(f"no uploaded model file has sha256 {sha256}")
+        try:
+            async for chunk in self.read(model):
+                yield chunk
+        except (AssetNotFound, AssetsUnavailable) as exc:
+            raise ModelUnavailable(str(exc)) from exc
 
     async def record(self, tenant: str, blob: Blob, folder: str, name: str) -> ModelFile:
         """Record ``blob`` as the model ``folder``/``name`` (the record holds a reference of its own to the

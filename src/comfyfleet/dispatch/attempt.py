@@ -23,6 +23,7 @@ from comfyfleet.comfy.client import ComfyClient, PromptOutcome
 from comfyfleet.comfy.errors import ComfyError, PromptLost, WorkflowRejected
 from comfyfleet.comfy.events import ComfyEvent
 from comfyfleet.comfy.workflow import model_names
+from comfyfleet.dispatch import models as task_models
 from comfyfleet.dispatch import placement
 from comfyfleet.dispatch.collect import collect_outputs, result_of
 from comfyfleet.dispatch.inputs import InputError, prepare_inputs
@@ -30,6 +31,7 @@ from comfyfleet.dispatch.record import AttemptContext, AttemptRecord
 from comfyfleet.dispatch.retry import classify_execution_error, sanitize_execution_error
 from comfyfleet.domain import Task, TaskPhase, Worker
 from comfyfleet.events import TaskEvent
+from comfyfleet.models import ModelsError
 from comfyfleet.outputs import OutputsError
 from comfyfleet.store import StaleLease, StoreError
 
@@ -93,6 +95,8 @@ class Attempt:
             logger.info("attempt_fenced_out task_id=%s attempt=%s", self.task.id, self.record.lease.attempt)
         except StoreError:
             logger.exception("attempt_store_error task_id=%s", self.task.id)
+        finally:
+            task_models.release_task_models(self.ctx.models, self.task)
 
     async def _run(self, adopted: bool) -> None:
         task = self.task
@@ -136,6 +140,8 @@ class Attempt:
         if self.cancel.is_set():  # asked while the dispatch record was being written: nothing was sent
             await self.record.finish_cancelled()
             return
+        if task.models and not await self._fetch_models(task):
+            return
         try:
             graph = await prepare_inputs(
                 task.id,
@@ -176,6 +182,31 @@ class Attempt:
         logger.info(
             "prompt_submitted task_id=%s worker_id=%s prompt_id=%s", task.id, slot.worker.id, prompt_id
         )
+
+    async def _fetch_models(self, task: Task) -> bool:
+        """Put the task's own model files on the worker (phase ``fetching_models``); False when it failed."""
+        store, ctx = self.ctx.store, self.ctx
+        fetching = await self.record.update(
+            "set_phase", lambda lease: store.set_phase(lease, TaskPhase.FETCHING_MODELS)
+        )
+        await self.record.publish(fetching)
+
+        async def report(progress: dict[str, Any]) -> None:
+            await ctx.bus.publish(
+                TaskEvent(type="progress", task_id=task.id, tenant=task.tenant, data=progress)
+            )
+            await self._write_progress(progress)
+
+        try:
+            await task_models.provision_task_models(ctx.models, task, self.slot.worker, report)
+        except ModelsError as exc:
+            logger.warning("task_models_unavailable task_id=%s error=%s", task.id, exc)
+            await self.record.fail(task_models.FAILURE_KIND, str(exc))
+            return False
+        if self.cancel.is_set():  # asked while the files were fetched: nothing was sent
+            await self.record.finish_cancelled()
+            return False
+        return True
 
     async def _reattach(self) -> None:
         """An adopted attempt: ask the worker what became of its prompt."""

@@ -25,6 +25,7 @@ from comfyfleet.comfy.client import ComfyClient
 from comfyfleet.comfy.errors import ComfyError
 from comfyfleet.comfy.workflow import model_names, node_types
 from comfyfleet.config import DispatchSettings, PoolConfig
+from comfyfleet.dispatch import models as task_models
 from comfyfleet.dispatch import placement
 from comfyfleet.dispatch.attempt import Attempt, WorkerSlot
 from comfyfleet.dispatch.clock import Clock, SystemClock
@@ -32,6 +33,7 @@ from comfyfleet.dispatch.record import AttemptContext, AttemptRecord
 from comfyfleet.domain import Task, WorkerState
 from comfyfleet.events import CANCEL_CHANNEL, EVENTS_CHANNEL, TASKS_CHANNEL, EventBus
 from comfyfleet.fleet.base import WorkerDirectory
+from comfyfleet.models.service import ModelService
 from comfyfleet.outputs import OutputStore
 from comfyfleet.store import NotFound, StaleLease, Store, StoreError
 
@@ -64,8 +66,10 @@ class Dispatcher:
         limits_max_input_bytes: int = 50 * 1024 * 1024,
         client_factory: ClientFactory | None = None,
         clock: Clock | None = None,
+        models: ModelService | None = None,
     ) -> None:
         self.store = store
+        self._models = task_models.TaskModels.of(models, pools)
         self.directory = directory
         self.outputs = outputs
         self.settings = settings
@@ -102,6 +106,7 @@ class Dispatcher:
             clock=self.clock,
             http=httpx.AsyncClient(timeout=30.0),
             max_input_bytes=self._max_input_bytes,
+            models=self._models,
         )
         return self
 
@@ -289,6 +294,7 @@ class Dispatcher:
         window = await self._window(slots, free_total)
         if not window:
             return False
+        task_models.note_model_files(self._models, window, slots, self._slots)
         hopeless = [task for task in window if placement.unplaceable(task, slots)]
         if hopeless:
             await self._fail_unplaceable(hopeless)
@@ -346,6 +352,7 @@ class Dispatcher:
             node_types=types,
             models=models,
             skips=self._skips.get(task.id, 0),
+            files=task_models.files_of(task),
         )
 
     def _graph_facts(self, task: Task) -> tuple[frozenset[str], frozenset[str]]:
@@ -364,11 +371,7 @@ class Dispatcher:
         for task in claimed:
             view = next(item for item in hopeless if item.id == task.id)
             missing = sorted(view.node_types - known)
-            named = (
-                ", ".join(missing)
-                if missing
-                else "(each is on some worker, but none of its pool has them all)"
-            )
+            named = ", ".join(missing) or "(each is on some worker, but none of its pool has them all)"
             with contextlib.suppress(StaleLease):
                 await self._fail_missing(
                     task, f"no worker has the node types this workflow uses: {named}", missing

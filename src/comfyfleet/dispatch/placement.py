@@ -23,6 +23,7 @@ class PendingTask:
     node_types: frozenset[str]
     models: frozenset[str]
     skips: int = 0
+    files: frozenset[str] = frozenset()  # sha256 of the model files the task brings
 
 
 @dataclass(slots=True)
@@ -36,20 +37,25 @@ class Slot:
     node_types: frozenset[str] | None  # None: not known yet (any graph may be tried)
     recent_models: Sequence[str] = field(default_factory=tuple)  # most recent first
     tie_break: int = 0  # orders equally loaded workers; replicas use different orders to spread out
+    manages_models: bool = False  # comfyfleet can put model files in its models folder (not a static URL)
+    model_files: frozenset[str] = frozenset()  # sha256 of model files on its host's disk (no download)
 
 
 def accepts(slot: Slot, task: PendingTask) -> bool:
     if task.pool is not None and task.pool not in slot.pools:
         return False
+    if task.files and not slot.manages_models:
+        return False
     return slot.node_types is None or task.node_types <= slot.node_types
 
 
 def model_affinity(slot: Slot, task: PendingTask) -> int:
-    """How well the worker's recently used models cover the task's: higher is better, 0 = none loaded."""
+    """How well the worker covers the task's models: loaded (recently used) counts most, then files on its
+    host's disk (no download), then nothing (it must fetch them). Higher is better, 0 = none."""
+    score = 10 * len(task.files & slot.model_files)
     if not task.models:
-        return 0
+        return score
     recent = list(slot.recent_models)
-    score = 0
     for model in task.models:
         if model in recent:
             # The most recently used model is the one most likely still resident.

@@ -22,6 +22,7 @@ import stamina
 from comfyfleet import metrics
 from comfyfleet.config import DispatchSettings
 from comfyfleet.dispatch.clock import Clock
+from comfyfleet.dispatch.models import TaskModels
 from comfyfleet.dispatch.retry import next_attempt_at
 from comfyfleet.domain import Task, TaskStatus
 from comfyfleet.events import TASKS_CHANNEL, EventBus, TaskEvent
@@ -52,6 +53,7 @@ class AttemptContext:
     clock: Clock
     http: httpx.AsyncClient
     max_input_bytes: int
+    models: TaskModels | None = None  # puts tasks' own model files on workers (None: tasks bring none)
 
 
 async def publish_status(bus: EventBus, store: Store, task: Task) -> None:

@@ -22,6 +22,7 @@ class TaskStatus(enum.StrEnum):
 
 class TaskPhase(enum.StrEnum):
     DISPATCHING = "dispatching"  # claimed, prompt not yet accepted by the worker
+    FETCHING_MODELS = "fetching_models"  # the task's model files are being put on the chosen worker
     QUEUED_ON_WORKER = "queued_on_worker"
     EXECUTING = "executing"
 
@@ -59,6 +60,7 @@ class NewTask:
     inputs: list[dict[str, Any]] | None = None
     webhook: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    models: list[dict[str, Any]] | None = None  # model files the task brings: {url, sha256, folder, name}
     # A caller-chosen id (a canonical lowercase UUID), e.g. a ComfyUI client's own prompt_id through the
     # gateway; None lets the store mint one. A duplicate id is refused by the store's unique index.
     id: str | None = None
@@ -101,6 +103,7 @@ class Task:
     metadata: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    models: list[dict[str, Any]] | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -77,6 +77,23 @@ Models = Annotated[
         show_default=False,
     ),
 ]
+ModelsDir = Annotated[
+    str | None,
+    typer.Option(
+        envvar=_env("MODELS_DIR"),
+        help="Read model lists from this folder, laid out like ComfyUI's models/ (replaces --model).",
+        show_default=False,
+    ),
+]
+ExtraModelPaths = Annotated[
+    str | None,
+    typer.Option(
+        "--extra-model-paths-config",
+        envvar=_env("EXTRA_MODEL_PATHS_CONFIG"),
+        help="Also read model folders from this extra_model_paths.yaml, as ComfyUI does.",
+        show_default=False,
+    ),
+]
 StrictModels = Annotated[
     bool, typer.Option(envvar=_env("STRICT_MODELS"), help="Only listed model names are valid.")
 ]
@@ -98,7 +115,12 @@ def comfyui_options(flags: Mapping[str, Any]) -> EmulatorOptions:
     """Options from the flags of ``comfyfleet emulator`` (by parameter name). Raises ValueError (or its
     subclass OptionsError) naming a bad value."""
     from comfyfleet.emulators.comfyui import DEFAULT_MODELS, EmulatorOptions
+    from comfyfleet.emulators.comfyui.model_folders import read_extra_model_paths
 
+    if flags["model"] and (flags["models_dir"] or flags["extra_model_paths_config"]):
+        raise ValueError("--model lists models by hand; with --models-dir the files found there are the list")
+    if flags["extra_model_paths_config"]:
+        read_extra_model_paths(flags["extra_model_paths_config"])  # a bad file is an error now, not at start
     models: dict[str, list[str]] = {folder: list(names) for folder, names in DEFAULT_MODELS.items()}
     if flags["model"]:
         models = {}
@@ -113,7 +135,8 @@ def comfyui_options(flags: Mapping[str, Any]) -> EmulatorOptions:
         crash_after=flags["crash_after"], hang_s=math.inf if hang in ("inf", "forever") else float(hang),
         hang_rate=flags["hang_rate"], hang_node=flags["hang_node"], seed=flags["seed"],
         cache=not flags["cache_none"], previews=flags["previews"], models=models,
-        accept_any_model=not flags["strict_models"], base_dir=flags["base_dir"],
+        accept_any_model=not flags["strict_models"], base_dir=flags["base_dir"], models_dir=flags["models_dir"],
+        extra_model_paths_config=flags["extra_model_paths_config"],
     )  # fmt: skip
 
 

@@ -55,6 +55,7 @@ from comfyfleet.store.base import StoreError
 
 if TYPE_CHECKING:
     from comfyfleet.config import PoolConfig, Settings
+    from comfyfleet.models.service import ModelService
     from comfyfleet.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class FleetManager:
         provider_factory: ProviderFactory | None = None,
         prober: HealthProber | None = None,
         replica_id: str | None = None,
+        models: ModelService | None = None,
     ) -> None:
         fleet = settings.fleet
         self._store = store
@@ -94,6 +96,7 @@ class FleetManager:
         self.pools: dict[str, PoolConfig] = pools_from_settings(settings)
         self._factory = provider_factory or build_provider
         self._namespace = fleet.namespace
+        self._workers_dir = Path(settings.models.workers_dir)
         # Built once now, so a bad pool fails at start-up with a message naming it, not on the first scale-up;
         # the providers that run are built on enter, once the store has said which installation this is.
         self._build_providers(_CHECKING_ONLY)
@@ -116,7 +119,9 @@ class FleetManager:
             fleet=fleet,
             http=self._http,
             spawn=self._spawn,
+            models=models,
         )
+        self._models = models
         self._reaper = Reaper(
             registry=registry, signals=signals, store=store, pools=pools, providers=providers, fleet=fleet
         )
@@ -140,7 +145,10 @@ class FleetManager:
 
     def _build_providers(self, installation: str) -> dict[str, Provider]:
         context = ProviderContext(
-            namespace=self._namespace, state_dir=Path("comfyfleet-workers"), installation=installation
+            namespace=self._namespace,
+            state_dir=Path("comfyfleet-workers"),
+            installation=installation,
+            workers_dir=self._workers_dir,
         )
         return {name: self._factory(pool, context) for name, pool in self.pools.items()}
 
@@ -160,6 +168,11 @@ class FleetManager:
             for provider in self._providers.values():
                 await stack.enter_async_context(provider)
             await self._registry.load_from_store()
+            for name, pool in self.pools.items():
+                if self._models is not None and pool.models:
+                    self._models.pin(
+                        f"pool:{name}", pool.models
+                    )  # never evicted while the pool is configured
         except BaseException:
             await stack.aclose()
             raise

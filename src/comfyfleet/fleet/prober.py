@@ -1,7 +1,8 @@
 """The prober: health checks of every active worker, start-up checks and warm-up (leader only).
 
-A ``starting`` worker is probed every 0.25 s and becomes ``idle`` only once its ComfyUI answered
-``/system_stats`` and ``/object_info`` in this process (and ran the pool's warm-up, if any). A ready worker is
+A ``starting`` worker is probed every 0.25 s and becomes ``idle`` only once its models folder holds the pool's
+manifest (models on demand, fetched while its ComfyUI boots), its ComfyUI answered ``/system_stats`` and
+``/object_info`` in this process, and it ran the pool's warm-up, if any. A ready worker is
 probed every ``probe_interval_s``; ``failure_threshold`` failures in a row, or the provider reporting the
 instance failed or gone, fail it. Each check runs as a task of its own, so a provider that is slow to answer
 holds up no other worker's check.
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfyfleet import metrics
@@ -22,6 +24,7 @@ from comfyfleet.fleet.pools import utcnow
 from comfyfleet.fleet.providers import Instance, InstanceState, Provider
 from comfyfleet.fleet.registry import MAX_LOADED_MODELS
 from comfyfleet.fleet.warmup import run_warmup
+from comfyfleet.models import ModelsError
 from comfyfleet.store.base import StoreError
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from comfyfleet.fleet.pools import PoolTracker
     from comfyfleet.fleet.registry import WorkerRegistry
     from comfyfleet.fleet.signals import FleetSignals, Spawn
+    from comfyfleet.models.service import ModelService
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,9 @@ class Prober:
         fleet: FleetSettings,
         http: HealthProber,
         spawn: Spawn,
+        models: ModelService | None = None,
     ) -> None:
+        self._models = models
         self._registry = registry
         self._signals = signals
         self._pools = pools
@@ -133,6 +139,8 @@ class Prober:
         if age > pool.startup_timeout_s:
             await self._fail_start(worker, f"not ready after {pool.startup_timeout_s:g}s")
             return
+        if pool.models and not await self._provision(worker, pool, pool.startup_timeout_s - age):
+            return
         if worker.endpoint is None and not await self._learn_endpoint(worker):
             return
         assert worker.endpoint is not None
@@ -150,6 +158,44 @@ class Prober:
         if not warm and not await self._warm_up(worker, pool.warmup or {}, pool.startup_timeout_s - age):
             return
         await self._become_ready(worker, result)
+
+    async def _provision(self, worker: Worker, pool: PoolConfig, budget_s: float) -> bool:
+        """Put the pool's manifest in the worker's models folder (while its ComfyUI boots); True once there.
+        The progress is the worker's ``info.models``; a file that cannot be had fails the start."""
+        state = worker.info.get("models") or {}
+        if state.get("state") in ("ready", "unmanaged"):
+            return True
+        models_dir = worker.info.get("models_dir")
+        if self._models is None or not isinstance(models_dir, str):
+            # A provider whose workers have no folder on this host: their image or volume must hold the files.
+            worker.info["models"] = {"state": "unmanaged", "files": len(pool.models)}
+            logger.warning("worker_models_unmanaged worker_id=%s pool=%s", worker.id, pool.name)
+            await self._registry.write(worker)
+            return True
+        started = time.monotonic()
+        worker.info["models"] = {"state": "fetching", "files": len(pool.models), "done_files": 0}
+        await self._registry.write(worker)
+
+        def progress(update: dict[str, Any]) -> None:
+            worker.info["models"] = {"state": "fetching", **update}
+
+        try:
+            async with asyncio.timeout(max(budget_s, 0.0)):
+                await self._models.provision(pool.models, Path(models_dir), pool.model_policy, progress)
+        except (ModelsError, TimeoutError) as exc:
+            reason = (
+                str(exc) if isinstance(exc, ModelsError) else f"not there after {pool.startup_timeout_s:g}s"
+            )
+            worker.info["models"] = {"state": "failed", "error": reason}
+            await self._fail_start(worker, f"model files: {reason}")
+            return False
+        seconds = round(time.monotonic() - started, 3)
+        worker.info["models"] = {"state": "ready", "files": len(pool.models), "seconds": seconds}
+        logger.info(
+            "worker_models_ready worker_id=%s files=%d seconds=%s", worker.id, len(pool.models), seconds
+        )
+        await self._registry.write(worker)
+        return True
 
     async def _learn_endpoint(self, worker: Worker) -> bool:
         """Only the provider knows where a cloud instance still provisioning will answer: ask it."""

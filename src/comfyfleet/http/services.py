@@ -16,6 +16,7 @@ from comfyfleet.config import PoolConfig, Settings
 from comfyfleet.domain import Worker
 from comfyfleet.events import EventBus
 from comfyfleet.http.auth import KeyRing
+from comfyfleet.models.service import ModelService
 from comfyfleet.outputs import OutputStore
 from comfyfleet.store import Store
 from comfyfleet.tasks import StartEstimator, TaskService, WorkerCatalogue
@@ -55,6 +56,7 @@ class Services:
     outputs: OutputStore | None = None
     fleet: FleetControl | None = None
     previews: PreviewSource | None = None
+    models: ModelService | None = None
 
     @classmethod
     def build(
@@ -66,6 +68,7 @@ class Services:
         outputs: OutputStore | None = None,
         fleet: FleetControl | None = None,
         previews: PreviewSource | None = None,
+        models: ModelService | None = None,
     ) -> Services:
         """The services over an open ``store``; the task service, key ring, catalogue and start estimator
         are built here from the settings."""
@@ -73,7 +76,7 @@ class Services:
         return cls(
             settings=settings,
             store=store,
-            tasks=TaskService(settings, store, bus=bus, catalogue=catalogue),
+            tasks=TaskService(settings, store, bus=bus, catalogue=catalogue, models=models),
             keyring=KeyRing(settings.api_keys),
             start_estimator=StartEstimator(store, settings),
             catalogue=catalogue,
@@ -81,4 +84,5 @@ class Services:
             outputs=outputs,
             fleet=fleet,
             previews=previews,
+            models=models,
         )

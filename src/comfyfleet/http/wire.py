@@ -78,6 +78,7 @@ def task_json(
         "error_details": task.error_details,
         "cancel_requested": task.cancel_requested,
         "idempotency_key": task.idempotency_key,
+        "models": task.models,
         "inputs": _input_summaries(task.inputs),
         "webhook": _redacted_webhook(task.webhook),
         "metadata": task.metadata,

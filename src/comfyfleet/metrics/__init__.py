@@ -94,6 +94,27 @@ WEBHOOK_ATTEMPTS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+MODEL_BYTES_FETCHED = Counter(
+    "comfyfleet_model_bytes_fetched",
+    "Bytes of model files downloaded into this host's model cache (a resumed download counts what it added).",
+    registry=REGISTRY,
+)
+MODEL_CACHE_HITS = Counter(
+    "comfyfleet_model_cache_hits",
+    "Model files a worker or task needed that this host's cache already held (no download).",
+    registry=REGISTRY,
+)
+MODEL_EVICTIONS = Counter(
+    "comfyfleet_model_evictions",
+    "Model files evicted from this host's cache to keep it within models.cache_budget_bytes.",
+    registry=REGISTRY,
+)
+MODEL_FETCH_SECONDS = Histogram(
+    "comfyfleet_model_fetch_seconds",
+    "Time to download and verify one model file into the host cache.",
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
 
 # Label values known in advance are created at import, so their series exist (at zero) from the first
 # scrape: a rate() over a series that appears only with its first event misses that event.
@@ -108,6 +129,7 @@ FAILURE_KINDS = (
     "prompt_lost",
     "interrupted",
     "timeout",
+    "model_unavailable",
 )
 for _status in sorted(TERMINAL_STATUSES):
     TASK_DURATION.labels(status=_status.value)
@@ -154,6 +176,22 @@ def observe_worker_startup(pool: str, seconds: float) -> None:
 def count_webhook_attempt(outcome: str) -> None:
     """One webhook POST ended: ``delivered``, ``retry`` or ``gave_up``."""
     WEBHOOK_ATTEMPTS.labels(outcome=_label("webhooks", outcome)).inc()
+
+
+def count_model_cache_hit() -> None:
+    """A model file was needed and the host cache held it."""
+    MODEL_CACHE_HITS.inc()
+
+
+def count_model_eviction() -> None:
+    """A model file left the host cache to keep its budget."""
+    MODEL_EVICTIONS.inc()
+
+
+def observe_model_fetch(fetched_bytes: int, seconds: float) -> None:
+    """A model file was downloaded (``fetched_bytes`` of it by this try) and verified in ``seconds``."""
+    MODEL_BYTES_FETCHED.inc(max(0, fetched_bytes))
+    MODEL_FETCH_SECONDS.observe(max(0.0, seconds))
 
 
 class _FleetSnapshot(Collector):

@@ -111,5 +111,10 @@ class ProgressDisplay:
 
     def _running(self, phase: Any, worker_id: Any) -> None:
         worker = f" on worker {worker_id}" if worker_id else ""
-        labels = {"dispatching": "dispatching", "queued_on_worker": "queued", "executing": "executing"}
+        labels = {
+            "dispatching": "dispatching",
+            "fetching_models": "fetching models",
+            "queued_on_worker": "queued",
+            "executing": "executing",
+        }
         self._show(f"{labels.get(str(phase), 'running')}{worker}")

@@ -19,7 +19,7 @@ TASK_COLUMNS = (
     "id, seq, tenant, workflow_id, priority, status, phase, payload, created_at, updated_at, worker_id, "
     "started_at, completed_at, result, error, error_kind, error_details, retry_count, max_retries, attempt, "
     "prompt_id, timeout_s, not_before, lease_owner, lease_expires_at, cancel_requested, idempotency_key, "
-    "pool, inputs, webhook, metadata, progress, attempts"
+    "pool, inputs, webhook, metadata, progress, attempts, models"
 )
 WORKER_COLUMNS = (
     "id, pool, provider, state, created_at, updated_at, endpoint, provider_id, current_task_ids, "
@@ -93,6 +93,7 @@ def task_from_row(row: Row, codec: Codec) -> Task:
         metadata,
         progress,
         attempts,
+        models,
     ) = row
     load_json, load_time = codec.load_json, codec.load_optional_time
     return Task(
@@ -129,6 +130,7 @@ def task_from_row(row: Row, codec: Codec) -> Task:
         metadata=load_json(metadata),
         progress=load_json(progress),
         attempts=load_json(attempts),
+        models=load_json(models),
     )
 
 

@@ -88,6 +88,7 @@ class SqlStore(AssetsMixin):
             "inputs": dump_json(new.inputs),
             "webhook": dump_json(new.webhook),
             "metadata": dump_json(new.metadata),
+            "models": dump_json(new.models),
             **self._now(),
         }
         # Twice at most: an insert that lost a race to a concurrent submission with the same key finds that
@@ -128,6 +129,7 @@ class SqlStore(AssetsMixin):
             inputs=new.inputs,
             webhook=new.webhook,
             metadata=new.metadata,
+            models=new.models,
         )
 
     async def get_task(self, task_id: str, tenant: str | None = None) -> Task:

@@ -64,6 +64,7 @@ def check_storable(command: SubmitTask) -> None:
         "inputs": command.inputs,
         "webhook": command.webhook,
         "metadata": command.metadata,
+        "models": command.models,
         "idempotency": command.idempotency.key if command.idempotency is not None else None,
     }
     if not _may_hold_unstorable(fields):

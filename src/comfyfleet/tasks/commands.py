@@ -81,6 +81,8 @@ class SubmitTask:
     """Input files already in the output store, added to ``inputs`` once those passed their checks."""
     webhook: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    models: list[dict[str, Any]] | None = None
+    """Model files the task brings (``{url, sha256, folder, name}``), put on its worker before the prompt."""
     idempotency: Idempotency | None = None
     front: bool = False
     """Ahead of the tasks waiting at the same priority (ComfyUI's ``front``): one priority level up, within the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.inputs import stored_input
@@ -31,6 +31,10 @@ from comfyfleet.tasks.commands import (
 )
 from comfyfleet.tasks.errors import IdempotencyConflict, TaskNotFound, TaskStateConflict
 from comfyfleet.tasks.ids import TaskIds
+from comfyfleet.tasks.models import check_models, task_policy
+
+if TYPE_CHECKING:
+    from comfyfleet.models.service import ModelService
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ _REQUEST_FIELDS = (
     "inputs",
     "webhook",
     "metadata",
+    "models",
 )
 
 
@@ -63,7 +68,10 @@ class TaskService:
         *,
         bus: EventBus | None = None,
         catalogue: WorkerCatalogue | None = None,
+        models: ModelService | None = None,
     ) -> None:
+        self._settings = settings
+        self._models = models
         self._limits = settings.limits
         self._dispatch = settings.dispatch
         self._store = store
@@ -91,7 +99,8 @@ class TaskService:
             if existing is not None:
                 return await self._replayed(existing, wait_s)
         node_errors = await self._check(command)
-        new = self._new_task(command)
+        models = await check_models(command.models, task_policy(self._settings, command.pool), self._models)
+        new = self._new_task(command, models)
         if idempotency is not None and idempotency.remember_s is not None:
             await self._claim_key(idempotency, new)
         try:
@@ -150,7 +159,7 @@ class TaskService:
             targets=command.partial_execution_targets,
         )
 
-    def _new_task(self, command: SubmitTask) -> NewTask:
+    def _new_task(self, command: SubmitTask, models: list[dict[str, Any]] | None) -> NewTask:
         idempotency = command.idempotency
         names_task = idempotency is not None and idempotency.names_task
         priority = command.priority
@@ -175,6 +184,7 @@ class TaskService:
             inputs=self._inputs(command),
             webhook=command.webhook,
             metadata=command.metadata,
+            models=models,
         )
 
     @staticmethod

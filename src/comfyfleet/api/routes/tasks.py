@@ -42,6 +42,7 @@ def _command(submission: TaskSubmission, tenant: str, idempotency_key: str | Non
         inputs=submission.inputs,
         webhook=submission.webhook,
         metadata=submission.metadata,
+        models=submission.models,
         idempotency=Idempotency(idempotency_key, OnReuse.REPLAY_SAME_REQUEST)
         if idempotency_key is not None
         else None,

@@ -239,7 +239,8 @@ class Executor:
         if node_id == plan.fail_node and plan.failure is not None:
             raise plan.failure
         if class_type == "KSampler" and isinstance(inputs.get("model"), Model):
-            await run.load_model(_model_folder(run.prompt, inputs["model"]), inputs["model"].name)
+            model = inputs["model"]  # back into VRAM after an eviction: from RAM, no file read
+            await run.load_model(_model_folder(run.prompt, model), model.name, from_disk=False)
         try:
             outputs, ui = await NODES_BY_NAME[class_type].run(run, inputs)
         except (NodeFailed, Interrupted, Crash, asyncio.CancelledError):

@@ -58,6 +58,10 @@ class EmulatorOptions:
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_MODELS.items()}
     )
     accept_any_model: bool = True  # any *.safetensors (etc.) name is valid for a model input
+    # Model lists read from disk like ComfyUI (instead of ``models``): a ``models/``-style folder and/or
+    # an ``extra_model_paths.yaml``; see model_folders.py.
+    models_dir: str | None = None
+    extra_model_paths_config: str | None = None
     base_dir: str | None = None  # holds input/, output/, temp/; a fresh temporary folder when None
 
     RUNTIME_FIELDS = (

@@ -174,7 +174,13 @@ class PromptRun:
         payload = struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(metadata)) + metadata + image
         self.state.hub.send_bytes(payload, self.client_id)
 
-    async def load_model(self, folder: str, name: str) -> None:
+    async def load_model(self, folder: str, name: str, *, from_disk: bool = True) -> None:
+        folders = self.server.catalogue.folders
+        strict_disk = from_disk and folders.enabled and not self.options.accept_any_model
+        if strict_disk and folders.full_path(folder, name) is None:  # deleted since validation, as upstream
+            raise NodeFailed(
+                "FileNotFoundError", f"Model in folder '{folder}' with filename '{name}' not found."
+            )
         key = f"{folder}/{name}"
         loaded = self.state.loaded_models
         if key in loaded:

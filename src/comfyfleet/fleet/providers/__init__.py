@@ -28,11 +28,13 @@ _EXTRAS = {"docker": "docker"}
 class ProviderContext:
     """What every provider gets besides its pool. ``installation`` (the store's ``installation_id``) is stamped
     on every instance the provider creates, and ``list_ours`` answers only instances carrying it; ``namespace``
-    goes in labels and names too; ``state_dir`` is where to keep files."""
+    goes in labels and names too; ``state_dir`` is where to keep files; ``workers_dir`` is where each worker's
+    own folder is made (its models folder and ``extra_model_paths.yaml``, see ``comfyfleet.models.links``)."""
 
     installation: str
     namespace: str = "comfyfleet"
     state_dir: Path = Path("comfyfleet-workers")
+    workers_dir: Path = Path("comfyfleet-models/workers")
 
 
 def build_provider(pool: PoolConfig, context: ProviderContext) -> Provider:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from comfyfleet.fleet.errors import ProviderRejected, ProviderUnavailable
 from comfyfleet.fleet.providers.base import Instance, InstanceState, ProviderHandle, parse_pool_settings
+from comfyfleet.models.links import WorkerPaths, worker_paths
 
 if TYPE_CHECKING:
     from comfyfleet.config import PoolConfig
@@ -51,7 +52,7 @@ ENV_POOL = "COMFYFLEET_POOL"
 ENV_NAMESPACE = "COMFYFLEET_NAMESPACE"
 ENV_INSTALLATION = "COMFYFLEET_INSTALLATION"
 ENV_PORT = "COMFYFLEET_WORKER_PORT"
-_PLACEHOLDERS = ("port", "host", "python", "worker_id", "pool", "gpu")
+_PLACEHOLDERS = ("port", "host", "python", "worker_id", "pool", "gpu", "models_dir", "extra_model_paths")
 
 
 class ProcessSettings(BaseModel):
@@ -166,6 +167,7 @@ class ProcessProvider:
         self.settings = parse_pool_settings(ProcessSettings, pool)
         self._namespace = context.namespace
         self._installation = context.installation
+        self._workers_dir = context.workers_dir
         self._log_dir = (
             Path(self.settings.log_dir) if self.settings.log_dir else context.state_dir / pool.name / "logs"
         )
@@ -184,7 +186,7 @@ class ProcessProvider:
     def stops_with_control_plane(self) -> bool:
         return True
 
-    def _command(self, worker_id: str, port: int, gpu: str | None) -> list[str]:
+    def _command(self, worker_id: str, port: int, gpu: str | None, paths: WorkerPaths) -> list[str]:
         raw = self.settings.command
         parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
         values = {
@@ -194,6 +196,8 @@ class ProcessProvider:
             "worker_id": worker_id,
             "pool": self.pool,
             "gpu": gpu or "",
+            "models_dir": str(paths.models_dir),
+            "extra_model_paths": str(paths.extra_model_paths),
         }
         return [part.format(**values) for part in parts]
 
@@ -207,7 +211,8 @@ class ProcessProvider:
                     f"process pool {self.pool!r}: every configured GPU already has a worker"
                 )
         port = free_port(self.settings.host)
-        command = self._command(worker_id, port, gpu)
+        paths = worker_paths(self._workers_dir, worker_id)
+        command = self._command(worker_id, port, gpu, paths)
         env = {
             **os.environ,
             **self.settings.env,
@@ -247,7 +252,9 @@ class ProcessProvider:
             self._gpu_of[provider_id] = gpu
         endpoint = f"http://{self._connect_host()}:{port}"
         return ProviderHandle(
-            provider_id, endpoint=endpoint, info={"log": str(log_path), "gpu": gpu, "pid": child.pid}
+            provider_id,
+            endpoint=endpoint,
+            info={"log": str(log_path), "gpu": gpu, "pid": child.pid, "models_dir": str(paths.models_dir)},
         )
 
     def _connect_host(self) -> str:

@@ -42,7 +42,9 @@ class RunContext(Protocol):
     def sampler_preview(self, value: int) -> tuple[Image.Image, str] | None:
         """The preview of a sampler step, or None when previews are off."""
 
-    async def load_model(self, folder: str, name: str) -> None: ...
+    async def load_model(self, folder: str, name: str, *, from_disk: bool = True) -> None:
+        """Load a model into the LRU (``model_load_s``); ``from_disk`` (a loader node) also checks, with
+        ``--strict-models`` and model folders, that the file is still there."""
 
     async def cpu(self, pixels: int, work: Callable[[], Any]) -> Any:
         """Run Pillow work, in a thread when it is big."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from comfyfleet.emulators.comfyui.model_folders import FOLDERS, ModelFolders
 from comfyfleet.emulators.comfyui.nodes import images, models, outputs
 from comfyfleet.emulators.comfyui.nodes.base import NodeSpec
 from comfyfleet.emulators.comfyui.nodes.images import UPSCALE_METHODS
@@ -38,8 +39,14 @@ CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "moch
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 
 
-def _models(folder: str) -> Callable[[Catalogue], list[Any]]:
-    return lambda catalogue: [catalogue.model_files(folder)]
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    """A loader's combo of the files in one model folder (so the catalogue knows which inputs name models)."""
+
+    folder: str
+
+    def __call__(self, catalogue: Catalogue) -> list[Any]:
+        return [catalogue.model_files(self.folder)]
 
 
 def _int_spec(default: int, minimum: int, maximum: int, step: int = 1, **extra: Any) -> list[Any]:
@@ -54,20 +61,24 @@ _IMAGE_IN = {"image": ["IMAGE"]}
 _HIDDEN_SAVE = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 
 NODES: list[NodeSpec] = [
-    NodeSpec("CheckpointLoaderSimple", "Load Checkpoint", "loaders", {"ckpt_name": _models("checkpoints")},
+    NodeSpec("CheckpointLoaderSimple", "Load Checkpoint", "loaders", {"ckpt_name": ModelList("checkpoints")},
              ("MODEL", "CLIP", "VAE"), models.checkpoint_loader,
              description="Loads a diffusion model checkpoint, diffusion models are used to denoise latents."),
     NodeSpec("UNETLoader", "Load Diffusion Model", "advanced/loaders",
-             {"unet_name": _models("diffusion_models"), "weight_dtype": [WEIGHT_DTYPES]}, ("MODEL",), models.unet_loader),
-    NodeSpec("VAELoader", "Load VAE", "loaders", {"vae_name": _models("vae")}, ("VAE",), models.vae_loader),
+             {"unet_name": ModelList("diffusion_models"), "weight_dtype": [WEIGHT_DTYPES]}, ("MODEL",), models.unet_loader),
+    NodeSpec("VAELoader", "Load VAE", "loaders", {"vae_name": ModelList("vae")}, ("VAE",), models.vae_loader),
     NodeSpec("CLIPLoader", "Load CLIP", "advanced/loaders",
-             {"clip_name": _models("text_encoders"), "type": [CLIP_TYPES]}, ("CLIP",), models.clip_loader,
+             {"clip_name": ModelList("text_encoders"), "type": [CLIP_TYPES]}, ("CLIP",), models.clip_loader,
              optional={"device": [["default", "cpu"], {"advanced": True}]}),
     NodeSpec("LoraLoader", "Load LoRA", "loaders",
-             {"model": ["MODEL"], "clip": ["CLIP"], "lora_name": _models("loras"),
+             {"model": ["MODEL"], "clip": ["CLIP"], "lora_name": ModelList("loras"),
               "strength_model": _float_spec(1.0, -100.0, 100.0, 0.01),
               "strength_clip": _float_spec(1.0, -100.0, 100.0, 0.01)},
              ("MODEL", "CLIP"), models.lora_loader),
+    NodeSpec("UpscaleModelLoader", "Load Upscale Model", "loaders", {"model_name": ModelList("upscale_models")},
+             ("UPSCALE_MODEL",), models.upscale_model_loader),
+    NodeSpec("ImageUpscaleWithModel", "Upscale Image (using Model)", "image/upscaling",
+             {"upscale_model": ["UPSCALE_MODEL"], **_IMAGE_IN}, ("IMAGE",), images.image_upscale_with_model),
     NodeSpec("CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
              {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}], "clip": ["CLIP"]},
              ("CONDITIONING",), models.clip_text_encode),
@@ -124,6 +135,10 @@ NODES: list[NodeSpec] = [
 ]  # fmt: skip
 
 NODES_BY_NAME: dict[str, NodeSpec] = {spec.name: spec for spec in NODES}
+_LISTED_FOLDERS = sorted(
+    {value.folder for spec in NODES for value in (*spec.required.values(), *spec.optional.values())
+     if isinstance(value, ModelList)}
+)  # fmt: skip
 
 
 class Catalogue:
@@ -132,11 +147,26 @@ class Catalogue:
     def __init__(self, options: EmulatorOptions, input_dir: str) -> None:
         self.options = options
         self.input_dir = input_dir
+        self.folders = ModelFolders(options.models_dir, options.extra_model_paths_config)
         self._validation_key: str | None = None
         self._validation_info: dict[str, Any] = {}
 
     def model_files(self, folder: str) -> list[str]:
+        """The names a loader of ``folder`` accepts: the files on disk when model folders are configured
+        (re-read when they change), else the configured catalogue."""
+        if self.folders.enabled:
+            return self.folders.files(folder)
         return sorted(self.options.models.get(folder, []))
+
+    def model_folder_names(self) -> list[str]:
+        """What ``GET /models`` lists, and the folders ``GET /models/{folder}`` knows."""
+        if self.folders.enabled:
+            return self.folders.folder_names()
+        return sorted(set(self.options.models) | set(FOLDERS))
+
+    def is_model_input(self, class_type: str, input_name: str) -> bool:
+        spec = NODES_BY_NAME.get(class_type)
+        return spec is not None and isinstance({**spec.required, **spec.optional}.get(input_name), ModelList)
 
     def input_files(self) -> list[str]:
         try:
@@ -182,7 +212,7 @@ class Catalogue:
     def validation_info(self) -> dict[str, Any]:
         """``object_info`` for validating prompts, rebuilt only when the model lists change. The input-file
         combos in it may be stale, which is harmless: LoadImage validates its file itself."""
-        key = json.dumps(self.options.models, sort_keys=True)
+        key = json.dumps([self.model_files(folder) for folder in _LISTED_FOLDERS])
         if self._validation_key != key:
             self._validation_info = self.object_info()
             self._validation_key = key

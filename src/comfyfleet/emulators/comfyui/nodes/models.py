@@ -31,6 +31,11 @@ async def clip_loader(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     return (Model("CLIP", inputs["clip_name"]),), None
 
 
+async def upscale_model_loader(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
+    await ctx.load_model("upscale_models", inputs["model_name"])
+    return (Model("UPSCALE_MODEL", inputs["model_name"]),), None
+
+
 async def lora_loader(ctx: RunContext, inputs: dict[str, Any]) -> NodeOutput:
     name = inputs["lora_name"]
     await ctx.load_model("loras", name)

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from comfyfleet.emulators.comfyui.server import EmulatorServer
 
 COMFYUI_VERSION = "0.33.0"
-_MODEL_FOLDERS = ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models")
 
 
 class InfoRoutes:
@@ -82,11 +81,11 @@ class InfoRoutes:
         return web.json_response({**FEATURES, "max_upload_size": self.server.options.max_upload_size})
 
     async def get_models(self, request: web.Request) -> web.Response:
-        return web.json_response(sorted(set(self.server.options.models) | set(_MODEL_FOLDERS)))
+        return web.json_response(self.server.catalogue.model_folder_names())
 
     async def get_models_folder(self, request: web.Request) -> web.Response:
         folder = request.match_info["folder"]
-        if folder not in self.server.options.models and folder not in _MODEL_FOLDERS:
+        if folder not in self.server.catalogue.model_folder_names():
             return web.Response(status=404)
         return web.json_response(self.server.catalogue.model_files(folder))
 

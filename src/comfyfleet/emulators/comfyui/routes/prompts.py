@@ -145,7 +145,7 @@ class PromptRoutes:
     def _accept_combo(self, class_type: str, input_name: str, value: Any) -> bool:
         return (
             self.server.options.accept_any_model
-            and input_name in workflow.MODEL_INPUTS
+            and self.server.catalogue.is_model_input(class_type, input_name)
             and isinstance(value, str)
             and value.lower().endswith(MODEL_EXTENSIONS)
             and ".." not in value

@@ -1,0 +1,65 @@
+"""A submission's ``models``: the model files the task brings, checked at the door.
+
+What can never be fetched is refused here, with the position of the file at fault, instead of failing the task
+later: a spec that is not ``{url, sha256, folder, name}``, a pickle format or a non-public host that the pools
+the task may run in do not all allow (a task without a pool may run in any of them), two files under one name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from comfyfleet.models import ModelPolicy, ModelRejected, ModelSpec, parse_specs
+from comfyfleet.tasks.errors import Problem, Rejected
+
+if TYPE_CHECKING:
+    from comfyfleet.config import Settings
+    from comfyfleet.models.service import ModelService
+
+CODE = "invalid_models"
+
+
+def task_policy(settings: Settings, pool: str | None) -> ModelPolicy:
+    """What every pool a task with this ``pool`` field may run in allows (a name or a label)."""
+    candidates = [
+        candidate.model_policy
+        for candidate in settings.pools
+        if pool is None or pool == candidate.name or pool in candidate.labels
+    ]
+    return ModelPolicy.strictest(candidates)
+
+
+async def check_models(
+    raw: list[dict[str, Any]] | None, policy: ModelPolicy, service: ModelService | None
+) -> list[dict[str, Any]] | None:
+    """The task's models as they are stored (each spec complete, its name filled in); :class:`Rejected` with
+    code ``invalid_models`` otherwise."""
+    if not raw:
+        return None
+    try:
+        specs = parse_specs(raw)
+    except ModelRejected as exc:
+        raise _rejected(exc, _index_in(str(exc))) from None
+    for index, spec in enumerate(specs):
+        try:
+            if service is None:
+                policy.check_format(spec)
+            else:
+                await service.check_request([*specs[:index], spec], policy)
+        except ModelRejected as exc:
+            raise _rejected(exc, index) from None
+    return [_stored(spec) for spec in specs]
+
+
+def _stored(spec: ModelSpec) -> dict[str, Any]:
+    return spec.model_dump()
+
+
+def _index_in(message: str) -> int:
+    head = message.removeprefix("models[").partition("]")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _rejected(exc: ModelRejected, index: int) -> Rejected:
+    message = str(exc)
+    return Rejected(CODE, message, [Problem(("models", index), message, CODE)])
