@@ -719,3 +719,37 @@ async def test_counts_and_positions_stay_exact_across_blocks_of_the_queue(store:
     metrics = await store.queue_metrics()
     assert (metrics.pending_tasks, metrics.running_tasks) == (1, 0)  # the retry waiting an hour
     assert metrics.completed_tasks + metrics.failed_tasks + metrics.cancelled_tasks + 1 == len(tasks)
+
+
+async def test_update_worker_activity_writes_only_the_activity_columns(store: Store) -> None:
+    record = worker("w1", WorkerState.IDLE)
+    record.node_types = ["KSampler", "SaveImage"]
+    record.info = {"tasks_given": 1}
+    await store.upsert_worker(record)
+    busy = worker("w1", WorkerState.BUSY)
+    busy.current_task_ids = ["t1"]
+    busy.loaded_models = ["model.safetensors"]
+    busy.last_active_at = datetime.now(UTC)
+    busy.info = {"tasks_given": 2}
+
+    assert await store.update_worker_activity(busy, owner=False)
+    stored = await store.get_worker("w1")
+    assert (stored.current_task_ids, stored.loaded_models) == (["t1"], ["model.safetensors"])
+    assert (stored.state, stored.info, stored.node_types) == (
+        WorkerState.IDLE,
+        {"tasks_given": 1},
+        record.node_types,
+    )
+
+    assert await store.update_worker_activity(busy, owner=True)
+    stored = await store.get_worker("w1")
+    assert (stored.state, stored.info, stored.node_types) == (
+        WorkerState.BUSY,
+        {"tasks_given": 2},
+        record.node_types,
+    )
+
+    assert not await store.update_worker_activity(worker("nobody", WorkerState.IDLE), owner=True)
+    await store.upsert_worker(worker("w1", WorkerState.TERMINATED))
+    assert not await store.update_worker_activity(busy, owner=False)
+    assert (await store.get_worker("w1")).state is WorkerState.TERMINATED

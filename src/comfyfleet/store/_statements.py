@@ -346,6 +346,17 @@ class Statements(AssetStatements):
 
     # -- workers ----------------------------------------------------------------------------------
     @cached_property
+    def update_worker_activity(self) -> str:
+        owned = "CASE WHEN CAST(:owner AS BOOLEAN) THEN"
+        return (
+            "UPDATE workers SET current_task_ids = :current_task_ids, last_active_at = :last_active_at, "
+            f"loaded_models = :loaded_models, updated_at = {self.now}, "
+            f"state = {owned} CAST(:state AS TEXT) ELSE state END, "
+            f"info = {owned} {self.as_json('info')} ELSE info END "
+            "WHERE id = :id AND state <> 'terminated' RETURNING id"
+        )
+
+    @cached_property
     def upsert_worker(self) -> str:
         # created_at is the first record's: a worker is created once, however often it is updated.
         return (

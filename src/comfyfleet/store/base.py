@@ -242,6 +242,11 @@ class WorkerRecords(Protocol):
     """What the store keeps about each worker."""
 
     async def upsert_worker(self, worker: Worker) -> Worker: ...
+    async def update_worker_activity(self, worker: Worker, *, owner: bool) -> bool:
+        """Write only what dispatching changes on a stored worker record (its tasks, last activity, loaded
+        models; with ``owner``, the replica that owns the records, also its state and info), not its node
+        catalogue. False when there is no such record or it is terminated (nothing written)."""
+
     async def get_worker(self, worker_id: str) -> Worker: ...
     async def list_workers(self, *, pool: str | None = None, include_gone: bool = False) -> list[Worker]: ...
     async def delete_worker(self, worker_id: str) -> None:
