@@ -36,9 +36,10 @@ class TaskEvent:
     tenant: str
     data: dict[str, Any] = field(default_factory=dict)
     ts: float = field(default_factory=time.time)
-    # The task has a webhook: a hint for this replica's webhook deliverer, so that a task ending without one
-    # costs no outbox transaction. Neither sent to other replicas nor shown to clients.
-    webhook: bool = False
+    # The task as this change left it, in the replica that made the change only (neither sent to other
+    # replicas nor shown to clients): a waiting request answers with it instead of reading it again, and the
+    # webhook deliverer skips endings without a webhook.
+    task: Task | None = None
 
     def to_json(self) -> str:
         shown = {
@@ -71,7 +72,7 @@ def status_event(task: Task) -> TaskEvent:
     if task.error:
         data["error"] = task.error
         data["error_kind"] = task.error_kind
-    return TaskEvent("status", task.id, task.tenant, data, webhook=task.webhook is not None)
+    return TaskEvent("status", task.id, task.tenant, data, task=task)
 
 
 class Subscription:

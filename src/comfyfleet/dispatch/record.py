@@ -70,10 +70,7 @@ async def publish_status(bus: EventBus, store: Store, task: Task) -> None:
         data["error_kind"] = task.error_kind
     if task.status == TaskStatus.COMPLETED and task.result:
         data["outputs"] = task.result.get("outputs", [])
-    event = TaskEvent(
-        type="status", task_id=task.id, tenant=task.tenant, data=data, webhook=task.webhook is not None
-    )
-    await bus.publish(event)
+    await bus.publish(TaskEvent(type="status", task_id=task.id, tenant=task.tenant, data=data, task=task))
     if task.status == TaskStatus.PENDING:
         # Back in the queue (retry or release): let every replica's dispatcher look again.
         try:

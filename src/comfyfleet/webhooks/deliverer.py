@@ -153,7 +153,8 @@ class WebhookDeliverer:
         assert self.bus is not None
         with self.bus.subscribe(maxsize=1024) as subscription:
             async for event in subscription:
-                if event.webhook and event.type == "status" and event.data.get("status") in _TERMINAL:
+                ended = event.type == "status" and event.data.get("status") in _TERMINAL
+                if ended and event.task is not None and event.task.webhook is not None:
                     self._wake.set()
 
     async def _deliver_loop(self) -> None:
