@@ -283,6 +283,7 @@ class Statements(AssetStatements):
     def complete_task(self) -> str:
         return self.fenced(
             f"status = 'completed', result = :result, completed_at = {self.now}, error = NULL, "
+            f"progress = coalesce({self.as_json('progress')}, progress), "
             f"error_kind = NULL, error_details = NULL, {LEAVE_RUNNING}, {self.ended_attempt()}"
         )
 

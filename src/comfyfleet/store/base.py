@@ -202,7 +202,11 @@ class DispatchQueue(Protocol):
         really has in hand); return how many. A task ``owner`` holds that is not named is left to expire,
         so that another replica (or this one) adopts it."""
 
-    async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task: ...
+    async def complete_task(
+        self, lease: Lease, result: dict[str, Any], progress: dict[str, Any] | None = None
+    ) -> Task:
+        """End the attempt as completed with ``result``; ``progress``, when given, is the last progress the
+        prompt reached, written in the same statement (else the task keeps the one it has)."""
 
     async def fail_task(
         self, lease: Lease, error: str, kind: str, details: dict[str, Any] | None = None

@@ -303,11 +303,14 @@ class SqlStore(AssetsMixin):
         if not await self._write(self.sql.set_progress, params):
             raise await self._fence_failure(lease)
 
-    async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task:
+    async def complete_task(
+        self, lease: Lease, result: dict[str, Any], progress: dict[str, Any] | None = None
+    ) -> Task:
         return await self._fenced(
             self.sql.complete_task,
             lease,
             result=self.codec.dump_json(result),
+            progress=self.codec.dump_json(progress),
             outcome="completed",
             error=None,
             kind=None,
