@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from comfyfleet.domain import Task
@@ -36,9 +36,20 @@ class TaskEvent:
     tenant: str
     data: dict[str, Any] = field(default_factory=dict)
     ts: float = field(default_factory=time.time)
+    # The task as this change left it, in the replica that made the change only (neither sent to other
+    # replicas nor shown to clients): a waiting request answers with it instead of reading it again, and the
+    # webhook deliverer skips endings without a webhook.
+    task: Task | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+        shown = {
+            "type": self.type,
+            "task_id": self.task_id,
+            "tenant": self.tenant,
+            "data": self.data,
+            "ts": self.ts,
+        }
+        return json.dumps(shown, separators=(",", ":"), default=str)
 
     @classmethod
     def from_json(cls, text: str) -> TaskEvent:
@@ -61,7 +72,7 @@ def status_event(task: Task) -> TaskEvent:
     if task.error:
         data["error"] = task.error
         data["error_kind"] = task.error_kind
-    return TaskEvent("status", task.id, task.tenant, data)
+    return TaskEvent("status", task.id, task.tenant, data, task=task)
 
 
 class Subscription:

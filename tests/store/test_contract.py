@@ -650,3 +650,106 @@ async def test_installation_id_is_made_by_the_migrations_kept_across_reopen_and_
     async with open_store(second_url) as second:
         await second.migrate()
         assert await second.installation_id() != identity
+
+
+def expected_positions(current: list[Task]) -> dict[str, int]:
+    """Every pending task's position as the claim order gives it (the slow, obvious way)."""
+    pending = [task for task in current if task.status is TaskStatus.PENDING]
+    runnable = [task for task in pending if task.not_before is None or task.not_before <= datetime.now(UTC)]
+    order = claim_order(runnable)
+    ahead_of = {
+        task.id: sum(1 for other in runnable if (-other.priority, other.seq) < (-task.priority, task.seq))
+        for task in pending
+    }
+    assert all(ahead_of[task_id] == index for index, task_id in enumerate(order))
+    return {task_id: ahead + 1 for task_id, ahead in ahead_of.items()}
+
+
+async def assert_counts_and_positions(store: Store, tasks: dict[str, Task], sample: list[str]) -> None:
+    """The counts of every tenant and status, and the positions of the ``sample`` of ``tasks``."""
+    current = [await store.get_task(task_id) for task_id in tasks]
+    for tenant in ("alice", "bob"):
+        metrics = await store.queue_metrics(tenant=tenant)
+        mine = [task.status for task in current if task.tenant == tenant]
+        assert (metrics.pending_tasks, metrics.running_tasks, metrics.completed_tasks) == tuple(
+            mine.count(status) for status in (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED)
+        )
+        assert (metrics.failed_tasks, metrics.cancelled_tasks) == tuple(
+            mine.count(status) for status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
+        )
+    everyone = await store.queue_metrics()
+    assert everyone.pending_tasks == sum(task.status is TaskStatus.PENDING for task in current)
+    expected = expected_positions(current)
+    for task_id in sample:
+        assert await store.queue_position(task_id) == expected.get(task_id), task_id
+
+
+@pytest.mark.slow
+async def test_counts_and_positions_stay_exact_across_blocks_of_the_queue(store: Store) -> None:
+    """Positions and /queue/metrics come from counters that triggers keep (per priority and block of 1,024
+    seq values): they must stay exact under every transition, with a queue longer than one block."""
+    created = await asyncio.gather(
+        *(store.create_task(new(index % 3, tenant="alice" if index % 4 else "bob")) for index in range(1300))
+    )
+    tasks = {task.id: task for task, _ in created}
+    # Spot checks over the whole queue, then the transitions one by one.
+    sample = random.Random(7).sample(sorted(tasks), 40)
+    await assert_counts_and_positions(store, tasks, sample)
+    claimed = await claim_next(store, "d", 30, limit=5)
+    sample += [task.id for task in claimed]
+    await store.complete_task(lease_of(claimed[0]), {})
+    await store.fail_task(lease_of(claimed[1]), "broken", "node_error")
+    await store.retry_task(
+        lease_of(claimed[2]), datetime.now(UTC) - timedelta(seconds=1), "lost", "worker_lost"
+    )
+    await store.retry_task(
+        lease_of(claimed[3]), datetime.now(UTC) + timedelta(hours=1), "lost", "worker_lost"
+    )
+    await store.release_task(lease_of(claimed[4]))
+    victims = sample[:6]
+    await store.cancel_task(victims[0])
+    await store.set_priority(victims[1], 2)
+    await store.set_priority(victims[2], -5)
+    await store.set_priority(victims[3], 9)
+    await assert_counts_and_positions(store, tasks, sample)
+    # The whole queue drained: the counters come back to zero.
+    while head := await store.peek_pending(limit=200):
+        for task in await store.claim_ids("d", 30, [task.id for task in head]):
+            await store.complete_task(lease_of(task), {})
+    metrics = await store.queue_metrics()
+    assert (metrics.pending_tasks, metrics.running_tasks) == (1, 0)  # the retry waiting an hour
+    assert metrics.completed_tasks + metrics.failed_tasks + metrics.cancelled_tasks + 1 == len(tasks)
+
+
+async def test_update_worker_activity_writes_only_the_activity_columns(store: Store) -> None:
+    record = worker("w1", WorkerState.IDLE)
+    record.node_types = ["KSampler", "SaveImage"]
+    record.info = {"tasks_given": 1}
+    await store.upsert_worker(record)
+    busy = worker("w1", WorkerState.BUSY)
+    busy.current_task_ids = ["t1"]
+    busy.loaded_models = ["model.safetensors"]
+    busy.last_active_at = datetime.now(UTC)
+    busy.info = {"tasks_given": 2}
+
+    assert await store.update_worker_activity(busy, owner=False)
+    stored = await store.get_worker("w1")
+    assert (stored.current_task_ids, stored.loaded_models) == (["t1"], ["model.safetensors"])
+    assert (stored.state, stored.info, stored.node_types) == (
+        WorkerState.IDLE,
+        {"tasks_given": 1},
+        record.node_types,
+    )
+
+    assert await store.update_worker_activity(busy, owner=True)
+    stored = await store.get_worker("w1")
+    assert (stored.state, stored.info, stored.node_types) == (
+        WorkerState.BUSY,
+        {"tasks_given": 2},
+        record.node_types,
+    )
+
+    assert not await store.update_worker_activity(worker("nobody", WorkerState.IDLE), owner=True)
+    await store.upsert_worker(worker("w1", WorkerState.TERMINATED))
+    assert not await store.update_worker_activity(busy, owner=False)
+    assert (await store.get_worker("w1")).state is WorkerState.TERMINATED

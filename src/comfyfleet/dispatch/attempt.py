@@ -285,13 +285,17 @@ class Attempt:
     async def _finish(self, outcome: PromptOutcome | None) -> None:
         task, record = self.task, self.record
         latest = {**self.progress, "nodes_total": len(task.payload)} if self.progress else None
-        if latest is not None and latest != self.progress_written:
-            # Progress writes are spaced out while a prompt runs; the task keeps the last one it reached.
-            await self._write_progress(latest)
+        unwritten = latest if latest is not None and latest != self.progress_written else None
         status = outcome.status if outcome is not None else None
         if outcome is not None and status == "success":
-            await self._complete(outcome)
-        elif self.stop_reason == "cancelled":
+            # The last progress reached rides on the completion write.
+            await self._complete(outcome, unwritten)
+            await self._forget_prompt()
+            return
+        if unwritten is not None:
+            # Progress writes are spaced out while a prompt runs; the task keeps the last one it reached.
+            await self._write_progress(unwritten)
+        if self.stop_reason == "cancelled":
             await record.finish_cancelled()
         elif self.stop_reason == "timeout":
             message = f"task timed out after {task.timeout_s:g} s"
@@ -313,12 +317,16 @@ class Attempt:
             await self._retry_or_fail("interrupted", "the prompt was interrupted on the worker")
         else:
             await self._retry_or_fail("prompt_lost", "the worker lost the prompt")
-        if status in {"success", "error", "interrupted"} and self.prompt_id:
-            # Keep long-lived workers small: the result is ours now.
+        if status in {"error", "interrupted"}:
+            await self._forget_prompt()
+
+    async def _forget_prompt(self) -> None:
+        """Keep long-lived workers small: the result is ours now (and already answered)."""
+        if self.prompt_id:
             with contextlib.suppress(ComfyError):
                 await self.slot.client.delete_history([self.prompt_id])
 
-    async def _complete(self, outcome: PromptOutcome) -> None:
+    async def _complete(self, outcome: PromptOutcome, progress: dict[str, Any] | None) -> None:
         task, slot, ctx = self.task, self.slot, self.ctx
         collected = await collect_outputs(slot.client, ctx.outputs, task, outcome)
         result = result_of(
@@ -330,7 +338,9 @@ class Attempt:
             execution_started_at=self.execution_started_at,
             accepted_at=self.accepted_at,
         )
-        completed = await self.record.end("complete", lambda lease: ctx.store.complete_task(lease, result))
+        completed = await self.record.end(
+            "complete", lambda lease: ctx.store.complete_task(lease, result, progress)
+        )
         if model_names(task.payload):
             with contextlib.suppress(Exception):
                 await ctx.directory.note_loaded_models(slot.worker.id, slot.recent_models)
@@ -362,6 +372,8 @@ class Attempt:
             return
         if kind == "execution_start" and self.execution_started_at is None:
             self.execution_started_at = self.ctx.clock.now()
+            # Counts as a progress write: the first node's progress waits for the next one (or the end).
+            self._last_progress_write = self.ctx.clock.monotonic()
             store = self.ctx.store
             executing = await self.record.update_soon(
                 lambda lease: store.set_phase(lease, TaskPhase.EXECUTING)

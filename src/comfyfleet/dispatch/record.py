@@ -72,7 +72,7 @@ async def publish_status(bus: EventBus, store: Store, task: Task) -> None:
         data["error_kind"] = task.error_kind
     if task.status == TaskStatus.COMPLETED and task.result:
         data["outputs"] = task.result.get("outputs", [])
-    await bus.publish(TaskEvent(type="status", task_id=task.id, tenant=task.tenant, data=data))
+    await bus.publish(TaskEvent(type="status", task_id=task.id, tenant=task.tenant, data=data, task=task))
     if task.status == TaskStatus.PENDING:
         # Back in the queue (retry or release): let every replica's dispatcher look again.
         try:

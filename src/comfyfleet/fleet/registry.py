@@ -274,9 +274,12 @@ class WorkerRegistry:
                 continue
             try:
                 async with self._write_lock:
+                    # Only the activity columns: the record's node catalogue (hundreds of node types) is
+                    # neither encoded nor rewritten for every task.
                     if self.is_leader:
-                        await self._store.upsert_worker(dataclasses.replace(worker))
-                    elif not await self._merge_assignments_into_store(worker):
+                        if not await self._store.update_worker_activity(worker, owner=True):
+                            await self._store.upsert_worker(dataclasses.replace(worker))
+                    elif not await self._store.update_worker_activity(worker, owner=False):
                         continue
                 written.append(worker_id)
             except StoreError:
@@ -286,19 +289,6 @@ class WorkerRegistry:
             await self.notify("")  # followers re-read the records
         for worker_id in [] if self.is_leader else written:
             await self.notify(worker_id)  # the leader merges this worker's assignments
-
-    async def _merge_assignments_into_store(self, worker: Worker) -> bool:
-        try:
-            record = await self._store.get_worker(worker.id)
-        except NotFound:
-            return False
-        if record.state is WorkerState.TERMINATED:
-            return False
-        record.current_task_ids = list(worker.current_task_ids)
-        record.last_active_at = worker.last_active_at
-        record.loaded_models = list(worker.loaded_models)
-        await self._store.upsert_worker(record)
-        return True
 
     async def flush_loop(self) -> None:
         while not self._signals.stop.is_set():

@@ -77,14 +77,9 @@ class Gateway:
                 return cached[1]
             generation = self._remaining_generation
             try:
-                if tenant is None:
-                    # Reads only the pending and running tasks (their indexes), however long the history.
-                    value = sum(
-                        pending + running for pending, running in (await self.store.demand_by_pool()).values()
-                    )
-                else:
-                    metrics = await self.store.queue_metrics(tenant=tenant)
-                    value = metrics.pending_tasks + metrics.running_tasks
+                # From the store's counters: no read grows with the queue.
+                metrics = await self.store.queue_metrics(tenant=tenant)
+                value = metrics.pending_tasks + metrics.running_tasks
             except StoreError:
                 return cached[1] if cached else 0
             if generation == self._remaining_generation:

@@ -71,6 +71,22 @@ class RecordsMixin:
         [row] = await self._write(self.sql.upsert_worker, params)
         return worker_from_row(row, codec)
 
+    async def update_worker_activity(self, worker: Worker, *, owner: bool) -> bool:
+        codec = self.codec
+        params = {
+            "id": worker.id,
+            "owner": owner,
+            "state": WorkerState(worker.state).value,
+            "current_task_ids": codec.dump_json(list(worker.current_task_ids)),
+            "last_active_at": None
+            if worker.last_active_at is None
+            else codec.dump_time(worker.last_active_at),
+            "loaded_models": codec.dump_json(list(worker.loaded_models)),
+            "info": codec.dump_json(dict(worker.info)),
+            **self._now(),
+        }
+        return bool(await self._write(self.sql.update_worker_activity, params))
+
     async def get_worker(self, worker_id: str) -> Worker:
         rows = await self._read(self.sql.get_worker, {"id": worker_id})
         if not rows:

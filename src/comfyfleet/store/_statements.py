@@ -131,29 +131,36 @@ class Statements(AssetStatements):
             "before_seq": "seq < :before_seq",
         }
 
-    def count_ahead(self, priority: str, seq: str) -> str:
-        """How many runnable tasks come before a task of this ``priority`` and ``seq`` in claim order."""
-        ahead = f"SELECT count(*) FROM {self.pending_by_order} WHERE {self.runnable}"
-        return f"({ahead} AND priority > {priority}) + ({ahead} AND priority = {priority} AND seq < {seq})"
-
-    @cached_property
-    def queue_position(self) -> str:
-        """A task's ``(status, priority, seq, runnable tasks ahead)``; the count may be NULL for a dialect that
-        counts in a second statement, :attr:`tasks_ahead`."""
-        return (
-            f"SELECT status, priority, seq, CASE WHEN status = 'pending' THEN "
-            f"{self.count_ahead('task.priority', 'task.seq')} END FROM tasks AS task WHERE id = :id"
-        )
+    # A task's place: its status, priority and seq, then :attr:`tasks_ahead`.
+    queue_position = "SELECT status, priority, seq FROM tasks WHERE id = :id"
+    # Pending tasks not due yet: few (retries waiting), found through their own small index.
+    pending_due = "tasks"
 
     @cached_property
     def tasks_ahead(self) -> str:
-        return f"SELECT {self.count_ahead(':priority', ':seq')}"
+        """How many runnable tasks come before a task of ``:priority`` and ``:seq`` in claim order, without
+        walking the backlog: the pending tasks of higher priority and of earlier blocks of its own priority
+        from ``pending_counts`` (kept by triggers, migration 0007), a count inside its own block of 1,024 seq
+        values (``:block_start`` to ``:seq``), less the pending tasks ahead that are not due yet."""
+        blocks = "SELECT coalesce(sum(n), 0) FROM pending_counts WHERE priority"
+        in_block = (
+            f"SELECT count(*) FROM {self.pending_by_order} WHERE status = 'pending' AND priority = :priority "
+            "AND seq >= :block_start AND seq < :seq"
+        )
+        not_due = (
+            f"SELECT count(*) FROM {self.pending_due} WHERE status = 'pending' AND not_before IS NOT NULL "
+            f"AND not_before > {self.now} AND (priority > :priority OR (priority = :priority AND seq < :seq))"
+        )
+        return (
+            f"SELECT ({blocks} > :priority) + ({blocks} = :priority AND bucket < :block) + ({in_block}) "
+            f"- ({not_due})"
+        )
 
     @staticmethod
     def tasks_by_status(*, of_tenant: bool) -> str:
-        """``(status, count)`` rows, for everyone or for ``:tenant`` (two statements, so each uses its index)."""
+        """``(status, count)`` rows, for everyone or for ``:tenant``, from the counters of migration 0007."""
         scope = "WHERE tenant = :tenant " if of_tenant else ""
-        return f"SELECT status, count(*) FROM tasks {scope}GROUP BY status"
+        return f"SELECT status, CAST(sum(n) AS BIGINT) FROM task_counts {scope}GROUP BY status"
 
     def oldest_pending_age(self, *, of_tenant: bool) -> str:
         """The age in seconds of the oldest pending task, for everyone or for ``:tenant``."""
@@ -276,6 +283,7 @@ class Statements(AssetStatements):
     def complete_task(self) -> str:
         return self.fenced(
             f"status = 'completed', result = :result, completed_at = {self.now}, error = NULL, "
+            f"progress = coalesce({self.as_json('progress')}, progress), "
             f"error_kind = NULL, error_details = NULL, {LEAVE_RUNNING}, {self.ended_attempt()}"
         )
 
@@ -338,6 +346,17 @@ class Statements(AssetStatements):
         )
 
     # -- workers ----------------------------------------------------------------------------------
+    @cached_property
+    def update_worker_activity(self) -> str:
+        owned = "CASE WHEN CAST(:owner AS BOOLEAN) THEN"
+        return (
+            "UPDATE workers SET current_task_ids = :current_task_ids, last_active_at = :last_active_at, "
+            f"loaded_models = :loaded_models, updated_at = {self.now}, "
+            f"state = {owned} CAST(:state AS TEXT) ELSE state END, "
+            f"info = {owned} {self.as_json('info')} ELSE info END "
+            "WHERE id = :id AND state <> 'terminated' RETURNING id"
+        )
+
     @cached_property
     def upsert_worker(self) -> str:
         # created_at is the first record's: a worker is created once, however often it is updated.

@@ -202,7 +202,11 @@ class DispatchQueue(Protocol):
         really has in hand); return how many. A task ``owner`` holds that is not named is left to expire,
         so that another replica (or this one) adopts it."""
 
-    async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task: ...
+    async def complete_task(
+        self, lease: Lease, result: dict[str, Any], progress: dict[str, Any] | None = None
+    ) -> Task:
+        """End the attempt as completed with ``result``; ``progress``, when given, is the last progress the
+        prompt reached, written in the same statement (else the task keeps the one it has)."""
 
     async def fail_task(
         self, lease: Lease, error: str, kind: str, details: dict[str, Any] | None = None
@@ -242,6 +246,11 @@ class WorkerRecords(Protocol):
     """What the store keeps about each worker."""
 
     async def upsert_worker(self, worker: Worker) -> Worker: ...
+    async def update_worker_activity(self, worker: Worker, *, owner: bool) -> bool:
+        """Write only what dispatching changes on a stored worker record (its tasks, last activity, loaded
+        models; with ``owner``, the replica that owns the records, also its state and info), not its node
+        catalogue. False when there is no such record or it is terminated (nothing written)."""
+
     async def get_worker(self, worker_id: str) -> Worker: ...
     async def list_workers(self, *, pool: str | None = None, include_gone: bool = False) -> list[Worker]: ...
     async def delete_worker(self, worker_id: str) -> None:

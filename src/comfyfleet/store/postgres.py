@@ -103,10 +103,6 @@ class PostgresStatements(Statements):
     def as_json(self, parameter: str) -> str:
         return f"CAST(:{parameter} AS JSONB)"
 
-    # Counted in a second statement: with the bounds as parameters the planner walks the index of pending
-    # tasks; a count correlated with the task's own row gets planned blind and scans the table.
-    queue_position = "SELECT status, priority, seq, NULL FROM tasks WHERE id = :id"
-
     @cached_property
     def peek_pending_per_tenant(self) -> str:
         return (

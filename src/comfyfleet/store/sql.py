@@ -42,6 +42,9 @@ logger = logging.getLogger("comfyfleet.store")
 
 # /ready must answer quickly even when the database is gone.
 READY_TIMEOUT_S = 2.0
+# The seq block of ``pending_counts`` (migration 0007 divides seq by it): a position counts at most this many
+# index entries, and sums one counter row per non-empty block ahead.
+POSITION_BLOCK = 1024
 
 
 class SqlStore(AssetsMixin):
@@ -167,13 +170,13 @@ class SqlStore(AssetsMixin):
     async def queue_position(self, task_id: str) -> int | None:
         # The runnable tasks a claim would take first, plus one. A pending task not due yet (a retry waiting
         # for not_before) gets the place it will have once due.
-        rows = await self._read(self.sql.queue_position, {"id": task_id, **self._now()})
+        rows = await self._read(self.sql.queue_position, {"id": task_id})
         if not rows or rows[0][0] != TaskStatus.PENDING:
             return None
-        _, priority, seq, ahead = rows[0]
-        if ahead is None:
-            params = {"priority": priority, "seq": seq, **self._now()}
-            ahead = (await self._read(self.sql.tasks_ahead, params))[0][0]
+        _, priority, seq = rows[0]
+        block = seq // POSITION_BLOCK
+        params = {"priority": priority, "seq": seq, "block": block, "block_start": block * POSITION_BLOCK}
+        ahead = (await self._read(self.sql.tasks_ahead, {**params, **self._now()}))[0][0]
         return int(ahead) + 1
 
     async def queue_metrics(self, tenant: str | None = None) -> QueueMetrics:
@@ -302,11 +305,14 @@ class SqlStore(AssetsMixin):
         if not await self._write(self.sql.set_progress, params):
             raise await self._fence_failure(lease)
 
-    async def complete_task(self, lease: Lease, result: dict[str, Any]) -> Task:
+    async def complete_task(
+        self, lease: Lease, result: dict[str, Any], progress: dict[str, Any] | None = None
+    ) -> Task:
         return await self._fenced(
             self.sql.complete_task,
             lease,
             result=self.codec.dump_json(result),
+            progress=self.codec.dump_json(progress),
             outcome="completed",
             error=None,
             kind=None,

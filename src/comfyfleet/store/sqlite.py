@@ -99,6 +99,7 @@ class SQLiteStatements(Statements):
     # Without statistics the planner may prefer tasks_status_seq and sort every pending task; name the index.
     pending_by_order = "tasks INDEXED BY tasks_pending_order"
     pending_by_tenant = "tasks INDEXED BY tasks_pending_tenant"
+    pending_due = "tasks INDEXED BY tasks_pending_due"
     inputs_summary = (
         "CASE WHEN tasks.inputs IS NULL THEN NULL ELSE (SELECT json_group_array(CASE "
         "WHEN json_type(spec.value, '$.data') = 'text' THEN json_set(json_remove(spec.value, '$.data'), '$.size', "

@@ -32,6 +32,9 @@ OBJECT_INFO_TTL_S = 300.0
 _KEPT_FOLDER, _KEPT_NAME = "_catalogue", "object_info.json"
 SYSTEM_STATS_TTL_S = 5.0
 FETCH_TIMEOUT_S = 10.0
+# How long the list of live workers is reused: every submission checked against the catalogue would otherwise
+# read (and decode) every worker record; a worker that comes or goes is seen this much later at most.
+LIVE_WORKERS_TTL_S = 1.0
 
 ClientFactory = Callable[[str], ComfyClient]
 
@@ -95,14 +98,20 @@ class WorkerCatalogue:
         self._merged: dict[str, Any] | None = None
         self._merged_from: tuple[str, ...] = ()
         self._stats: tuple[float, list[tuple[Worker, dict[str, Any]]]] | None = None
+        self._live: tuple[float, list[Worker]] | None = None
         self._lock = asyncio.Lock()
 
     async def _live_workers(self) -> list[Worker]:
+        now = time.monotonic()
+        if self._live is not None and now - self._live[0] < LIVE_WORKERS_TTL_S:
+            return self._live[1]
         try:
             workers = await self._store.list_workers()
         except StoreError:
             return []
-        return [w for w in workers if w.state in (WorkerState.IDLE, WorkerState.BUSY) and w.endpoint]
+        live = [w for w in workers if w.state in (WorkerState.IDLE, WorkerState.BUSY) and w.endpoint]
+        self._live = (now, live)
+        return live
 
     async def _fetch(self, endpoint: str, what: str) -> dict[str, Any] | None:
         try:
@@ -186,4 +195,4 @@ class WorkerCatalogue:
     def forget(self) -> None:
         with contextlib.suppress(Exception):
             self._object_info.clear()
-        self._merged, self._merged_from, self._stats = None, (), None
+        self._merged, self._merged_from, self._stats, self._live = None, (), None, None

@@ -123,7 +123,7 @@ class TaskService:
             # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
             with self._bus.subscribe(task_id=task.id) as subscription:
                 await self._wake_dispatcher(task)
-                task = await self._wait_until_ended(task, subscription, wait_s)
+                task = await self._wait_until_ended(task, subscription, wait_s, fresh=True)
         else:
             await self._wake_dispatcher(task)
         return Submitted(task, True, node_errors)
@@ -253,17 +253,24 @@ class TaskService:
                 task = await self._wait_until_ended(task, subscription, wait_s)
         return Submitted(task, False)
 
-    async def _wait_until_ended(self, task: Task, subscription: Subscription, wait_s: float) -> Task:
+    async def _wait_until_ended(
+        self, task: Task, subscription: Subscription, wait_s: float, *, fresh: bool = False
+    ) -> Task:
+        """The task once ended (or as it stands after ``wait_s``). ``fresh``: ``task`` was just stored and
+        ``subscription`` opened before anyone could change it, so it needs no second look."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        task = await self._store.get_task(task.id)
+        if not fresh:
+            task = await self._store.get_task(task.id)
         while task.status not in TERMINAL_STATUSES:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             event = await subscription.get(wait_s=remaining)
             if event is None or (event.type == "status" and event.data.get("status") in TERMINAL_STATUSES):
-                task = await self._store.get_task(task.id)
+                # This replica's own ending carries the task as written; another's is read back.
+                ended = event.task if event is not None else None
+                task = ended if ended is not None else await self._store.get_task(task.id)
         return task
 
     # -- cancel and priority --------------------------------------------------------------------

@@ -148,11 +148,13 @@ class WebhookDeliverer:
             pass
 
     async def _watch_endings(self) -> None:
-        """A task that ended has a fresh delivery: look at once instead of at the next timer."""
+        """A task of this replica that ended with a webhook has a fresh delivery: look at once instead of at
+        the next timer (an ending without a webhook has none, and costs no claim)."""
         assert self.bus is not None
         with self.bus.subscribe(maxsize=1024) as subscription:
             async for event in subscription:
-                if event.type == "status" and event.data.get("status") in _TERMINAL:
+                ended = event.type == "status" and event.data.get("status") in _TERMINAL
+                if ended and event.task is not None and event.task.webhook is not None:
                     self._wake.set()
 
     async def _deliver_loop(self) -> None:
