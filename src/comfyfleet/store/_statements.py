@@ -140,7 +140,7 @@ class Statements(AssetStatements):
     def tasks_ahead(self) -> str:
         """How many runnable tasks come before a task of ``:priority`` and ``:seq`` in claim order, without
         walking the backlog: the pending tasks of higher priority and of earlier blocks of its own priority
-        from ``pending_counts`` (kept by triggers, migration 0007), a count inside its own block of 1,024 seq
+        from ``pending_counts`` (kept by triggers, migration 0008), a count inside its own block of 1,024 seq
         values (``:block_start`` to ``:seq``), less the pending tasks ahead that are not due yet."""
         blocks = "SELECT coalesce(sum(n), 0) FROM pending_counts WHERE priority"
         in_block = (
@@ -158,7 +158,7 @@ class Statements(AssetStatements):
 
     @staticmethod
     def tasks_by_status(*, of_tenant: bool) -> str:
-        """``(status, count)`` rows, for everyone or for ``:tenant``, from the counters of migration 0007."""
+        """``(status, count)`` rows, for everyone or for ``:tenant``, from the counters of migration 0008."""
         scope = "WHERE tenant = :tenant " if of_tenant else ""
         return f"SELECT status, CAST(sum(n) AS BIGINT) FROM task_counts {scope}GROUP BY status"
 

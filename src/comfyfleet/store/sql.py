@@ -42,7 +42,7 @@ logger = logging.getLogger("comfyfleet.store")
 
 # /ready must answer quickly even when the database is gone.
 READY_TIMEOUT_S = 2.0
-# The seq block of ``pending_counts`` (migration 0007 divides seq by it): a position counts at most this many
+# The seq block of ``pending_counts`` (migration 0008 divides seq by it): a position counts at most this many
 # index entries, and sums one counter row per non-empty block ahead.
 POSITION_BLOCK = 1024
 
