@@ -12,10 +12,11 @@ from typing import Any
 
 import httpx
 from comfy_helpers import EmulatorFactory, sampler_graph
-from comfy_wire import post_prompt, wait_until
+from comfy_wire import post_prompt
 from PIL import Image
 
 from comfyfleet.emulators.comfyui import EmulatorServer
+from support import eventually
 
 
 def _place(path: Path, cache: Path | None = None) -> None:
@@ -34,7 +35,7 @@ async def _choices(http: httpx.AsyncClient, node: str, input_name: str) -> list[
 
 
 async def _history_entry(emu: EmulatorServer, prompt_id: str) -> dict[str, Any]:
-    await wait_until(lambda: prompt_id in emu.state.history)
+    await eventually(lambda: prompt_id in emu.state.history)
     entry: dict[str, Any] = emu.state.history[prompt_id]
     return entry
 
