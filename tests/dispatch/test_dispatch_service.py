@@ -49,9 +49,13 @@ async def test_worker_crash_mid_task_is_retried_elsewhere(tmp_path: Path) -> Non
         emulators(crashing, EmulatorOptions()) as (bad, good),
         running_fleet(tmp_path, workers=[bad.url, good.url]) as svc,
     ):
-        # Two tasks on two idle workers: one lands on the worker that dies when it starts a prompt.
+        # Two tasks on two idle workers: one lands on the worker that dies when it starts a prompt. Their
+        # checkpoints differ: with the same one, a second task arriving after the first was placed would
+        # rightly queue on the worker that has it loaded, and both would share that worker's fate.
         first = await svc.submit(seed_workflow(seed=1))
-        second = await svc.submit(seed_workflow(seed=2))
+        other_checkpoint = seed_workflow(seed=2)
+        other_checkpoint["4"]["inputs"]["ckpt_name"] = "sd_xl_base_1.0.safetensors"
+        second = await svc.submit(other_checkpoint)
         tasks = [await svc.wait_task(task["id"]) for task in (first, second)]
         assert [task["status"] for task in tasks] == ["completed", "completed"]
         assert bad.stats.crashes == 1
@@ -136,9 +140,16 @@ async def test_timeout_interrupts_then_recycles_a_worker_that_ignores_it(tmp_pat
         assert task["error_kind"] == "timeout"
         assert task["retry_count"] == 0
         # The worker kept running the prompt past the grace period: it is taken out of service (a static
-        # pool then probes its URL again as a new worker; a managed pool would start a fresh one).
-        recycled = await svc.runtime.store.get_worker(task["attempts"][0]["worker_id"])
-        assert recycled.state in {"failed", "terminated"}
+        # pool then probes its URL again as a new worker; a managed pool would start a fresh one). The
+        # leader writes that at once; a replica not (yet) leading leaves the request on the worker's record
+        # for the leader to carry out, so the record may show it a moment after the task ended.
+        worker_id = task["attempts"][0]["worker_id"]
+        recycled = await eventually(
+            lambda: svc.runtime.store.get_worker(worker_id),
+            until=lambda record: record.state in {"failed", "terminated"},
+            within=15,
+            what=f"worker {worker_id} recycled",
+        )
         assert "ignored an interrupt" in (recycled.error or "")
 
 
