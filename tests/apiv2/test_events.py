@@ -16,6 +16,7 @@ from support import Fleet, eventually, running_fleet, seed_workflow, tiny_workfl
 ALICE = {"Authorization": "Bearer key-alice"}
 
 
+@pytest.mark.slow
 async def test_events_follow_a_job_to_its_end(sdk: Any) -> None:
     async with sdk() as client:
         job = await client.submit(client.workflows.from_json(seed_workflow(steps=150, seed=7)))

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from comfyfleet.emulators.comfyui.options import EmulatorOptions
@@ -153,6 +154,7 @@ async def test_timeout_interrupts_then_recycles_a_worker_that_ignores_it(tmp_pat
         assert "ignored an interrupt" in (recycled.error or "")
 
 
+@pytest.mark.slow
 async def test_timeout_retried_elsewhere_when_configured(tmp_path: Path) -> None:
     hanging = EmulatorOptions(hang_s=math.inf, hang_node="KSampler")
     async with (
@@ -329,6 +331,7 @@ async def test_task_events_stream_queue_position_status_and_progress(tmp_path: P
         assert steps[-1]["max"] == 10
 
 
+@pytest.mark.slow
 async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -356,6 +359,7 @@ async def test_dispatch_feeds_the_latency_duration_and_failure_metrics(tmp_path:
         assert failures[("comfyfleet_task_failures_total", (("kind", "node_error"),))] >= 1
 
 
+@pytest.mark.slow
 async def test_task_events_follow_the_queue_position_down(tmp_path: Path) -> None:
     # Prompts outlast the stream's 0.5 s throttle of position reads, so position 1 is always seen.
     async with (
@@ -396,6 +400,7 @@ async def test_a_worker_withdrawn_for_a_moment_finishes_its_prompt_once(tmp_path
         assert worker.stats.executions == {task["prompt_id"]: 1}
 
 
+@pytest.mark.slow
 async def test_latest_preview_of_a_running_task(tmp_path: Path) -> None:
     async with (
         emulators(EmulatorOptions(previews=True, step_time_s=0.1)) as (worker,),
@@ -453,6 +458,7 @@ async def test_gateway_socket_relays_previews_as_comfyui_binary_frames(tmp_path:
         Image.open(io.BytesIO(binary[0][8:])).verify()
 
 
+@pytest.mark.slow
 async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: Path) -> None:
     keys = [{"key": "crowd-key", "tenant": "crowd"}, {"key": "lone-key", "tenant": "lone"}]
     worker_options = EmulatorOptions(prompt_time_s=0.3)
