@@ -299,3 +299,16 @@ def test_index_maps_every_page() -> None:
         page.name for page in DOCS.glob("*.md") if page.name != "index.md" and page.name not in linked
     )
     assert not missing, "docs/index.md does not link " + ", ".join(missing)
+
+
+def test_design_module_map_has_a_row_for_every_package_and_module() -> None:
+    """docs/design.md's module map names each package and top-level module of src/comfyfleet, and nothing else."""
+    design = (DOCS / "design.md").read_text()
+    map_section = design.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `([a-z0-9_]+/|[a-z0-9_]+\.py)` \|", map_section, re.M))
+    source = ROOT / "src" / "comfyfleet"
+    present = {path.name + "/" for path in source.iterdir() if (path / "__init__.py").exists()}
+    present |= {path.name for path in source.glob("*.py") if path.name not in ("__init__.py", "__main__.py")}
+    assert rows == present, (
+        f"missing rows: {sorted(present - rows)}; rows of nothing: {sorted(rows - present)}"
+    )

@@ -242,6 +242,7 @@ def test_one_walk_of_nodes_inputs_and_links(graph: dict[str, Any]) -> None:
     assert [node_id for node_id, _ in nodes(graph)] == list(graph)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(dags() | _json_values | st.dictionaries(st.text(max_size=3), _json_values, max_size=4))
 def test_what_the_door_accepts_the_comfyui_side_can_walk(graph: Any) -> None:

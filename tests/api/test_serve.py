@@ -70,6 +70,7 @@ def test_serve_refuses_a_port_in_use_clearly(tmp_path: Path, serve_process: Any)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_warns_loudly_without_keys_off_loopback_and_stops_gracefully(
     tmp_path: Path, serve_process: Any
 ) -> None:
@@ -85,6 +86,7 @@ def test_serve_warns_loudly_without_keys_off_loopback_and_stops_gracefully(
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_serve_on_loopback_with_keys_does_not_warn(tmp_path: Path, serve_process: Any) -> None:
     config = tmp_path / "comfyfleet.yaml"
     config.write_text("store: sqlite:///keyed.db\napi_keys:\n  - key: k-123\n    tenant: team\n")

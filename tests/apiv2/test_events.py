@@ -16,6 +16,7 @@ from support import Fleet, eventually, running_fleet, seed_workflow, tiny_workfl
 ALICE = {"Authorization": "Bearer key-alice"}
 
 
+@pytest.mark.slow
 async def test_events_follow_a_job_to_its_end(sdk: Any) -> None:
     async with sdk() as client:
         job = await client.submit(client.workflows.from_json(seed_workflow(steps=150, seed=7)))
@@ -47,12 +48,20 @@ async def test_an_ended_job_streams_its_final_status_at_once(sdk: Any) -> None:
         assert events == [StatusChange(status="succeeded")]
 
 
-async def test_a_queued_job_hears_its_place_and_its_cancel(sdk: Any) -> None:
+async def test_a_queued_job_hears_its_place_and_its_cancel(sdk: Any, fleet: Fleet) -> None:
     async with sdk() as client:
-        busy = [
-            await client.submit(client.workflows.from_json(seed_workflow(steps=3000, seed=i)))
-            for i in range(4)
-        ]
+        # Four long jobs fill both workers (each runs one and holds one queued). Each names a checkpoint of
+        # its own: jobs sharing one would rightly gather on the worker that has it loaded, leaving the other
+        # worker free for the job below.
+        busy = []
+        for i in range(4):
+            graph = seed_workflow(steps=3000, seed=i)
+            graph["4"]["inputs"]["ckpt_name"] = f"busy-{i}.safetensors"
+            busy.append(await client.submit(client.workflows.from_json(graph)))
+        await eventually(
+            lambda: sum(emulator.state.queue_remaining() for emulator in fleet.emulators) == 4,
+            what="the four long jobs held by the workers",
+        )
         waiting = await client.submit(client.workflows.from_json(tiny_workflow()))
         stream = waiting.events()
         first = await anext(stream)

@@ -8,7 +8,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from comfyfleet.emulators.comfyui import EmulatorServer
-from support.workflows import seed_workflow
+from support.workflows import seed_workflow, tiny_workflow
 
 
 def seed_payload() -> dict[str, Any]:
@@ -18,13 +18,7 @@ def seed_payload() -> dict[str, Any]:
 
 def trivial_graph(color: int = 0, prefix: str = "probe/empty", size: int = 64) -> dict[str, Any]:
     """Workflow 1 of the reference: EmptyImage -> SaveImage. Vary ``color`` to avoid the node cache."""
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": size, "height": size, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }
+    return tiny_workflow(color, size=size, prefix=prefix)
 
 
 def sampler_graph(

@@ -138,6 +138,7 @@ async def test_killed_process_worker_its_task_completes_elsewhere_and_a_replacem
         )
 
 
+@pytest.mark.slow
 async def test_a_worker_is_recycled_after_recycle_after_tasks(tmp_path: Path, namespace: str) -> None:
     pool = process_pool(
         tmp_path, min_workers=1, max_workers=1, idle_timeout_s=600, recycle_after_tasks=3, prompt_time_s=0.05

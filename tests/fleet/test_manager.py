@@ -331,6 +331,7 @@ async def _all_removed(novita: NovitaEmulator) -> bool:
     return all(instance.status == "removed" for instance in novita.instances.values())
 
 
+@pytest.mark.slow
 async def test_novita_failed_start_is_deleted_and_retried_with_backoff(
     sqlite_store: Store, namespace: str, novita: NovitaEmulator
 ) -> None:

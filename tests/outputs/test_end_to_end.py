@@ -19,6 +19,7 @@ from support import emulators, running_fleet, seed_workflow
 from .test_s3 import closed_port
 
 
+@pytest.mark.slow
 async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
     tmp_path: Path, s3_endpoint: str, s3_bucket: str, s3_admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -64,6 +65,7 @@ async def test_seed_example_stores_its_png_in_s3_and_downloads_it(
         assert unavailable.json()["error"] == "outputs_unavailable"
 
 
+@pytest.mark.slow
 async def test_a_missing_bucket_fails_the_task_after_its_retries(
     tmp_path: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:

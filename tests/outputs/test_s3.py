@@ -132,6 +132,7 @@ def test_options_in_the_location(aws_environment: None) -> None:
     assert from_environment.region == TEST_REGION
 
 
+@pytest.mark.slow
 def test_endpoint_from_the_aws_environment(aws_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
     store: Any = open_outputs("s3://my-bucket")

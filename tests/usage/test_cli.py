@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from usage_helpers import DATA, NO_CLIENT_CONFIG, cli, write
 
@@ -39,6 +40,7 @@ async def comfyfleet(*args: str, env: dict[str, str] | None = None) -> tuple[int
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_submit_wait_shows_progress_and_writes_the_png(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.01}) as fleet:
         workflow = write(tmp_path / "seed.json", seed_workflow())
@@ -117,6 +119,7 @@ async def test_missing_files_and_an_unreachable_server_have_clear_exits(tmp_path
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 async def test_tasks_queue_commands_and_the_config_file(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1, emulator={"prompt_time_s": 5}) as fleet:
         config = tmp_path / "client.yaml"
@@ -216,6 +219,7 @@ async def test_submit_with_an_input_file(tmp_path: Path) -> None:
             assert image.size == (80, 60)
 
 
+@pytest.mark.slow
 async def test_lists_fit_an_80_column_terminal(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1) as fleet:
         for color in range(3):

@@ -6,12 +6,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import pytest
 from usage_helpers import cli
 
 from comfyfleet import AsyncClient
 from support import eventually, running_fleet, tiny_workflow
 
 
+@pytest.mark.slow
 async def test_a_pending_task_says_roughly_when_it_will_start(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1, emulator={"prompt_time_s": 0.2}) as fleet:
         http = fleet.http

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 from websockets.sync.client import connect
 
-from support import running_fleet, seed_workflow, tiny_workflow
+from support import Fleet, eventually, running_fleet, seed_workflow, tiny_workflow
 
 
 def comfyui_websocket_client(
@@ -79,18 +79,41 @@ def comfyui_websocket_client(
     return images, frames
 
 
+def _with_checkpoint(graph: dict[str, Any], name: str = "sd_xl_base_1.0.safetensors") -> dict[str, Any]:
+    graph["4"]["inputs"]["ckpt_name"] = name
+    return graph
+
+
+def _running(fleet: Fleet) -> int:
+    """How many of the fleet's emulators are executing a prompt right now."""
+    return sum(emulator.state.running is not None for emulator in fleet.emulators)
+
+
 def _frame_types(frames: list[dict[str, Any]]) -> list[str]:
     return [frame["type"] for frame in frames]
 
 
 async def test_a_comfyui_websocket_client_runs_unchanged_on_two_workers(tmp_path: Path) -> None:
-    # 20 steps of 0.05 s: the first prompt still runs when the second arrives, even on a loaded machine.
-    async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.05}) as fleet:
-        # Two clients at once, each with the seed example (different seeds), so both workers are used.
-        results = await asyncio.gather(
-            asyncio.to_thread(comfyui_websocket_client, fleet.host_port, seed_workflow(seed=1)),
-            asyncio.to_thread(comfyui_websocket_client, fleet.host_port, seed_workflow(seed=2)),
+    # Sampler steps slow enough to hold each prompt running until both are placed (see below).
+    async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.5}) as fleet:
+        # Two clients, each with the seed example (different seeds and checkpoints). The second starts only
+        # once the first prompt runs, and both are released only once each runs on a worker of its own: the
+        # placement checked below is the dispatcher's choice, not a race with the threads' start-up. (With
+        # the same checkpoint the second prompt would rightly queue behind the first, on the worker that
+        # has that checkpoint loaded.)
+        first = asyncio.create_task(
+            asyncio.to_thread(comfyui_websocket_client, fleet.host_port, seed_workflow(seed=1))
         )
+        await eventually(lambda: _running(fleet) == 1, what="the first prompt running")
+        second = asyncio.create_task(
+            asyncio.to_thread(
+                comfyui_websocket_client, fleet.host_port, _with_checkpoint(seed_workflow(seed=2))
+            )
+        )
+        await eventually(lambda: _running(fleet) == 2, what="both prompts running")
+        for emulator in fleet.emulators:
+            emulator.options.update({"step_time_s": 0.01})
+        results = await asyncio.gather(first, second)
         for images, frames in results:
             assert list(images) == ["9"]
             [png] = images["9"]

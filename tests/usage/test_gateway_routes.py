@@ -36,6 +36,7 @@ async def _prompt(fleet: Fleet, graph: dict[str, Any], **fields: Any) -> dict[st
     return dict(response.json())
 
 
+@pytest.mark.slow
 async def test_an_uploaded_image_is_used_by_whichever_worker_runs_the_prompt(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=2) as fleet:
         first = await _upload(fleet, "cat.png", _png(30, 20, (250, 0, 0)), subfolder="pets")
@@ -145,6 +146,7 @@ async def test_a_mask_upload_puts_its_alpha_into_the_original_image(tmp_path: Pa
         assert "original_ref" in refused.text
 
 
+@pytest.mark.slow
 async def test_queue_delete_interrupt_and_history(tmp_path: Path) -> None:
     async with running_fleet(tmp_path, workers=1, emulator={"prompt_time_s": 3}) as fleet:
         ids = [(await _prompt(fleet, tiny_workflow(color=c), client_id="q"))["prompt_id"] for c in (1, 2, 3)]

@@ -95,6 +95,7 @@ async def test_async_client_submits_follows_waits_and_downloads(tmp_path: Path) 
         assert raised.value.node_errors["3"]["class_type"] == "KSampler"
 
 
+@pytest.mark.slow
 def test_blocking_client_in_ordinary_code(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_fleet(tmp_path, workers=1, emulator={"prompt_time_s": 1}) as fleet:

@@ -272,6 +272,10 @@ class Prober:
             await self._registry.fail(worker, "no endpoint known")
             return
         result = await self._http.probe(worker.endpoint)
+        if worker.state not in ACTIVE_STATES:
+            # Failed (e.g. recycled by the dispatcher) or stopped while the probe was out: its answer says
+            # nothing about the worker now, and must not wipe the reason it failed.
+            return
         if result.ok:
             await self._passed(worker)
             return
