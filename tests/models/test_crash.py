@@ -71,7 +71,7 @@ async def test_kill_9_during_a_download_resumes_it_after_restart_and_the_task_co
 
 
 async def _holds(part: Path, size: int) -> bool:
-    return part.exists() and part.stat().st_size >= size
+    return await asyncio.to_thread(lambda: part.exists() and part.stat().st_size >= size)
 
 
 async def _a_ready_worker(http: httpx.AsyncClient) -> bool:
