@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,7 +66,9 @@ async def test_the_models_are_shown_by_the_api_sdk_cli_dashboard_and_metrics(
         assert "checkpoints/base.safetensors" in page
         assert "293.0 KB" in page
         metrics = (await svc.http.get("/metrics")).text
-        assert "comfyfleet_model_bytes_fetched_total 300000.0" in metrics
+        fetched = re.search(r"^comfyfleet_model_bytes_fetched_total (\S+)$", metrics, re.MULTILINE)
+        assert fetched is not None
+        assert float(fetched[1]) >= len(data)  # counters are the process's: other tests may have added
         openapi = (await svc.http.get("/openapi.json")).json()
         assert "/api/v1/models" in openapi["paths"]
         assert "/api/v1/models/blobs/{sha256}" in openapi["paths"]
