@@ -103,7 +103,7 @@ async def test_a_download_cut_in_the_middle_resumes_where_it_stopped(
     path = await models.ensure(model, LOOPBACK)
     assert path.read_bytes() == data
     assert file_server.requests["big.safetensors"] == 2
-    assert file_server.ranges == [None, "bytes=400000-"]
+    assert file_server.ranges["big.safetensors"] == [None, "bytes=400000-"]
     assert cache_entries(models.cache.root) == [f"sha256/{model.sha256[:2]}/{model.sha256}"]
 
 
@@ -115,7 +115,7 @@ async def test_a_partial_file_left_by_a_dead_process_is_resumed(
     async with ModelService(model_settings) as models:
         models.cache.part_path(model.sha256).write_bytes(data[:123_456])
         await models.ensure(model, LOOPBACK)
-    assert file_server.ranges == ["bytes=123456-"]
+    assert file_server.ranges["left.safetensors"] == ["bytes=123456-"]
 
 
 async def test_eviction_keeps_the_budget_and_never_removes_a_pinned_file(

@@ -10,6 +10,7 @@ from the same source again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,14 @@ async def provision_task_models(
             await report({"models": dict(latest)})
             await asyncio.sleep(PROGRESS_INTERVAL_S)  # a rate limit, not a wait for something
 
-    async with asyncio.TaskGroup() as group:
-        relaying = group.create_task(relay(), name=f"model-progress-{task.id}")
-        try:
-            await service.provision(specs, Path(models_dir), models.policy(worker.pool), progress)
-        finally:
-            relaying.cancel()
+    # Owned here: cancelled and awaited below, so a failing report is not lost and nothing outlives the call.
+    relaying = asyncio.create_task(relay(), name=f"model-progress-{task.id}")
+    try:
+        await service.provision(specs, Path(models_dir), models.policy(worker.pool), progress)
+    finally:
+        relaying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relaying
     if latest:
         await report({"models": dict(latest)})
 
