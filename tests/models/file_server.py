@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 
 def sha256(data: bytes) -> str:
@@ -48,7 +49,7 @@ class FileServer:
                 pass
 
             def do_GET(self) -> None:
-                path = self.path.lstrip("/")
+                path = urlsplit(self.path).path.lstrip("/")
                 owner.requests[path] += 1
                 owner.ranges.setdefault(path, []).append(self.headers.get("Range"))
                 if path in owner.redirects:

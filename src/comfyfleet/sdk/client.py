@@ -280,6 +280,11 @@ class AsyncClient:
         body = await self._call("POST", f"/api/v1/workers/{worker_id}/undrain")
         return body if isinstance(body, dict) else {}
 
+    async def models(self) -> dict[str, Any]:
+        """The host's model cache and the pools' manifests (``GET /api/v1/models``, docs/models.md)."""
+        body = await self._call("GET", "/api/v1/models")
+        return body if isinstance(body, dict) else {}
+
     async def queue_metrics(self) -> dict[str, Any]:
         body = await self._call("GET", "/api/v1/queue/metrics")
         return body if isinstance(body, dict) else {}
@@ -515,6 +520,11 @@ class Client:
     def undrain_worker(self, worker_id: str) -> dict[str, Any]:
         """Give a draining worker tasks again (the way back for a drained static worker)."""
         body = self._call("POST", f"/api/v1/workers/{worker_id}/undrain")
+        return body if isinstance(body, dict) else {}
+
+    def models(self) -> dict[str, Any]:
+        """The host's model cache and the pools' manifests (``GET /api/v1/models``, docs/models.md)."""
+        body = self._call("GET", "/api/v1/models")
         return body if isinstance(body, dict) else {}
 
     def queue_metrics(self) -> dict[str, Any]:
