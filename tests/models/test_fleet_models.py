@@ -122,6 +122,11 @@ async def test_tasks_bring_their_own_loras_and_each_is_fetched_once(
             await asyncio.to_thread(file_server.holding.wait, 30)
             task = await svc.task(first)
             assert (task["status"], task["phase"]) == ("running", "fetching_models")
+
+            async def shown() -> bool:  # the dashboard's task page says so too
+                return "fetching models 0/1" in (await svc.http.get(f"/tasks/{first}")).text
+
+            await eventually(shown, within=10.0)
             file_server.release.set()
             seen = await _progress_event(events)
         assert seen["models"]["files"] == 1
