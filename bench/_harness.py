@@ -143,10 +143,10 @@ def _wait_workers_serving(url: str, expected: int, timeout_s: float = 30.0) -> N
 
 @contextlib.asynccontextmanager
 async def in_process_service(
-    folder: Path, pool: dict[str, Any], namespace: str
+    folder: Path, pool: dict[str, Any], namespace: str, **settings_: Any
 ) -> AsyncIterator[tuple[FleetManager, httpx.AsyncClient]]:
     """The whole service (SQLite store in ``folder``, HTTP API, dispatcher, worker manager) with one ``pool``,
-    in this process: its worker manager and an HTTP client on its API."""
+    in this process: its worker manager and an HTTP client on its API. ``settings_`` adds settings (``models``…)."""
     settings = load_settings(
         store=f"sqlite:///{folder / 'bench.db'}",
         outputs=str(folder / "outputs"),
@@ -154,6 +154,7 @@ async def in_process_service(
         port=0,
         pools=[pool],
         fleet={"namespace": namespace, "probe_interval_s": 1.0, "reconcile_interval_s": 0.5},
+        **settings_,
     )
     async with Runtime(settings) as runtime:
         serving = asyncio.ensure_future(runtime.run())

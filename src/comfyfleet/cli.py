@@ -252,5 +252,88 @@ def novita_emulator(
     )
 
 
+@app.command()
+def companion(
+    url: Annotated[
+        str,
+        typer.Option(
+            envvar="COMFYFLEET_COMPANION_URL", help="The control plane's base URL.", show_default=False
+        ),
+    ],
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="COMFYFLEET_COMPANION_TOKEN",
+            help="The worker's token for the model store (prefer the variable: arguments show in ps).",
+            show_default=False,
+        ),
+    ],
+    manifest: Annotated[
+        str,
+        typer.Option(
+            envvar="COMFYFLEET_COMPANION_MANIFEST",
+            help="The models to pull: a JSON list of {url, sha256, folder, name}, or @FILE holding one.",
+        ),
+    ] = "[]",
+    directory: Annotated[
+        Path,
+        typer.Option(
+            "--dir",
+            envvar="COMFYFLEET_COMPANION_DIR",
+            help="Where to keep them: DIR/models is ComfyUI's models folder, DIR/extra_model_paths.yaml points at it.",
+        ),
+    ] = Path("comfyfleet-models"),
+    attempts: Annotated[
+        int,
+        typer.Option(envvar="COMFYFLEET_COMPANION_ATTEMPTS", min=1, help="Tries per file (each resumes)."),
+    ] = 5,
+    wait: Annotated[
+        float,
+        typer.Option(
+            envvar="COMFYFLEET_COMPANION_WAIT",
+            min=0,
+            help="Seconds to wait for the control plane to hold a file.",
+        ),
+    ] = 600.0,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Run this once the files are in place (after --), e.g. python main.py --extra-model-paths-config "
+            "{extra_model_paths}; {models_dir} and {extra_model_paths} are replaced.",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: LogLevelOption = "info",
+) -> None:
+    """Pull a worker's model files from the control plane, verified, then start ComfyUI (docs/models.md)."""
+    import json
+    import os
+
+    from comfyfleet.companion import CompanionError, sync_models
+    from comfyfleet.models import ModelsError, parse_specs
+
+    _configure_logging(log_level)
+    try:
+        text = Path(manifest[1:]).read_text() if manifest.startswith("@") else manifest
+        specs = parse_specs(json.loads(text))
+    except (OSError, ValueError, ModelsError) as exc:
+        raise _fail(
+            f"--manifest must be a JSON list of {{url, sha256, folder, name}} (or @FILE): {exc}"
+        ) from None
+    try:
+        paths = asyncio.run(
+            sync_models(url, token, directory.absolute(), specs, attempts=attempts, wait_s=wait)
+        )
+    except CompanionError as exc:
+        raise _fail(str(exc), code=1) from None
+    if command:
+        values = {"models_dir": str(paths.models_dir), "extra_model_paths": str(paths.extra_model_paths)}
+        argv = [part.format_map(values) if "{" in part else part for part in command]
+        try:
+            os.execvp(argv[0], argv)  # ComfyUI takes this process over (and its PID under tini)
+        except OSError as exc:
+            raise _fail(f"cannot run {argv[0]!r}: {exc.strerror or exc}", code=1) from None
+
+
 def main() -> None:
     app()

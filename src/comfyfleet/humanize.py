@@ -17,3 +17,15 @@ def ago(moment: datetime | None, now: datetime | None = None) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f}h ago"
     return f"{seconds / 86400:.1f}d ago"
+
+
+def size(count: int | None) -> str:
+    """``"512 B"``, ``"64.0 KB"``, ``"1.2 GB"`` (powers of 1024); ``"-"`` when unknown."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover

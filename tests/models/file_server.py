@@ -5,11 +5,13 @@ paths, can cut a download after some bytes (``cut_after``) or hold it at a byte 
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 
 def sha256(data: bytes) -> str:
@@ -21,7 +23,7 @@ class FileServer:
         self.files: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}
         self.requests: Counter[str] = Counter()
-        self.ranges: list[str | None] = []
+        self.ranges: dict[str, list[str | None]] = {}  # path -> the Range header of each GET
         self.cut_after: dict[str, int] = {}  # path -> bytes after which the next GET closes the connection
         self.hold_at: dict[str, int] = {}  # path -> bytes after which GETs wait for ``release``
         self.holding = threading.Event()  # a GET is waiting at hold_at
@@ -47,9 +49,9 @@ class FileServer:
                 pass
 
             def do_GET(self) -> None:
-                path = self.path.lstrip("/")
+                path = urlsplit(self.path).path.lstrip("/")
                 owner.requests[path] += 1
-                owner.ranges.append(self.headers.get("Range"))
+                owner.ranges.setdefault(path, []).append(self.headers.get("Range"))
                 if path in owner.redirects:
                     self.send_response(302)
                     self.send_header("Location", owner.redirects[path])
@@ -88,7 +90,7 @@ class FileServer:
                     return
                 self.wfile.write(rest)
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = _QuietServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
         thread = threading.Thread(target=server.serve_forever, name="file-server", daemon=True)
@@ -99,3 +101,11 @@ class FileServer:
             self.release.set()
             server.shutdown()
             server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that went away in the middle of a body (a killed comfyfleet) is expected here, not news."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]

@@ -4,6 +4,11 @@ read their models folder strictly (``--models-dir {models_dir} --strict-models``
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -173,3 +178,41 @@ async def service(settings: dict[str, Any]) -> AsyncIterator[Service]:
         finally:
             runtime.request_stop()
             await running
+
+
+class Serve:
+    """``python -m comfyfleet serve --config …`` as a child process (so it can be killed with SIGKILL), its log
+    in a file."""
+
+    def __init__(self, workdir: Path, config: Path, name: str) -> None:
+        self.log_path = workdir / f"{name}.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "comfyfleet", "serve", "--config", str(config), "--port", "0"],
+                cwd=workdir,
+                env={key: value for key, value in os.environ.items() if not key.startswith("COMFYFLEET_")},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def url(self) -> str:
+        async def listening() -> str | None:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+            match = _LISTENING.search(self.log_path.read_text(errors="replace"))
+            return match[1] if match else None
+
+        return await eventually(listening, within=30.0)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM): the process workers it started are stopped with it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+_LISTENING = re.compile(r"api_listening url=(http://\S+)")

@@ -13,7 +13,7 @@ import yaml
 from file_server import FileServer, sha256
 
 from comfyfleet.config import ModelSettings
-from comfyfleet.models import ModelPolicy, ModelRejected, ModelSpec, ModelUnavailable
+from comfyfleet.models import ModelFetchExhausted, ModelPolicy, ModelRejected, ModelSpec, ModelUnavailable
 from comfyfleet.models.service import ModelService
 
 LOOPBACK = ModelPolicy(allow_private=True)
@@ -103,7 +103,7 @@ async def test_a_download_cut_in_the_middle_resumes_where_it_stopped(
     path = await models.ensure(model, LOOPBACK)
     assert path.read_bytes() == data
     assert file_server.requests["big.safetensors"] == 2
-    assert file_server.ranges == [None, "bytes=400000-"]
+    assert file_server.ranges["big.safetensors"] == [None, "bytes=400000-"]
     assert cache_entries(models.cache.root) == [f"sha256/{model.sha256[:2]}/{model.sha256}"]
 
 
@@ -115,7 +115,7 @@ async def test_a_partial_file_left_by_a_dead_process_is_resumed(
     async with ModelService(model_settings) as models:
         models.cache.part_path(model.sha256).write_bytes(data[:123_456])
         await models.ensure(model, LOOPBACK)
-    assert file_server.ranges == ["bytes=123456-"]
+    assert file_server.ranges["left.safetensors"] == ["bytes=123456-"]
 
 
 async def test_eviction_keeps_the_budget_and_never_removes_a_pinned_file(
@@ -145,3 +145,17 @@ async def test_the_cache_is_checked_at_start(model_settings: ModelSettings, file
     async with ModelService(model_settings) as models:
         assert models.on_host(kept.name)
         assert not models.on_host(spoiled.name)
+
+
+async def test_a_download_that_outlasts_its_retries_fails_but_keeps_its_bytes_for_a_resume(
+    model_settings: ModelSettings, file_server: FileServer
+) -> None:
+    data = os.urandom(500_000)
+    model = spec(file_server, "flaky.safetensors", data)
+    file_server.cut_after["flaky.safetensors"] = 200_000
+    async with ModelService(model_settings.model_copy(update={"fetch_attempts": 1})) as models:
+        with pytest.raises(ModelFetchExhausted, match="gave up after 1 tries"):
+            await models.ensure(model, LOOPBACK)
+        assert cache_entries(models.cache.root) == [f"partial/{model.sha256}.part"]
+        assert (await models.ensure(model, LOOPBACK)).read_bytes() == data
+    assert file_server.ranges["flaky.safetensors"] == [None, "bytes=200000-"]

@@ -25,7 +25,7 @@ from comfyfleet.http.auth import DASHBOARD_COOKIE, Principal, principal_from
 from comfyfleet.http.deps import ServicesDep
 from comfyfleet.http.errors import ApiError
 from comfyfleet.http.services import Services
-from comfyfleet.humanize import ago
+from comfyfleet.humanize import ago, size
 from comfyfleet.store import NotFound, StoreError
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -38,6 +38,7 @@ def _iso(moment: datetime | None) -> str:
 
 
 TEMPLATES.env.filters["age"] = ago
+TEMPLATES.env.filters["size"] = size
 TEMPLATES.env.filters["iso"] = _iso
 TEMPLATES.env.filters["quote"] = lambda value: quote(str(value), safe="")
 
@@ -84,6 +85,7 @@ async def overview(request: Request, services: ServicesDep) -> Response:
             "tasks": tasks or [],
             "workers": workers or [],
             "workers_by_state": by_state,
+            "models": services.models.snapshot() if services.models is not None else None,
             "error": error,
             "principal": principal,
             "login_enabled": services.keyring.enabled,

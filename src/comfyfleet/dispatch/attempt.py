@@ -215,7 +215,7 @@ class Attempt:
         self.prompt_id = task.prompt_id
         job = await self.slot.client.job(task.prompt_id)
         if job is None:
-            if task.phase == TaskPhase.DISPATCHING:
+            if task.phase in (TaskPhase.DISPATCHING, TaskPhase.FETCHING_MODELS):
                 # Never reached the worker (or died with it): submitting now cannot run it twice.
                 await self._submit()
                 return

@@ -97,6 +97,8 @@ class FleetManager:
         self._factory = provider_factory or build_provider
         self._namespace = fleet.namespace
         self._workers_dir = Path(settings.models.workers_dir)
+        self._cache_dir = Path(settings.models.cache_dir)
+        self._models = models
         # Built once now, so a bad pool fails at start-up with a message naming it, not on the first scale-up;
         # the providers that run are built on enter, once the store has said which installation this is.
         self._build_providers(_CHECKING_ONLY)
@@ -121,7 +123,6 @@ class FleetManager:
             spawn=self._spawn,
             models=models,
         )
-        self._models = models
         self._reaper = Reaper(
             registry=registry, signals=signals, store=store, pools=pools, providers=providers, fleet=fleet
         )
@@ -149,6 +150,8 @@ class FleetManager:
             state_dir=Path("comfyfleet-workers"),
             installation=installation,
             workers_dir=self._workers_dir,
+            cache_dir=self._cache_dir,
+            worker_token=self._models.worker_token if self._models is not None else None,
         )
         return {name: self._factory(pool, context) for name, pool in self.pools.items()}
 

@@ -166,7 +166,8 @@ class Prober:
         if state.get("state") in ("ready", "unmanaged"):
             return True
         models_dir = worker.info.get("models_dir")
-        if self._models is None or not isinstance(models_dir, str):
+        companion = worker.info.get("models_via") == "companion"  # it pulls them from this host's cache
+        if self._models is None or not (isinstance(models_dir, str) or companion):
             # A provider whose workers have no folder on this host: their image or volume must hold the files.
             worker.info["models"] = {"state": "unmanaged", "files": len(pool.models)}
             logger.warning("worker_models_unmanaged worker_id=%s pool=%s", worker.id, pool.name)
@@ -181,7 +182,11 @@ class Prober:
 
         try:
             async with asyncio.timeout(max(budget_s, 0.0)):
-                await self._models.provision(pool.models, Path(models_dir), pool.model_policy, progress)
+                if isinstance(models_dir, str):
+                    await self._models.provision(pool.models, Path(models_dir), pool.model_policy, progress)
+                else:  # the worker's companion pulls them (GET /api/v1/models/blobs/…) once this host has them
+                    for spec in pool.models:
+                        await self._models.ensure(spec, pool.model_policy)
         except (ModelsError, TimeoutError) as exc:
             reason = (
                 str(exc) if isinstance(exc, ModelsError) else f"not there after {pool.startup_timeout_s:g}s"

@@ -71,6 +71,7 @@ class AsyncClient:
         workflow_id: str | None = None,
         pool: str | None = None,
         inputs: InputFiles | None = None,
+        models: Sequence[Mapping[str, Any]] | None = None,
         webhook: str | Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         max_retries: int | None = None,
@@ -79,7 +80,8 @@ class AsyncClient:
         wait: float | None = None,
     ) -> Task:
         """Queue ``workflow`` (an API-format graph). ``inputs`` maps a file name used in the graph (e.g.
-        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
+        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker. ``models``:
+        model files the task brings (``{url, sha256, folder, name}``, docs/models.md).
         ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
             workflow,
@@ -87,6 +89,7 @@ class AsyncClient:
             workflow_id=workflow_id,
             pool=pool,
             inputs=inputs,
+            models=models,
             webhook=webhook,
             metadata=metadata,
             max_retries=max_retries,
@@ -261,6 +264,11 @@ class AsyncClient:
     async def undrain_worker(self, worker_id: str) -> dict[str, Any]:
         """Give a draining worker tasks again (the way back for a drained static worker)."""
         body = await self._call("POST", f"/api/v1/workers/{worker_id}/undrain")
+        return body if isinstance(body, dict) else {}
+
+    async def models(self) -> dict[str, Any]:
+        """The host's model cache and the pools' manifests (``GET /api/v1/models``, docs/models.md)."""
+        body = await self._call("GET", "/api/v1/models")
         return body if isinstance(body, dict) else {}
 
     async def queue_metrics(self) -> dict[str, Any]:

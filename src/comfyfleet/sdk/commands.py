@@ -33,6 +33,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSO
 
 tasks_app = typer.Typer(help="List, show, cancel and re-prioritise tasks.", no_args_is_help=True)
 workers_app = typer.Typer(help="List, drain and undrain workers.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Model files on the fleet's hosts and workers (models on demand).", no_args_is_help=True
+)
 
 
 def submit(
@@ -186,6 +189,17 @@ def workers_undrain(
     run_workers_undrain(worker_id, server=server, api_key=api_key)
 
 
+@models_app.command("list")
+def models_list(
+    as_json: JsonOption = False, server: ServerOption = None, api_key: ApiKeyOption = None
+) -> None:
+    """List the model files of each host's cache (size, pinned, names, workers linked, downloads in progress)
+    and each pool's manifest with the state of every worker's copy."""
+    from comfyfleet.sdk.models_console import run_models_list
+
+    run_models_list(as_json=as_json, server=server, api_key=api_key)
+
+
 def queue(as_json: JsonOption = False, server: ServerOption = None, api_key: ApiKeyOption = None) -> None:
     """Show the queue: tasks per status and the age of the oldest pending one."""
     from comfyfleet.sdk.console import run_queue
@@ -214,4 +228,5 @@ def register(app: typer.Typer) -> None:
     app.command("validate")(validate)
     app.add_typer(tasks_app, name="tasks")
     app.add_typer(workers_app, name="workers")
+    app.add_typer(models_app, name="models")
     app.command("queue")(queue)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +30,16 @@ class ProviderContext:
     """What every provider gets besides its pool. ``installation`` (the store's ``installation_id``) is stamped
     on every instance the provider creates, and ``list_ours`` answers only instances carrying it; ``namespace``
     goes in labels and names too; ``state_dir`` is where to keep files; ``workers_dir`` is where each worker's
-    own folder is made (its models folder and ``extra_model_paths.yaml``, see ``comfyfleet.models.links``)."""
+    own folder is made (its models folder and ``extra_model_paths.yaml``, see ``comfyfleet.models.links``);
+    ``cache_dir`` is the host's model cache (mounted into containers); ``worker_token`` makes the token a
+    worker's companion pulls model files with (None without a model service)."""
 
     installation: str
     namespace: str = "comfyfleet"
     state_dir: Path = Path("comfyfleet-workers")
     workers_dir: Path = Path("comfyfleet-models/workers")
+    cache_dir: Path = Path("comfyfleet-models/cache")
+    worker_token: Callable[[str], str] | None = None
 
 
 def build_provider(pool: PoolConfig, context: ProviderContext) -> Provider:

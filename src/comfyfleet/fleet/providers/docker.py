@@ -10,20 +10,35 @@
 - ``init=True`` so ComfyUI (PID 1 otherwise) stops on SIGTERM at once; GPUs via ``device_requests``; model
   volumes; an optional network; the image is never pulled unless ``pull: true`` (a missing image is a clear
   error, not a silent download of gigabytes).
+- Model files (docs/models.md, "Providers"), by ``models``:
+  - ``mount`` (default): each worker's own folder (``<workers_dir>/<worker_id>``: ``models/`` and its
+    ``extra_model_paths.yaml``) and the host's model cache are bind-mounted read-only *at the same paths* as on
+    the host, so the folder's hard links (or, across file systems, symbolic links into the cache) and the paths
+    in the yaml are valid inside as they are (of the cache, only ``sha256/``, the verified files). comfyfleet fills the folder while the container boots (the pool's
+    manifest) and before a task's prompt (its own models); ComfyUI re-reads it. Needs the engine on this host.
+  - ``companion``: nothing of the host is mounted; ``comfyfleet companion`` in the image pulls the manifest's
+    files from the control plane (``control_plane_url``, the worker's token, verified) before ComfyUI starts.
+    Tasks bringing their own models are not placed on these workers.
+  - ``none``: neither; the image or ``volumes`` hold the files.
+  The command may name the folder inside the container: ``{models_dir}``, ``{extra_model_paths}``.
 - Every SDK call blocks, so each runs in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from comfyfleet.fleet.errors import FleetClosed, ProviderRejected, ProviderUnavailable
 from comfyfleet.fleet.providers.base import Instance, InstanceState, ProviderHandle, parse_pool_settings
+from comfyfleet.models.links import worker_paths
 
 try:
     import docker
@@ -84,6 +99,36 @@ class DockerSettings(BaseModel):
     stop_timeout_s: int = Field(default=10, ge=0)
     docker_host: str | None = None  # default: DOCKER_HOST / the local socket
     engine_timeout_s: float = Field(default=60.0, gt=0)
+    models: Literal["mount", "companion", "none"] = "mount"  # how model files reach the containers
+    control_plane_url: str | None = None  # companion: the control plane's URL as the containers reach it
+    companion_dir: str = "/opt/comfyfleet-models"  # companion: its folder inside the container
+
+    @model_validator(mode="after")
+    def _companion_needs_a_url(self) -> DockerSettings:
+        if self.models == "companion" and not self.control_plane_url:
+            raise ValueError(
+                "models: companion needs control_plane_url (the control plane as containers reach it)"
+            )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerModels:
+    volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    placeholders: dict[str, str] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+
+
+def _with_placeholders(command: str | list[str], values: dict[str, str]) -> str | list[str]:
+    """``{models_dir}`` and ``{extra_model_paths}`` replaced; any other brace is left to the command."""
+
+    def fill(part: str) -> str:
+        for name, value in values.items():
+            part = part.replace("{" + name + "}", value)
+        return part
+
+    return fill(command) if isinstance(command, str) else [fill(part) for part in command]
 
 
 class DockerProvider:
@@ -94,6 +139,8 @@ class DockerProvider:
         self.settings = parse_pool_settings(DockerSettings, pool)
         self._namespace = context.namespace
         self._installation = context.installation
+        self._context = context
+        self._manifest = [spec.model_dump() for spec in pool.models]
         self._client: docker.DockerClient | None = None
 
     async def __aenter__(self) -> Self:
@@ -170,21 +217,30 @@ class DockerProvider:
         if settings.pull:
             await self._call(lambda: client.images.pull(settings.image))
         port_key = f"{settings.port}/tcp"
+        models = await asyncio.to_thread(self._model_files, worker_id)
         options: dict[str, Any] = {
             "name": self.container_name(worker_id),
             "labels": self._labels(worker_id),
-            "environment": {**settings.env, "COMFYFLEET_WORKER_ID": worker_id, "COMFYFLEET_POOL": self.pool},
+            "environment": {
+                **settings.env,
+                **models.env,
+                "COMFYFLEET_WORKER_ID": worker_id,
+                "COMFYFLEET_POOL": self.pool,
+            },
             "ports": {port_key: (settings.host_ip, None)},
             "init": True,
             "detach": True,
             "volumes": {
-                mount.source: {"bind": mount.target, "mode": "ro" if mount.read_only else "rw"}
-                for mount in settings.volumes
+                **models.volumes,
+                **{
+                    mount.source: {"bind": mount.target, "mode": "ro" if mount.read_only else "rw"}
+                    for mount in settings.volumes
+                },
             },
             "stop_signal": "SIGTERM",
         }
         if settings.command is not None:
-            options["command"] = settings.command
+            options["command"] = _with_placeholders(settings.command, models.placeholders)
         if settings.network:
             options["network"] = settings.network
         if (requests := self._device_requests()) is not None:
@@ -203,7 +259,50 @@ class DockerProvider:
             await asyncio.shield(self._remove_quietly(container.id))
             raise
         return ProviderHandle(
-            container.id, endpoint=self._endpoint(container.attrs), info={"container_name": container.name}
+            container.id,
+            endpoint=self._endpoint(container.attrs),
+            info={"container_name": container.name, **models.info},
+        )
+
+    def _model_files(self, worker_id: str) -> ContainerModels:
+        """The mounts, variables, placeholders and worker info of ``settings.models`` for one worker."""
+        mode = self.settings.models
+        if mode == "none":
+            return ContainerModels()
+        if mode == "companion":
+            token = self._context.worker_token
+            if token is None:
+                raise ProviderRejected(
+                    f"docker pool {self.pool!r}: models: companion needs the model service"
+                )
+            url = str(self.settings.control_plane_url).rstrip("/")
+            manifest = [
+                {**spec, "url": f"{url}/api/v1/models/blobs/{spec['sha256']}"} for spec in self._manifest
+            ]
+            inside = PurePosixPath(self.settings.companion_dir)
+            env = {
+                "COMFYFLEET_COMPANION_URL": url,
+                "COMFYFLEET_COMPANION_TOKEN": token(worker_id),
+                "COMFYFLEET_COMPANION_MANIFEST": json.dumps(manifest),
+                "COMFYFLEET_COMPANION_DIR": str(inside),
+            }
+            paths = {
+                "models_dir": str(inside / "models"),
+                "extra_model_paths": str(inside / "extra_model_paths.yaml"),
+            }
+            return ContainerModels(env=env, placeholders=paths, info={"models_via": "companion"})
+        folder = worker_paths(self._context.workers_dir, worker_id)
+        cache = self._context.cache_dir.absolute() / "sha256"  # the verified files only, not the token secret
+        cache.mkdir(parents=True, exist_ok=True)
+        paths = {"models_dir": str(folder.models_dir), "extra_model_paths": str(folder.extra_model_paths)}
+        return ContainerModels(
+            volumes={str(p): {"bind": str(p), "mode": "ro"} for p in (folder.root, cache)},
+            env={
+                "COMFYFLEET_MODELS_DIR": paths["models_dir"],
+                "COMFYFLEET_EXTRA_MODEL_PATHS": paths["extra_model_paths"],
+            },
+            placeholders=paths,
+            info={"models_dir": paths["models_dir"]},
         )
 
     async def _remove_quietly(self, container_id: str | None) -> None:
