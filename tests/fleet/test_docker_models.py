@@ -184,3 +184,13 @@ async def test_docker_workers_get_the_pool_manifest_once_per_host(
 
             await _until(all_completed, "the tasks using the manifest's checkpoint complete")
         assert files.requests[CHECKPOINT] == 1
+
+
+def test_companion_mode_without_a_control_plane_url_is_a_clear_config_error() -> None:
+    from comfyfleet.config import PoolConfig
+    from comfyfleet.fleet.errors import FleetConfigError
+    from comfyfleet.fleet.providers import ProviderContext, build_provider
+
+    pool = PoolConfig(name="dock", provider="docker", settings={"image": "any", "models": "companion"})
+    with pytest.raises(FleetConfigError, match="models: companion needs control_plane_url"):
+        build_provider(pool, ProviderContext(installation="x"))
