@@ -13,7 +13,7 @@ import yaml
 from file_server import FileServer, sha256
 
 from comfyfleet.config import ModelSettings
-from comfyfleet.models import ModelPolicy, ModelRejected, ModelSpec, ModelUnavailable
+from comfyfleet.models import ModelFetchExhausted, ModelPolicy, ModelRejected, ModelSpec, ModelUnavailable
 from comfyfleet.models.service import ModelService
 
 LOOPBACK = ModelPolicy(allow_private=True)
@@ -145,3 +145,17 @@ async def test_the_cache_is_checked_at_start(model_settings: ModelSettings, file
     async with ModelService(model_settings) as models:
         assert models.on_host(kept.name)
         assert not models.on_host(spoiled.name)
+
+
+async def test_a_download_that_outlasts_its_retries_fails_but_keeps_its_bytes_for_a_resume(
+    model_settings: ModelSettings, file_server: FileServer
+) -> None:
+    data = os.urandom(500_000)
+    model = spec(file_server, "flaky.safetensors", data)
+    file_server.cut_after["flaky.safetensors"] = 200_000
+    async with ModelService(model_settings.model_copy(update={"fetch_attempts": 1})) as models:
+        with pytest.raises(ModelFetchExhausted, match="gave up after 1 tries"):
+            await models.ensure(model, LOOPBACK)
+        assert cache_entries(models.cache.root) == [f"partial/{model.sha256}.part"]
+        assert (await models.ensure(model, LOOPBACK)).read_bytes() == data
+    assert file_server.ranges["flaky.safetensors"] == [None, "bytes=200000-"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,11 @@ async def test_tasks_bring_their_own_loras_and_each_is_fetched_once(
             await asyncio.to_thread(file_server.holding.wait, 30)
             task = await svc.task(first)
             assert (task["status"], task["phase"]) == ("running", "fetching_models")
+
+            async def shown() -> bool:  # the dashboard's task page says so too
+                return "fetching models 0/1" in (await svc.http.get(f"/tasks/{first}")).text
+
+            await eventually(shown, within=10.0)
             file_server.release.set()
             seen = await _progress_event(events)
         assert seen["models"]["files"] == 1
@@ -203,3 +209,42 @@ async def test_model_files_that_can_never_be_had_are_refused_at_the_door(
         assert expected in body["message"]
         assert body["details"]["errors"][0]["loc"] == loc
     assert sum(file_server.requests.values()) == 0
+
+
+def safetensors_file(values: list[float]) -> bytes:
+    """A real (tiny) safetensors file: Comfy API v2 checks the header of an uploaded model."""
+    data = struct.pack(f"<{len(values)}f", *values)
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [len(values)], "data_offsets": [0, len(data)]}}
+    ).encode()
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@pytest.mark.slow
+async def test_a_task_brings_a_model_uploaded_through_comfy_api_v2(
+    tmp_path: Path, file_server: FileServer
+) -> None:
+    manifest = checkpoint(file_server)
+    data = safetensors_file([0.5, 0.25, 0.125])
+    async with service(service_settings(tmp_path, [pool(manifest, min_workers=1, max_workers=1)])) as svc:
+        uploaded = await svc.http.post(
+            "/api/v2/assets",
+            data={"content_type": "application/octet-stream", "file_path": "models/loras/mine.safetensors"},
+            files={"file": ("mine.safetensors", data, "application/octet-stream")},
+        )
+        assert uploaded.status_code in (200, 201), uploaded.text
+        spec = {
+            "url": f"asset://{sha256(data)}",
+            "sha256": sha256(data),
+            "folder": "loras",
+            "name": "mine.safetensors",
+        }
+        response = await svc.submit(
+            {"payload": model_graph("base.safetensors", "mine.safetensors"), "models": [spec]}
+        )
+        assert response.status_code == 201, response.text
+        task = await svc.ended(response.json()["id"])
+        assert task["status"] == "completed", task
+        [worker] = await _ready(svc, 1) or []
+        placed = Path(worker["info"]["models_dir"]) / "loras" / "mine.safetensors"
+        assert placed.read_bytes() == data

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from file_server import FileServer, sha256
-from models_helpers import eventually, pool, service, service_settings
+from models_helpers import eventually, model_graph, pool, service, service_settings
 
 from comfyfleet import AsyncClient
 
@@ -45,6 +45,13 @@ async def test_the_models_are_shown_by_the_api_sdk_cli_dashboard_and_metrics(
         base_url = str(svc.http.base_url)
         async with AsyncClient(base_url) as client:
             assert (await client.models())["hosts"] == listing["hosts"]  # type: ignore[index]
+            lora = os.urandom(10_000)
+            file_server.files["sdk.safetensors"] = lora
+            spec = {"url": file_server.url("sdk.safetensors"), "sha256": sha256(lora), "folder": "loras"}
+            graph = model_graph("base.safetensors", "sdk.safetensors")
+            task = await client.submit(graph, models=[spec], wait=30)
+            assert task.status == "completed", task.raw
+            assert task.raw["models"][0]["name"] == "sdk.safetensors"
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

@@ -10,6 +10,7 @@ the fleet, the dispatcher and the API use).
 from comfyfleet.models.spec import (
     DEFAULT_MODEL_FOLDERS,
     ModelFetchError,
+    ModelFetchExhausted,
     ModelPolicy,
     ModelRejected,
     ModelsError,
@@ -21,6 +22,7 @@ from comfyfleet.models.spec import (
 __all__ = [
     "DEFAULT_MODEL_FOLDERS",
     "ModelFetchError",
+    "ModelFetchExhausted",
     "ModelPolicy",
     "ModelRejected",
     "ModelSpec",

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from comfyfleet import metrics
 from comfyfleet.models.sources import PartFile, Progress
-from comfyfleet.models.spec import ModelUnavailable
+from comfyfleet.models.spec import ModelFetchExhausted, ModelUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,20 @@ class ModelCache:
             self.make_room(size_hint)
             part = PartFile(self.part_path(sha256))
             await asyncio.to_thread(part.open)
-            started = time.monotonic()
-            resumed_at = part.size
-            await fill(part, lambda done, total: self._report(sha256, done, total))
-            digest = await asyncio.to_thread(part.seal)
+            try:
+                started = time.monotonic()
+                resumed_at = part.size
+                await fill(part, self._reporter(sha256))
+                digest = await asyncio.to_thread(part.seal)
+            except ModelFetchExhausted:
+                raise  # what was fetched stays for a resume
+            except ModelUnavailable:
+                part.path.unlink(missing_ok=True)  # this source will not complete it
+                raise
+            finally:
+                part.close()
+                if part.size == 0:
+                    part.path.unlink(missing_ok=True)
             if digest != sha256:
                 part.path.unlink(missing_ok=True)
                 raise ModelUnavailable(
@@ -205,6 +215,20 @@ class ModelCache:
             logger.info("model_cached sha256=%s bytes=%d resumed_at=%d", sha256, part.size, resumed_at)
             self.make_room(0)
             return final
+
+    def _reporter(self, sha256: str) -> Progress:
+        """Progress for the listeners of ``sha256``; the first time the total is known, room is made for the
+        whole file, so the cache stays within its budget while it streams in."""
+        room_made = False
+
+        def report(done: int, total: int | None) -> None:
+            nonlocal room_made
+            if not room_made and total is not None:
+                room_made = True
+                self.make_room(total)
+            self._report(sha256, done, total)
+
+        return report
 
     @contextlib.asynccontextmanager
     async def _host_lock(self, sha256: str) -> AsyncIterator[None]:

@@ -35,7 +35,13 @@ from comfyfleet.models.sources import (
     S3Source,
     Source,
 )
-from comfyfleet.models.spec import ModelFetchError, ModelPolicy, ModelRejected, ModelSpec, ModelUnavailable
+from comfyfleet.models.spec import (
+    ModelFetchError,
+    ModelFetchExhausted,
+    ModelPolicy,
+    ModelRejected,
+    ModelSpec,
+)
 from comfyfleet.net import UnsafeAddress, pin_public_address
 
 if TYPE_CHECKING:
@@ -88,21 +94,21 @@ class ModelService:
 
     # -- at the door ------------------------------------------------------------------------------------------
 
-    async def check_request(self, specs: Iterable[ModelSpec], policy: ModelPolicy) -> None:
+    async def check_request(self, specs: list[ModelSpec], policy: ModelPolicy) -> None:
         """Refuse (:class:`ModelRejected`) what can never be fetched under ``policy``: a pickle format it does
         not allow, a URL whose host is not public when it allows none, two files under one name."""
         seen: dict[str, str] = {}
-        for spec in specs:
-            policy.check_format(spec)
+        for index, spec in enumerate(specs):
+            policy.check_format(spec, index)
             if seen.setdefault(spec.path, spec.sha256) != spec.sha256:
-                raise ModelRejected(f"model {spec.path} is named twice with different sha256")
+                raise ModelRejected(f"model {spec.path} is named twice with different sha256", index)
             if spec.url.startswith(("http://", "https://")) and not self.cache.holds(spec.sha256):
                 try:
                     await pin_public_address(
                         spec.url, allow_private=policy.allow_private, label="model URL", hint=PRIVATE_HINT
                     )
                 except UnsafeAddress as exc:
-                    raise ModelRejected(str(exc)) from exc
+                    raise ModelRejected(str(exc), index) from exc
 
     # -- fetching and linking ---------------------------------------------------------------------------------
 
@@ -141,7 +147,7 @@ class ModelService:
                         )
                     await source.fill(spec, part, allow_private=policy.allow_private, progress=tracked)
         except ModelFetchError as exc:
-            raise ModelUnavailable(
+            raise ModelFetchExhausted(
                 f"model {spec.path}: gave up after {self.settings.fetch_attempts} tries: {exc}"
             ) from exc
         finally:

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -37,41 +37,53 @@ Progress = Callable[[int, int | None], None]  # bytes so far, total when known
 
 class PartFile:
     """A download in progress: ``<cache>/partial/<sha256>.part``, with the sha256 of what it holds so far, so
-    a resumed download is verified as a whole without reading the file twice."""
+    a resumed download is verified as a whole without reading the file twice. Open from :meth:`open` to
+    :meth:`close`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._hash = hashlib.sha256()
         self.size = 0
-        self._file: object = None
+        self._file: BinaryIO | None = None
 
     def open(self) -> None:
         """Hash what an earlier try left, and append from there."""
+        self._file = self.path.open("a+b")
+        self._file.seek(0)
         self._hash = hashlib.sha256()
-        self.size = 0
-        if self.path.exists():
-            with self.path.open("rb") as existing:
-                while chunk := existing.read(1024 * 1024):
-                    self._hash.update(chunk)
-                    self.size += len(chunk)
+        while chunk := self._file.read(1024 * 1024):
+            self._hash.update(chunk)
+        self.size = self._file.tell()
+
+    def _handle(self) -> BinaryIO:
+        if self._file is None:
+            raise ValueError(f"{self.path} is not open")
+        return self._file
 
     def restart(self) -> None:
         """The source cannot resume: drop what was there."""
-        self.path.write_bytes(b"")
+        handle = self._handle()
+        handle.seek(0)
+        handle.truncate()
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        with self.path.open("ab") as out:
-            out.write(chunk)
+        self._handle().write(chunk)
         self._hash.update(chunk)
         self.size += len(chunk)
 
     def seal(self) -> str:
         """Flush to disk and return the sha256 (hex) of the whole file."""
-        with self.path.open("rb") as done:
-            os.fsync(done.fileno())
+        handle = self._handle()
+        handle.flush()
+        os.fsync(handle.fileno())
         return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class Source(Protocol):

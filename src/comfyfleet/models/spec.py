@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # ComfyUI's model folders comfyfleet may put files in (``models/<folder>/<name>``). Not ``configs``
 # (arbitrary YAML) nor ``custom_nodes`` (arbitrary Python), though ComfyUI has folders of those names.
@@ -50,11 +50,20 @@ class ModelsError(Exception):
 
 
 class ModelRejected(ModelsError):
-    """A spec that can never be fetched as given (bad hash, format, folder, name or address): fix the request."""
+    """A spec that can never be fetched as given (bad hash, format, folder, name or address): fix the request.
+    ``index``: the position of the spec at fault in the list checked, when there was a list."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class ModelUnavailable(ModelsError):
     """The file could not be had, for good: 404, wrong sha256, too large, refused address. Not retried."""
+
+
+class ModelFetchExhausted(ModelUnavailable):
+    """Transient failures outlasted the retries: the task fails, but what was fetched is kept for a resume."""
 
 
 class ModelFetchError(ModelsError):
@@ -145,11 +154,12 @@ class ModelPolicy:
     allow_pickle: bool = False
     allow_private: bool = False
 
-    def check_format(self, spec: ModelSpec) -> None:
+    def check_format(self, spec: ModelSpec, index: int | None = None) -> None:
         if spec.pickled and not self.allow_pickle:
             raise ModelRejected(
                 f"model {spec.path}: pickle formats ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded; "
-                f"use {', '.join(SAFE_SUFFIXES)} or set allow_pickle_models on the pool"
+                f"use {', '.join(SAFE_SUFFIXES)} or set allow_pickle_models on the pool",
+                index,
             )
 
     @classmethod
@@ -165,8 +175,6 @@ class ModelPolicy:
 
 def parse_specs(raw: Any) -> list[ModelSpec]:
     """A submission's ``models`` list as specs; :class:`ModelRejected` with the position of the first bad one."""
-    from pydantic import ValidationError
-
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -179,5 +187,5 @@ def parse_specs(raw: Any) -> list[ModelSpec]:
             problem = exc.errors()[0]
             where = ".".join(str(part) for part in problem["loc"])
             message = str(problem["msg"]).removeprefix("Value error, ")
-            raise ModelRejected(f"models[{index}]{'.' + where if where else ''}: {message}") from None
+            raise ModelRejected(f"models[{index}]{'.' + where if where else ''}: {message}", index) from None
     return specs

@@ -145,12 +145,14 @@ def submission(
     metadata: Mapping[str, Any] | None,
     max_retries: int | None,
     timeout_s: float | None,
+    models: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"payload": dict(workflow), "priority": priority}
     optional: dict[str, Any] = {
         "workflow_id": workflow_id,
         "pool": pool,
         "inputs": encode_inputs(inputs),
+        "models": [dict(spec) for spec in models] if models is not None else None,
         "webhook": {"url": webhook} if isinstance(webhook, str) else (dict(webhook) if webhook else None),
         "metadata": dict(metadata) if metadata is not None else None,
         "max_retries": max_retries,

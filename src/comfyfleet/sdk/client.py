@@ -90,6 +90,7 @@ class AsyncClient:
         workflow_id: str | None = None,
         pool: str | None = None,
         inputs: InputFiles | None = None,
+        models: Sequence[Mapping[str, Any]] | None = None,
         webhook: str | Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         max_retries: int | None = None,
@@ -98,7 +99,8 @@ class AsyncClient:
         wait: float | None = None,
     ) -> Task:
         """Queue ``workflow`` (an API-format graph). ``inputs`` maps a file name used in the graph (e.g.
-        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
+        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker. ``models``:
+        model files the task brings (``{url, sha256, folder, name}``, docs/models.md).
         ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
             workflow,
@@ -106,6 +108,7 @@ class AsyncClient:
             workflow_id=workflow_id,
             pool=pool,
             inputs=inputs,
+            models=models,
             webhook=webhook,
             metadata=metadata,
             max_retries=max_retries,
@@ -342,6 +345,7 @@ class Client:
         workflow_id: str | None = None,
         pool: str | None = None,
         inputs: InputFiles | None = None,
+        models: Sequence[Mapping[str, Any]] | None = None,
         webhook: str | Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         max_retries: int | None = None,
@@ -350,7 +354,8 @@ class Client:
         wait: float | None = None,
     ) -> Task:
         """Queue ``workflow`` (an API-format graph). ``inputs`` maps a file name used in the graph (e.g.
-        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker.
+        ``LoadImage.image``) to a path, bytes or an http(s) URL; the file is placed on the worker. ``models``:
+        model files the task brings (``{url, sha256, folder, name}``, docs/models.md).
         ``wait``: let the server answer only when the task ended, or after that many seconds."""
         body = _core.submission(
             workflow,
@@ -358,6 +363,7 @@ class Client:
             workflow_id=workflow_id,
             pool=pool,
             inputs=inputs,
+            models=models,
             webhook=webhook,
             metadata=metadata,
             max_retries=max_retries,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from comfyfleet.models import ModelPolicy, ModelRejected, ModelSpec, parse_specs
+from comfyfleet.models import ModelPolicy, ModelRejected, parse_specs
 from comfyfleet.tasks.errors import Problem, Rejected
 
 if TYPE_CHECKING:
@@ -38,28 +38,12 @@ async def check_models(
         return None
     try:
         specs = parse_specs(raw)
+        if service is None:
+            for index, spec in enumerate(specs):
+                policy.check_format(spec, index)
+        else:
+            await service.check_request(specs, policy)
     except ModelRejected as exc:
-        raise _rejected(exc, _index_in(str(exc))) from None
-    for index, spec in enumerate(specs):
-        try:
-            if service is None:
-                policy.check_format(spec)
-            else:
-                await service.check_request([*specs[:index], spec], policy)
-        except ModelRejected as exc:
-            raise _rejected(exc, index) from None
-    return [_stored(spec) for spec in specs]
-
-
-def _stored(spec: ModelSpec) -> dict[str, Any]:
-    return spec.model_dump()
-
-
-def _index_in(message: str) -> int:
-    head = message.removeprefix("models[").partition("]")[0]
-    return int(head) if head.isdigit() else 0
-
-
-def _rejected(exc: ModelRejected, index: int) -> Rejected:
-    message = str(exc)
-    return Rejected(CODE, message, [Problem(("models", index), message, CODE)])
+        message = str(exc)
+        raise Rejected(CODE, message, [Problem(("models", exc.index or 0), message, CODE)]) from None
+    return [spec.model_dump() for spec in specs]
