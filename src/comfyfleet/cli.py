@@ -329,8 +329,10 @@ def companion(
     if command:
         values = {"models_dir": str(paths.models_dir), "extra_model_paths": str(paths.extra_model_paths)}
         argv = [part.format_map(values) if "{" in part else part for part in command]
+        # ComfyUI runs custom nodes: it gets no token (the companion needs it no more).
+        env = {name: value for name, value in os.environ.items() if name != "COMFYFLEET_COMPANION_TOKEN"}
         try:
-            os.execvp(argv[0], argv)  # ComfyUI takes this process over (and its PID under tini)
+            os.execvpe(argv[0], argv, env)  # ComfyUI takes this process over (and its PID under tini)
         except OSError as exc:
             raise _fail(f"cannot run {argv[0]!r}: {exc.strerror or exc}", code=1) from None
 

@@ -10,7 +10,7 @@ import importlib.util
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,22 @@ def _mounts(worker_id: str) -> list[dict[str, Any]]:
         found = client.api.containers(all=True, filters={"label": f"comfyfleet.worker-id={worker_id}"})
         mounts: list[dict[str, Any]] = client.api.inspect_container(found[0]["Id"])["Mounts"]
         return mounts
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def containers_removed(namespace: str) -> Iterator[None]:
+    """This test's containers are removed after it (they outlive the control plane by design)."""
+    yield
+    import docker
+
+    client = docker.from_env()
+    try:
+        for container in client.api.containers(
+            all=True, filters={"label": f"comfyfleet.namespace={namespace}"}
+        ):
+            client.api.remove_container(container["Id"], force=True)
     finally:
         client.close()
 
@@ -117,6 +133,7 @@ def _checkpoint_task(seed: int) -> dict[str, Any]:
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mount", "companion"])
+@pytest.mark.usefixtures("containers_removed")
 async def test_docker_workers_get_the_pool_manifest_once_per_host(
     tmp_path: Path, namespace: str, mode: str
 ) -> None:
@@ -184,3 +201,13 @@ async def test_docker_workers_get_the_pool_manifest_once_per_host(
 
             await _until(all_completed, "the tasks using the manifest's checkpoint complete")
         assert files.requests[CHECKPOINT] == 1
+
+
+def test_companion_mode_without_a_control_plane_url_is_a_clear_config_error() -> None:
+    from comfyfleet.config import PoolConfig
+    from comfyfleet.fleet.errors import FleetConfigError
+    from comfyfleet.fleet.providers import ProviderContext, build_provider
+
+    pool = PoolConfig(name="dock", provider="docker", settings={"image": "any", "models": "companion"})
+    with pytest.raises(FleetConfigError, match="models: companion needs control_plane_url"):
+        build_provider(pool, ProviderContext(installation="x"))

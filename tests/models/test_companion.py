@@ -116,7 +116,10 @@ async def test_the_command_runs_once_the_files_are_in_place(
         "COMFYFLEET_COMPANION_MANIFEST": manifest,
         "COMFYFLEET_COMPANION_DIR": str(tmp_path / "exec"),
     }
-    show = "import os,sys; print(sorted(os.listdir(sys.argv[1] + '/checkpoints')), open(sys.argv[2]).read())"
+    show = (
+        "import os,sys; print(sorted(os.listdir(sys.argv[1] + '/checkpoints')), open(sys.argv[2]).read(),"
+        " 'token:', os.environ.get('COMFYFLEET_COMPANION_TOKEN'))"
+    )
     command = [sys.executable, "-m", "comfyfleet", "companion", "--", sys.executable, "-c", show, "{models_dir}",
                "{extra_model_paths}"]  # fmt: skip
     result = await asyncio.to_thread(
@@ -125,6 +128,9 @@ async def test_the_command_runs_once_the_files_are_in_place(
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("['base.safetensors']")
     assert str(tmp_path / "exec" / "models") in result.stdout
+    assert result.stdout.rstrip().endswith(
+        "token: None"
+    )  # ComfyUI (and its custom nodes) never see the token
     assert env["COMFYFLEET_COMPANION_TOKEN"] not in result.stderr  # no secret in its log
 
     bad = await asyncio.to_thread(
