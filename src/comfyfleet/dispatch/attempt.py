@@ -36,8 +36,6 @@ from comfyfleet.store import StaleLease, StoreError
 logger = logging.getLogger(__name__)
 
 _PROGRESS_WRITE_INTERVAL_S = 0.5
-# Ended prompts deleted from a worker's history together (ComfyUI keeps 10,000 by default).
-_FORGET_BATCH = 16
 
 
 @dataclass(slots=True)
@@ -49,7 +47,6 @@ class WorkerSlot:
     attempts: dict[str, Attempt] = field(default_factory=dict)
     recent_models: list[str] = field(default_factory=list)
     retiring: bool = False  # no longer offered by the fleet: gets no new prompts, finishes what it has
-    ended_prompts: list[str] = field(default_factory=list)  # recorded, still in the worker's history
 
 
 class Attempt:
@@ -293,16 +290,10 @@ class Attempt:
             await self._forget_prompt()
 
     async def _forget_prompt(self) -> None:
-        """Keep long-lived workers small: the result is ours now (and already answered). Deleted from the
-        worker's history a batch at a time, one request for many prompts."""
-        ended = self.slot.ended_prompts
+        """Keep long-lived workers small: the result is ours now (and already answered)."""
         if self.prompt_id:
-            ended.append(self.prompt_id)
-        if len(ended) >= _FORGET_BATCH:
-            batch = ended[:]
-            ended.clear()
             with contextlib.suppress(ComfyError):
-                await self.slot.client.delete_history(batch)
+                await self.slot.client.delete_history([self.prompt_id])
 
     async def _complete(self, outcome: PromptOutcome, progress: dict[str, Any] | None) -> None:
         task, slot, ctx = self.task, self.slot, self.ctx
