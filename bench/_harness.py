@@ -83,8 +83,11 @@ def emulator_processes(count: int, *args: str) -> Iterator[list[Process]]:
 
 
 @contextlib.contextmanager
-def service_process(config: dict[str, Any], *, expect_workers: int) -> Iterator[Process]:
-    """``comfyfleet serve`` with this config (a temporary SQLite store unless the config names one)."""
+def service_process(
+    config: dict[str, Any], *, expect_workers: int, python: str = PYTHON
+) -> Iterator[Process]:
+    """``comfyfleet serve`` with this config (a temporary SQLite store unless the config names one), run by
+    ``python`` (another checkout's interpreter measures that version side by side)."""
     with tempfile.TemporaryDirectory(prefix="comfyfleet-bench-") as workdir:
         port = free_port()
         config = {"store": f"sqlite:///{workdir}/bench.db", "outputs": f"{workdir}/outputs", **config}
@@ -93,7 +96,7 @@ def service_process(config: dict[str, Any], *, expect_workers: int) -> Iterator[
         log = (Path(workdir) / "serve.log").open("wb")
         popen = subprocess.Popen(
             [
-                PYTHON,
+                python,
                 "-m",
                 "comfyfleet",
                 "serve",

@@ -13,7 +13,7 @@ throughput with 1 and with 4 workers (direct over 4 workers is the sum of each s
 comfyfleet's CPU seconds per task (``psutil`` on the ``serve`` process) and the workers' CPU per task, the
 dispatch timings from the server's own timestamps, and every figure's ratio to direct.
 
-    .venv/bin/python bench/overhead.py [--quick] [--comfyui URL ...]
+    .venv/bin/python bench/overhead.py [--quick] [--comfyui URL ...] [--baseline OTHER/.venv/bin/python]
 
 Without ``--comfyui`` it starts emulators (one process each); with it, the 1-worker figures use the first
 URL and the 4-worker figures need four (or are skipped).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -39,7 +40,7 @@ import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import emulator_processes, parse_time, percentile, service_process
+from _harness import PYTHON, emulator_processes, parse_time, percentile, service_process
 
 TARGETS = {
     "p50": 1.3,
@@ -139,6 +140,7 @@ class Side:
 
     name: str
     make: Callable[[int], Client]  # runner number -> a client
+    server_pid: int | None = None  # the comfyfleet serving it (None: direct)
     latencies: list[float] = field(default_factory=list)
     tasks: list[dict[str, Any]] = field(default_factory=list)
     done: dict[int, int] = field(default_factory=dict)  # workers -> tasks completed in the saturated runs
@@ -178,12 +180,13 @@ async def latency_round(sides: list[Side], runs: int, warmup: int, rng: random.R
 
 
 async def saturate(
-    side: Side, workers: int, concurrency: int, seconds: float, cpu_of: Callable[[], tuple[float, float]]
+    side: Side, workers: int, concurrency: int, seconds: float, worker_pids: list[int]
 ) -> None:
     clients = await opened([side.make(n) for n in range(concurrency)])
     rng = random.Random(workers)
     count = 0
     stop_at = time.perf_counter() + seconds
+    server_pids = [side.server_pid] if side.server_pid else []
 
     async def loop(client: Client) -> None:
         nonlocal count
@@ -192,11 +195,11 @@ async def saturate(
             count += 1
 
     try:
-        server_before, workers_before = cpu_of()
+        server_before, workers_before = cpu_s(server_pids), cpu_s(worker_pids)
         started = time.perf_counter()
         await asyncio.gather(*(loop(client) for client in clients))
         elapsed = time.perf_counter() - started
-        server_after, workers_after = cpu_of()
+        server_after, workers_after = cpu_s(server_pids), cpu_s(worker_pids)
     finally:
         await asyncio.gather(*(client.close() for client in clients))
     side.done[workers] = side.done.get(workers, 0) + count
@@ -210,18 +213,18 @@ def pool_config(urls: list[str]) -> dict[str, Any]:
 
 
 async def measure(urls: list[str], worker_pids: list[int], args: argparse.Namespace) -> list[Side]:
-    """Every figure for one set of workers (1 or 4) through one ``serve``."""
+    """Every figure for one set of workers (1 or 4) through one ``serve`` (and the baseline's, if given)."""
     workers = len(urls)
-    with service_process(pool_config(urls), expect_workers=workers) as service:
-        serve_pid = service.popen.pid
-
-        def cpu_of() -> tuple[float, float]:
-            return cpu_s([serve_pid]), cpu_s(worker_pids)
-
-        direct = Side("direct", lambda n: ComfyProtocol(urls[n % workers]))
-        rest = Side("REST", lambda n: Rest(service.url))
-        gateway = Side("gateway", lambda n: ComfyProtocol(service.url))
-        sides = [direct, rest, gateway]
+    versions = [("", PYTHON)] + ([(" (base)", args.baseline)] if args.baseline else [])
+    with contextlib.ExitStack() as stack:
+        sides = [Side("direct", lambda n: ComfyProtocol(urls[n % workers]))]
+        for suffix, python in versions:
+            service = stack.enter_context(
+                service_process(pool_config(urls), expect_workers=workers, python=python)
+            )
+            url, pid = service.url, service.popen.pid
+            sides.append(Side("REST" + suffix, lambda n, url=url: Rest(url), pid))
+            sides.append(Side("gateway" + suffix, lambda n, url=url: ComfyProtocol(url), pid))
         rng = random.Random(11)
         if workers == 1:
             await latency_round(sides, args.runs, args.warmup, rng)
@@ -229,7 +232,7 @@ async def measure(urls: list[str], worker_pids: list[int], args: argparse.Namesp
             order = sides[:]
             rng.shuffle(order)
             for side in order:
-                await saturate(side, workers, args.concurrency * workers, args.seconds, cpu_of)
+                await saturate(side, workers, args.concurrency * workers, args.seconds, worker_pids)
     return sides
 
 
@@ -266,24 +269,18 @@ def report(one: list[Side], four: list[Side] | None, args: argparse.Namespace) -
             )
             worker = side.worker_cpu[workers] / side.done[workers] * 1000
             print(f"{side.name:10}{workers:8}{rate:9.1f}{rate / base:7.2f}x{server:>24}{worker:20.2f}")
-    rest = one[1]
-    accept = [
-        parse_time(t["result"]["timings"]["prompt_accepted_at"]) - parse_time(t["created_at"])
-        for t in rest.tasks
-    ]
-    collect = [
-        parse_time(t["completed_at"]) - parse_time(t["result"]["timings"]["worker_finished_at"])
-        for t in rest.tasks
-    ]
-    print("\nDispatch (REST runs above, server timestamps; the worker's finish time is in whole ms):")
-    print(
-        f"  stored -> prompt accepted by the worker p50 {ms(percentile(accept, 50))} ms   "
-        f"(target {TARGETS['accept_ms']:g} ms)"
-    )
-    print(
-        f"  worker finished -> task completed       p50 {ms(percentile(collect, 50))} ms   "
-        f"(target {TARGETS['collect_ms']:g} ms)"
-    )
+    print("\nDispatch (the REST runs above, server timestamps; the worker's finish time is in whole ms):")
+    for rest in (side for side in one if side.name.startswith("REST")):
+        timings = [(task, task["result"]["timings"]) for task in rest.tasks]
+        accept = [parse_time(t["prompt_accepted_at"]) - parse_time(task["created_at"]) for task, t in timings]
+        collect = [
+            parse_time(task["completed_at"]) - parse_time(t["worker_finished_at"]) for task, t in timings
+        ]
+        print(
+            f"  {rest.name:14} stored -> prompt accepted p50 {ms(percentile(accept, 50))} ms "
+            f"(target {TARGETS['accept_ms']:g});  worker finished -> completed p50 {ms(percentile(collect, 50))} ms "
+            f"(target {TARGETS['collect_ms']:g})"
+        )
     load = os.getloadavg()
     print(f"\nLoad average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
 
@@ -301,6 +298,11 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one saturated run")
     parser.add_argument("--rounds", type=int, default=2, help="saturated runs per side, interleaved")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients per worker")
+    parser.add_argument(
+        "--baseline",
+        metavar="PYTHON",
+        help="also measure the comfyfleet that this interpreter runs (another checkout's .venv/bin/python)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.runs, args.warmup, args.seconds, args.rounds = 60, 10, 3.0, 1

@@ -753,3 +753,30 @@ async def test_update_worker_activity_writes_only_the_activity_columns(store: St
     await store.upsert_worker(worker("w1", WorkerState.TERMINATED))
     assert not await store.update_worker_activity(busy, owner=False)
     assert (await store.get_worker("w1")).state is WorkerState.TERMINATED
+
+
+async def test_concurrent_submissions_are_stored_in_order_and_answered_one_by_one(store: Store) -> None:
+    """Concurrent submissions share a commit (SQLite's group commit, PostgreSQL's batched insert): each is
+    stored in submission order, and a bad one (an id already taken) fails alone."""
+    await store.create_task(new(id="taken"))
+    results = await asyncio.gather(
+        *(store.create_task(new(index % 3, id="taken" if index == 7 else None)) for index in range(40)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[7], Conflict)
+    stored = [
+        result[0]
+        for index, result in enumerate(results)
+        if index != 7 and not isinstance(result, BaseException)
+    ]
+    assert len(stored) == 39
+    assert [task.seq for task in stored] == sorted(task.seq for task in stored)
+    for task in stored:
+        read = await store.get_task(task.id)
+        assert (read.seq, read.priority, read.payload, read.created_at) == (
+            task.seq,
+            task.priority,
+            PAYLOAD,
+            task.created_at,
+        )
+    assert (await store.queue_metrics()).pending_tasks == 40

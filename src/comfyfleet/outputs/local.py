@@ -7,16 +7,46 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from comfyfleet.outputs.base import RESERVED_SUFFIX, OutputNotFound, StoredOutput, check_name
 
 _CHUNK = 256 * 1024
+_WRITE_BATCH = 1024 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 def _content_type_sidecar(path: Path) -> Path:
     # check_name keeps this suffix out of every output's name, so a sidecar never meets a file.
     return path.with_name(path.name + RESERVED_SUFFIX)
+
+
+class _PartialFile:
+    """A file being written under its ``.partial`` name, renamed to its own once complete (so a reader never
+    sees half of it), with its content type beside it."""
+
+    def __init__(self, partial: Path) -> None:
+        self.partial = partial
+        self._handle: BinaryIO | None = None
+
+    def write(self, chunks: list[bytes]) -> None:
+        if self._handle is None:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.partial.open("wb")
+        self._handle.writelines(chunks)
+
+    def finish(self, chunks: list[bytes], path: Path, content_type: str) -> None:
+        self.write(chunks)
+        assert self._handle is not None
+        self._handle.close()
+        _content_type_sidecar(path).write_text(content_type)
+        # Rename last, so a reader never sees a half-written file under the final name.
+        os.replace(self.partial, path)
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self.partial.unlink(missing_ok=True)
 
 
 class LocalOutputStore:
@@ -33,24 +63,24 @@ class LocalOutputStore:
     ) -> StoredOutput:
         path = self._path(task_id, name)
         content_type = content_type or _DEFAULT_CONTENT_TYPE
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         partial = path.with_name(f".{name}.partial")
-        size = 0
-        handle = await asyncio.to_thread(partial.open, "wb")
+        # The bytes go to the disk a megabyte at a time, each batch in one trip to a thread: a small file
+        # (most outputs) costs one trip in all, not one per step.
+        writer = _PartialFile(partial)
+        size, batch, batched = 0, [], 0
         try:
-            try:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    await asyncio.to_thread(handle.write, chunk)
-            finally:
-                handle.close()
+            async for chunk in chunks:
+                size += len(chunk)
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    await asyncio.to_thread(writer.write, batch)
+                    batch, batched = [], 0
+            await asyncio.to_thread(writer.finish, batch, path, content_type)
         except BaseException:
             # A failed or cancelled upload leaves the previous file (if any) as it was, and no litter.
-            partial.unlink(missing_ok=True)
+            writer.discard()
             raise
-        await asyncio.to_thread(_content_type_sidecar(path).write_text, content_type)
-        # Rename last, so a reader never sees a half-written file under the final name.
-        await asyncio.to_thread(os.replace, partial, path)
         return StoredOutput(name=name, size=size, content_type=content_type)
 
     async def stat(self, task_id: str, name: str) -> StoredOutput:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -31,6 +32,8 @@ from uuid import uuid4
 
 import asyncpg
 
+from comfyfleet.domain import NewTask, Task
+from comfyfleet.store._batch import Batcher
 from comfyfleet.store._common import advisory_key, load_migrations
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
@@ -82,6 +85,21 @@ class PostgresStatements(Statements):
         + base64_size("(spec->>'data')")
         + ") ELSE spec END ORDER BY position), '[]'::jsonb) "
         "FROM jsonb_array_elements(tasks.inputs) WITH ORDINALITY AS element(spec, position)) END"
+    )
+
+    # Submissions without an idempotency key, many in one statement (see ``_batch``): one array per column,
+    # JSON as text; rows are numbered in the arrays' order, so FIFO holds within a batch.
+    insert_tasks = (
+        "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
+        "max_retries, timeout_s, pool, inputs, webhook, metadata) "
+        "SELECT id, tenant, workflow_id, priority, 'pending', CAST(payload AS JSONB), now(), now(), max_retries, "
+        "timeout_s, pool, CAST(inputs AS JSONB), CAST(webhook AS JSONB), CAST(metadata AS JSONB) "
+        "FROM unnest(CAST(:ids AS TEXT[]), CAST(:tenants AS TEXT[]), CAST(:workflow_ids AS TEXT[]), "
+        "CAST(:priorities AS BIGINT[]), CAST(:payloads AS TEXT[]), CAST(:max_retries AS INTEGER[]), "
+        "CAST(:timeouts AS DOUBLE PRECISION[]), CAST(:pools AS TEXT[]), CAST(:inputs AS TEXT[]), "
+        "CAST(:webhooks AS TEXT[]), CAST(:metadatas AS TEXT[])) WITH ORDINALITY AS given(id, tenant, workflow_id, "
+        "priority, payload, max_retries, timeout_s, pool, inputs, webhook, metadata, position) "
+        "ORDER BY position RETURNING id, seq, created_at"
     )
 
     def in_list(self, column: str, parameter: str) -> str:
@@ -189,6 +207,7 @@ class PostgresStore(SqlStore):
         self._leader_lock = asyncio.Lock()
         self._leaderships: set[str] = set()
         self._state = "new"
+        self._inserts: Batcher[NewTask, tuple[Task, bool]] = Batcher(self._insert_many, self._insert_one)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -219,6 +238,7 @@ class PostgresStore(SqlStore):
         if self._state != "open":
             return
         self._state = "closed"
+        await self._inserts.close()
         self._hub.close()
         if self._listener is not None:
             self._listener.cancel()
@@ -303,6 +323,37 @@ class PostgresStore(SqlStore):
         if applied:
             logger.info("store_migrated backend=postgres versions=%s", applied)
         return applied
+
+    # -- submissions, batched -------------------------------------------------------------------
+    async def create_task(self, new: NewTask) -> tuple[Task, bool]:
+        # With an idempotency key an insert may find another's task instead: that one goes alone.
+        if new.idempotency_key is not None:
+            return await super().create_task(new)
+        return await self._inserts.submit(dataclasses.replace(new, id=new.id or str(uuid4())))
+
+    async def _insert_one(self, new: NewTask) -> tuple[Task, bool]:
+        return await super().create_task(new)
+
+    async def _insert_many(self, batch: list[NewTask]) -> list[tuple[Task, bool]]:
+        def texts(name: str) -> list[str | None]:
+            return [None if getattr(new, name) is None else _dumps(getattr(new, name)) for new in batch]
+
+        params = {
+            "ids": [new.id for new in batch],
+            "tenants": [new.tenant for new in batch],
+            "workflow_ids": [new.workflow_id for new in batch],
+            "priorities": [new.priority for new in batch],
+            "payloads": texts("payload"),
+            "max_retries": [new.max_retries for new in batch],
+            "timeouts": [float(new.timeout_s) for new in batch],
+            "pools": [new.pool for new in batch],
+            "inputs": texts("inputs"),
+            "webhooks": texts("webhook"),
+            "metadatas": texts("metadata"),
+        }
+        rows = await self._write(self.sql.insert_tasks, params)
+        stored = {row[0]: (row[1], self.codec.load_time(row[2])) for row in rows}
+        return [(self._new_task(new, str(new.id), *stored[str(new.id)]), True) for new in batch]
 
     async def notify(self, channel: str, payload: str = "") -> None:
         envelope = json.dumps({"o": self._origin, "c": channel, "p": payload}, separators=(",", ":"))
