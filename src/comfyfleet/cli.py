@@ -6,11 +6,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from comfyfleet.emulators import command_line as flags
+
+if TYPE_CHECKING:
+    from comfyfleet.models import ModelSpec
 
 app = typer.Typer(
     name="comfyfleet",
@@ -306,20 +309,10 @@ def companion(
     log_level: LogLevelOption = "info",
 ) -> None:
     """Pull a worker's model files from the control plane, verified, then start ComfyUI (docs/models.md)."""
-    import json
-    import os
-
     from comfyfleet.companion import CompanionError, sync_models
-    from comfyfleet.models import ModelsError, parse_specs
 
     _configure_logging(log_level)
-    try:
-        text = Path(manifest[1:]).read_text() if manifest.startswith("@") else manifest
-        specs = parse_specs(json.loads(text))
-    except (OSError, ValueError, ModelsError) as exc:
-        raise _fail(
-            f"--manifest must be a JSON list of {{url, sha256, folder, name}} (or @FILE): {exc}"
-        ) from None
+    specs = _companion_manifest(manifest)
     try:
         paths = asyncio.run(
             sync_models(url, token, directory.absolute(), specs, attempts=attempts, wait_s=wait)
@@ -328,13 +321,32 @@ def companion(
         raise _fail(str(exc), code=1) from None
     if command:
         values = {"models_dir": str(paths.models_dir), "extra_model_paths": str(paths.extra_model_paths)}
-        argv = [part.format_map(values) if "{" in part else part for part in command]
-        # ComfyUI runs custom nodes: it gets no token (the companion needs it no more).
-        env = {name: value for name, value in os.environ.items() if name != "COMFYFLEET_COMPANION_TOKEN"}
-        try:
-            os.execvpe(argv[0], argv, env)  # ComfyUI takes this process over (and its PID under tini)
-        except OSError as exc:
-            raise _fail(f"cannot run {argv[0]!r}: {exc.strerror or exc}", code=1) from None
+        _exec_without_token([part.format_map(values) if "{" in part else part for part in command])
+
+
+def _companion_manifest(manifest: str) -> list[ModelSpec]:
+    import json
+
+    from comfyfleet.models import ModelsError, parse_specs
+
+    try:
+        text = Path(manifest[1:]).read_text() if manifest.startswith("@") else manifest
+        return parse_specs(json.loads(text))
+    except (OSError, ValueError, ModelsError) as exc:
+        raise _fail(
+            f"--manifest must be a JSON list of {{url, sha256, folder, name}} (or @FILE): {exc}"
+        ) from None
+
+
+def _exec_without_token(argv: list[str]) -> None:
+    import os
+
+    # ComfyUI runs custom nodes: it gets no token (the companion needs it no more).
+    env = {name: value for name, value in os.environ.items() if name != "COMFYFLEET_COMPANION_TOKEN"}
+    try:
+        os.execvpe(argv[0], argv, env)  # ComfyUI takes this process over (and its PID under tini)
+    except OSError as exc:
+        raise _fail(f"cannot run {argv[0]!r}: {exc.strerror or exc}", code=1) from None
 
 
 def main() -> None:

@@ -61,7 +61,8 @@ async def test_the_sqlite_upgrade_keeps_the_tasks_their_order_indexes_and_webhoo
     connection.execute("DELETE FROM tasks WHERE id = 'task-2'")  # the highest seq is gone
     connection.close()
     async with open_store(f"sqlite:///{path}") as store:
-        assert await store.migrate() == [7]
+        later = [migration.version for migration in load_migrations("sqlite") if migration.version >= 7]
+        assert await store.migrate() == later
         kept = await store.get_task("task-1")
         assert kept.webhook == {"url": "https://example.com/hook"}
         assert kept.models is None
@@ -72,7 +73,7 @@ async def test_the_sqlite_upgrade_keeps_the_tasks_their_order_indexes_and_webhoo
             Lease(claimed.id, claimed.attempt, "owner"), "model gone", "model_unavailable", None
         )
     connection = sqlite3.connect(path)
-    assert _names(connection, "index") == indexes_before
+    assert indexes_before <= _names(connection, "index")  # later migrations may add their own
     assert "tasks_webhook_outbox" in _names(connection, "trigger")
     deliveries = connection.execute("SELECT task_id, event FROM webhook_deliveries").fetchall()
     assert deliveries == [("task-1", "task.failed")]

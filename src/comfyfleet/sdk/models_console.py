@@ -7,11 +7,12 @@ from typing import Any
 from rich.markup import escape
 
 from comfyfleet.humanize import size
-from comfyfleet.sdk.console import _client, _list_table, _print_json, _reporting, out
+from comfyfleet.sdk.console import _client, _list_table, _print_json
+from comfyfleet.sdk.reporting import out, reporting
 
 
 def run_models_list(*, as_json: bool, server: str | None, api_key: str | None) -> None:
-    with _reporting(), _client(server, api_key) as client:
+    with reporting(), _client(server, api_key) as client:
         listing = client.models()
     if as_json:
         _print_json(listing)
