@@ -229,7 +229,7 @@ async def test_no_api_key_webhook_secret_or_credential_reaches_the_log(
             url = await asyncio.to_thread(server.wait_listening)
             await _exercise(url, found, outside)
         finally:
-            await asyncio.to_thread(server.stop)
+            await server.stop_in_thread()
     log = server.log
     assert "api_listening" in log
     assert "WebSocket /ws" in log  # the handshake line that used to carry ?token=KEY

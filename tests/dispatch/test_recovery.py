@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
@@ -47,7 +48,7 @@ async def test_kill_9_with_200_tasks_in_flight_loses_none_and_runs_none_twice(tm
             )
             tasks = await read_tasks(http, server.url, ids)
         finally:
-            server.stop()
+            await server.stop_in_thread()
         assert Counter(task["status"] for task in tasks) == {"completed": 200}
         counts = executions(workers)
         # Every task ran exactly once, under the prompt id the store has for it, and nothing else ran.
@@ -90,8 +91,7 @@ async def test_two_replicas_on_postgres_complete_every_task_exactly_once(
             )
             tasks = await read_tasks(http, replicas[1].url, ids)
         finally:
-            for replica in replicas:
-                replica.stop()
+            await asyncio.gather(*(replica.stop_in_thread() for replica in replicas))
         assert Counter(task["status"] for task in tasks) == {"completed": REPLICA_TASKS}
         counts = executions(workers)
         assert all(counts[task["prompt_id"]] == 1 for task in tasks)

@@ -95,7 +95,7 @@ async def test_postgres_killed_for_six_seconds_strands_no_task(
             drained_in = time.monotonic() - back_at
             tasks = await read_tasks(http, server.url, ids)
         finally:
-            server.stop()
+            await server.stop_in_thread()
         _assert_each_completed_once(tasks, executions(workers), total)
         assert drained_in < DRAIN_S
 

@@ -129,12 +129,11 @@ async def emulators(*options: EmulatorOptions) -> AsyncIterator[list[EmulatorSer
 
 
 def _emulator_options(tmp_path: Path, count: int, emulator: Any) -> list[EmulatorOptions]:
-    def own(index: int) -> dict[str, Any]:
-        chosen: dict[str, Any] = (emulator[index] if isinstance(emulator, list) else emulator) or {}
-        return chosen
-
+    """Options for ``count`` emulators: ``emulator`` for each of them, or a list with one per emulator."""
+    chosen = emulator if isinstance(emulator, list) else [emulator] * count
     return [
-        EmulatorOptions(base_dir=str(tmp_path / f"emulator-{index}"), **own(index)) for index in range(count)
+        EmulatorOptions(base_dir=str(tmp_path / f"emulator-{index}"), **(own or {}))
+        for index, own in enumerate(chosen[:count])
     ]
 
 

@@ -111,6 +111,11 @@ class ServeProcess:
             self._process.kill()
             return self._process.wait()
 
+    async def stop_in_thread(self, signum: int = signal.SIGTERM) -> int:
+        """``stop`` from async code: the event loop keeps running meanwhile. It must when it hosts emulators
+        the server talks to as it shuts down (closing their WebSockets), or each close waits out its timeout."""
+        return await asyncio.to_thread(self.stop, signum)
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code of the service runs."""
         self.stop(signal.SIGKILL)

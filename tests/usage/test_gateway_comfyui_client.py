@@ -95,7 +95,7 @@ def _frame_types(frames: list[dict[str, Any]]) -> list[str]:
 
 async def test_a_comfyui_websocket_client_runs_unchanged_on_two_workers(tmp_path: Path) -> None:
     # Sampler steps slow enough to hold each prompt running until both are placed (see below).
-    async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 0.5}) as fleet:
+    async with running_fleet(tmp_path, workers=2, emulator={"step_time_s": 1.0}) as fleet:
         # Two clients, each with the seed example (different seeds and checkpoints). The second starts only
         # once the first prompt runs, and both are released only once each runs on a worker of its own: the
         # placement checked below is the dispatcher's choice, not a race with the threads' start-up. (With
