@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,27 @@ async def test_two_processes_of_one_host_download_a_file_once(
     assert paths[0] == paths[1]
     assert paths[0].read_bytes() == data
     assert file_server.requests["shared.safetensors"] == 1
+
+
+async def test_a_worker_folder_on_another_file_system_gets_symbolic_links(
+    model_settings: ModelSettings, file_server: FileServer
+) -> None:
+    shm = _another_file_system_than(os.path.dirname(model_settings.cache_dir))
+    data = os.urandom(20_000)
+    lora = spec(file_server, "far.safetensors", data)
+    with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+        settings = model_settings.model_copy(update={"workers_dir": elsewhere})
+        async with ModelService(settings) as models:
+            paths = models.worker_paths("pool-a-0000000003")
+            await models.provision([lora], paths.models_dir, LOOPBACK)
+            placed = paths.models_dir / "loras" / "far.safetensors"
+            assert placed.is_symlink()
+            assert placed.resolve() == models.cache.path(lora.sha256).resolve()
+            assert placed.read_bytes() == data
+
+
+def _another_file_system_than(path: str) -> str:
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(path).st_dev:
+        pytest.skip("no second file system (/dev/shm) on this machine")
+    return shm
