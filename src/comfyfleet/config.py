@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 from comfyfleet.domain.graph import validate_graph
-from comfyfleet.models.spec import DEFAULT_MODEL_FOLDERS, ModelPolicy, ModelSpec
+from comfyfleet.models.spec import DEFAULT_MODEL_FOLDERS, ModelPolicy, ModelRejected, ModelSpec
 
 __all__ = ["DEFAULT_MODEL_FOLDERS"]  # Comfy API v2's model uploads use ComfyUI's folders too
 
@@ -119,8 +119,11 @@ class PoolConfig(BaseModel):
             raise ValueError(
                 f"pool {self.name!r}: min_workers {self.min_workers} > max_workers {self.max_workers}"
             )
-        for spec in self.models:
-            self.model_policy.check_format(spec)
+        for index, spec in enumerate(self.models):
+            try:
+                self.model_policy.check_format(spec, index)
+            except ModelRejected as exc:
+                raise ValueError(f"pool {self.name!r}: models[{index}]: {exc}") from None
         return self
 
 

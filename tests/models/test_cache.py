@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,46 @@ async def test_a_download_that_outlasts_its_retries_fails_but_keeps_its_bytes_fo
         assert cache_entries(models.cache.root) == [f"partial/{model.sha256}.part"]
         assert (await models.ensure(model, LOOPBACK)).read_bytes() == data
     assert file_server.ranges["flaky.safetensors"] == [None, "bytes=200000-"]
+
+
+async def test_two_processes_of_one_host_download_a_file_once(
+    model_settings: ModelSettings, file_server: FileServer
+) -> None:
+    # Two services over one cache folder stand for two comfyfleet processes of one host: they share no
+    # memory, only the lock file (flock locks of separate opens exclude each other, as across processes).
+    data = os.urandom(400_000)
+    model = spec(file_server, "shared.safetensors", data)
+    file_server.hold_at["shared.safetensors"] = 100_000
+    async with ModelService(model_settings) as first, ModelService(model_settings) as second:
+        one = asyncio.create_task(first.ensure(model, LOOPBACK))
+        await asyncio.to_thread(file_server.holding.wait, 30)
+        two = asyncio.create_task(second.ensure(model, LOOPBACK))
+        file_server.release.set()
+        paths = await asyncio.gather(one, two)
+    assert paths[0] == paths[1]
+    assert paths[0].read_bytes() == data
+    assert file_server.requests["shared.safetensors"] == 1
+
+
+async def test_a_worker_folder_on_another_file_system_gets_symbolic_links(
+    model_settings: ModelSettings, file_server: FileServer
+) -> None:
+    shm = _another_file_system_than(os.path.dirname(model_settings.cache_dir))
+    data = os.urandom(20_000)
+    lora = spec(file_server, "far.safetensors", data)
+    with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+        settings = model_settings.model_copy(update={"workers_dir": elsewhere})
+        async with ModelService(settings) as models:
+            paths = models.worker_paths("pool-a-0000000003")
+            await models.provision([lora], paths.models_dir, LOOPBACK)
+            placed = paths.models_dir / "loras" / "far.safetensors"
+            assert placed.is_symlink()
+            assert placed.resolve() == models.cache.path(lora.sha256).resolve()
+            assert placed.read_bytes() == data
+
+
+def _another_file_system_than(path: str) -> str:
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(path).st_dev:
+        pytest.skip("no second file system (/dev/shm) on this machine")
+    return shm

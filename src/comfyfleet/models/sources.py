@@ -69,7 +69,9 @@ class PartFile:
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        self._handle().write(chunk)
+        handle = self._handle()
+        handle.write(chunk)
+        handle.flush()  # what arrived is in the file at once: a crash loses nothing that was received
         self._hash.update(chunk)
         self.size += len(chunk)
 
