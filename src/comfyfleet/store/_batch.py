@@ -1,7 +1,8 @@
-"""Submissions stored a batch at a time: the ones that arrive while a batch is being written go together in the
-next, one statement and one commit for all (PostgreSQL's answer to SQLite's group commit, see
-``_sqlite_threads``). Each caller is answered once its row is committed, so nothing it was told is stored can
-be lost; a batch that fails is tried again row by row, so only the caller whose row is at fault hears of it."""
+"""Writes made a batch at a time: the ones that arrive while a batch is being written go together in the next,
+one statement and one commit for all (PostgreSQL's answer to SQLite's group commit, see ``_sqlite_threads``):
+submissions, and the notifications that wake dispatchers and relay live events. Each caller is answered once
+its own write is committed, so nothing it was told is stored can be lost; a batch that fails is tried again
+item by item, in order, so only the caller whose item is at fault hears of it."""
 
 from __future__ import annotations
 

@@ -102,9 +102,9 @@ class Statements(AssetStatements):
     def insert_task(self) -> str:
         return (
             "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
-            "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata, models) "
+            "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "
             f"VALUES (:id, :tenant, :workflow_id, :priority, 'pending', :payload, {self.now}, {self.now}, "
-            ":max_retries, :timeout_s, :idempotency_key, :pool, :inputs, :webhook, :metadata, :models) "
+            ":max_retries, :timeout_s, :idempotency_key, :pool, :inputs, :webhook, :metadata) "
             "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
             "RETURNING seq, created_at"
         )
@@ -139,9 +139,10 @@ class Statements(AssetStatements):
     @cached_property
     def tasks_ahead(self) -> str:
         """How many runnable tasks come before a task of ``:priority`` and ``:seq`` in claim order, without
-        walking the backlog: the pending tasks of higher priority and of earlier blocks of its own priority
-        from ``pending_counts`` (kept by triggers, migration 0008), a count inside its own block of 1,024 seq
-        values (``:block_start`` to ``:seq``), less the pending tasks ahead that are not due yet."""
+        walking the backlog: the pending tasks of higher priority from ``pending_totals`` and of earlier blocks
+        of its own priority from ``pending_counts`` (kept by triggers, migration 0008), a count inside its own
+        block of 1,024 seq values (``:block_start`` to ``:seq``), less the pending tasks ahead that are not
+        due yet."""
         blocks = "SELECT coalesce(sum(n), 0) FROM pending_counts WHERE priority"
         in_block = (
             f"SELECT count(*) FROM {self.pending_by_order} WHERE status = 'pending' AND priority = :priority "
@@ -151,10 +152,8 @@ class Statements(AssetStatements):
             f"SELECT count(*) FROM {self.pending_due} WHERE status = 'pending' AND not_before IS NOT NULL "
             f"AND not_before > {self.now} AND (priority > :priority OR (priority = :priority AND seq < :seq))"
         )
-        return (
-            f"SELECT ({blocks} > :priority) + ({blocks} = :priority AND bucket < :block) + ({in_block}) "
-            f"- ({not_due})"
-        )
+        higher = "SELECT coalesce(sum(n), 0) FROM pending_totals WHERE priority > :priority"
+        return f"SELECT ({higher}) + ({blocks} = :priority AND bucket < :block) + ({in_block}) - ({not_due})"
 
     @staticmethod
     def tasks_by_status(*, of_tenant: bool) -> str:

@@ -102,6 +102,11 @@ class PostgresStatements(Statements):
         "ORDER BY position RETURNING id, seq, created_at"
     )
 
+    notify_many = (
+        "SELECT pg_notify(CAST(:channel AS TEXT), envelope) "
+        "FROM unnest(CAST(:envelopes AS TEXT[])) WITH ORDINALITY AS sent(envelope, position) ORDER BY position"
+    )
+
     def in_list(self, column: str, parameter: str) -> str:
         return f"{column} = ANY(CAST(:{parameter} AS TEXT[]))"
 
@@ -208,6 +213,7 @@ class PostgresStore(SqlStore):
         self._leaderships: set[str] = set()
         self._state = "new"
         self._inserts: Batcher[NewTask, tuple[Task, bool]] = Batcher(self._insert_many, self._insert_one)
+        self._notices: Batcher[str, None] = Batcher(self._send_notices, self._send_notice)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -239,6 +245,7 @@ class PostgresStore(SqlStore):
             return
         self._state = "closed"
         await self._inserts.close()
+        await self._notices.close()
         self._hub.close()
         if self._listener is not None:
             self._listener.cancel()
@@ -362,9 +369,20 @@ class PostgresStore(SqlStore):
                 f"notification on {channel!r} is too large ({len(envelope.encode())} bytes, at most "
                 f"{MAX_NOTIFY_BYTES}): send an id and let listeners read the rest from the store"
             )
-        async with self._connection() as conn:
-            self._hub.publish(Notification(channel, payload))
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, envelope)
+        if self._state != "open":
+            raise StoreClosed(f"the PostgreSQL store is {self._state}; use it inside 'async with'")
+        self._hub.publish(Notification(channel, payload))
+        # Sent with the notifications of the same moment, in order, in one statement (a task's every event
+        # is relayed, so one round trip each would cost more than the task's own writes).
+        await self._notices.submit(envelope)
+
+    async def _send_notices(self, envelopes: list[str]) -> list[None]:
+        params = {"channel": NOTIFY_CHANNEL, "envelopes": envelopes}
+        await self._write(self.sql.notify_many, params)
+        return [None] * len(envelopes)
+
+    async def _send_notice(self, envelope: str) -> None:
+        await self._send_notices([envelope])
 
     def listen(self) -> Subscription:
         if self._state != "open":

@@ -18,10 +18,17 @@ CREATE TABLE pending_counts (
     n BIGINT NOT NULL,
     PRIMARY KEY (priority, bucket)
 );
+-- pending_totals: pending tasks per priority (no row for none), so the tasks of higher priorities ahead of a
+-- task are a handful of rows, not every block of theirs.
+CREATE TABLE pending_totals (
+    priority BIGINT PRIMARY KEY,
+    n BIGINT NOT NULL
+);
 
 INSERT INTO task_counts (tenant, status, shard, n) SELECT tenant, status, 0, count(*) FROM tasks GROUP BY tenant, status;
 INSERT INTO pending_counts (priority, bucket, n)
     SELECT priority, seq / 1024, count(*) FROM tasks WHERE status = 'pending' GROUP BY priority, seq / 1024;
+INSERT INTO pending_totals (priority, n) SELECT priority, count(*) FROM tasks WHERE status = 'pending' GROUP BY priority;
 
 -- One statement-level trigger per event (transition tables need that): a statement's rows are counted in one
 -- upsert per counter, in key order, so two statements never take counter rows in opposite orders; an update
@@ -38,6 +45,9 @@ BEGIN
             SELECT priority, seq / 1024, count(*) FROM new_rows WHERE status = 'pending'
             GROUP BY priority, seq / 1024 ORDER BY priority, seq / 1024
             ON CONFLICT (priority, bucket) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO pending_totals AS c (priority, n)
+            SELECT priority, count(*) FROM new_rows WHERE status = 'pending' GROUP BY priority ORDER BY priority
+            ON CONFLICT (priority) DO UPDATE SET n = c.n + excluded.n;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO task_counts AS c (tenant, status, shard, n)
             SELECT tenant, status, my_shard, -count(*) FROM old_rows GROUP BY tenant, status ORDER BY tenant, status
@@ -48,6 +58,12 @@ BEGIN
             WHERE c.priority = gone.priority AND c.bucket = gone.bucket;
         DELETE FROM pending_counts
             WHERE n = 0 AND (priority, bucket) IN (SELECT priority, seq / 1024 FROM old_rows WHERE status = 'pending');
+        UPDATE pending_totals AS c SET n = c.n - gone.n
+            FROM (SELECT priority, count(*) AS n FROM old_rows WHERE status = 'pending' GROUP BY priority
+                  ORDER BY priority) AS gone
+            WHERE c.priority = gone.priority;
+        DELETE FROM pending_totals
+            WHERE n = 0 AND priority IN (SELECT priority FROM old_rows WHERE status = 'pending');
     ELSE
         INSERT INTO task_counts AS c (tenant, status, shard, n)
             SELECT tenant, status, my_shard, sum(d) FROM (
@@ -62,6 +78,14 @@ BEGIN
             ON CONFLICT (priority, bucket) DO UPDATE SET n = c.n + excluded.n;
         DELETE FROM pending_counts
             WHERE n = 0 AND (priority, bucket) IN (SELECT priority, seq / 1024 FROM old_rows WHERE status = 'pending');
+        INSERT INTO pending_totals AS c (priority, n)
+            SELECT priority, sum(d) FROM (
+                SELECT priority, -1 AS d FROM old_rows WHERE status = 'pending'
+                UNION ALL SELECT priority, 1 FROM new_rows WHERE status = 'pending'
+            ) AS changes GROUP BY priority HAVING sum(d) <> 0 ORDER BY priority
+            ON CONFLICT (priority) DO UPDATE SET n = c.n + excluded.n;
+        DELETE FROM pending_totals
+            WHERE n = 0 AND priority IN (SELECT priority FROM old_rows WHERE status = 'pending');
     END IF;
     RETURN NULL;
 END;

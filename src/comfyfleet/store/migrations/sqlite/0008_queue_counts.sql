@@ -17,10 +17,17 @@ CREATE TABLE pending_counts (
     n INTEGER NOT NULL,
     PRIMARY KEY (priority, bucket)
 );
+-- pending_totals: pending tasks per priority (no row for none), so the tasks of higher priorities ahead of a
+-- task are a handful of rows, not every block of theirs.
+CREATE TABLE pending_totals (
+    priority INTEGER PRIMARY KEY,
+    n INTEGER NOT NULL
+);
 
 INSERT INTO task_counts (tenant, status, shard, n) SELECT tenant, status, 0, count(*) FROM tasks GROUP BY tenant, status;
 INSERT INTO pending_counts (priority, bucket, n)
     SELECT priority, seq / 1024, count(*) FROM tasks WHERE status = 'pending' GROUP BY priority, seq / 1024;
+INSERT INTO pending_totals (priority, n) SELECT priority, count(*) FROM tasks WHERE status = 'pending' GROUP BY priority;
 
 CREATE TRIGGER tasks_counted_insert AFTER INSERT ON tasks
 BEGIN
@@ -28,6 +35,8 @@ BEGIN
         ON CONFLICT (tenant, status, shard) DO UPDATE SET n = n + 1;
     INSERT INTO pending_counts (priority, bucket, n) SELECT new.priority, new.seq / 1024, 1 WHERE new.status = 'pending'
         ON CONFLICT (priority, bucket) DO UPDATE SET n = n + 1;
+    INSERT INTO pending_totals (priority, n) SELECT new.priority, 1 WHERE new.status = 'pending'
+        ON CONFLICT (priority) DO UPDATE SET n = n + 1;
 END;
 
 CREATE TRIGGER tasks_counted_update AFTER UPDATE OF tenant, status, priority ON tasks
@@ -42,6 +51,10 @@ BEGIN
         WHERE old.status = 'pending' AND priority = old.priority AND bucket = old.seq / 1024 AND n = 0;
     INSERT INTO pending_counts (priority, bucket, n) SELECT new.priority, new.seq / 1024, 1 WHERE new.status = 'pending'
         ON CONFLICT (priority, bucket) DO UPDATE SET n = n + 1;
+    UPDATE pending_totals SET n = n - 1 WHERE old.status = 'pending' AND priority = old.priority;
+    DELETE FROM pending_totals WHERE old.status = 'pending' AND priority = old.priority AND n = 0;
+    INSERT INTO pending_totals (priority, n) SELECT new.priority, 1 WHERE new.status = 'pending'
+        ON CONFLICT (priority) DO UPDATE SET n = n + 1;
 END;
 
 CREATE TRIGGER tasks_counted_delete AFTER DELETE ON tasks
@@ -51,4 +64,6 @@ BEGIN
         WHERE old.status = 'pending' AND priority = old.priority AND bucket = old.seq / 1024;
     DELETE FROM pending_counts
         WHERE old.status = 'pending' AND priority = old.priority AND bucket = old.seq / 1024 AND n = 0;
+    UPDATE pending_totals SET n = n - 1 WHERE old.status = 'pending' AND priority = old.priority;
+    DELETE FROM pending_totals WHERE old.status = 'pending' AND priority = old.priority AND n = 0;
 END;
