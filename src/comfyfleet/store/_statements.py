@@ -102,9 +102,9 @@ class Statements(AssetStatements):
     def insert_task(self) -> str:
         return (
             "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
-            "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata) "
+            "max_retries, timeout_s, idempotency_key, pool, inputs, webhook, metadata, models) "
             f"VALUES (:id, :tenant, :workflow_id, :priority, 'pending', :payload, {self.now}, {self.now}, "
-            ":max_retries, :timeout_s, :idempotency_key, :pool, :inputs, :webhook, :metadata) "
+            ":max_retries, :timeout_s, :idempotency_key, :pool, :inputs, :webhook, :metadata, :models) "
             "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
             "RETURNING seq, created_at"
         )

@@ -91,14 +91,16 @@ class PostgresStatements(Statements):
     # JSON as text; rows are numbered in the arrays' order, so FIFO holds within a batch.
     insert_tasks = (
         "INSERT INTO tasks (id, tenant, workflow_id, priority, status, payload, created_at, updated_at, "
-        "max_retries, timeout_s, pool, inputs, webhook, metadata) "
+        "max_retries, timeout_s, pool, inputs, webhook, metadata, models) "
         "SELECT id, tenant, workflow_id, priority, 'pending', CAST(payload AS JSONB), now(), now(), max_retries, "
-        "timeout_s, pool, CAST(inputs AS JSONB), CAST(webhook AS JSONB), CAST(metadata AS JSONB) "
+        "timeout_s, pool, CAST(inputs AS JSONB), CAST(webhook AS JSONB), CAST(metadata AS JSONB), "
+        "CAST(models AS JSONB) "
         "FROM unnest(CAST(:ids AS TEXT[]), CAST(:tenants AS TEXT[]), CAST(:workflow_ids AS TEXT[]), "
         "CAST(:priorities AS BIGINT[]), CAST(:payloads AS TEXT[]), CAST(:max_retries AS INTEGER[]), "
         "CAST(:timeouts AS DOUBLE PRECISION[]), CAST(:pools AS TEXT[]), CAST(:inputs AS TEXT[]), "
-        "CAST(:webhooks AS TEXT[]), CAST(:metadatas AS TEXT[])) WITH ORDINALITY AS given(id, tenant, workflow_id, "
-        "priority, payload, max_retries, timeout_s, pool, inputs, webhook, metadata, position) "
+        "CAST(:webhooks AS TEXT[]), CAST(:metadatas AS TEXT[]), CAST(:models AS TEXT[])) WITH ORDINALITY AS "
+        "given(id, tenant, workflow_id, priority, payload, max_retries, timeout_s, pool, inputs, webhook, "
+        "metadata, models, position) "
         "ORDER BY position RETURNING id, seq, created_at"
     )
 
@@ -357,6 +359,7 @@ class PostgresStore(SqlStore):
             "inputs": texts("inputs"),
             "webhooks": texts("webhook"),
             "metadatas": texts("metadata"),
+            "models": texts("models"),
         }
         rows = await self._write(self.sql.insert_tasks, params)
         stored = {row[0]: (row[1], self.codec.load_time(row[2])) for row in rows}
