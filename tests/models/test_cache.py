@@ -203,3 +203,16 @@ def _another_file_system_than(path: str) -> str:
     if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(path).st_dev:
         pytest.skip("no second file system (/dev/shm) on this machine")
     return shm
+
+
+async def test_the_time_to_fetch_missing_files_is_estimated_from_recent_downloads(
+    models: ModelService, file_server: FileServer
+) -> None:
+    held = spec(file_server, "held.safetensors", os.urandom(50_000))
+    missing = "0" * 64
+    assert models.fetch_estimate_s([missing]) == 0.0  # no download yet: no basis
+    await models.ensure(held, LOOPBACK)
+    per_file = models.fetch_estimate_s([missing])
+    assert per_file > 0
+    assert models.fetch_estimate_s([held.sha256]) == 0.0  # here already
+    assert models.fetch_estimate_s([missing, "1" * 64, held.sha256]) == pytest.approx(2 * per_file)

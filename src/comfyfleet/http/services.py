@@ -78,7 +78,7 @@ class Services:
             store=store,
             tasks=TaskService(settings, store, bus=bus, catalogue=catalogue, models=models),
             keyring=KeyRing(settings.api_keys),
-            start_estimator=StartEstimator(store, settings),
+            start_estimator=StartEstimator(store, settings, models),
             catalogue=catalogue,
             bus=bus,
             outputs=outputs,

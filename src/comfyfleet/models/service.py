@@ -14,7 +14,9 @@ import logging
 import os
 import secrets
 import socket
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 ProvisionProgress = Callable[[dict[str, Any]], None]
 WORKER_TOKEN_PREFIX = "cfw."
+RECENT_FETCHES = 20  # downloads the estimate of a task's start takes the mean of
 
 
 class ModelService:
@@ -82,6 +85,7 @@ class ModelService:
         self._names: dict[str, set[str]] = {}  # sha256 -> "folder/name" it was asked under
         self._links: dict[str, set[Path]] = {}  # sha256 -> worker files linked to it
         self._fetching: dict[str, tuple[int, int | None]] = {}  # sha256 -> bytes so far, total
+        self._recent_fetch_s: deque[float] = deque(maxlen=RECENT_FETCHES)
 
     async def __aenter__(self) -> Self:
         kept, removed = await self.cache.check()
@@ -132,6 +136,7 @@ class ModelService:
             self._fetching[spec.sha256] = (done, total)
             report(done, total)
 
+        started = time.monotonic()
         try:
             async for attempt in stamina.retry_context(
                 on=ModelFetchError,
@@ -152,6 +157,15 @@ class ModelService:
             ) from exc
         finally:
             self._fetching.pop(spec.sha256, None)
+        self._recent_fetch_s.append(time.monotonic() - started)
+
+    def fetch_estimate_s(self, hashes: Iterable[str]) -> float:
+        """Seconds the files among ``hashes`` that the host lacks would take to fetch, from the mean of the
+        host's recent downloads (0 when all are here or nothing was downloaded yet)."""
+        missing = sum(1 for sha256 in hashes if not self.cache.holds(sha256))
+        if not missing or not self._recent_fetch_s:
+            return 0.0
+        return missing * statistics.fmean(self._recent_fetch_s)
 
     async def provision(
         self,

@@ -8,26 +8,33 @@ it; otherwise after enough of the ready workers' tasks have completed:
 
 It is an estimate "as things stand": a higher-priority task submitted later moves the task back, an autoscaled
 pool adding workers moves it forward. It is null when there is nothing to base it on (no ready worker, or no
-completed task yet).
+completed task yet). A task that brings model files the host does not hold yet starts after their download too:
+the mean time of the host's recent downloads for each missing file (nothing is added before a first download).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from comfyfleet.config import Settings
+from comfyfleet.dispatch.models import files_of
 from comfyfleet.domain import Task, TaskStatus, WorkerState
 from comfyfleet.store import Store
+
+if TYPE_CHECKING:
+    from comfyfleet.models.service import ModelService
 
 RECENT_TASKS = 20  # completed tasks the mean execution time is taken over
 TTL_S = 5.0  # how long the mean and the worker count are reused
 
 
 class StartEstimator:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, models: ModelService | None = None) -> None:
         self._store = store
         self._settings = settings
+        self._models = models
         self._cached_at = -TTL_S
         self._mean_s: float | None = None
         self._workers_by_pool: dict[str | None, tuple[int, int]] = {}  # pool -> (ready, idle)
@@ -69,4 +76,5 @@ class StartEstimator:
         ready, idle = sum(count[0] for count in usable), sum(count[1] for count in usable)
         if self._mean_s is None or ready == 0:
             return None
-        return round(max(0, position - idle) / ready * self._mean_s, 1)
+        fetching = self._models.fetch_estimate_s(files_of(task)) if self._models is not None else 0.0
+        return round(max(0, position - idle) / ready * self._mean_s + fetching, 1)
