@@ -9,8 +9,7 @@ import hashlib
 import importlib.util
 import ipaddress
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from fleet_helpers import docker_image
 from comfyfleet.config import load_settings
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.runtime import Runtime
+from support import eventually
 
 # The models tests' loopback file server (counts requests, serves Range), loaded from its folder.
 _spec = importlib.util.spec_from_file_location(
@@ -83,14 +83,6 @@ def _free_port(host: str) -> int:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 @asynccontextmanager
@@ -171,7 +163,7 @@ async def test_docker_workers_get_the_pool_manifest_once_per_host(
             async def two_ready() -> bool:
                 return len(fleet.usable_workers()) == 2
 
-            await _until(two_ready, "two containers ready with the manifest")
+            await eventually(two_ready, what="two containers ready with the manifest", within=90)
             assert files.requests[CHECKPOINT] == 1, (
                 "one download for the host, whatever the number of workers"
             )
@@ -199,7 +191,9 @@ async def test_docker_workers_get_the_pool_manifest_once_per_host(
                 assert not [task for task in tasks if task["status"] in ("failed", "cancelled")], tasks
                 return all(task["status"] == "completed" for task in tasks)
 
-            await _until(all_completed, "the tasks using the manifest's checkpoint complete")
+            await eventually(
+                all_completed, what="the tasks using the manifest's checkpoint complete", within=90
+            )
         assert files.requests[CHECKPOINT] == 1
 
 

@@ -3,27 +3,13 @@ read their models folder strictly (``--models-dir {models_dir} --strict-models``
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
+from support import Fleet, fast_settings, running_fleet
 
-from comfyfleet.config import load_settings
-from comfyfleet.runtime import Runtime
-
-T = TypeVar("T")
-TERMINAL = {"completed", "failed", "cancelled"}
 EMULATOR_COMMAND = [
     "{python}",
     "-m",
@@ -85,44 +71,12 @@ def model_graph(checkpoint: str, lora: str | None = None, seed: int = 1) -> dict
     return graph
 
 
-@dataclass
-class Service:
-    runtime: Runtime
-    http: httpx.AsyncClient
-
-    async def submit(self, body: dict[str, Any]) -> httpx.Response:
-        return await self.http.post("/api/v1/tasks", json=body)
-
-    async def task(self, task_id: str) -> dict[str, Any]:
-        response = await self.http.get(f"/api/v1/tasks/{task_id}")
-        assert response.status_code == 200, response.text
-        found: dict[str, Any] = response.json()
-        return found
-
-    async def ended(self, task_id: str, within: float = 60.0) -> dict[str, Any]:
-        async def check() -> dict[str, Any] | None:
-            task = await self.task(task_id)
-            return task if task["status"] in TERMINAL else None
-
-        return await eventually(check, within=within)
-
-    async def workers(self, state: str | None = None) -> list[dict[str, Any]]:
-        response = await self.http.get("/api/v1/workers")
-        assert response.status_code == 200, response.text
-        workers: list[dict[str, Any]] = response.json()["workers"]
-        return [worker for worker in workers if state is None or worker["state"] == state]
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 60.0) -> T:
-    """Poll ``check`` until it answers something, with a deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s (last: {result!r})")
-        await asyncio.sleep(0.05)
+async def workers(fleet: Fleet, state: str | None = None) -> list[dict[str, Any]]:
+    """The workers ``GET /api/v1/workers`` lists, or those in ``state``."""
+    response = await fleet.http.get("/api/v1/workers")
+    assert response.status_code == 200, response.text
+    listed: list[dict[str, Any]] = response.json()["workers"]
+    return [worker for worker in listed if state is None or worker["state"] == state]
 
 
 def pool(
@@ -142,77 +96,21 @@ def pool(
 
 
 def service_settings(tmp_path: Path, pools: list[dict[str, Any]], **models: Any) -> dict[str, Any]:
-    return {
-        "store": f"sqlite:///{tmp_path / 'comfyfleet.db'}",
-        "outputs": str(tmp_path / "outputs"),
-        "host": "127.0.0.1",
-        "port": 0,
-        "pools": pools,
-        "dispatch": {"retry_base_s": 0.05, "retry_max_s": 0.2, "lease_s": 5.0},
-        "fleet": {
-            "namespace": f"m{uuid.uuid4().hex[:10]}",
-            "probe_interval_s": 0.2,
-            "probe_timeout_s": 1.0,
-            "failure_threshold": 2,
-            "reconcile_interval_s": 0.2,
-            "reap_interval_s": 1.0,
-            "start_backoff_base_s": 0.2,
-        },
-        "models": {
+    """The whole configuration (it is also written to a file for ``comfyfleet serve``): the support package's
+    fast settings, these pools and a model cache under ``tmp_path``."""
+    return fast_settings(
+        tmp_path,
+        pools=pools,
+        fleet={"namespace": f"m{uuid.uuid4().hex[:10]}", "reap_interval_s": 1.0, "start_backoff_base_s": 0.2},
+        models={
             "cache_dir": str(tmp_path / "cache"),
             "workers_dir": str(tmp_path / "workers"),
             "fetch_retry_base_s": 0.0,
             **models,
         },
-    }
+    )
 
 
-@asynccontextmanager
-async def service(settings: dict[str, Any]) -> AsyncIterator[Service]:
-    async with Runtime(load_settings(**settings)) as runtime:
-        running = asyncio.ensure_future(runtime.run())
-        try:
-            port = await runtime.wait_listening()
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                yield Service(runtime, http)
-        finally:
-            runtime.request_stop()
-            await running
-
-
-class Serve:
-    """``python -m comfyfleet serve --config …`` as a child process (so it can be killed with SIGKILL), its log
-    in a file."""
-
-    def __init__(self, workdir: Path, config: Path, name: str) -> None:
-        self.log_path = workdir / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "comfyfleet", "serve", "--config", str(config), "--port", "0"],
-                cwd=workdir,
-                env={key: value for key, value in os.environ.items() if not key.startswith("COMFYFLEET_")},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def url(self) -> str:
-        async def listening() -> str | None:
-            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
-            match = _LISTENING.search(self.log_path.read_text(errors="replace"))
-            return match[1] if match else None
-
-        return await eventually(listening, within=30.0)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        """A clean stop (SIGTERM): the process workers it started are stopped with it."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-
-
-_LISTENING = re.compile(r"api_listening url=(http://\S+)")
+def service(tmp_path: Path, settings: dict[str, Any]) -> AbstractAsyncContextManager[Fleet]:
+    """The service in this process with these settings, its pools' workers started by itself."""
+    return running_fleet(tmp_path, workers=[], **settings)

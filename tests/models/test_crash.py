@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from file_server import FileServer, sha256
-from models_helpers import Serve, eventually, model_graph, pool, service_settings
+from models_helpers import model_graph, pool, service_settings
 
 from comfyfleet.models.cache import ModelCache
+from support import ServeProcess, eventually
 
 
 @pytest.mark.slow
@@ -28,15 +28,13 @@ async def test_kill_9_during_a_download_resumes_it_after_restart_and_the_task_co
     ]
     settings = service_settings(tmp_path, [pool(manifest, min_workers=1, max_workers=1)])
     settings.pop("port")
-    config = tmp_path / "comfyfleet.yaml"
-    config.write_text(yaml.safe_dump(settings))
     spec = {"url": file_server.url("style.safetensors"), "sha256": sha256(lora), "folder": "loras"}
     file_server.hold_at["style.safetensors"] = 900_000
 
     part = ModelCache(Path(settings["models"]["cache_dir"]), budget_bytes=1).part_path(sha256(lora))
-    first = Serve(tmp_path, config, "before-kill")
+    first = ServeProcess(tmp_path, config=settings, name="before-kill").start()
     try:
-        async with httpx.AsyncClient(base_url=await first.url(), timeout=30) as http:
+        async with httpx.AsyncClient(base_url=await first.wait_ready(), timeout=30) as http:
             await eventually(lambda: _a_ready_worker(http))
             body = {"payload": model_graph("base.safetensors", "style.safetensors"), "models": [spec]}
             response = await http.post("/api/v1/tasks", json=body)
@@ -53,9 +51,9 @@ async def test_kill_9_during_a_download_resumes_it_after_restart_and_the_task_co
     del file_server.hold_at["style.safetensors"]
     file_server.release.set()
 
-    second = Serve(tmp_path, config, "after-restart")
+    second = ServeProcess(tmp_path, config=settings, name="after-restart").start()
     try:
-        async with httpx.AsyncClient(base_url=await second.url(), timeout=30) as http:
+        async with httpx.AsyncClient(base_url=await second.wait_ready(), timeout=30) as http:
 
             async def ended() -> dict[str, object] | None:
                 task: dict[str, object] = (await http.get(f"/api/v1/tasks/{task_id}")).json()
@@ -65,7 +63,7 @@ async def test_kill_9_during_a_download_resumes_it_after_restart_and_the_task_co
             assert task["status"] == "completed", task
             assert len(task["result"]["outputs"]) == 1  # type: ignore[index]
     finally:
-        second.stop()
+        await second.stop_in_thread()
     assert file_server.ranges["style.safetensors"] == [None, f"bytes={kept}-"]  # resumed once, not refetched
     assert file_server.requests["base.safetensors"] == 1
 

@@ -39,23 +39,23 @@ async def test_eviction_never_removes_a_file_a_queued_or_running_task_needs(
         max_workers=1,
         settings={"command": [*EMULATOR_COMMAND, "--prompt-time", "0.2"]},
     )
-    async with service(service_settings(tmp_path, [slow], cache_budget_bytes=budget)) as svc:
+    async with service(tmp_path, service_settings(tmp_path, [slow], cache_budget_bytes=budget)) as svc:
         # LoRA 1 is needed again by the fourth task, which waits behind the others (a lower priority): while
         # it waits, LoRA 1 stays, though it is the least recently used file when LoRA 3 needs room.
         ids = []
         for seed, (index, priority) in enumerate([(1, 1), (2, 1), (3, 1), (1, 0)]):
             graph = model_graph("base.safetensors", f"l{index}.safetensors", seed=seed)
             body = {"payload": graph, "models": [specs[index]], "priority": priority}
-            response = await svc.submit(body)
+            response = await svc.http.post("/api/v1/tasks", json=body)
             assert response.status_code == 201, response.text
             ids.append(response.json()["id"])
-        ended = [await svc.ended(task_id) for task_id in ids]
+        ended = [await svc.wait_task(task_id, within=60) for task_id in ids]
         assert [task["status"] for task in ended] == ["completed"] * 4, [task["error"] for task in ended]
         assert [file_server.requests[f"l{index}.safetensors"] for index in (1, 2, 3)] == [1, 1, 1]
         # Nothing needs the LoRAs now: the next download makes room by evicting the least recently used.
         body = {"payload": model_graph("base.safetensors", "l4.safetensors", seed=9), "models": [specs[4]]}
-        response = await svc.submit(body)
-        assert (await svc.ended(response.json()["id"]))["status"] == "completed"
+        response = await svc.http.post("/api/v1/tasks", json=body)
+        assert (await svc.wait_task(response.json()["id"], within=60))["status"] == "completed"
         [host] = (await svc.http.get("/api/v1/models")).json()["hosts"]
         held = {entry["sha256"] for entry in host["files"]}
         assert host["used_bytes"] <= budget

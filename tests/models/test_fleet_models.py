@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from file_server import FileServer, sha256
-from models_helpers import eventually, model_graph, pool, service, service_settings
+from models_helpers import model_graph, pool, service, service_settings, workers
+
+from support import eventually
 
 CHECKPOINT = os.urandom(256 * 1024)
 
@@ -26,7 +28,7 @@ async def test_a_pool_manifest_is_on_every_worker_before_it_is_ready_and_fetched
     manifest = [
         {"url": file_server.url("base.safetensors"), "sha256": sha256(CHECKPOINT), "folder": "checkpoints"}
     ]
-    async with service(service_settings(tmp_path, [pool(manifest, min_workers=2)])) as svc:
+    async with service(tmp_path, service_settings(tmp_path, [pool(manifest, min_workers=2)])) as svc:
         ready = await eventually(lambda: _ready(svc, 2))
         assert file_server.requests["base.safetensors"] == 1  # two workers, one download
         for worker in ready:
@@ -36,9 +38,9 @@ async def test_a_pool_manifest_is_on_every_worker_before_it_is_ready_and_fetched
             async with httpx.AsyncClient(base_url=worker["endpoint"]) as comfy:
                 info = (await comfy.get("/object_info/CheckpointLoaderSimple")).json()
             assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["base.safetensors"]
-        response = await svc.submit({"payload": model_graph("base.safetensors")})
+        response = await svc.http.post("/api/v1/tasks", json={"payload": model_graph("base.safetensors")})
         assert response.status_code == 201, response.text
-        task = await svc.ended(response.json()["id"])
+        task = await svc.wait_task(response.json()["id"], within=60)
         assert task["status"] == "completed", task
         # A replacement worker on the same host: linked from the cache, no second download.
         first = ready[0]["id"]
@@ -64,7 +66,7 @@ async def test_a_manifest_file_that_cannot_be_had_fails_the_start_with_the_reaso
     manifest = [
         {"url": file_server.url("base.safetensors"), "sha256": sha256(b"other"), "folder": "checkpoints"}
     ]
-    async with service(service_settings(tmp_path, [pool(manifest, min_workers=1)])) as svc:
+    async with service(tmp_path, service_settings(tmp_path, [pool(manifest, min_workers=1)])) as svc:
 
         async def failed() -> list[dict[str, Any]]:
             response = await svc.http.get("/api/v1/workers", params={"include_gone": "true"})
@@ -79,12 +81,12 @@ async def test_a_manifest_file_that_cannot_be_had_fails_the_start_with_the_reaso
 
 
 async def _ready(svc: Any, count: int, without: str | None = None) -> list[dict[str, Any]] | None:
-    workers = [
+    ready = [
         worker
-        for worker in await svc.workers()
+        for worker in await workers(svc)
         if worker["state"] in ("idle", "busy") and worker["id"] != without
     ]
-    return workers if len(workers) >= count else None
+    return ready if len(ready) >= count else None
 
 
 def lora(file_server: FileServer, index: int) -> tuple[str, dict[str, Any]]:
@@ -109,12 +111,14 @@ async def test_tasks_bring_their_own_loras_and_each_is_fetched_once(
     # Both workers load the checkpoint as they start (the warm-up runs once the manifest is there), so both
     # are as good a place for any of the tasks below.
     warm = pool(manifest, min_workers=2, warmup=model_graph("base.safetensors"))
-    async with service(service_settings(tmp_path, [warm])) as svc:
+    async with service(tmp_path, service_settings(tmp_path, [warm])) as svc:
         await eventually(lambda: _ready(svc, 2))
         # One task first, held in the middle of its download: the task is fetching_models, with progress.
         name, spec = lora(file_server, 0)
         file_server.hold_at[name] = 1000
-        response = await svc.submit({"payload": model_graph("base.safetensors", name), "models": [spec]})
+        response = await svc.http.post(
+            "/api/v1/tasks", json={"payload": model_graph("base.safetensors", name), "models": [spec]}
+        )
         assert response.status_code == 201, response.text
         first = response.json()["id"]
         assert response.json()["models"][0]["name"] == name
@@ -130,16 +134,16 @@ async def test_tasks_bring_their_own_loras_and_each_is_fetched_once(
             file_server.release.set()
             seen = await _progress_event(events)
         assert seen["models"]["files"] == 1
-        assert (await svc.ended(first))["status"] == "completed"
+        assert (await svc.wait_task(first, within=60))["status"] == "completed"
         # Eight tasks, eight LoRAs, two workers: each file fetched once, every task completed.
         loras = [lora(file_server, index) for index in range(1, 9)]
         ids = []
         for index, (name, spec) in enumerate(loras):
             body = {"payload": model_graph("base.safetensors", name, seed=index), "models": [spec]}
-            response = await svc.submit(body)
+            response = await svc.http.post("/api/v1/tasks", json=body)
             assert response.status_code == 201, response.text
             ids.append(response.json()["id"])
-        ended = [await svc.ended(task_id) for task_id in ids]
+        ended = [await svc.wait_task(task_id, within=60) for task_id in ids]
         assert [task["status"] for task in ended] == ["completed"] * 8, [task["error"] for task in ended]
         assert {task["worker_id"] for task in ended} == {
             worker["id"] for worker in await _ready(svc, 2) or []
@@ -171,11 +175,15 @@ async def test_a_task_model_that_cannot_be_had_fails_the_task_once_with_the_reas
         spec["sha256"], reason = sha256(b"not these bytes"), "sha256"
     else:
         spec["url"], reason = file_server.url("gone.safetensors"), "HTTP 404"
-    async with service(service_settings(tmp_path, [pool(manifest, min_workers=1, max_workers=1)])) as svc:
+    async with service(
+        tmp_path, service_settings(tmp_path, [pool(manifest, min_workers=1, max_workers=1)])
+    ) as svc:
         await eventually(lambda: _ready(svc, 1))
-        response = await svc.submit({"payload": model_graph("base.safetensors", name), "models": [spec]})
+        response = await svc.http.post(
+            "/api/v1/tasks", json={"payload": model_graph("base.safetensors", name), "models": [spec]}
+        )
         assert response.status_code == 201, response.text
-        task = await svc.ended(response.json()["id"])
+        task = await svc.wait_task(response.json()["id"], within=60)
         assert (task["status"], task["error_kind"]) == ("failed", "model_unavailable")
         assert reason in task["error"]
         assert task["retry_count"] == 0
@@ -201,8 +209,10 @@ async def test_model_files_that_can_never_be_had_are_refused_at_the_door(
     else:
         spec["name"], expected = "../../etc/x.safetensors", "plain file name"
     strict = pool(min_workers=0, max_workers=1, models_allow_private=False)
-    async with service(service_settings(tmp_path, [strict])) as svc:
-        response = await svc.submit({"payload": model_graph("base.safetensors", name), "models": [spec]})
+    async with service(tmp_path, service_settings(tmp_path, [strict])) as svc:
+        response = await svc.http.post(
+            "/api/v1/tasks", json={"payload": model_graph("base.safetensors", name), "models": [spec]}
+        )
         assert response.status_code == 422, response.text
         body = response.json()
         assert body["error"] == "invalid_models"
@@ -226,7 +236,9 @@ async def test_a_task_brings_a_model_uploaded_through_comfy_api_v2(
 ) -> None:
     manifest = checkpoint(file_server)
     data = safetensors_file([0.5, 0.25, 0.125])
-    async with service(service_settings(tmp_path, [pool(manifest, min_workers=1, max_workers=1)])) as svc:
+    async with service(
+        tmp_path, service_settings(tmp_path, [pool(manifest, min_workers=1, max_workers=1)])
+    ) as svc:
         uploaded = await svc.http.post(
             "/api/v2/assets",
             data={"content_type": "application/octet-stream", "file_path": "models/loras/mine.safetensors"},
@@ -239,11 +251,12 @@ async def test_a_task_brings_a_model_uploaded_through_comfy_api_v2(
             "folder": "loras",
             "name": "mine.safetensors",
         }
-        response = await svc.submit(
-            {"payload": model_graph("base.safetensors", "mine.safetensors"), "models": [spec]}
+        response = await svc.http.post(
+            "/api/v1/tasks",
+            json={"payload": model_graph("base.safetensors", "mine.safetensors"), "models": [spec]},
         )
         assert response.status_code == 201, response.text
-        task = await svc.ended(response.json()["id"])
+        task = await svc.wait_task(response.json()["id"], within=60)
         assert task["status"] == "completed", task
         [worker] = await _ready(svc, 1) or []
         placed = Path(worker["info"]["models_dir"]) / "loras" / "mine.safetensors"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from file_server import FileServer, sha256
-from models_helpers import eventually, model_graph, pool, service, service_settings
+from models_helpers import model_graph, pool, service, service_settings
 
 from comfyfleet import AsyncClient
+from support import eventually
 
 
 @pytest.mark.slow
@@ -30,7 +31,7 @@ async def test_the_models_are_shown_by_the_api_sdk_cli_dashboard_and_metrics(
             "folder": "checkpoints",
         }
     ]
-    async with service(service_settings(tmp_path, [pool(manifest, min_workers=1)])) as svc:
+    async with service(tmp_path, service_settings(tmp_path, [pool(manifest, min_workers=1)])) as svc:
 
         async def ready() -> dict[str, object] | None:
             listing = (await svc.http.get("/api/v1/models")).json()
@@ -89,7 +90,7 @@ async def test_the_blob_route_serves_verified_files_with_range_to_an_admin_or_a_
     spec = {"url": file_server.url("lora.safetensors"), "sha256": sha256(data), "folder": "loras"}
     settings = service_settings(tmp_path, [pool(min_workers=0)])
     settings["api_keys"] = [{"key": "admin-key", "admin": True}, {"key": "tenant-key", "tenant": "alice"}]
-    async with service(settings) as svc:
+    async with service(tmp_path, settings) as svc:
         models = svc.runtime.services.models
         assert models is not None
         from comfyfleet.models import ModelPolicy, ModelSpec
