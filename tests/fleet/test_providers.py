@@ -153,10 +153,12 @@ async def test_list_ours_finds_this_pool_only_and_a_fresh_provider_rediscovers(k
         )
 
 
+# Only the providers that make instances of their own (a static pool's servers are nobody's to reap).
+@pytest.mark.parametrize(
+    "kind_settings", ["process", pytest.param("docker", marks=pytest.mark.docker), "novita"], indirect=True
+)
 async def test_list_ours_leaves_another_installations_instances_alone(kind: Kind) -> None:
     """Same namespace, same pool name, another store: neither lists (so neither reaps) the other's instance."""
-    if not kind.managed:
-        pytest.skip("a static pool has no instances of its own")
     ours = await kind.open("pool-a")
     neighbour = await kind.open("pool-a", installation=uuid.uuid4().hex[:16])
     mine = await ours.create(new_worker_id("pool-a"))
