@@ -38,7 +38,7 @@ def export(revision: str, into: Path) -> Path:
     archive = into / "tree.tar"
     with archive.open("wb") as out:
         subprocess.run(
-            ["git", "archive", revision, "src", "bench", "tests/api/data"], cwd=ROOT, stdout=out, check=True
+            ["git", "archive", revision, "src", "bench", "tests"], cwd=ROOT, stdout=out, check=True
         )
     tree = into / "tree"
     with tarfile.open(archive) as tar:

@@ -43,7 +43,7 @@ from comfyfleet.domain import NewTask
 from comfyfleet.store import Store, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_BODY = json.loads((ROOT / "tests" / "api" / "data" / "seed_task.json").read_text())
+SEED_BODY = json.loads((ROOT / "tests" / "support" / "data" / "seed_task.json").read_text())
 LISTENING = re.compile(r"api_listening url=(http://\S+)")
 TARGETS_PER_S = {"sqlite": 3000, "postgresql": 2000}  # issue 11, 64 connections on a 2-core machine
 
