@@ -1,7 +1,7 @@
 """The task dispatcher: its loops, the worker slots, claiming and placement, and the adoption of orphans.
 
-Event-driven: a submitted task, a freed slot, a worker that became ready, a cancel request or a retry
-coming due wakes the loop at once; a slow safety poll only covers timers. Each claimed task runs as one
+Event-driven: a submitted task, a freed slot, a worker that became ready, a cancel request or a retry coming
+due wakes the loop at once; a slow safety poll only covers timers. Each claimed task runs as one
 :class:`~comfyfleet.dispatch.attempt.Attempt` (submit, follow, collect, end) in the dispatcher's task group.
 
 Crash safety: before a prompt is submitted, its worker and ``prompt_id`` (chosen here) are written to the
@@ -29,6 +29,7 @@ from comfyfleet.dispatch import models as task_models
 from comfyfleet.dispatch import placement
 from comfyfleet.dispatch.attempt import Attempt, WorkerSlot
 from comfyfleet.dispatch.clock import Clock, SystemClock
+from comfyfleet.dispatch.due import NextDue
 from comfyfleet.dispatch.record import AttemptContext, AttemptRecord
 from comfyfleet.domain import Task, WorkerState
 from comfyfleet.events import CANCEL_CHANNEL, EVENTS_CHANNEL, TASKS_CHANNEL, EventBus
@@ -76,6 +77,7 @@ class Dispatcher:
         self.owner = owner
         self.bus = bus or EventBus()
         self.clock = clock or SystemClock()
+        self._due = NextDue(store, self.clock, settings.safety_poll_s)
         self._pool_labels = {pool.name: tuple(pool.labels) for pool in pools}
         self._max_input_bytes = limits_max_input_bytes
         self._client_factory = client_factory or ComfyClient
@@ -159,10 +161,7 @@ class Dispatcher:
             timeout = self.settings.safety_poll_s
             if store_failures:
                 timeout = min(timeout, _STORE_RETRY_MIN_S * 2 ** min(store_failures, 8), _STORE_RETRY_MAX_S)
-            with contextlib.suppress(StoreError):
-                due = await self.store.next_due_at()
-                if due is not None:
-                    timeout = max(0.0, min(timeout, (due - self.clock.now()).total_seconds()))
+            timeout = await self._due.limit(timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
@@ -184,6 +183,7 @@ class Dispatcher:
     async def _notification_loop(self) -> None:
         async for note in self.store.listen():
             if note.channel == TASKS_CHANNEL:
+                self._due.heard(note.payload)
                 self._wake.set()
             elif note.channel == CANCEL_CHANNEL:
                 attempt = self._attempts.get(note.payload)

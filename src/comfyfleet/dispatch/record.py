@@ -76,7 +76,10 @@ async def publish_status(bus: EventBus, store: Store, task: Task) -> None:
     if task.status == TaskStatus.PENDING:
         # Back in the queue (retry or release): let every replica's dispatcher look again.
         try:
-            await store.notify(TASKS_CHANNEL, json.dumps({"task_id": task.id}))
+            back: dict[str, str] = {"task_id": task.id}
+            if task.not_before is not None:
+                back["not_before"] = task.not_before.isoformat()  # heard by every dispatcher's ``NextDue``
+            await store.notify(TASKS_CHANNEL, json.dumps(back))
         except StoreError:
             logger.debug("wake_up_not_sent task_id=%s", task.id, exc_info=True)
 
