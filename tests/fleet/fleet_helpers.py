@@ -15,19 +15,8 @@ from comfyfleet.config import PoolConfig, Settings
 from comfyfleet.emulators.novita import NovitaEmulator
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.store import Store
+from support.fleet import EMULATOR_COMMAND as EMULATOR_COMMAND  # the fleet tests take it from here
 
-EMULATOR_COMMAND = [
-    "{python}",
-    "-m",
-    "comfyfleet",
-    "emulator",
-    "--host",
-    "{host}",
-    "--port",
-    "{port}",
-    "--log-level",
-    "warning",
-]
 NOVITA_KEY = "test-novita-key"
 DEADLINE_S = 45.0
 

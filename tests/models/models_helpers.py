@@ -9,22 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from support import Fleet, fast_settings, running_fleet
+from support.fleet import EMULATOR_COMMAND as SUPPORT_EMULATOR_COMMAND
 
-EMULATOR_COMMAND = [
-    "{python}",
-    "-m",
-    "comfyfleet",
-    "emulator",
-    "--host",
-    "{host}",
-    "--port",
-    "{port}",
-    "--log-level",
-    "warning",
-    "--models-dir",
-    "{models_dir}",
-    "--strict-models",
-]
+EMULATOR_COMMAND = [*SUPPORT_EMULATOR_COMMAND, "--models-dir", "{models_dir}", "--strict-models"]
 
 
 def model_graph(checkpoint: str, lora: str | None = None, seed: int = 1) -> dict[str, Any]:

@@ -26,6 +26,19 @@ from comfyfleet.runtime import Runtime
 from support.polling import eventually
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# A ``process`` pool's command: one ComfyUI emulator per worker, on the address the provider gives it.
+EMULATOR_COMMAND = [
+    "{python}",
+    "-m",
+    "comfyfleet",
+    "emulator",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--log-level",
+    "warning",
+]
 
 # Quick to notice a worker come or go, quick to retry: the tests wait on these, never on the defaults.
 FAST_DISPATCH = {
