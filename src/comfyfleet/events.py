@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfyfleet.domain import Task
+from comfyfleet.domain import Task, TaskStatus
 from comfyfleet.store import Store
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class TaskEvent:
 
 
 def status_event(task: Task) -> TaskEvent:
-    """The ``status`` event of a task as it stands, for changes made outside the dispatcher (a submission, a
-    pending task cancelled, a new priority), so live listeners hear of them too."""
+    """The ``status`` event of a task as it stands, for every change of it (a submission, a cancel, a new
+    priority, each step of an attempt); a completed task's event carries its outputs."""
     data: dict[str, Any] = {
         "status": task.status.value,
         "phase": task.phase.value if task.phase else None,
@@ -72,6 +72,8 @@ def status_event(task: Task) -> TaskEvent:
     if task.error:
         data["error"] = task.error
         data["error_kind"] = task.error_kind
+    if task.status is TaskStatus.COMPLETED and task.result:
+        data["outputs"] = task.result.get("outputs", [])
     return TaskEvent("status", task.id, task.tenant, data, task=task)
 
 

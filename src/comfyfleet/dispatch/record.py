@@ -25,7 +25,7 @@ from comfyfleet.dispatch.clock import Clock
 from comfyfleet.dispatch.models import TaskModels
 from comfyfleet.dispatch.retry import next_attempt_at
 from comfyfleet.domain import Task, TaskStatus
-from comfyfleet.events import TASKS_CHANNEL, EventBus, TaskEvent
+from comfyfleet.events import TASKS_CHANNEL, EventBus, status_event
 from comfyfleet.fleet.base import WorkerDirectory
 from comfyfleet.outputs import OutputStore
 from comfyfleet.store import Lease, StaleLease, Store, StoreError, StoreUnavailable
@@ -60,19 +60,7 @@ async def publish_status(bus: EventBus, store: Store, task: Task) -> None:
     """Tell live listeners of a task's new status; a task back in the queue wakes every dispatcher."""
     if task.is_terminal and task.completed_at is not None:
         metrics.observe_task_duration(str(task.status), (task.completed_at - task.created_at).total_seconds())
-    data: dict[str, Any] = {
-        "status": str(task.status),
-        "phase": str(task.phase) if task.phase else None,
-        "worker_id": task.worker_id,
-        "attempt": task.attempt,
-        "retry_count": task.retry_count,
-    }
-    if task.error:
-        data["error"] = task.error
-        data["error_kind"] = task.error_kind
-    if task.status == TaskStatus.COMPLETED and task.result:
-        data["outputs"] = task.result.get("outputs", [])
-    await bus.publish(TaskEvent(type="status", task_id=task.id, tenant=task.tenant, data=data, task=task))
+    await bus.publish(status_event(task))
     if task.status == TaskStatus.PENDING:
         # Back in the queue (retry or release): let every replica's dispatcher look again.
         try:
