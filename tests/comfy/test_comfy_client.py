@@ -50,8 +50,8 @@ async def test_submit_and_follow_collects_outputs_and_events(emulator_factory: E
         assert seen[-1].is_done
         assert all(event.prompt_id == prompt_id for event in seen)
         assert next(e for e in seen if e.type == "progress").data["max"] == 5
-        async with comfy.download("ComfyUI_00001_.png") as response:
-            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+        async with comfy.download("ComfyUI_00001_.png") as file:
+            body = b"".join([chunk async for chunk in file.chunks])
         assert body[:4] == b"\x89PNG"
         with pytest.raises(OutputNotFound):
             async with comfy.download("nothing.png"):

@@ -104,7 +104,7 @@ async def test_trivial_prompt_round_trip(comfy: ComfyClient) -> None:
     assert image["subfolder"] == "conformance"
     assert image["type"] == "output"
     async with comfy.download(image["filename"], image["subfolder"]) as response:
-        data = await response.aread()
+        data = await response.read()
     with Image.open(io.BytesIO(data)) as png:
         assert png.size == (48, 48)
     job = await comfy.job(prompt_id)
@@ -197,7 +197,7 @@ async def test_upload_then_load_image(comfy: ComfyClient) -> None:
     assert outcome.status == "success"
     (image,) = outcome.files()
     async with comfy.download(image["filename"], image["subfolder"]) as response:
-        with Image.open(io.BytesIO(await response.aread())) as png:
+        with Image.open(io.BytesIO(await response.read())) as png:
             assert png.size == (200, 100)
 
 

@@ -101,16 +101,18 @@ async def test_postgres_killed_for_six_seconds_strands_no_task(
 
 
 async def _limit_pages(store: Store, pages: int | None) -> int:
-    """SQLite's own size limit, ``PRAGMA max_page_count``, on the store's writer connection (the limit is per
-    connection, so it must be that one): a write that needs a new page then fails with SQLITE_FULL, "database
-    or disk is full", exactly as on a full disk. ``None`` sets it to the file's current size."""
+    """SQLite's own size limit, ``PRAGMA max_page_count``, on the store's connections that write (the limit is
+    per connection, so it must be those: the event loop's and the writer thread's): a write that needs a new page
+    then fails with SQLITE_FULL, "database or disk is full", exactly as on a full disk. ``None`` sets it to the
+    file's current size."""
 
     def apply(conn: sqlite3.Connection) -> int:
         limit = pages if pages is not None else conn.execute("PRAGMA page_count").fetchone()[0]
         return int(conn.execute(f"PRAGMA max_page_count = {int(limit)}").fetchone()[0])
 
-    writer = store._writer  # type: ignore[attr-defined]  # the one test hook: the writer's own connection
-    return int(await writer.run(apply, exclusive=True))
+    # The one test hook: the store's own connections.
+    apply(store._inline.connection)  # type: ignore[attr-defined]
+    return int(await store._writer.run(apply, exclusive=True))  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow

@@ -18,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 
 from comfyfleet.comfy.errors import (
     ClientStateError,
     ComfyTimeout,
-    OutputNotFound,
     PromptLost,
     UnexpectedResponse,
     WorkerUnreachable,
@@ -47,11 +45,11 @@ from comfyfleet.comfy.results import (
     outcome_from_history,
 )
 from comfyfleet.comfy.stream import EventStream, PromptWatch
+from comfyfleet.comfy.transport import Answer, Download, Transport
 
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[ComfyEvent], Awaitable[None] | None]
-_JSON_HEADERS = {"Content-Type": "application/json"}
 # How long a status frame may precede the execution_start of a prompt before a poll checks on it.
 _START_GRACE_S = 0.02
 # A poll may learn of the end before the socket's last frames of the prompt are read; they follow at once.
@@ -88,7 +86,6 @@ class ComfyClient:
         self,
         base_url: str,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
         events: bool = True,
         poll_interval_s: float = 0.1,
@@ -97,13 +94,12 @@ class ComfyClient:
         reconnect_max_s: float = 5.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._transport = transport
         self._timeout = timeout
         self._events = events
         self._poll_interval_s = poll_interval_s
         self._max_poll_interval_s = max_poll_interval_s
         self._unreachable_after_s = unreachable_after_s
-        self._http: httpx.AsyncClient | None = None
+        self._http = Transport(self.base_url, timeout)
         self._state: Literal["new", "open", "closed"] = "new"
         self._events_task: asyncio.Task[None] | None = None
         self._stream = EventStream(
@@ -117,9 +113,7 @@ class ComfyClient:
     async def __aenter__(self) -> ComfyClient:
         if self._state != "new":
             raise ClientStateError(f"ComfyClient for {self.base_url} cannot be opened twice")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, transport=self._transport, timeout=self._timeout
-        )
+        self._http.open()
         self._state = "open"
         if self._events:
             # Owned by this client and cancelled and awaited in close(); not a TaskGroup because the
@@ -146,11 +140,10 @@ class ComfyClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._stream.wake_all()
-        if self._http is not None:
-            await self._http.aclose()
+        await self._http.close()
 
-    def _check_open(self) -> httpx.AsyncClient:
-        if self._state != "open" or self._http is None:
+    def _check_open(self) -> Transport:
+        if self._state != "open":
             raise ClientStateError(
                 f"ComfyClient for {self.base_url} is {'closed' if self._state == 'closed' else 'not open yet'}"
             )
@@ -184,31 +177,14 @@ class ComfyClient:
         """Call ``callback`` for every frame (``status`` included); returns a function that removes it."""
         return self._stream.add_listener(callback)
 
-    # -- HTTP plumbing -------------------------------------------------------------------------------
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        http = self._check_open()
-        try:
-            return await http.request(method, path, **kwargs)
-        except httpx.ConnectTimeout as exc:
-            raise WorkerUnreachable(f"{method} {self.base_url}{path}: connect timed out") from exc
-        except httpx.TimeoutException as exc:
-            raise ComfyTimeout(f"{method} {self.base_url}{path}: no answer within {self._timeout}s") from exc
-        except httpx.TransportError as exc:
-            raise WorkerUnreachable(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+    async def _request(self, method: str, path: str, *, body: Any = None) -> Answer:
+        return await self._check_open().request(method, path, body=body)
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self._request(method, path, **kwargs)
-        if response.status_code != 200:
-            raise UnexpectedResponse(method, path, response.status_code, response.text)
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise UnexpectedResponse(method, path, response.status_code, response.text) from exc
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        return await self._check_open().json(method, path, body)
 
     async def _post_empty(self, path: str, body: dict[str, Any]) -> None:
-        response = await self._request("POST", path, content=json.dumps(body), headers=_JSON_HEADERS)
-        if response.status_code != 200:
-            raise UnexpectedResponse("POST", path, response.status_code, response.text)
+        await self._check_open().post_empty(path, body)
 
     # -- prompts -------------------------------------------------------------------------------------
     def forget(self, prompt_id: str) -> None:
@@ -237,9 +213,7 @@ class ComfyClient:
             payload["extra_data"] = extra_data
         self._stream.watch(prompt_id, routed_to)  # before the POST: frames may arrive before its answer
         try:
-            response = await self._request(
-                "POST", "/prompt", content=json.dumps(payload), headers=_JSON_HEADERS
-            )
+            response = await self._request("POST", "/prompt", body=payload)
         except WorkerUnreachable:
             self.forget(prompt_id)
             raise
@@ -285,6 +259,12 @@ class ComfyClient:
     async def delete_history(self, prompt_ids: Sequence[str]) -> None:
         await self._post_empty("/history", {"delete": list(prompt_ids)})
 
+    def delete_history_later(self, prompt_id: str) -> None:
+        """Delete a finished prompt's history entry soon, with others in one call (a call per task would
+        cost both sides more than the rest of collecting it). Failures are ignored: upstream trims its
+        history itself. ``close()`` sends what is still waiting."""
+        self._check_open().delete_history_later(prompt_id)
+
     async def queue(self) -> QueueState:
         body = await self._json("GET", "/queue")
         running = [QueueItem.from_wire(item) for item in body.get("queue_running", [])]
@@ -314,8 +294,12 @@ class ComfyClient:
     ) -> dict[str, Any]:
         """Upload into the server's ``kind`` folder; returns ``{name, subfolder, type}`` (the name may
         have been changed to avoid a clash). LoadImage then reads ``"subfolder/name"``."""
-        fields = {"type": kind, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
-        response = await self._request("POST", "/upload/image", files={"image": (name, data)}, data=fields)
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
+        form.add_field("type", kind)
+        form.add_field("subfolder", subfolder)
+        form.add_field("overwrite", "true" if overwrite else "false")
+        response = await self._check_open().request("POST", "/upload/image", data=form)
         if response.status_code != 200:
             raise UnexpectedResponse("POST", "/upload/image", response.status_code, response.text)
         body: dict[str, Any] = response.json()
@@ -324,25 +308,11 @@ class ComfyClient:
     @contextlib.asynccontextmanager
     async def download(
         self, filename: str, subfolder: str = "", kind: str = "output"
-    ) -> AsyncIterator[httpx.Response]:
-        """Stream a file from ``/view``: ``async with comfy.download(...) as response: async for chunk in
-        response.aiter_bytes(): ...``. Raises :class:`OutputNotFound` on 404."""
-        http = self._check_open()
-        params = {"filename": filename, "subfolder": subfolder, "type": kind}
-        try:
-            async with http.stream("GET", "/view", params=params) as response:
-                if response.status_code == 404:
-                    raise OutputNotFound(filename, subfolder, kind)
-                if response.status_code != 200:
-                    await response.aread()
-                    raise UnexpectedResponse("GET", "/view", response.status_code, response.text)
-                yield response
-        except httpx.ConnectTimeout as exc:
-            raise WorkerUnreachable(f"GET {self.base_url}/view: connect timed out") from exc
-        except httpx.TimeoutException as exc:
-            raise ComfyTimeout(f"GET {self.base_url}/view: no answer within {self._timeout}s") from exc
-        except httpx.TransportError as exc:
-            raise WorkerUnreachable(f"GET {self.base_url}/view: {type(exc).__name__}: {exc}") from exc
+    ) -> AsyncIterator[Download]:
+        """Stream a file from ``/view``: ``async with comfy.download(...) as file: async for chunk in
+        file.chunks: ...``. Raises :class:`OutputNotFound` on 404."""
+        async with self._check_open().download(filename, subfolder, kind) as file:
+            yield file
 
     async def object_info(self, *, refresh: bool = False) -> dict[str, Any]:
         """Every node class of the server (cached after the first call: it is big and slow upstream;
@@ -459,6 +429,7 @@ class ComfyClient:
 
 __all__ = [
     "ComfyClient",
+    "Download",
     "PromptOutcome",
     "PromptTimings",
     "QueueItem",

@@ -96,6 +96,7 @@ class Attempt:
         except StoreError:
             logger.exception("attempt_store_error task_id=%s", self.task.id)
         finally:
+            self.record.drop_phase_write()
             task_models.release_task_models(self.ctx.models, self.task)
 
     async def _run(self, adopted: bool) -> None:
@@ -175,10 +176,7 @@ class Attempt:
         models = model_names(task.payload)
         if models:
             slot.recent_models = placement.recent_models_after(slot.recent_models, models)
-        await self.record.update(
-            "set_phase", lambda lease: store.set_phase(lease, TaskPhase.QUEUED_ON_WORKER)
-        )
-        await self.record.publish()
+        await self.record.publish(self.record.set_phase_soon(TaskPhase.QUEUED_ON_WORKER))
         logger.info(
             "prompt_submitted task_id=%s worker_id=%s prompt_id=%s", task.id, slot.worker.id, prompt_id
         )
@@ -290,7 +288,7 @@ class Attempt:
         if outcome is not None and status == "success":
             # The last progress reached rides on the completion write.
             await self._complete(outcome, unwritten)
-            await self._forget_prompt()
+            self._forget_prompt()
             return
         if unwritten is not None:
             # Progress writes are spaced out while a prompt runs; the task keeps the last one it reached.
@@ -318,13 +316,12 @@ class Attempt:
         else:
             await self._retry_or_fail("prompt_lost", "the worker lost the prompt")
         if status in {"error", "interrupted"}:
-            await self._forget_prompt()
+            self._forget_prompt()
 
-    async def _forget_prompt(self) -> None:
+    def _forget_prompt(self) -> None:
         """Keep long-lived workers small: the result is ours now (and already answered)."""
         if self.prompt_id:
-            with contextlib.suppress(ComfyError):
-                await self.slot.client.delete_history([self.prompt_id])
+            self.slot.client.delete_history_later(self.prompt_id)
 
     async def _complete(self, outcome: PromptOutcome, progress: dict[str, Any] | None) -> None:
         task, slot, ctx = self.task, self.slot, self.ctx
@@ -374,13 +371,7 @@ class Attempt:
             self.execution_started_at = self.ctx.clock.now()
             # Counts as a progress write: the first node's progress waits for the next one (or the end).
             self._last_progress_write = self.ctx.clock.monotonic()
-            store = self.ctx.store
-            executing = await self.record.update_soon(
-                lambda lease: store.set_phase(lease, TaskPhase.EXECUTING)
-            )
-            if executing is not None:
-                self.record.task = executing
-                await self.record.publish()
+            await self.record.publish(self.record.set_phase_soon(TaskPhase.EXECUTING))
             return
         if kind == "executing" and data.get("node") is not None:
             node = str(data["node"])

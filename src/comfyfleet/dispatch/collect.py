@@ -66,11 +66,11 @@ async def _store_output(
     filename = item["filename"]
     subfolder = str(item.get("subfolder") or "")
     file_type = str(item.get("type") or "output")
-    async with client.download(filename, subfolder, file_type) as response:
-        content_type = (response.headers.get("content-type") or "").split(";")[0].strip()
+    async with client.download(filename, subfolder, file_type) as download:
+        content_type = download.content_type.split(";")[0].strip()
         if not content_type or content_type == "application/octet-stream":
             content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        stored = await store.put(task.id, name, response.aiter_bytes(), content_type)
+        stored = await store.put(task.id, name, download.chunks, content_type)
     return {
         "node_id": node_id,
         "kind": kind,

@@ -9,6 +9,9 @@ back: the attempt's entry in the task's ``attempts`` says it did.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -24,7 +27,7 @@ from comfyfleet.config import DispatchSettings
 from comfyfleet.dispatch.clock import Clock
 from comfyfleet.dispatch.models import TaskModels
 from comfyfleet.dispatch.retry import next_attempt_at
-from comfyfleet.domain import Task, TaskStatus
+from comfyfleet.domain import Task, TaskPhase, TaskStatus
 from comfyfleet.events import TASKS_CHANNEL, EventBus, status_event
 from comfyfleet.fleet.base import WorkerDirectory
 from comfyfleet.outputs import OutputStore
@@ -39,6 +42,9 @@ T = TypeVar("T")
 _WRITE_WAIT_INITIAL_S = 0.1
 _WRITE_WAIT_MAX_S = 2.0
 _WRITE_WAIT_JITTER_S = 0.25
+# A phase change (queued on the worker, executing) reaches the store this long after it happens, unless the
+# attempt ends first: the end write carries the task on, and a short task costs no phase writes at all.
+PHASE_WRITE_DELAY_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class AttemptRecord:
         # short writes (release, orphans) try once and are tried again by its loops.
         self._patient = patient
         self._failed_tries = 0
+        self._phase_writer: asyncio.Task[None] | None = None
+        self._phase_writing = False
 
     def adopt(self, task: Task) -> None:
         """This dispatcher adopted the attempt again (its lease ran out while the store was away): its
@@ -152,12 +160,52 @@ class AttemptRecord:
             logger.debug("attempt_update_skipped task_id=%s error=%s", self.task.id, exc)
             return None
 
+    def set_phase_soon(self, phase: TaskPhase) -> Task:
+        """The attempt moved on: the task as it is now, at once (publish it to live listeners); the store
+        hears of the phase after ``PHASE_WRITE_DELAY_S`` unless the attempt has ended by then."""
+        self.task = dataclasses.replace(self.task, phase=phase, updated_at=self.ctx.clock.now())
+        if self._phase_writer is None or self._phase_writer.done():
+            self._phase_writer = asyncio.ensure_future(self._write_phase_later())
+        return self.task
+
+    async def _write_phase_later(self) -> None:
+        # Real time, not the dispatcher's clock: a delay of the plumbing, not a rule of the task's life.
+        await asyncio.sleep(PHASE_WRITE_DELAY_S)
+        self._phase_writing = True
+        phase, store = self.task.phase, self.ctx.store
+        try:
+            if phase is not None:
+                await self.update_soon(lambda lease: store.set_phase(lease, phase))
+        except StoreError as exc:  # the store closed under it: the attempt's end (or adoption) says the rest
+            logger.debug("phase_write_skipped task_id=%s error=%s", self.task.id, exc)
+        finally:
+            self._phase_writing = False
+
+    def drop_phase_write(self) -> asyncio.Task[None] | None:
+        """Drop a phase write not sent yet; returns one on its way (or None)."""
+        writer, self._phase_writer = self._phase_writer, None
+        if writer is None or writer.done():
+            return None
+        if not self._phase_writing:
+            writer.cancel()
+            return None
+        return writer
+
+    async def _settle_phase_write(self) -> None:
+        """Before the attempt's end: a phase write not sent yet is dropped (the end supersedes it), one on
+        its way is waited for (so the store sees them in order)."""
+        writer = self.drop_phase_write()
+        if writer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
     async def end(
         self, what: str, write: Callable[[Lease], Awaitable[Task]], *, recorded: bool = True
     ) -> Task:
         """A write that ends the attempt (``recorded``: it appends the attempt to the task's ``attempts``).
         When an earlier try's answer was lost and the write is now refused, the task is read back: if the
         write landed, that is its answer."""
+        await self._settle_phase_write()
         failed_before = self._failed_tries
         while True:
             lease = self.lease

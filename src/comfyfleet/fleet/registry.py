@@ -12,6 +12,7 @@ fields into the stored record, and leaves its requests (drain, undrain, terminat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "workers"
 MAX_LOADED_MODELS = 64
+# Assignment changes are written at most this often: a busy worker's record is written a few times a
+# second, not twice per task (and followers re-read the records after each write).
+FLUSH_SPACING_S = 0.2
 LIVE = (WorkerState.IDLE, WorkerState.BUSY)
 # Requests a follower leaves on a record for the leader; a request replaces the one that undoes it.
 DRAIN_REQUESTED = "drain_requested"
@@ -297,6 +301,10 @@ class WorkerRegistry:
                 await self.flush()
             except StoreError as exc:
                 logger.warning("fleet_flush_failed error=%s", exc)
+            if not self._signals.stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_SPACING_S):
+                        await self._signals.stop.wait()
 
     async def notify(self, payload: str) -> None:
         try:

@@ -32,6 +32,14 @@ class RecordsMixin:
         """Run one statement that writes, durably; return what it returns."""
         raise NotImplementedError
 
+    async def _read_long(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        """A read that may take long (a page of a listing); a dialect may run it apart from the short ones."""
+        return await self._read(sql, params)
+
+    async def _write_long(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        """A write that may touch many rows (a purge)."""
+        return await self._write(sql, params)
+
     def _now(self) -> dict[str, Any]:
         """The parameter every time-dependent statement gets: the application's clock (``now``)."""
         return {"now": self.codec.dump_time(utcnow())}

@@ -7,6 +7,7 @@ over a small seam that each dialect fills in (as procrastinate's connectors do):
 - ``codec``: how it stores JSON and times (:class:`~comfyfleet.store._rows.Codec`);
 - ``_read(sql, params)`` and ``_write(sql, params)``: run one statement with named parameters and return its
   rows, raising :class:`~comfyfleet.store.base.StoreError` (a unique key taken is :class:`Conflict`);
+  ``_read_long`` and ``_write_long`` for the few that may take long (a page of a listing, a purge);
 - ``_is_open()``: whether it is between ``__aenter__`` and ``__aexit__``.
 
 Each statement is one round trip. What takes two (a fenced write that changed nothing, then the look that
@@ -162,7 +163,7 @@ class SqlStore(AssetsMixin):
         }
         given = {name: value for name, value in filters.items() if value is not None}
         sql = self.sql.list_tasks(self.sql.list_filters[name] for name in given)
-        rows = await self._read(sql, {**given, "limit": limit + 1})
+        rows = await self._read_long(sql, {**given, "limit": limit + 1})
         tasks = self._tasks(rows[:limit])
         next_cursor = encode_cursor(tasks[-1].seq) if len(rows) > limit else None
         return TaskPage(tasks, next_cursor)
@@ -392,4 +393,4 @@ class SqlStore(AssetsMixin):
         )
 
     async def purge_idempotency_keys(self) -> int:
-        return len(await self._write(self.sql.purge_idempotency_keys, self._now()))
+        return len(await self._write_long(self.sql.purge_idempotency_keys, self._now()))

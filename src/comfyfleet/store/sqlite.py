@@ -3,17 +3,20 @@
 The behaviour is the shared store's (``sql.py``); this module keeps what is SQLite's own: its few SQL tokens
 and statements, and its connections.
 
-Every write goes through one connection owned by one thread, so writes never contend for SQLite's lock, and
-that thread commits in groups (see ``_sqlite_threads.py``): a burst of submissions costs one commit, not one
-each. Reads use a second connection in a second thread and never wait for the writer.
+A short statement (nearly all of them) runs on a connection of the event loop's own thread, which never waits
+for SQLite's lock nor checkpoints (``_sqlite_inline.py``): a thread hop would cost more than the statement.
+What would wait for the lock, and what may take long (a page of a listing, a purge, a migration), goes to two
+connections owned by threads of their own (``_sqlite_threads.py``): the writer, which commits the writes
+queued together in one transaction, and the reader, which never waits for the writer.
 
-With a single writer, claims cannot race: a claim is one ``UPDATE … RETURNING``. Times are the application's
+Writes are serialised by SQLite's lock, so claims cannot race: a claim is one ``UPDATE … RETURNING``. Times are the application's
 clock, stored as fixed-width UTC text so that comparing the text compares the times; JSON is stored as text.
 Notifications are delivered in-process and ``try_leader`` is always True: one replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -27,6 +30,7 @@ from typing import Any, Self, TypeVar
 from comfyfleet.store._common import load_migrations, utcnow
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
+from comfyfleet.store._sqlite_inline import CHECKPOINT_EVERY, Busy, InlineConnection
 from comfyfleet.store._sqlite_threads import ConnectionThread
 from comfyfleet.store._statements import Statements, base64_size
 from comfyfleet.store.base import (
@@ -163,13 +167,20 @@ class SQLiteStore(SqlStore):
         self.path = _path_from_url(url)
         self._writer = ConnectionThread(self.path, name="comfyfleet-sqlite-writer", grouped=True)
         self._reader = ConnectionThread(self.path, name="comfyfleet-sqlite-reader", grouped=False)
+        self._inline = InlineConnection(self.path)
+        self._checkpoints: set[asyncio.Task[None]] = set()
         self._hub = NotificationHub()
         self._state = "new"
 
     @property
     def write_stats(self) -> tuple[int, int]:
-        """``(writes, commits)`` so far: how many writes each group commit carried on average."""
+        """``(writes, commits)`` of the writer thread so far: how many writes each group commit carried."""
         return self._writer.grouped_writes, self._writer.group_commits
+
+    @property
+    def inline_commits(self) -> int:
+        """Writes committed on the event loop's thread so far."""
+        return self._inline.commits
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -183,8 +194,10 @@ class SQLiteStore(SqlStore):
             # The writer first: it switches the file to WAL before the reader opens it.
             await self._writer.start()
             await self._reader.start()
+            self._inline.open()
         except sqlite3.Error as exc:
             await self._writer.stop()
+            await self._reader.stop()
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._state = "open"
         return self
@@ -194,9 +207,11 @@ class SQLiteStore(SqlStore):
             return
         self._state = "closed"
         self._hub.close()
+        self._inline.close()
         # The writer finishes what is queued before it stops, so no accepted write is dropped.
         await self._writer.stop()
         await self._reader.stop()
+        await asyncio.gather(*self._checkpoints, return_exceptions=True)
 
     def _is_open(self) -> bool:
         return self._state == "open"
@@ -208,11 +223,49 @@ class SQLiteStore(SqlStore):
     # -- the seam of the shared store -----------------------------------------------------------
     async def _read(self, sql: str, params: dict[str, Any]) -> list[Row]:
         sql, params = _bind_lists(sql, params)
-        return await self._run(self._reader, lambda conn: conn.execute(sql, params).fetchall())
+        job = _statement(sql, params)
+        self._check_open()
+        try:
+            return self._inline.read(job)
+        except Busy:
+            return await self._run(self._reader, job)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
 
     async def _write(self, sql: str, params: dict[str, Any]) -> list[Row]:
         sql, params = _bind_lists(sql, params)
-        return await self._run(self._writer, lambda conn: conn.execute(sql, params).fetchall())
+        job = _statement(sql, params)
+        self._check_open()
+        try:
+            rows = self._inline.write(job)
+        except Busy:
+            return await self._run(self._writer, job)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        if self._inline.commits % CHECKPOINT_EVERY == 0:
+            self._checkpoint_soon()
+        return rows
+
+    async def _read_long(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        sql, params = _bind_lists(sql, params)
+        return await self._run(self._reader, _statement(sql, params))
+
+    async def _write_long(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        sql, params = _bind_lists(sql, params)
+        return await self._run(self._writer, _statement(sql, params))
+
+    def _checkpoint_soon(self) -> None:
+        """Copy the WAL back into the database file on the writer thread (the loop's connection never does)."""
+
+        async def checkpoint() -> None:
+            try:
+                await self._run(self._writer, _checkpoint, exclusive=True)
+            except StoreError as exc:  # the next one tries again
+                logger.debug("sqlite_checkpoint_failed error=%s", exc)
+
+        task = asyncio.ensure_future(checkpoint())
+        self._checkpoints.add(task)
+        task.add_done_callback(self._checkpoints.discard)
 
     async def _run(
         self, thread: ConnectionThread, job: Callable[[sqlite3.Connection], T], *, exclusive: bool = False
@@ -281,6 +334,14 @@ class SQLiteStore(SqlStore):
     async def try_leader(self, name: str) -> bool:
         self._check_open()
         return True  # one replica per SQLite file: it leads everything
+
+
+def _statement(sql: str, params: dict[str, Any]) -> Callable[[sqlite3.Connection], list[Row]]:
+    return lambda conn: conn.execute(sql, params).fetchall()
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 # A unique key already taken: the one integrity error that is the caller's to decide about.
