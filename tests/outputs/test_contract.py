@@ -10,7 +10,13 @@ from functools import partial
 
 import pytest
 
-from comfyfleet.outputs import InvalidOutputName, OutputNotFound, StoredOutput
+from comfyfleet.outputs import (
+    SMALL_OUTPUT_BYTES,
+    InvalidOutputName,
+    OpenedOutput,
+    OutputNotFound,
+    StoredOutput,
+)
 
 from .conftest import Backend
 
@@ -49,6 +55,22 @@ async def test_empty_and_single_chunk_files(backend: Backend) -> None:
     assert (await backend.store.stat("task-1", "empty.txt")).size == 0
     await backend.store.put("task-1", "one.txt", chunked(b"hello"), "text/plain")
     assert await read_all(backend, "task-1", "one.txt") == (b"hello", 1)
+
+
+async def test_open_reads_a_small_file_whole_and_leaves_a_large_one_to_stream(backend: Backend) -> None:
+    small, large = payload(SMALL_OUTPUT_BYTES, seed=2), payload(SMALL_OUTPUT_BYTES + 1, seed=3)
+    await backend.store.put("task-1", "small.png", chunked(small), "image/png")
+    await backend.store.put("task-1", "large.bin", chunked(large), "")
+    assert await backend.store.open("task-1", "small.png") == OpenedOutput(
+        StoredOutput(name="small.png", size=len(small), content_type="image/png"), small
+    )
+    assert await backend.store.open("task-1", "large.bin") == OpenedOutput(
+        StoredOutput(name="large.bin", size=len(large), content_type="application/octet-stream"), None
+    )
+    with pytest.raises(OutputNotFound):
+        await backend.store.open("task-1", "missing.png")
+    with pytest.raises(InvalidOutputName):
+        await backend.store.open("task-1", "../small.png")
 
 
 @pytest.mark.parametrize(

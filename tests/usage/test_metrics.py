@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfyfleet import metrics
-from support import running_fleet, seed_workflow, tiny_workflow
+from support import eventually, running_fleet, seed_workflow, tiny_workflow
 
 
 def _families(text: str) -> dict[str, object]:
@@ -47,6 +47,16 @@ async def test_metrics_parse_and_have_every_series(tmp_path: Path) -> None:
         assert (await fleet.wait_task(bad["id"]))["status"] == "failed"
         fleet.http.headers.pop("Authorization")
 
+        async def idle_workers() -> float:
+            return _value(
+                _families((await fleet.http.get("/metrics")).text),
+                "comfyfleet_workers",
+                state="idle",
+                pool="default",
+            )
+
+        # The worker's record says idle again once the registry's next flush (a fifth of a second) wrote it.
+        await eventually(idle_workers, until=lambda idle: idle == 1, what="the worker recorded idle")
         before = _families((await fleet.http.get("/metrics")).text)
         metrics.observe_dispatch_latency(0.02)
         metrics.observe_task_duration("completed", 1.5)

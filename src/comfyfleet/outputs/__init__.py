@@ -8,7 +8,9 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from comfyfleet.outputs.base import (
+    SMALL_OUTPUT_BYTES,
     InvalidOutputName,
+    OpenedOutput,
     OutputNotFound,
     OutputsError,
     OutputStore,
@@ -108,7 +110,9 @@ def _without_userinfo(location: str) -> str:
 
 __all__ = [
     "BACKENDS",
+    "SMALL_OUTPUT_BYTES",
     "InvalidOutputName",
+    "OpenedOutput",
     "OutputNotFound",
     "OutputStore",
     "OutputsError",

@@ -66,6 +66,19 @@ class StoredOutput:
     content_type: str
 
 
+# A file this small is read whole when opened: answered in one piece, without a stream's machinery.
+SMALL_OUTPUT_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedOutput:
+    """An output found: what it is, and its bytes when it is at most ``SMALL_OUTPUT_BYTES`` (else None: read
+    it in chunks)."""
+
+    stored: StoredOutput
+    content: bytes | None
+
+
 class OutputStore(Protocol):
     async def put(
         self, task_id: str, name: str, chunks: AsyncIterator[bytes], content_type: str
@@ -74,6 +87,9 @@ class OutputStore(Protocol):
 
     async def stat(self, task_id: str, name: str) -> StoredOutput:
         """Raise :class:`OutputNotFound` when missing."""
+
+    async def open(self, task_id: str, name: str) -> OpenedOutput:
+        """``stat``, with the whole file when it is small; raises :class:`OutputNotFound` when missing."""
 
     def read(self, task_id: str, name: str) -> AsyncIterator[bytes]:
         """The file's bytes in chunks; raises :class:`OutputNotFound` when missing."""

@@ -9,7 +9,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from comfyfleet.outputs.base import RESERVED_SUFFIX, OutputNotFound, StoredOutput, check_name
+from comfyfleet.outputs.base import (
+    RESERVED_SUFFIX,
+    SMALL_OUTPUT_BYTES,
+    OpenedOutput,
+    OutputNotFound,
+    StoredOutput,
+    check_name,
+)
 
 _CHUNK = 256 * 1024
 _WRITE_BATCH = 1024 * 1024
@@ -47,6 +54,21 @@ class _PartialFile:
         if self._handle is not None:
             self._handle.close()
         self.partial.unlink(missing_ok=True)
+
+
+def _open(path: Path, name: str) -> OpenedOutput | None:
+    try:
+        size = path.stat().st_size
+        content = path.read_bytes() if size <= SMALL_OUTPUT_BYTES else None
+    except FileNotFoundError:
+        return None
+    try:
+        content_type = _content_type_sidecar(path).read_text()
+    except FileNotFoundError:
+        content_type = _DEFAULT_CONTENT_TYPE
+    if content is not None:
+        size = len(content)  # replaced since the stat: these are the bytes answered
+    return OpenedOutput(StoredOutput(name=name, size=size, content_type=content_type), content)
 
 
 class LocalOutputStore:
@@ -94,6 +116,14 @@ class LocalOutputStore:
         except FileNotFoundError:
             content_type = _DEFAULT_CONTENT_TYPE
         return StoredOutput(name=name, size=size, content_type=content_type)
+
+    async def open(self, task_id: str, name: str) -> OpenedOutput:
+        path = self._path(task_id, name)
+        # One trip to a thread: the size, the content type and (for a small file) the bytes.
+        opened = await asyncio.to_thread(_open, path, name)
+        if opened is None:
+            raise OutputNotFound(f"no output {name!r} for task {task_id}")
+        return opened
 
     async def read(self, task_id: str, name: str) -> AsyncIterator[bytes]:
         path = self._path(task_id, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,7 +23,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         f"the s3 output store needs boto3: pip install 'comfyfleet[s3]' ({exc})", name=exc.name
     ) from exc
 
-from comfyfleet.outputs.base import OutputNotFound, OutputsError, OutputsUnavailable, StoredOutput, check_name
+from comfyfleet.outputs.base import (
+    SMALL_OUTPUT_BYTES,
+    OpenedOutput,
+    OutputNotFound,
+    OutputsError,
+    OutputsUnavailable,
+    StoredOutput,
+    check_name,
+)
 
 # S3 refuses multipart parts under 5 MiB (except the last); a file smaller than one part is a single PUT.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -157,6 +166,13 @@ class S3OutputStore:
             size=int(head["ContentLength"]),
             content_type=str(head.get("ContentType") or _DEFAULT_CONTENT_TYPE),
         )
+
+    async def open(self, task_id: str, name: str) -> OpenedOutput:
+        stored = await self.stat(task_id, name)
+        if stored.size > SMALL_OUTPUT_BYTES:
+            return OpenedOutput(stored, None)
+        content = b"".join([chunk async for chunk in self.read(task_id, name)])
+        return OpenedOutput(dataclasses.replace(stored, size=len(content)), content)
 
     async def read(self, task_id: str, name: str) -> AsyncIterator[bytes]:
         key = self._key(task_id, name)

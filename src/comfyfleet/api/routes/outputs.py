@@ -39,11 +39,11 @@ async def download_output(
     principal: PrincipalDep,
     store: StoreDep,
     outputs: OutputsDep,
-) -> StreamingResponse:
+) -> Response:
     """The bytes of one output of a finished task, with its content type."""
     task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
     try:
-        stored = await outputs.stat(task.id, filename)
+        opened = await outputs.open(task.id, filename)
     except (OutputNotFound, InvalidOutputName):
         raise ApiError(404, "not_found", f"task {task.id} has no output {filename[:100]!r}") from None
     except OutputsError as exc:
@@ -52,16 +52,16 @@ async def download_output(
         raise ApiError(
             503, "outputs_unavailable", "the output store failed to answer; try again shortly"
         ) from None
-    return StreamingResponse(
-        outputs.read(task.id, filename),
-        media_type=stored.content_type,
-        headers={
-            "Content-Length": str(stored.size),
-            "Content-Disposition": f"inline; filename*=UTF-8''{quote(stored.name)}",
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "private, max-age=86400, immutable",
-        },
-    )
+    stored = opened.stored
+    headers = {
+        "Content-Length": str(stored.size),
+        "Content-Disposition": f"inline; filename*=UTF-8''{quote(stored.name)}",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "private, max-age=86400, immutable",
+    }
+    if opened.content is not None:  # most outputs: one piece, no stream
+        return Response(opened.content, media_type=stored.content_type, headers=headers)
+    return StreamingResponse(outputs.read(task.id, filename), media_type=stored.content_type, headers=headers)
 
 
 @router.get(

@@ -76,9 +76,14 @@ class FileRoutes(RouteGroup):
         if task is None or gateway.outputs is None:
             return Response(status_code=404)
         try:
-            stored = await gateway.outputs.stat(task.id, name)
+            output = await gateway.outputs.open(task.id, name)
         except (OutputNotFound, InvalidOutputName):
             return Response(status_code=404)
+        stored = output.stored
+        if output.content is not None:  # most outputs: one piece, no stream
+            return Response(
+                output.content, media_type=stored.content_type, headers=_file_headers(stored.name)
+            )
         return _file_response(
             gateway.outputs.read(task.id, stored.name), stored.content_type, stored.size, stored.name
         )
@@ -213,15 +218,13 @@ def _apply_mask(original: bytes, mask: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def _file_headers(name: str) -> dict[str, str]:
+    return {"Content-Disposition": f"filename*=UTF-8''{quote(name)}", "X-Content-Type-Options": "nosniff"}
+
+
 def _file_response(
     chunks: AsyncIterator[bytes], content_type: str, size: int, name: str
 ) -> StreamingResponse:
     return StreamingResponse(
-        chunks,
-        media_type=content_type,
-        headers={
-            "Content-Length": str(size),
-            "Content-Disposition": f"filename*=UTF-8''{quote(name)}",
-            "X-Content-Type-Options": "nosniff",
-        },
+        chunks, media_type=content_type, headers={"Content-Length": str(size), **_file_headers(name)}
     )
