@@ -251,6 +251,23 @@ async def test_peek_pending_and_claim_ids(store: Store) -> None:
     assert [task.id for task in await store.peek_pending(limit=5)] == [high.id]
 
 
+async def test_a_claim_can_record_the_dispatch_of_each_task(store: Store) -> None:
+    first, _ = await store.create_task(new(1))
+    second, _ = await store.create_task(new(0))
+    plain, _ = await store.create_task(new(0))
+    assigned = {second.id: ("w2", "prompt-2"), first.id: ("w1", "prompt-1")}
+    claimed = await store.claim_ids("d", 30, [first.id, second.id], assigned)
+    assert [(task.id, task.worker_id, task.prompt_id) for task in claimed] == [
+        (first.id, "w1", "prompt-1"),
+        (second.id, "w2", "prompt-2"),
+    ]
+    assert all(task.phase is TaskPhase.DISPATCHING and task.attempt == 1 for task in claimed)
+    stored = await store.get_task(second.id)
+    assert (stored.worker_id, stored.prompt_id) == ("w2", "prompt-2")
+    [again] = await store.claim_ids("d", 30, [plain.id])  # without: nothing recorded yet
+    assert (again.worker_id, again.prompt_id) == (None, None)
+
+
 async def test_writes_are_fenced_by_the_lease(store: Store) -> None:
     task, _ = await store.create_task(new())
     [claimed] = await claim_next(store, "d1", 30)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from comfyfleet.comfy.errors import (
     ComfyError,
@@ -70,14 +72,21 @@ class Transport:
         self.base_url = base_url
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
         self._forgotten: list[str] = []  # prompts whose history entries are to be deleted
         self._forget_timer: asyncio.TimerHandle | None = None
         self._forgetting: set[asyncio.Task[None]] = set()
 
     def open(self) -> None:
+        # The proxy settings of the environment (HTTP_PROXY, NO_PROXY…) are read once for this server, not
+        # on every call as aiohttp's trust_env does (in a thread, which costs more than the call).
+        with contextlib.suppress(LookupError):
+            self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(self.base_url))
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
-            trust_env=True,
+            proxy=self._proxy,
+            proxy_auth=self._proxy_auth,
         )
 
     async def close(self) -> None:

@@ -132,11 +132,14 @@ class Attempt:
         if self.cancel.is_set():
             await self.record.finish_cancelled()
             return
-        slot, store = self.slot, self.ctx.store
-        prompt_id = self.prompt_id = str(uuid.uuid4())
-        task = await self.record.update(
-            "record_dispatch", lambda lease: store.record_dispatch(lease, slot.worker.id, prompt_id)
-        )
+        slot, store, task = self.slot, self.ctx.store, self.task
+        if task.prompt_id is not None and task.worker_id == slot.worker.id:
+            prompt_id = self.prompt_id = task.prompt_id  # recorded by the claim
+        else:  # adopted from elsewhere: record where it goes now
+            prompt_id = self.prompt_id = str(uuid.uuid4())
+            task = await self.record.update(
+                "record_dispatch", lambda lease: store.record_dispatch(lease, slot.worker.id, prompt_id)
+            )
         await self.record.publish()
         if self.cancel.is_set():  # asked while the dispatch record was being written: nothing was sent
             await self.record.finish_cancelled()

@@ -4,11 +4,10 @@ Event-driven: a submitted task, a freed slot, a worker that became ready, a canc
 due wakes the loop at once; a slow safety poll only covers timers. Each claimed task runs as one
 :class:`~comfyfleet.dispatch.attempt.Attempt` (submit, follow, collect, end) in the dispatcher's task group.
 
-Crash safety: before a prompt is submitted, its worker and ``prompt_id`` (chosen here) are written to the
-store under the attempt's lease. Leases are renewed only for the attempts held in memory, so a replica that
-dies, or loses track of a claim while its store was away, leaves leases that expire; whoever adopts the
-attempt asks the worker about that ``prompt_id`` and collects it, follows it, or retries it — never runs it
-twice. Every loop outlives a store that stops answering and picks up again when it is back.
+Crash safety: the claim writes each task's worker and ``prompt_id`` (chosen here) with its lease, before the
+prompt is sent. Leases are renewed only for attempts held in memory: a replica that dies (or loses track of a
+claim while its store was away) leaves leases that expire, and whoever adopts the attempt asks the worker about
+that ``prompt_id`` and collects, follows or retries it, never runs it twice. Every loop outlives a store outage.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -305,12 +305,13 @@ class Dispatcher:
         chosen = {task_id for task_id, _ in assignments}
         for task_id in placement.skipped_ids(window, chosen):
             self._skips[task_id] = self._skips.get(task_id, 0) + 1
-        claimed = await self._claim([task_id for task_id, _ in assignments])
-        targets = dict(assignments)
+        # The dispatch record (worker, prompt id) rides on the claim: one write, not two.
+        assigned = {task_id: (worker_id, str(uuid.uuid4())) for task_id, worker_id in assignments}
+        claimed = await self._claim(list(assigned), assigned)
         for task in claimed:
             self._skips.pop(task.id, None)
             self._facts.pop(task.id, None)
-            target = self._slots.get(targets[task.id])
+            target = self._slots.get(assigned[task.id][0])
             if target is None:  # the worker left while we claimed
                 await self._release(task)
                 continue
@@ -336,9 +337,11 @@ class Dispatcher:
                 del cache[task_id]
         return [self._pending_view(task) for task in window_tasks]
 
-    async def _claim(self, task_ids: list[str]) -> list[Task]:
+    async def _claim(
+        self, task_ids: list[str], assigned: dict[str, tuple[str, str]] | None = None
+    ) -> list[Task]:
         try:
-            return await self.store.claim_ids(self.owner, self.settings.lease_s, task_ids)
+            return await self.store.claim_ids(self.owner, self.settings.lease_s, task_ids, assigned)
         except StoreError:
             self._lost_claims = True
             raise

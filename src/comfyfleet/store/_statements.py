@@ -255,6 +255,26 @@ class Statements(AssetStatements):
             f"UPDATE tasks SET {self.start_attempt} WHERE {self.pick('seq', picked)} RETURNING {TASK_COLUMNS}"
         )
 
+    def claim_assigned(self, count: int) -> str:
+        """``claim_ids`` that also writes each task's worker and prompt id (``:assigned_id_<n>``,
+        ``:assigned_worker_<n>``, ``:assigned_prompt_<n>``): the dispatch record, in the claim's write."""
+        cached = self._claims_assigned.get(count)
+        if cached is None:
+
+            def case(column: str) -> str:
+                whens = " ".join(f"WHEN :assigned_id_{n} THEN :assigned_{column}_{n}" for n in range(count))
+                return f"CASE id {whens} END"
+
+            cached = self._claims_assigned[count] = self.claim_ids.replace(
+                "worker_id = NULL, prompt_id = NULL",
+                f"worker_id = {case('worker')}, prompt_id = {case('prompt')}",
+            )
+        return cached
+
+    @cached_property
+    def _claims_assigned(self) -> dict[int, str]:
+        return {}
+
     @cached_property
     def renew_leases(self) -> str:
         return (

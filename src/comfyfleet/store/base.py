@@ -14,7 +14,7 @@ never overwrite what the new owner wrote.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, Self
@@ -183,10 +183,18 @@ class DispatchQueue(Protocol):
     async def running_per_tenant(self) -> dict[str, int]:
         """How many tasks each tenant has running (tenants with none are left out)."""
 
-    async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
+    async def claim_ids(
+        self,
+        owner: str,
+        lease_s: float,
+        task_ids: Collection[str],
+        assigned: Mapping[str, tuple[str, str]] | None = None,
+    ) -> list[Task]:
         """Atomically make these tasks ``running``/``dispatching`` with ``attempt + 1`` and a lease of
         ``lease_s`` for ``owner``, skipping any that are no longer runnable pending (another claimer took
-        them, or they were cancelled). Returned in claim order. Concurrent claimers never get the same task."""
+        them, or they were cancelled). Returned in claim order. Concurrent claimers never get the same task.
+        ``assigned`` (task id -> worker id, prompt id) records the dispatch of those tasks in the same write,
+        as :meth:`record_dispatch` would."""
 
     async def record_dispatch(self, lease: Lease, worker_id: str, prompt_id: str) -> Task:
         """Before submitting: remember which worker and prompt id this attempt uses."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 from uuid import uuid4
@@ -252,13 +252,28 @@ class SqlStore(AssetsMixin):
         rows = await self._read(self.sql.running_per_tenant, {})
         return {str(tenant): int(count) for tenant, count in rows}
 
-    async def claim_ids(self, owner: str, lease_s: float, task_ids: Collection[str]) -> list[Task]:
+    async def claim_ids(
+        self,
+        owner: str,
+        lease_s: float,
+        task_ids: Collection[str],
+        assigned: Mapping[str, tuple[str, str]] | None = None,
+    ) -> list[Task]:
         ids = list(dict.fromkeys(task_ids))
         if not ids:
             return []
         params = {"ids": self.codec.dump_list(ids), "owner": owner, **self._lease(lease_s)}
+        sql = self.sql.claim_ids
+        if assigned:
+            sql = self.sql.claim_assigned(len(assigned))
+            for n, (task_id, (worker_id, prompt_id)) in enumerate(assigned.items()):
+                params |= {
+                    f"assigned_id_{n}": task_id,
+                    f"assigned_worker_{n}": worker_id,
+                    f"assigned_prompt_{n}": prompt_id,
+                }
         # RETURNING gives no order guarantee; callers expect claim order.
-        return sorted(self._tasks(await self._write(self.sql.claim_ids, params)), key=queue_order)
+        return sorted(self._tasks(await self._write(sql, params)), key=queue_order)
 
     async def renew_leases(self, owner: str, lease_s: float, task_ids: Collection[str]) -> int:
         ids = list(dict.fromkeys(task_ids))
