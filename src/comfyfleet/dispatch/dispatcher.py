@@ -347,26 +347,22 @@ class Dispatcher:
             raise
 
     def _pending_view(self, task: Task) -> placement.PendingTask:
-        types, models = self._graph_facts(task)
-        return placement.PendingTask(
-            id=task.id,
-            priority=task.priority,
-            pool=task.pool,
-            node_types=types,
-            models=models,
-            skips=self._skips.get(task.id, 0),
-            files=task_models.files_of(task),
-        )
-
-    def _graph_facts(self, task: Task) -> tuple[frozenset[str], frozenset[str]]:
-        """Node types and model names of a task's graph, read once per task while it waits."""
+        # The graph's node types and model names are read once per task while it waits.
         facts = self._facts.get(task.id)
         if facts is None:
             facts = self._facts[task.id] = (
                 frozenset(node_types(task.payload)),
                 frozenset(model_names(task.payload)),
             )
-        return facts
+        return placement.PendingTask(
+            id=task.id,
+            priority=task.priority,
+            pool=task.pool,
+            node_types=facts[0],
+            models=facts[1],
+            skips=self._skips.get(task.id, 0),
+            files=task_models.files_of(task),
+        )
 
     async def _fail_unplaceable(self, hopeless: list[placement.PendingTask]) -> None:
         claimed = await self._claim([task.id for task in hopeless])
