@@ -3,8 +3,8 @@ with an empty queue and with a deep one.
 
 Prints, per backend:
 
-1. ``create_task`` one at a time (latency) and many concurrently (throughput; on SQLite also how many
-   writes each group commit carried);
+1. ``create_task`` one at a time (latency) and many concurrently (throughput; on SQLite also where the
+   writes were committed: on the event loop's connection, or on the writer thread in group commits);
 2. with ``--depth`` tasks pending (from 10 tenants): the median time of a claim of one task the way the
    dispatcher claims (``peek_pending`` then ``claim_ids``), ``queue_position`` of the last task, ``peek_pending``, the fair-share reads (``peek_pending_per_tenant``, ``running_per_tenant``)
    and ``queue_metrics``, next to the same at depth ~0, and the ratio.
@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from comfyfleet.domain import NewTask
 from comfyfleet.store import Store, open_store
+from comfyfleet.store.sqlite import SQLiteStore
 
 PAYLOAD: dict[str, Any] = {
     "3": {
@@ -99,13 +100,16 @@ async def measure(label: str, store: Store, depth: int, repeats: int) -> list[st
     lines = []
     sequential = await median_ms(lambda: store.create_task(new()), repeats)
     lines.append(f"{label:10} create_task one at a time: median {sequential:.3f} ms")
-    before = getattr(store, "write_stats", None)
+    sqlite = isinstance(store, SQLiteStore)
+    before = (store.inline_commits, *store.write_stats) if sqlite else None
     rate = await fill(store, 20_000)
     grouped = ""
     if before is not None:
-        writes, commits = store.write_stats  # type: ignore[attr-defined]
-        writes, commits = writes - before[0], commits - before[1]
-        grouped = f", {writes / max(commits, 1):.0f} writes per commit"
+        inline, (writes, commits) = store.inline_commits - before[0], store.write_stats
+        writes, commits = writes - before[1], commits - before[2]
+        grouped = (
+            f", {inline:,} on the loop's connection, {writes:,} on the writer thread in {commits:,} commits"
+        )
     lines.append(
         f"{label:10} create_task 2,000 in flight: {rate:,.0f}/s = {1000 / rate:.3f} ms each{grouped}"
     )
