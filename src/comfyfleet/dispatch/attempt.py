@@ -27,6 +27,7 @@ from comfyfleet.dispatch import models as task_models
 from comfyfleet.dispatch import placement
 from comfyfleet.dispatch.collect import collect_outputs, result_of
 from comfyfleet.dispatch.inputs import InputError, prepare_inputs
+from comfyfleet.dispatch.prefetch import Prefetch
 from comfyfleet.dispatch.record import AttemptContext, AttemptRecord
 from comfyfleet.dispatch.retry import classify_execution_error, sanitize_execution_error
 from comfyfleet.domain import Task, TaskPhase, Worker
@@ -66,6 +67,7 @@ class Attempt:
         self.execution_started_at: datetime | None = None
         self.accepted_at: datetime | None = None  # when the worker accepted the prompt
         self.progress: dict[str, Any] = {}
+        self.prefetch = Prefetch(slot.client)  # small output files, fetched as their nodes announce them
         self.progress_written: dict[str, Any] | None = None
         self.preview: tuple[bytes, str] | None = None  # the latest preview image and its content type
         self.previews = 0
@@ -96,6 +98,7 @@ class Attempt:
         except StoreError:
             logger.exception("attempt_store_error task_id=%s", self.task.id)
         finally:
+            self.prefetch.cancel()
             self.record.drop_phase_write()
             task_models.release_task_models(self.ctx.models, self.task)
 
@@ -328,7 +331,7 @@ class Attempt:
 
     async def _complete(self, outcome: PromptOutcome, progress: dict[str, Any] | None) -> None:
         task, slot, ctx = self.task, self.slot, self.ctx
-        collected = await collect_outputs(slot.client, ctx.outputs, task, outcome)
+        collected = await collect_outputs(slot.client, ctx.outputs, task, outcome, self.prefetch)
         result = result_of(
             task,
             outcome,
@@ -375,6 +378,9 @@ class Attempt:
             # Counts as a progress write: the first node's progress waits for the next one (or the end).
             self._last_progress_write = self.ctx.clock.monotonic()
             await self.record.publish(self.record.set_phase_soon(TaskPhase.EXECUTING))
+            return
+        if kind == "executed":
+            self.prefetch.announced(data.get("output"))
             return
         if kind == "executing" and data.get("node") is not None:
             node = str(data["node"])

@@ -4,6 +4,7 @@ texts, and the timings, as the task's ``result``."""
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from urllib.parse import quote
 import stamina
 
 from comfyfleet.comfy.client import ComfyClient, PromptOutcome
+from comfyfleet.dispatch.prefetch import Fetched, Prefetch
 from comfyfleet.domain import Task
 from comfyfleet.outputs import OutputStore
 from comfyfleet.outputs.base import OutputsUnavailable
@@ -24,9 +26,14 @@ class Collected:
 
 
 async def collect_outputs(
-    client: ComfyClient, store: OutputStore, task: Task, outcome: PromptOutcome
+    client: ComfyClient,
+    store: OutputStore,
+    task: Task,
+    outcome: PromptOutcome,
+    prefetch: Prefetch | None = None,
 ) -> Collected:
-    """Copy each output file of ``outcome`` from the worker's ``/view`` into ``store``, in history order."""
+    """Copy each output file of ``outcome`` from the worker's ``/view`` (or from what ``prefetch`` already
+    fetched) into ``store``, in history order."""
     outputs: list[dict[str, Any]] = []
     texts: dict[str, list[str]] = {}
     used_names: set[str] = set()
@@ -49,7 +56,10 @@ async def collect_outputs(
                 # prompt again on the GPU.
                 async for try_ in stamina.retry_context(on=OutputsUnavailable, attempts=4, timeout=60.0):
                     with try_:
-                        stored = await _store_output(client, store, task, str(node_id), kind, item, name)
+                        fetched = await prefetch.take(item) if prefetch is not None else None
+                        stored = await _store_output(
+                            client, store, task, (str(node_id), kind, item, name), fetched
+                        )
                 outputs.append(stored)
     return Collected(outputs, texts)
 
@@ -58,19 +68,21 @@ async def _store_output(
     client: ComfyClient,
     store: OutputStore,
     task: Task,
-    node_id: str,
-    kind: str,
-    item: dict[str, Any],
-    name: str,
+    output: tuple[str, str, dict[str, Any], str],
+    fetched: Fetched | None,
 ) -> dict[str, Any]:
+    node_id, kind, item, name = output
     filename = item["filename"]
     subfolder = str(item.get("subfolder") or "")
     file_type = str(item.get("type") or "output")
-    async with client.download(filename, subfolder, file_type) as download:
-        content_type = download.content_type.split(";")[0].strip()
-        if not content_type or content_type == "application/octet-stream":
-            content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        stored = await store.put(task.id, name, download.chunks, content_type)
+    if fetched is not None:
+        stored = await store.put(
+            task.id, name, _one(fetched.content), _content_type(fetched.content_type, filename)
+        )
+    else:
+        async with client.download(filename, subfolder, file_type) as download:
+            content_type = _content_type(download.content_type, filename)
+            stored = await store.put(task.id, name, download.chunks, content_type)
     return {
         "node_id": node_id,
         "kind": kind,
@@ -81,6 +93,17 @@ async def _store_output(
         "size": stored.size,
         "url": f"/api/v1/tasks/{task.id}/outputs/{quote(stored.name)}",
     }
+
+
+def _content_type(header: str, filename: str) -> str:
+    content_type = header.split(";")[0].strip()
+    if not content_type or content_type == "application/octet-stream":
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    return content_type
+
+
+async def _one(content: bytes) -> AsyncIterator[bytes]:
+    yield content
 
 
 def result_of(

@@ -36,6 +36,10 @@ class _PartialFile:
         self.partial = partial
         self._handle: BinaryIO | None = None
 
+    @property
+    def started(self) -> bool:
+        return self._handle is not None
+
     def write(self, chunks: list[bytes]) -> None:
         if self._handle is None:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +90,8 @@ class LocalOutputStore:
         path = self._path(task_id, name)
         content_type = content_type or _DEFAULT_CONTENT_TYPE
         partial = path.with_name(f".{name}.partial")
-        # The bytes go to the disk a megabyte at a time, each batch in one trip to a thread: a small file
-        # (most outputs) costs one trip in all, not one per step.
+        # The bytes go to the disk a megabyte at a time, each batch in one trip to a thread; a small file
+        # (most outputs) is written at the end, on the loop.
         writer = _PartialFile(partial)
         size, batch, batched = 0, [], 0
         try:
@@ -98,7 +102,10 @@ class LocalOutputStore:
                 if batched >= _WRITE_BATCH:
                     await asyncio.to_thread(writer.write, batch)
                     batch, batched = [], 0
-            await asyncio.to_thread(writer.finish, batch, path, content_type)
+            if writer.started or batched > SMALL_OUTPUT_BYTES:
+                await asyncio.to_thread(writer.finish, batch, path, content_type)
+            else:  # a small file, whole in memory: a few system calls cost less than a trip to a thread
+                writer.finish(batch, path, content_type)
         except BaseException:
             # A failed or cancelled upload leaves the previous file (if any) as it was, and no litter.
             writer.discard()
@@ -119,8 +126,8 @@ class LocalOutputStore:
 
     async def open(self, task_id: str, name: str) -> OpenedOutput:
         path = self._path(task_id, name)
-        # One trip to a thread: the size, the content type and (for a small file) the bytes.
-        opened = await asyncio.to_thread(_open, path, name)
+        # On the loop: a stat and (for a small file) two short reads cost less than a trip to a thread.
+        opened = _open(path, name)
         if opened is None:
             raise OutputNotFound(f"no output {name!r} for task {task_id}")
         return opened
