@@ -133,7 +133,9 @@ def _wait_workers_serving(url: str, expected: int, timeout_s: float = 30.0) -> N
             ids = []
             for _ in range(expected):
                 variant += 1
-                ids.append(client.post("/api/v1/tasks", json={"payload": tiny_graph(variant)}).json()["id"])
+                # Big enough to take a while (the PNG's encoding), so all of them run at once, one per worker.
+                payload = tiny_graph(variant, size=1024)
+                ids.append(client.post("/api/v1/tasks", json={"payload": payload}).json()["id"])
             for task_id in ids:
                 while True:
                     task = client.get(f"/api/v1/tasks/{task_id}").json()
@@ -185,11 +187,11 @@ async def wait_all(http: httpx.AsyncClient, task_ids: list[str], deadline: float
     return [final[task_id] for task_id in task_ids]
 
 
-def tiny_graph(variant: int) -> dict[str, Any]:
+def tiny_graph(variant: int, size: int = 16) -> dict[str, Any]:
     return {
         "1": {
             "class_type": "EmptyImage",
-            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": variant % 16777216},
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": variant % 16777216},
         },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
     }
