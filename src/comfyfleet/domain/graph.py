@@ -221,6 +221,9 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
     for node_id, node in _entries(graph):
         edges: list[Link] = []
         incoming[node_id] = edges
+        if _plainly_valid_node(node_id, node, graph, edges):
+            continue
+        edges.clear()
         errors.extend(_check_node(node_id, node, graph, edges))
         if len(errors) >= MAX_REPORTED_ERRORS:
             return errors[:MAX_REPORTED_ERRORS]
@@ -230,6 +233,41 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
         if cycle is not None:
             errors.append(_cycle_error(cycle))
     return errors
+
+
+_SCALARS: Final = (str, int, float, bool, type(None))
+
+
+def _plainly_valid_node(node_id: str, node: object, graph: Mapping[str, Any], edges: list[Link]) -> bool:
+    """True when ``node`` is certainly free of problems, with its links appended to ``edges``: the common
+    case, checked without building the per-input objects :func:`_check_node` reports problems with. False
+    means "not sure" (``edges`` may hold some links then): :func:`_check_node` decides."""
+    if type(node) is not dict:
+        return False
+    class_type = node.get("class_type")
+    node_inputs = node.get("inputs")
+    if type(class_type) is not str or not class_type.strip() or type(node_inputs) is not dict:
+        return False
+    for key, value in node.items():
+        if key != "inputs" and not _plain_value(value):
+            return False
+    for name, value in node_inputs.items():
+        if type(value) is list and len(value) == 2 and isinstance(value[0], str):
+            index = value[1]
+            if type(value[0]) is not str or type(index) is not int or index < 0 or value[0] not in graph:
+                return False
+            edges.append(Link(node_id, str(name), value[0], index))
+        elif not _plain_value(value):
+            return False
+    return True
+
+
+def _plain_value(value: object) -> bool:
+    """A JSON scalar, or a JSON list or object nested no deeper than allowed."""
+    kind = type(value)
+    if kind is list or kind is dict:
+        return not exceeds_depth(value, MAX_VALUE_DEPTH)
+    return kind in _SCALARS
 
 
 def _check_node(
