@@ -231,6 +231,39 @@ async def test_idempotency_key_returns_the_original(client: httpx.AsyncClient, a
     assert_error_shape(too_long, 422, "validation_error")
 
 
+async def test_plain_submissions_are_answered_as_fastapi_answers_them(client: httpx.AsyncClient) -> None:
+    """The submission route answers plain requests itself and hands the rest (here: a query string) to
+    FastAPI's handler; both answer alike: status, headers in order, body."""
+
+    async def both(key: str, **body: Any) -> tuple[httpx.Response, httpx.Response]:
+        plain = await client.post("/api/v1/tasks", json=small_body(**body), headers={"Idempotency-Key": key})
+        handed = await client.post(
+            "/api/v1/tasks",
+            params={"wait": "0"},
+            json=small_body(**body),
+            headers={"Idempotency-Key": key + "-b"},
+        )
+        return plain, handed
+
+    def shape(response: httpx.Response) -> tuple[int, list[str], list[str]]:
+        names = [name for name, _ in response.headers.multi_items()]
+        return response.status_code, names, sorted(response.json())
+
+    for created in await both("plain", priority=3, metadata={"note": "é"}):
+        assert created.status_code == 201
+    plain, handed = await both("plain", priority=3, metadata={"note": "é"})  # both replayed now
+    assert shape(plain) == shape(handed)
+    assert plain.headers["idempotent-replayed"] == handed.headers["idempotent-replayed"] == "true"
+    assert plain.headers["location"] == f"/api/v1/tasks/{plain.json()['id']}"
+    new_plain = await client.post("/api/v1/tasks", json=small_body(priority=2))
+    new_handed = await client.post("/api/v1/tasks", params={"wait": "0"}, json=small_body(priority=2))
+    assert shape(new_plain) == shape(new_handed)
+    ignore = {"id", "created_at", "updated_at"}
+    assert {k: v for k, v in new_plain.json().items() if k not in ignore} == {
+        k: v for k, v in new_handed.json().items() if k not in ignore
+    }
+
+
 async def test_queue_position_is_priority_then_fifo(client: httpx.AsyncClient) -> None:
     low = await submit(client, small_body(priority=1))
     high_first = await submit(client, small_body(priority=5))

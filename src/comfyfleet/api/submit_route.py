@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from comfyfleet.api.schemas import TaskSubmission
 from comfyfleet.http.auth import principal_from
 from comfyfleet.http.deps import services_of
-from comfyfleet.http.responses import JSONBody
+from comfyfleet.http.responses import JSONBody, json_bytes
 from comfyfleet.http.wire import task_json
 from comfyfleet.tasks import Idempotency, OnReuse, SubmitTask
 
@@ -79,8 +79,21 @@ class SubmitRoute(APIRoute):
         services = services_of(connection)
         principal = principal_from(connection, services.keyring)
         command = submission_command(submission, principal.tenant, idempotency_key)
-        submitted = await services.tasks.submit(command)
-        await submitted_response(submitted)(scope, receive, send)
+        await _send_submitted(send, await services.tasks.submit(command))
+
+
+async def _send_submitted(send: Send, submitted: Submitted) -> None:
+    """What :func:`submitted_response` sends (the same status, headers in the same order and body), without
+    building a response object."""
+    task = submitted.task
+    body = json_bytes(task_json(task))
+    headers = [(b"location", f"/api/v1/tasks/{task.id}".encode("latin-1"))]
+    if not submitted.created:
+        headers.append((b"idempotent-replayed", b"true"))
+    headers += [(b"content-length", str(len(body)).encode("latin-1")), (b"content-type", b"application/json")]
+    status = 201 if submitted.created else 200
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _plain_request(
