@@ -13,10 +13,10 @@ them. The task is stored (committed) by the task service before the answer is se
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi.routing import APIRoute
+from pydantic_core import from_json
 from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive, Scope, Send
 
@@ -119,7 +119,10 @@ async def _plain_request(
     if not body:
         return None
     try:
-        data: Any = json.loads(body)  # as Starlette's Request.json(), which FastAPI's handler uses
+        # pydantic-core's reader is twice as quick as json.loads (which FastAPI's handler uses), and what it
+        # accepts it reads to the same values; what it refuses (a lone surrogate, a UTF-16 body...) json.loads
+        # may accept, so that goes to FastAPI's handler.
+        data: Any = from_json(body)
         submission = TaskSubmission.model_validate(data)
     except Exception:
         return None
