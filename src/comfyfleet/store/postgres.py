@@ -34,7 +34,7 @@ import asyncpg
 
 from comfyfleet.domain import NewTask, Task
 from comfyfleet.store._batch import Batcher
-from comfyfleet.store._common import advisory_key, load_migrations
+from comfyfleet.store._common import advisory_key, json_text, load_migrations
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
 from comfyfleet.store._statements import Statements, base64_size
@@ -158,8 +158,17 @@ def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return _NAMED_PARAMETER.sub(number, sql), tuple(names)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = json_text
+
+
+class _PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pool connection handed back without asyncpg's reset query, a round trip on every release (on every
+    batch of submissions). This store leaves no session state on pool connections: its LISTEN and its leader
+    locks hold connections of their own, and no statement sets a session variable or opens a cursor. asyncpg
+    still rolls back a transaction left open."""
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -228,6 +237,7 @@ class PostgresStore(SqlStore):
                 max_size=self._max_connections,
                 timeout=self._connect_timeout_s,
                 init=_init_connection,
+                connection_class=_PooledConnection,
                 server_settings=self._server_settings(),
             )
         except _DRIVER_ERRORS as exc:
