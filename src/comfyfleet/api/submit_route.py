@@ -9,6 +9,8 @@ and no query string. Everything else (a body that is not JSON or not valid, anot
 is handed, body and all, to FastAPI's handler, which answers exactly as it always did. Refusals of the task
 service and the store are raised from here as from the route function, and the same exception handlers word
 them. The task is stored (committed) by the task service before the answer is sent, as on the slow path.
+:class:`PlainSubmissions` answers plain submissions in the same way before the router looks for the route.
+With FastAPI's own telemetry on (OpenTelemetry configured), FastAPI answers every request itself.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.routing import APIRoute
 from pydantic_core import from_json
 from starlette.requests import HTTPConnection
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.schemas import TaskSubmission
 from comfyfleet.http.auth import principal_from
@@ -63,23 +65,67 @@ def submitted_response(submitted: Submitted) -> JSONBody:
 
 
 class SubmitRoute(APIRoute):
-    """The route of ``POST /api/v1/tasks``: plain submissions are handled here, the rest by FastAPI."""
+    """The route of ``POST /api/v1/tasks``: plain submissions are answered here, the rest by FastAPI."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST" or scope["query_string"]:
-            await super().handle(scope, receive, send)
-            return
-        received: list[Message] = []
-        request = await _plain_request(scope, receive, received)
-        if request is None:
-            await super().handle(scope, _replaying(received, receive), send)
-            return
-        submission, idempotency_key = request
-        connection = HTTPConnection(scope)
-        services = services_of(connection)
-        principal = principal_from(connection, services.keyring)
-        command = submission_command(submission, principal.tenant, idempotency_key)
-        await _send_submitted(send, await services.tasks.submit(command))
+        if scope["method"] == "POST" and not scope.get(_TRIED):
+            received: list[Message] = []
+            if await answer_plain_submission(scope, receive, send, received):
+                return
+            receive = _replaying(received, receive)
+        await super().handle(scope, receive, send)
+
+
+class PlainSubmissions:
+    """Router middleware (``app.router.middleware_stack``): a plain ``POST`` to ``path`` is answered before
+    the router looks for its route, which costs as much as the rest of the HTTP edge's own work; anything
+    else, and a request that turns out not to be plain (with the body already read), goes on to the router.
+
+    It sits inside the application's exception middleware, so a refusal raised while answering is worded by
+    the same handlers as when the route answers it. With FastAPI's own telemetry on, every request goes
+    through the router, which names the route in the request's span.
+    """
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == self.path
+            and scope["method"] == "POST"
+            and not scope.get("root_path")
+        ):
+            received: list[Message] = []
+            if await answer_plain_submission(scope, receive, send, received):
+                return
+            scope[_TRIED] = True
+            receive = _replaying(received, receive)
+        await self.app(scope, receive, send)
+
+
+# Set in a request's scope once it was found not to be plain, so the route does not read it a second time.
+_TRIED = "comfyfleet.not_plain"
+
+
+async def answer_plain_submission(
+    scope: Scope, receive: Receive, send: Send, received: list[Message]
+) -> bool:
+    """Answer ``scope`` if it is a plain submission (see the module's description) and return True; else
+    return False without answering, with the messages read so far in ``received``."""
+    if scope["query_string"] or "fastapi.telemetry" in scope:
+        return False
+    request = await _plain_request(scope, receive, received)
+    if request is None:
+        return False
+    submission, idempotency_key = request
+    connection = HTTPConnection(scope)
+    services = services_of(connection)
+    principal = principal_from(connection, services.keyring)
+    command = submission_command(submission, principal.tenant, idempotency_key)
+    await _send_submitted(send, await services.tasks.submit(command))
+    return True
 
 
 async def _send_submitted(send: Send, submitted: Submitted) -> None:
