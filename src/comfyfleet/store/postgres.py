@@ -158,21 +158,17 @@ def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return _NAMED_PARAMETER.sub(number, sql), tuple(names)
 
 
-_dumps = json_text
-
-
 class _PooledConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A pool connection handed back without asyncpg's reset query, a round trip on every release (on every
-    batch of submissions). This store leaves no session state on pool connections: its LISTEN and its leader
-    locks hold connections of their own, and no statement sets a session variable or opens a cursor. asyncpg
-    still rolls back a transaction left open."""
+    """Handed back to the pool without asyncpg's reset query (a round trip per release, per batch of submissions):
+    no session state is left on pool connections (LISTEN and leader locks hold connections of their own, nothing
+    sets a session variable or opens a cursor); asyncpg still rolls back a transaction left open."""
 
     def get_reset_query(self) -> str:
         return ""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=json_text, decoder=json.loads, schema="pg_catalog")
 
 
 def _describe(exc: BaseException) -> str:
@@ -355,7 +351,7 @@ class PostgresStore(SqlStore):
 
     async def _insert_many(self, batch: list[NewTask]) -> list[tuple[Task, bool]]:
         def texts(name: str) -> list[str | None]:
-            return [None if getattr(new, name) is None else _dumps(getattr(new, name)) for new in batch]
+            return [None if getattr(new, name) is None else json_text(getattr(new, name)) for new in batch]
 
         params = {
             "ids": [new.id for new in batch],
