@@ -214,9 +214,11 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
                 f"the graph has {len(graph)} nodes; the limit is {max_nodes}",
             )
         ]
-    if _plainly_valid(graph):
-        return []
+    return [] if _plainly_valid(graph) else _node_and_cycle_problems(graph)
 
+
+def _node_and_cycle_problems(graph: Mapping[Any, Any]) -> list[GraphError]:
+    """Every problem of the nodes of ``graph`` (at most :data:`MAX_REPORTED_ERRORS`), else its cycle if any."""
     errors: list[GraphError] = []
     # One pass: check every node and collect its well-formed links for the cycle search.
     incoming: dict[str, list[Link]] = {}
