@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -263,6 +263,25 @@ async def test_plain_submissions_are_answered_as_fastapi_answers_them(client: ht
     assert {k: v for k, v in new_plain.json().items() if k not in ignore} == {
         k: v for k, v in new_handed.json().items() if k not in ignore
     }
+
+
+async def test_a_submission_whose_body_comes_in_pieces(client: httpx.AsyncClient) -> None:
+    body = json.dumps(small_body(priority=4, metadata={"note": "x" * 5000})).encode()
+    pieces = [body[:10], body[10:3000], body[3000:]]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    response = await client.post(
+        "/api/v1/tasks",
+        content=stream(),
+        headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+    assert response.status_code == 201, response.text
+    stored = (await client.get(response.headers["location"])).json()
+    assert stored["metadata"] == {"note": "x" * 5000}
+    assert stored["priority"] == 4
 
 
 # Documents whose reading differs most between JSON readers.
