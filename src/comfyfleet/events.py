@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,16 +78,26 @@ def status_event(task: Task) -> TaskEvent:
 
 
 class Subscription:
-    def __init__(self, bus: EventBus, task_id: str | None, tenant: str | None, maxsize: int) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        task_id: str | None,
+        tenant: str | None,
+        maxsize: int,
+        only: Callable[[TaskEvent], bool] | None = None,
+    ) -> None:
         self._bus = bus
         self.task_id = task_id
         self.tenant = tenant
+        self.only = only
         self.queue: asyncio.Queue[TaskEvent] = asyncio.Queue(maxsize)
 
     def wants(self, event: TaskEvent) -> bool:
         if self.task_id is not None and event.task_id != self.task_id:
             return False
-        return self.tenant is None or event.tenant == self.tenant
+        if self.tenant is not None and event.tenant != self.tenant:
+            return False
+        return self.only is None or self.only(event)
 
     def offer(self, event: TaskEvent) -> None:
         if self.queue.full():
@@ -125,9 +135,16 @@ class EventBus:
 
     @contextlib.contextmanager
     def subscribe(
-        self, task_id: str | None = None, tenant: str | None = None, maxsize: int = 256
+        self,
+        task_id: str | None = None,
+        tenant: str | None = None,
+        maxsize: int = 256,
+        *,
+        only: Callable[[TaskEvent], bool] | None = None,
     ) -> Iterator[Subscription]:
-        subscription = Subscription(self, task_id, tenant, maxsize)
+        """Events of ``task_id`` (or every task), of ``tenant`` (or every tenant), and for which ``only`` is
+        true (an event a subscriber would ignore is not queued, nor the subscriber woken for it)."""
+        subscription = Subscription(self, task_id, tenant, maxsize, only)
         self._subscribers.add(subscription)
         try:
             yield subscription

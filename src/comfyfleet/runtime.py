@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -362,6 +363,15 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _spare_start_up_objects_from_gc() -> None:
+    """Move what start-up built (modules, the application, its schemas: ~100,000 objects) out of the cyclic
+    garbage collector's reach. They live as long as the process, yet every full collection walked them
+    all again: under a stream of submissions that was ~8 % of the server's CPU. Objects made later are
+    collected as usual. Only the process entry point does this (tests start many runtimes in one process)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(settings: Settings) -> None:
     """Run the service until SIGINT/SIGTERM (a second one forces the stop). Called by ``comfyfleet serve``.
 
@@ -370,6 +380,7 @@ def serve(settings: Settings) -> None:
 
     async def main() -> None:
         async with Runtime(settings) as runtime:
+            _spare_start_up_objects_from_gc()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, runtime.request_stop)

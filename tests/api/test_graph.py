@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from comfyfleet.comfy import workflow
 from comfyfleet.comfy.errors import MalformedPrompt
+from comfyfleet.domain import graph as graph_module
 from comfyfleet.domain.graph import (
     MAX_REPORTED_ERRORS,
     GraphError,
@@ -300,6 +301,55 @@ def nested(depth: int) -> Any:
     for _ in range(depth):
         value = [value]
     return value
+
+
+_NODE_IDS = st.sampled_from(["1", "2", "3", "4"])
+_GRAPH_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2, 3), st.floats(allow_nan=False), st.text(max_size=2)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=2), inner, max_size=3),
+        st.tuples(_NODE_IDS, st.one_of(st.integers(-1, 2), st.booleans(), st.floats())).map(list),
+    ),
+    max_leaves=6,
+)
+_LINKS = st.tuples(_NODE_IDS, st.one_of(st.integers(0, 2), st.integers(-1, 0), st.booleans())).map(list)
+# Well-shaped nodes whose links may dangle or close a cycle, and nodes of any shape.
+_WELL_SHAPED_NODES = st.fixed_dictionaries(
+    {
+        "class_type": st.sampled_from(["A", "B"]),
+        "inputs": st.dictionaries(st.text(max_size=2), st.one_of(_LINKS, _LINKS, _GRAPH_VALUES), max_size=3),
+    },
+    optional={"_meta": st.dictionaries(st.text(max_size=2), st.text(max_size=2), max_size=1)},
+)
+_ANY_NODES = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "class_type": st.one_of(st.sampled_from(["A", " ", ""]), st.none(), st.integers()),
+            "inputs": st.one_of(
+                st.dictionaries(st.text(max_size=2), _GRAPH_VALUES, max_size=4), _GRAPH_VALUES
+            ),
+        },
+        optional={"_meta": _GRAPH_VALUES},
+    ),
+    _GRAPH_VALUES,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.dictionaries(_NODE_IDS, _WELL_SHAPED_NODES, min_size=1, max_size=4),
+        st.dictionaries(_NODE_IDS, st.one_of(_WELL_SHAPED_NODES, _ANY_NODES), min_size=1, max_size=4),
+    )
+)
+def test_the_quick_check_of_a_plainly_valid_graph_hides_no_problem(graph: dict[str, Any]) -> None:
+    """A graph the quick path passes is one the full check finds nothing wrong with, cycles included (and a
+    graph with a problem is always worded by the full check)."""
+    full = graph_module._node_and_cycle_problems(graph)
+    if graph_module._plainly_valid(graph):
+        assert full == []
+    assert validate_graph(graph) == full
 
 
 def test_values_nested_too_deep_are_refused_where_they_are() -> None:

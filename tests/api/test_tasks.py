@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import SEED_TASK_FIELDS, assert_error_shape, small_body
+from pydantic_core import from_json
 
 from comfyfleet.config import Limits, PoolConfig
 from comfyfleet.store import Lease, Store
@@ -229,6 +230,97 @@ async def test_idempotency_key_returns_the_original(client: httpx.AsyncClient, a
     assert (await api_store.queue_metrics()).pending_tasks == 2
     too_long = await client.post("/api/v1/tasks", json=small_body(), headers={"Idempotency-Key": "k" * 256})
     assert_error_shape(too_long, 422, "validation_error")
+
+
+async def test_plain_submissions_are_answered_as_fastapi_answers_them(client: httpx.AsyncClient) -> None:
+    """The submission route answers plain requests itself and hands the rest (here: a query string) to
+    FastAPI's handler; both answer alike: status, headers in order, body."""
+
+    async def both(key: str, **body: Any) -> tuple[httpx.Response, httpx.Response]:
+        plain = await client.post("/api/v1/tasks", json=small_body(**body), headers={"Idempotency-Key": key})
+        handed = await client.post(
+            "/api/v1/tasks",
+            params={"wait": "0"},
+            json=small_body(**body),
+            headers={"Idempotency-Key": key + "-b"},
+        )
+        return plain, handed
+
+    def shape(response: httpx.Response) -> tuple[int, list[str], list[str]]:
+        names = [name for name, _ in response.headers.multi_items()]
+        return response.status_code, names, sorted(response.json())
+
+    for created in await both("plain", priority=3, metadata={"note": "é"}):
+        assert created.status_code == 201
+    plain, handed = await both("plain", priority=3, metadata={"note": "é"})  # both replayed now
+    assert shape(plain) == shape(handed)
+    assert plain.headers["idempotent-replayed"] == handed.headers["idempotent-replayed"] == "true"
+    assert plain.headers["location"] == f"/api/v1/tasks/{plain.json()['id']}"
+    new_plain = await client.post("/api/v1/tasks", json=small_body(priority=2))
+    new_handed = await client.post("/api/v1/tasks", params={"wait": "0"}, json=small_body(priority=2))
+    assert shape(new_plain) == shape(new_handed)
+    ignore = {"id", "created_at", "updated_at"}
+    assert {k: v for k, v in new_plain.json().items() if k not in ignore} == {
+        k: v for k, v in new_handed.json().items() if k not in ignore
+    }
+
+
+async def test_a_submission_whose_body_comes_in_pieces(client: httpx.AsyncClient) -> None:
+    body = json.dumps(small_body(priority=4, metadata={"note": "x" * 5000})).encode()
+    pieces = [body[:10], body[10:3000], body[3000:]]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    response = await client.post(
+        "/api/v1/tasks",
+        content=stream(),
+        headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+    assert response.status_code == 201, response.text
+    stored = (await client.get(response.headers["location"])).json()
+    assert stored["metadata"] == {"note": "x" * 5000}
+    assert stored["priority"] == 4
+
+
+# Documents whose reading differs most between JSON readers.
+_TRICKY_JSON = [
+    '{"a":1,"b":2,"a":3}',
+    '"\\ud800"',
+    '"\\ud83d\\ude00"',
+    "1e400",
+    "-0",
+    "-0.0",
+    "1E2",
+    "5e-324",
+    "123456789012345678901234567890",
+    "9007199254740993.0",
+    "0.30000000000000004",
+    "NaN",
+    "-Infinity",
+    '"a\tb"',
+    '"\\u0000"',
+    "{} x",
+    "[1,]",
+    "01",
+    "\ufeff{}",
+    '"\u00e9"',
+]
+
+
+@pytest.mark.parametrize("text", _TRICKY_JSON)
+def test_the_submission_route_reads_json_as_fastapi_does(text: str) -> None:
+    """The plain path reads bodies with pydantic-core; whatever that reader accepts must read as FastAPI's
+    json.loads reads it (what it refuses goes to FastAPI's handler)."""
+    body = text.encode("utf-8", "surrogatepass")
+    try:
+        read = from_json(body)
+    except ValueError:
+        return
+    expected = json.loads(body)
+    assert repr(read) == repr(expected)
+    assert json.dumps(read) == json.dumps(expected)
 
 
 async def test_queue_position_is_priority_then_fifo(client: httpx.AsyncClient) -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from comfyfleet.api.errors import install_error_handler
 from comfyfleet.api.routes import events, health, models, outputs, queue, tasks, workers, workflows
+from comfyfleet.api.submit_route import PlainSubmissions
 from comfyfleet.http.deps import authenticate
 
 API_V1_PREFIX = "/api/v1"
@@ -51,6 +52,7 @@ def install_api(app: FastAPI) -> None:
     install_error_handler(app)
     for router in API_V1_ROUTERS:
         app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
+    app.router.middleware_stack = PlainSubmissions(app.router.middleware_stack, f"{API_V1_PREFIX}/tasks")
     # Its own check: an admin key or a worker's token (a remote worker's companion holds no API key).
     app.include_router(models.blob_router, prefix=API_V1_PREFIX)
     app.include_router(health.router)

@@ -214,7 +214,11 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
                 f"the graph has {len(graph)} nodes; the limit is {max_nodes}",
             )
         ]
+    return [] if _plainly_valid(graph) else _node_and_cycle_problems(graph)
 
+
+def _node_and_cycle_problems(graph: Mapping[Any, Any]) -> list[GraphError]:
+    """Every problem of the nodes of ``graph`` (at most :data:`MAX_REPORTED_ERRORS`), else its cycle if any."""
     errors: list[GraphError] = []
     # One pass: check every node and collect its well-formed links for the cycle search.
     incoming: dict[str, list[Link]] = {}
@@ -230,6 +234,78 @@ def validate_graph(graph: object, *, max_nodes: int | None = None) -> list[Graph
         if cycle is not None:
             errors.append(_cycle_error(cycle))
     return errors
+
+
+_SCALARS: Final = (str, int, float, bool, type(None))
+
+
+def _plainly_valid(graph: Mapping[Any, Any]) -> bool:
+    """True when ``graph`` certainly has no problem: the common case, checked without building the objects
+    problems are reported with. False means "not sure": the full check decides (and words the problems)."""
+    if type(graph) is not dict:
+        return False
+    sources: dict[str, list[str]] = {}
+    for node_id, node in graph.items():
+        node_sources = _plain_node_sources(node, graph) if type(node_id) is str else None
+        if node_sources is None:
+            return False
+        sources[node_id] = node_sources
+    return not _has_cycle(sources)
+
+
+def _plain_node_sources(node: object, graph: dict[Any, Any]) -> list[str] | None:
+    """The ids of the nodes a plainly valid ``node`` reads from, or None when it may have a problem."""
+    if type(node) is not dict:
+        return None
+    class_type = node.get("class_type")
+    node_inputs = node.get("inputs")
+    if type(class_type) is not str or not class_type.strip() or type(node_inputs) is not dict:
+        return None
+    for key, value in node.items():
+        if key != "inputs" and not _plain_value(value):
+            return None
+    sources = []
+    for value in node_inputs.values():
+        if type(value) is list and len(value) == 2 and isinstance(value[0], str):
+            source, index = value
+            if type(source) is not str or type(index) is not int or index < 0 or source not in graph:
+                return None
+            sources.append(source)
+        elif not _plain_value(value):
+            return None
+    return sources
+
+
+def _has_cycle(sources: dict[str, list[str]]) -> bool:
+    """Whether following ``sources`` (node → the nodes it reads from) from some node leads back to it."""
+    unvisited, on_path, done = 0, 1, 2
+    state = dict.fromkeys(sources, unvisited)
+    for start in sources:
+        if state[start] != unvisited:
+            continue
+        state[start] = on_path
+        path = [(start, iter(sources[start]))]
+        while path:
+            node_id, pending = path[-1]
+            for source in pending:
+                if state[source] == on_path:
+                    return True
+                if state[source] == unvisited:
+                    state[source] = on_path
+                    path.append((source, iter(sources[source])))
+                    break
+            else:
+                state[node_id] = done
+                path.pop()
+    return False
+
+
+def _plain_value(value: object) -> bool:
+    """A JSON scalar, or a JSON list or object nested no deeper than allowed."""
+    kind = type(value)
+    if kind is list or kind is dict:
+        return not exceeds_depth(value, MAX_VALUE_DEPTH)
+    return kind in _SCALARS
 
 
 def _check_node(

@@ -38,11 +38,10 @@ class ServiceApp(FastAPI):
         install_error_handlers(self)
         self._own_limits: list[str] = []
         self.add_middleware(
-            BodyLimitMiddleware,
+            RequestGuardMiddleware,
             max_body_bytes=services.settings.limits.max_body_bytes,
             exempt_prefixes=self._own_limits,
         )
-        self.add_middleware(UnstorableTextMiddleware, exempt_prefixes=self._own_limits)
 
     def mount_front_door(self, path: str, app: ASGIApp) -> None:
         """Mount an application that answers everything under ``path`` itself: its own error shape and its
@@ -57,62 +56,36 @@ class ServiceApp(FastAPI):
         return self.openapi_schema
 
 
-class UnstorableTextMiddleware:
-    """Refuse a request whose query parameters hold text no store can keep (a NUL character) with 422
-    ``invalid_text`` naming the parameter, and a path holding one with 404 (nothing is named so), before a
-    route hands it to the store (PostgreSQL would refuse it as if it were down). Bodies are the task service's
-    business (``tasks.checks``); percent-decoding turns undecodable bytes into U+FFFD, so a lone surrogate
-    cannot come in through a URL."""
+class RequestGuardMiddleware:
+    """What every request to this application is checked for before a route sees it, in one pass:
 
-    def __init__(self, app: ASGIApp, exempt_prefixes: Sequence[str] = ()) -> None:
-        self.app = app
-        self.exempt_prefixes = exempt_prefixes  # mounted front doors that answer in their own error shape
+    - text no store can keep (a NUL character) in a query parameter is refused with 422 ``invalid_text``
+      naming the parameter, and in the path with 404 (nothing is named so), before a route hands it to the
+      store (PostgreSQL would refuse it as if it were down). Bodies are the task service's business
+      (``tasks.checks``); percent-decoding turns undecodable bytes into U+FFFD, so a lone surrogate cannot
+      come in through a URL.
+    - a body over ``max_body_bytes`` is refused with 413 before anything parses it. A declared
+      ``Content-Length`` is checked up front (the HTTP server never delivers more than it declares). A
+      chunked body has no declared size, so it is read here, up to the limit, and replayed to the
+      application; one byte too many and the request is refused at once (the HTTP server then skips the
+      rest of that body, so the connection stays usable).
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not str(scope["path"]).startswith(tuple(self.exempt_prefixes)):
-            error = self._refusal(scope)
-            if error is not None:
-                await _send_error(send, error)
-                return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _refusal(scope: Scope) -> ApiError | None:
-        if text_problem(scope["path"]) is not None:
-            return ApiError(404, "not_found", f"no route {shown(scope['path'])[:200]}")
-        for name, value in QueryParams(scope["query_string"]).multi_items():
-            kind = text_problem(name) or text_problem(value)
-            if kind is not None:
-                problem = TEXT_PROBLEMS[kind]
-                errors = [{"loc": ["query", shown(name)], "message": problem, "type": kind}]
-                return InvalidInput(f"query parameter {shown(name)!r} {problem}", errors, "invalid_text")
-        return None
-
-
-async def _send_error(send: Send, error: ApiError) -> None:
-    body = error_body(error.status, error.error, error.message, error.details)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_body_bytes`` with 413 before anything parses them.
-
-    A declared ``Content-Length`` is checked up front (the HTTP server never delivers more than it
-    declares). A chunked body has no declared size, so it is read here, up to the limit, and replayed
-    to the application; one byte too many and the request is refused at once (the HTTP server then
-    skips the rest of that body, so the connection stays usable).
+    Mounted front doors named in ``exempt_prefixes`` answer in their own error shape and limit their own
+    bodies: their requests pass untouched.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, exempt_prefixes: Sequence[str] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.exempt_prefixes = exempt_prefixes  # mounted front doors that limit their own bodies
+        self.exempt_prefixes = exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or str(scope.get("path", "")).startswith(tuple(self.exempt_prefixes)):
+        if scope["type"] != "http" or str(scope["path"]).startswith(tuple(self.exempt_prefixes)):
             await self.app(scope, receive, send)
+            return
+        error = _unstorable_text(scope)
+        if error is not None:
+            await _send_error(send, error)
             return
         declared: int | None = None
         chunked = False
@@ -167,6 +140,27 @@ class BodyLimitMiddleware:
         await _send_error(send, RequestTooLarge(self.max_body_bytes))
 
 
+def _unstorable_text(scope: Scope) -> ApiError | None:
+    if text_problem(scope["path"]) is not None:
+        return ApiError(404, "not_found", f"no route {shown(scope['path'])[:200]}")
+    if not scope["query_string"]:
+        return None
+    for name, value in QueryParams(scope["query_string"]).multi_items():
+        kind = text_problem(name) or text_problem(value)
+        if kind is not None:
+            problem = TEXT_PROBLEMS[kind]
+            errors = [{"loc": ["query", shown(name)], "message": problem, "type": kind}]
+            return InvalidInput(f"query parameter {shown(name)!r} {problem}", errors, "invalid_text")
+    return None
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    body = error_body(error.status, error.error, error.message, error.details)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
 _FASTAPI_VALIDATION_REF = "#/components/schemas/HTTPValidationError"
 # Every route that reads a JSON body may answer these, whatever the route itself declares.
@@ -181,7 +175,7 @@ def _with_edge_answers(document: dict[str, Any]) -> dict[str, Any]:
     """FastAPI documents a 422 in its own ``HTTPValidationError`` shape on every route with parameters;
     the error handlers answer it in the error shape (``ErrorOut``). And a route that reads a JSON body
     also answers 400 for a body that is not JSON, 415 for one sent as another media type, and 413
-    (``BodyLimitMiddleware``) for one too large."""
+    (``RequestGuardMiddleware``) for one too large."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.setdefault("ErrorOut", ErrorOut.model_json_schema())
     for operations in document.get("paths", {}).values():

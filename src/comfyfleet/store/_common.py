@@ -1,5 +1,5 @@
-"""Small pieces every backend shares: migrations on disk, paging cursors, limits, leader keys, and the decisions
-that turn "no row changed" into the right error."""
+"""Small pieces every backend shares: migrations on disk, paging cursors, limits, leader keys, JSON text, and the
+decisions that turn "no row changed" into the right error."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import json
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -14,12 +15,26 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+from pydantic_core import PydanticSerializationError, to_json
+
 from comfyfleet.domain import Task
 from comfyfleet.store.base import Conflict, InvalidArgument, Lease, NotFound, StaleLease
 
 MAX_LIST_LIMIT = 1000
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as compact JSON text: what ``json.dumps(value, separators=(",", ":"))`` writes, read back
+    to the same value (non-ASCII characters are written as themselves, not escaped; NaN and Infinity as
+    Python's JSON writes them), rendered by pydantic-core several times quicker (a submission's payload is
+    written on every submission).
+    """
+    try:
+        return to_json(value, inf_nan_mode="constants").decode()
+    except PydanticSerializationError:  # a lone surrogate has no UTF-8 form; json.dumps escapes it
+        return json.dumps(value, separators=(",", ":"))
 
 
 def utcnow() -> datetime:

@@ -34,7 +34,7 @@ import asyncpg
 
 from comfyfleet.domain import NewTask, Task
 from comfyfleet.store._batch import Batcher
-from comfyfleet.store._common import advisory_key, load_migrations
+from comfyfleet.store._common import advisory_key, json_text, load_migrations
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
 from comfyfleet.store._statements import Statements, base64_size
@@ -158,12 +158,17 @@ def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return _NAMED_PARAMETER.sub(number, sql), tuple(names)
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+class _PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """Handed back to the pool without asyncpg's reset query (a round trip per release, per batch of submissions):
+    no session state is left on pool connections (LISTEN and leader locks hold connections of their own, nothing
+    sets a session variable or opens a cursor); asyncpg still rolls back a transaction left open."""
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=json_text, decoder=json.loads, schema="pg_catalog")
 
 
 def _describe(exc: BaseException) -> str:
@@ -228,6 +233,7 @@ class PostgresStore(SqlStore):
                 max_size=self._max_connections,
                 timeout=self._connect_timeout_s,
                 init=_init_connection,
+                connection_class=_PooledConnection,
                 server_settings=self._server_settings(),
             )
         except _DRIVER_ERRORS as exc:
@@ -345,7 +351,7 @@ class PostgresStore(SqlStore):
 
     async def _insert_many(self, batch: list[NewTask]) -> list[tuple[Task, bool]]:
         def texts(name: str) -> list[str | None]:
-            return [None if getattr(new, name) is None else _dumps(getattr(new, name)) for new in batch]
+            return [None if getattr(new, name) is None else json_text(getattr(new, name)) for new in batch]
 
         params = {
             "ids": [new.id for new in batch],

@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from comfyfleet.store._common import load_migrations, utcnow
+from comfyfleet.store._common import json_text, load_migrations, utcnow
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
 from comfyfleet.store._sqlite_inline import CHECKPOINT_EVERY, Busy, InlineConnection
@@ -54,7 +54,7 @@ def _dump_time(moment: datetime) -> str:
 
 
 def _dump_json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else json_text(value)
 
 
 def _load_json(text: str | None) -> Any:

@@ -34,7 +34,7 @@ from standardwebhooks.webhooks import Webhook
 from comfyfleet import metrics
 from comfyfleet.config import Settings
 from comfyfleet.domain import TERMINAL_STATUSES
-from comfyfleet.events import EventBus
+from comfyfleet.events import EventBus, TaskEvent
 from comfyfleet.http.wire import task_json
 from comfyfleet.net import UnsafeAddress, pin_public_address
 from comfyfleet.store import NotFound, StaleLease, Store, StoreError, WebhookDelivery
@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 USER_AGENT = "comfyfleet-webhooks"
 _MAX_ERROR_TEXT = 300
 _TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
+
+
+def _ended_with_webhook(event: TaskEvent) -> bool:
+    ended = event.type == "status" and event.data.get("status") in _TERMINAL
+    return ended and event.task is not None and event.task.webhook is not None
 
 
 class WebhooksError(Exception):
@@ -151,11 +156,9 @@ class WebhookDeliverer:
         """A task of this replica that ended with a webhook has a fresh delivery: look at once instead of at
         the next timer (an ending without a webhook has none, and costs no claim)."""
         assert self.bus is not None
-        with self.bus.subscribe(maxsize=1024) as subscription:
-            async for event in subscription:
-                ended = event.type == "status" and event.data.get("status") in _TERMINAL
-                if ended and event.task is not None and event.task.webhook is not None:
-                    self._wake.set()
+        with self.bus.subscribe(maxsize=1024, only=_ended_with_webhook) as subscription:
+            async for _ in subscription:
+                self._wake.set()
 
     async def _deliver_loop(self) -> None:
         while not self._stopping.is_set():

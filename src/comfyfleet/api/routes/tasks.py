@@ -12,6 +12,12 @@ from fastapi import APIRouter, Header, Path, Query
 from starlette.responses import Response
 
 from comfyfleet.api.schemas import TaskListOut, TaskOut, TaskSubmission, TaskUpdate, error_responses
+from comfyfleet.api.submit_route import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    SubmitRoute,
+    submission_command,
+    submitted_response,
+)
 from comfyfleet.domain import TaskStatus
 from comfyfleet.http.deps import EstimatorDep, PrincipalDep, SettingsDep, StoreDep, TasksDep
 from comfyfleet.http.errors import ApiError, InvalidInput
@@ -19,46 +25,16 @@ from comfyfleet.http.pages import ByteBudget, json_array
 from comfyfleet.http.responses import JSONBody, json_bytes
 from comfyfleet.http.wire import delivery_json, task_json
 from comfyfleet.store import cursor_after
-from comfyfleet.tasks import CancelTask, ChangePriority, Idempotency, OnReuse, SubmitTask
+from comfyfleet.tasks import CancelTask, ChangePriority
 
 router = APIRouter(tags=["tasks"])
 
 MAX_LIST_LIMIT = 500
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_WAIT_S = 600
 
 TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=64)]
 
 
-def _command(submission: TaskSubmission, tenant: str, idempotency_key: str | None) -> SubmitTask:
-    return SubmitTask(
-        payload=submission.payload,
-        tenant=tenant,
-        priority=submission.priority,
-        workflow_id=submission.workflow_id,
-        max_retries=submission.max_retries,
-        timeout_s=submission.timeout_s,
-        pool=submission.pool,
-        inputs=submission.inputs,
-        webhook=submission.webhook,
-        metadata=submission.metadata,
-        models=submission.models,
-        idempotency=Idempotency(idempotency_key, OnReuse.REPLAY_SAME_REQUEST)
-        if idempotency_key is not None
-        else None,
-    )
-
-
-@router.post(
-    "/tasks",
-    status_code=201,
-    response_model=TaskOut,
-    summary="Submit a workflow",
-    responses={
-        200: {"model": TaskOut, "description": "This Idempotency-Key was used before: the original task."},
-        **error_responses(400, 401, 413, 415, 422, 503),
-    },
-)
 async def submit_task(
     submission: TaskSubmission,
     principal: PrincipalDep,
@@ -90,12 +66,24 @@ async def submit_task(
     cycle. A 422 `invalid_graph` lists every problem with the node and input at fault.
     The task is durably stored before the 201 is sent.
     """
-    submitted = await tasks.submit(_command(submission, principal.tenant, idempotency_key), wait_s=wait)
-    task = submitted.task
-    headers = {"Location": f"/api/v1/tasks/{task.id}"}
-    if not submitted.created:
-        headers["Idempotent-Replayed"] = "true"
-    return JSONBody(task_json(task), status_code=201 if submitted.created else 200, headers=headers)
+    command = submission_command(submission, principal.tenant, idempotency_key)
+    return submitted_response(await tasks.submit(command, wait_s=wait))
+
+
+# Plain submissions (the hot path) are answered by SubmitRoute itself; FastAPI handles the rest.
+router.add_api_route(
+    "/tasks",
+    submit_task,
+    methods=["POST"],
+    route_class_override=SubmitRoute,
+    status_code=201,
+    response_model=TaskOut,
+    summary="Submit a workflow",
+    responses={
+        200: {"model": TaskOut, "description": "This Idempotency-Key was used before: the original task."},
+        **error_responses(400, 401, 413, 415, 422, 503),
+    },
+)
 
 
 def _parse_statuses(raw: str | None) -> list[TaskStatus] | None:
