@@ -101,14 +101,14 @@ async def measure(label: str, store: Store, depth: int, repeats: int) -> list[st
     sequential = await median_ms(lambda: store.create_task(new()), repeats)
     lines.append(f"{label:10} create_task one at a time: median {sequential:.3f} ms")
     sqlite = isinstance(store, SQLiteStore)
-    before = (store.inline_commits, *store.write_stats) if sqlite else None
+    before = (*store.inline_stats, *store.write_stats) if sqlite else None
     rate = await fill(store, 20_000)
     grouped = ""
     if before is not None:
-        inline, (writes, commits) = store.inline_commits - before[0], store.write_stats
-        writes, commits = writes - before[1], commits - before[2]
+        (inline, inline_commits), (writes, commits) = store.inline_stats, store.write_stats
         grouped = (
-            f", {inline:,} on the loop's connection, {writes:,} on the writer thread in {commits:,} commits"
+            f", {inline - before[0]:,} on the loop's connection in {inline_commits - before[1]:,} commits,"
+            f" {writes - before[2]:,} on the writer thread in {commits - before[3]:,}"
         )
     lines.append(
         f"{label:10} create_task 2,000 in flight: {rate:,.0f}/s = {1000 / rate:.3f} ms each{grouped}"

@@ -3,8 +3,11 @@ its work: a submission, a claim, an attempt's writes, a task read by its id.
 
 Such a statement costs SQLite a few microseconds; handing it to a connection thread and back costs about 75 µs
 of CPU and as much again in wall time (two thread wake-ups and the GIL changing hands), several times per task.
-So the store runs a statement here first, and each write commits before its caller is answered, as on the
-writer thread. It never waits on the loop:
+So the store runs a statement here first. Reads run at once. Writes are committed in groups, as on the writer
+thread: those asked for during one turn of the event loop go in one transaction at the start of the next (each
+in a savepoint, so one that fails is undone alone), and each caller is answered once the group is committed
+(a burst of submissions costs one commit, not one each, and a lone write waits for no thread). It never
+waits on the loop:
 
 * not for SQLite's lock: the connection's busy timeout is 0, so a statement that finds the lock taken (the
   writer thread migrating, another process writing the file) raises :class:`Busy` at once, and the store runs
@@ -17,10 +20,12 @@ Statements that may run long (a page of a listing, a purge) always go to the thr
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from comfyfleet.store._sqlite_threads import MAX_GROUP, run_group
 from comfyfleet.store.base import StoreClosed
 
 T = TypeVar("T")
@@ -44,7 +49,9 @@ class InlineConnection:
     def __init__(self, path: str) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = None
+        self._queued: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self.commits = 0
+        self.writes = 0
 
     def open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, cached_statements=256)
@@ -76,23 +83,33 @@ class InlineConnection:
                 raise Busy from exc
             raise
 
-    def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """``job`` in a transaction of its own, committed before this returns (rolled back if it raises)."""
-        conn = self.connection
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                raise Busy from exc
-            raise
-        try:
-            result = job(conn)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
-                raise Busy from exc
-            raise
-        self.commits += 1
-        return result
+    def write(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """``job`` in the group committed at the start of the loop's next turn: its result once committed, or its
+        error (:class:`Busy` when the group could not take SQLite's lock; nothing of it is then stored)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queued.append((job, future))
+        if len(self._queued) == 1:
+            loop.call_soon(self._commit_queued)
+        return future
+
+    def _commit_queued(self) -> None:
+        while self._queued:
+            group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
+            try:
+                results = run_group(self.connection, [job for job, _ in group])
+            except (sqlite3.Error, StoreClosed) as exc:
+                busy = isinstance(exc, sqlite3.OperationalError) and _is_busy(exc)
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(Busy() if busy else exc)
+                continue
+            self.commits += 1
+            self.writes += len(group)
+            for (_, future), (result, error) in zip(group, results, strict=True):
+                if future.done():  # the caller gave up waiting; the write itself stands
+                    continue
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)

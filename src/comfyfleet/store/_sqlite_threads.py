@@ -152,31 +152,40 @@ class ConnectionThread:
 
     def _run_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> list[_Outcome]:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            return [(job.future, None, exc) for job in group]
-        outcomes: list[_Outcome] = []
-        try:
-            for job in group:
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes.append((job.future, None, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((job.future, result, None))
-            conn.execute("COMMIT")
-            self.group_commits += 1
-            self.grouped_writes += len(group)
+            results = run_group(conn, [job.fn for job in group])
         except sqlite3.Error as exc:
             # Nothing of this group is durable: every caller hears the failure, none is told "stored".
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             return [(job.future, None, exc) for job in group]
-        return outcomes
+        self.group_commits += 1
+        self.grouped_writes += len(group)
+        return [(job.future, result, error) for job, (result, error) in zip(group, results, strict=True)]
+
+
+def run_group(
+    conn: sqlite3.Connection, jobs: list[Callable[[sqlite3.Connection], Any]]
+) -> list[tuple[Any, Exception | None]]:
+    """``jobs`` in one transaction, each inside a savepoint (one that raises is undone alone), committed once:
+    each job's result or error. Raises ``sqlite3.Error`` when the transaction itself fails (nothing is stored)."""
+    conn.execute("BEGIN IMMEDIATE")
+    results: list[tuple[Any, Exception | None]] = []
+    try:
+        for job in jobs:
+            conn.execute("SAVEPOINT job")
+            try:
+                result = job(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                results.append((None, exc))
+            else:
+                conn.execute("RELEASE job")
+                results.append((result, None))
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -169,6 +169,8 @@ class SQLiteStore(SqlStore):
         self._reader = ConnectionThread(self.path, name="comfyfleet-sqlite-reader", grouped=False)
         self._inline = InlineConnection(self.path)
         self._checkpoints: set[asyncio.Task[None]] = set()
+        self._next_checkpoint = CHECKPOINT_EVERY
+        self.busy_fallbacks = 0  # writes that found SQLite's lock taken and went to the writer thread
         self._hub = NotificationHub()
         self._state = "new"
 
@@ -178,9 +180,9 @@ class SQLiteStore(SqlStore):
         return self._writer.grouped_writes, self._writer.group_commits
 
     @property
-    def inline_commits(self) -> int:
-        """Writes committed on the event loop's thread so far."""
-        return self._inline.commits
+    def inline_stats(self) -> tuple[int, int]:
+        """``(writes, commits)`` on the event loop's connection so far."""
+        return self._inline.writes, self._inline.commits
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -237,12 +239,14 @@ class SQLiteStore(SqlStore):
         job = _statement(sql, params)
         self._check_open()
         try:
-            rows = self._inline.write(job)
+            rows = await self._inline.write(job)
         except Busy:
+            self.busy_fallbacks += 1
             return await self._run(self._writer, job)
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
-        if self._inline.commits % CHECKPOINT_EVERY == 0:
+        if self._inline.commits >= self._next_checkpoint:
+            self._next_checkpoint = self._inline.commits + CHECKPOINT_EVERY
             self._checkpoint_soon()
         return rows
 
