@@ -233,14 +233,15 @@ async def test_idempotency_key_returns_the_original(client: httpx.AsyncClient, a
 
 
 async def test_plain_submissions_are_answered_as_fastapi_answers_them(client: httpx.AsyncClient) -> None:
-    """The submission route answers plain requests itself and hands the rest (here: a query string) to
-    FastAPI's handler; both answer alike: status, headers in order, body."""
+    """The submission route answers plain requests itself (with no query, or a plain ``?wait=<seconds>``) and
+    hands the rest (here: a ``wait`` in another notation) to FastAPI's handler; both answer alike: status, headers
+    in order, body."""
 
     async def both(key: str, **body: Any) -> tuple[httpx.Response, httpx.Response]:
         plain = await client.post("/api/v1/tasks", json=small_body(**body), headers={"Idempotency-Key": key})
         handed = await client.post(
             "/api/v1/tasks",
-            params={"wait": "0"},
+            params={"wait": "0e0"},
             json=small_body(**body),
             headers={"Idempotency-Key": key + "-b"},
         )
@@ -257,12 +258,16 @@ async def test_plain_submissions_are_answered_as_fastapi_answers_them(client: ht
     assert plain.headers["idempotent-replayed"] == handed.headers["idempotent-replayed"] == "true"
     assert plain.headers["location"] == f"/api/v1/tasks/{plain.json()['id']}"
     new_plain = await client.post("/api/v1/tasks", json=small_body(priority=2))
-    new_handed = await client.post("/api/v1/tasks", params={"wait": "0"}, json=small_body(priority=2))
-    assert shape(new_plain) == shape(new_handed)
+    plain_wait = await client.post("/api/v1/tasks", params={"wait": "0.5"}, json=small_body(priority=2))
+    new_handed = await client.post("/api/v1/tasks", params={"wait": "0e0"}, json=small_body(priority=2))
     ignore = {"id", "created_at", "updated_at"}
-    assert {k: v for k, v in new_plain.json().items() if k not in ignore} == {
-        k: v for k, v in new_handed.json().items() if k not in ignore
-    }
+    for answer in (new_plain, plain_wait):
+        assert shape(answer) == shape(new_handed)
+        assert {k: v for k, v in answer.json().items() if k not in ignore} == {
+            k: v for k, v in new_handed.json().items() if k not in ignore
+        }
+    too_long = await client.post("/api/v1/tasks", params={"wait": "601"}, json=small_body())
+    assert_error_shape(too_long, 422, "validation_error")  # out of bounds: FastAPI words the refusal
 
 
 async def test_a_submission_whose_body_comes_in_pieces(client: httpx.AsyncClient) -> None:

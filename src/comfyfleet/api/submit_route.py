@@ -5,8 +5,8 @@ the dependency solver, parameter and body validation, the response model plumbin
 task service and the store together. :class:`SubmitRoute` is the route FastAPI registers and documents as
 usual (the OpenAPI document does not change), but it handles a request itself when nothing about it needs
 FastAPI's wording: a JSON body that :class:`TaskSubmission` accepts, an ``Idempotency-Key`` within its limits
-and no query string. Everything else (a body that is not JSON or not valid, another media type, a ``?wait=``)
-is handed, body and all, to FastAPI's handler, which answers exactly as it always did. Refusals of the task
+and no query string but a plain ``?wait=<seconds>`` within its bounds. Everything else (a body that is not JSON
+or not valid, another media type, any other query) is handed, body and all, to FastAPI's handler, which answers exactly as it always did. Refusals of the task
 service and the store are raised from here as from the route function, and the same exception handlers word
 them. The task is stored (committed) by the task service before the answer is sent, as on the slow path.
 :class:`PlainSubmissions` answers plain submissions in the same way before the router looks for the route.
@@ -15,6 +15,7 @@ With FastAPI's own telemetry on (OpenTelemetry configured), FastAPI answers ever
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from fastapi.routing import APIRoute
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from comfyfleet.tasks import Submitted
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_WAIT_S = 600
+# The one query a plain submission may carry: ``wait=`` with a plain decimal number of seconds.
+_PLAIN_WAIT = re.compile(rb"wait=(\d{1,4}(?:\.\d{1,6})?)")
 
 
 def submission_command(submission: TaskSubmission, tenant: str, idempotency_key: str | None) -> SubmitTask:
@@ -114,8 +118,13 @@ async def answer_plain_submission(
 ) -> bool:
     """Answer ``scope`` if it is a plain submission (see the module's description) and return True; else
     return False without answering, with the messages read so far in ``received``."""
-    if scope["query_string"] or "fastapi.telemetry" in scope:
+    if "fastapi.telemetry" in scope:
         return False
+    wait_s: float | None = None
+    if query := scope["query_string"]:
+        plain_wait = _PLAIN_WAIT.fullmatch(query)
+        if plain_wait is None or (wait_s := float(plain_wait[1])) > MAX_WAIT_S:
+            return False
     request = await _plain_request(scope, receive, received)
     if request is None:
         return False
@@ -124,7 +133,7 @@ async def answer_plain_submission(
     services = services_of(connection)
     principal = principal_from(connection, services.keyring)
     command = submission_command(submission, principal.tenant, idempotency_key)
-    await _send_submitted(send, await services.tasks.submit(command))
+    await _send_submitted(send, await services.tasks.submit(command, wait_s=wait_s))
     return True
 
 

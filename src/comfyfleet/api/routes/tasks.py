@@ -14,6 +14,7 @@ from starlette.responses import Response
 from comfyfleet.api.schemas import TaskListOut, TaskOut, TaskSubmission, TaskUpdate, error_responses
 from comfyfleet.api.submit_route import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
+    MAX_WAIT_S,
     SubmitRoute,
     submission_command,
     submitted_response,
@@ -30,7 +31,6 @@ from comfyfleet.tasks import CancelTask, ChangePriority
 router = APIRouter(tags=["tasks"])
 
 MAX_LIST_LIMIT = 500
-MAX_WAIT_S = 600
 
 TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=64)]
 
