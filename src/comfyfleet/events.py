@@ -132,6 +132,7 @@ class EventBus:
         # Only a store shared by several replicas needs the relay; SQLite serves one replica.
         self._shared = shared and store is not None
         self._subscribers: set[Subscription] = set()
+        self._relays: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
     def subscribe(
@@ -159,11 +160,20 @@ class EventBus:
     async def publish(self, event: TaskEvent) -> None:
         self._fan_out(event)
         if self._shared and self._store is not None:
+            # Relayed without waiting for it: the publisher (the dispatcher, between its steps) does not wait
+            # a database round trip per event. Relays start in publishing order and the store sends its
+            # notifications in the order they were asked for, so the other replicas hear them in order.
             envelope = json.dumps({"origin": self._replica_id, "event": event.to_json()})
-            try:
-                await self._store.notify(EVENTS_CHANNEL, envelope)
-            except Exception:  # a lost live event must never fail the dispatcher's write path
-                logger.warning("event_relay_failed task_id=%s", event.task_id, exc_info=True)
+            relay = asyncio.ensure_future(self._relay(self._store, envelope, event.task_id))
+            self._relays.add(relay)
+            relay.add_done_callback(self._relays.discard)
+
+    @staticmethod
+    async def _relay(store: Store, envelope: str, task_id: str) -> None:
+        try:
+            await store.notify(EVENTS_CHANNEL, envelope)
+        except Exception:  # a lost live event must never fail the dispatcher's write path
+            logger.warning("event_relay_failed task_id=%s", task_id, exc_info=True)
 
     def receive_relayed(self, payload: str) -> None:
         """Deliver an event another replica published (called by the runtime's notification loop)."""
