@@ -109,7 +109,8 @@ class Subscription:
     async def get(self, wait_s: float | None = None) -> TaskEvent | None:
         """The next event, or None after ``wait_s`` seconds without one (``None``: wait forever)."""
         try:
-            return await asyncio.wait_for(self.queue.get(), wait_s)
+            async with asyncio.timeout(wait_s):  # not wait_for: that starts a task per call
+                return await self.queue.get()
         except TimeoutError:
             return None
 

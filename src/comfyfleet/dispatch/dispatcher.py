@@ -163,7 +163,8 @@ class Dispatcher:
                 timeout = min(timeout, _STORE_RETRY_MIN_S * 2 ** min(store_failures, 8), _STORE_RETRY_MAX_S)
             timeout = await self._due.limit(timeout)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: that starts a task per wake-up
+                    await self._wake.wait()
             self._wake.clear()
             if self._stopping.is_set():
                 return
