@@ -81,6 +81,7 @@ class TaskService:
         self._new_id = TaskIds()
         self._listeners: list[Callable[[Task], None]] = []
         self._keys_claimed = 0
+        self._wakes: set[asyncio.Task[None]] = set()
 
     def add_listener(self, listener: Callable[[Task], None]) -> None:
         """Call ``listener(task)`` for every change this service announces, just before the announcement, so a
@@ -122,10 +123,10 @@ class TaskService:
         if wait_s and self._bus is not None:
             # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
             with self._bus.subscribe(task_id=task.id) as subscription:
-                await self._wake_dispatcher(task)
+                self._wake_dispatcher(task)
                 task = await self._wait_until_ended(task, subscription, wait_s, fresh=True)
         else:
-            await self._wake_dispatcher(task)
+            self._wake_dispatcher(task)
         return Submitted(task, True, node_errors)
 
     async def _check(self, command: SubmitTask) -> dict[str, Any]:
@@ -285,7 +286,7 @@ class TaskService:
             raise TaskStateConflict(str(exc)) from exc
         if task.status is TaskStatus.RUNNING:
             logger.info("task_cancel_requested task_id=%s", task.id)
-            await self._wake(CANCEL_CHANNEL, task.id)
+            self._wake(CANCEL_CHANNEL, task.id)
             return task
         if task.status is not TaskStatus.CANCELLED:
             # The store resolved the race differently (e.g. the task ended meanwhile); say so plainly.
@@ -315,10 +316,17 @@ class TaskService:
         if self._bus is not None:
             await self._bus.publish(status_event(task))
 
-    async def _wake_dispatcher(self, task: Task) -> None:
-        await self._wake(TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
+    def _wake_dispatcher(self, task: Task) -> None:
+        self._wake(TASKS_CHANNEL, f'{{"task_id":"{task.id}"}}')
 
-    async def _wake(self, channel: str, payload: str) -> None:
+    def _wake(self, channel: str, payload: str) -> None:
+        """Send a wake-up after the change it announces is durable, without the caller waiting for it (on
+        PostgreSQL that is a round trip): the answer to a submission need not wait for the dispatcher's."""
+        wake = asyncio.ensure_future(self._send_wake(channel, payload))
+        self._wakes.add(wake)
+        wake.add_done_callback(self._wakes.discard)
+
+    async def _send_wake(self, channel: str, payload: str) -> None:
         # The change is already durable; a lost wake-up only delays the dispatcher until its safety poll,
         # so it must not turn a stored submission or cancel into an error.
         try:
