@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from comfyfleet.store._sqlite_threads import MAX_GROUP, run_group
+from comfyfleet.store._sqlite_threads import MAX_GROUP, deliver, run_group
 from comfyfleet.store.base import StoreClosed
 
 T = TypeVar("T")
@@ -100,16 +100,8 @@ class InlineConnection:
                 results = run_group(self.connection, [job for job, _ in group])
             except (sqlite3.Error, StoreClosed) as exc:
                 busy = isinstance(exc, sqlite3.OperationalError) and _is_busy(exc)
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(Busy() if busy else exc)
+                deliver([(future, None, Busy() if busy else exc) for _, future in group])
                 continue
             self.commits += 1
             self.writes += len(group)
-            for (_, future), (result, error) in zip(group, results, strict=True):
-                if future.done():  # the caller gave up waiting; the write itself stands
-                    continue
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
+            deliver([(future, *outcome) for (_, future), outcome in zip(group, results, strict=True)])

@@ -38,7 +38,8 @@ _STOP = object()
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
-def _deliver(outcomes: list[_Outcome]) -> None:
+def deliver(outcomes: list[_Outcome]) -> None:
+    """Answer each caller with its result or error (unless it gave up waiting)."""
     for future, result, error in outcomes:
         if future.done():  # the caller gave up waiting; the write itself stands
             continue
@@ -141,7 +142,7 @@ class ConnectionThread:
                 outcomes = self._run_group(conn, group)
             else:
                 outcomes = [self._run_alone(conn, member) for member in group]
-            self._loop.call_soon_threadsafe(_deliver, outcomes)
+            self._loop.call_soon_threadsafe(deliver, outcomes)
 
     @staticmethod
     def _run_alone(conn: sqlite3.Connection, job: _Job[Any]) -> _Outcome:
