@@ -26,6 +26,7 @@ from comfyfleet.comfy import (
     WorkflowRejected,
 )
 from comfyfleet.comfy.events import parse_binary, parse_text
+from comfyfleet.comfy.results import outcome_from_frames, outcome_from_history
 from comfyfleet.emulators.comfyui import EmulatorServer
 from support import eventually
 
@@ -330,3 +331,39 @@ async def test_a_prompt_whose_end_a_poll_learns_first_still_hands_over_every_fra
         ]
         assert seen[-1].is_done
         assert all(event.prompt_id == prompt_id for event in seen)
+
+
+async def test_a_success_read_from_its_frames_is_what_its_history_says(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    """``follow(from_frames=True)`` skips the history read when the socket carried the whole prompt: the outputs
+    (a cached run's replayed ones too) and the times must be the history entry's own."""
+    async with emulator_factory(step_time_s=0.001) as emu, ComfyClient(emu.url) as comfy:
+        graph = sampler_graph(seed=5, steps=3)
+        for run in ("first", "cached"):
+            prompt_id = new_id()
+            seen: list[ComfyEvent] = []
+            await comfy.submit(graph, prompt_id=prompt_id)
+            framed = await comfy.follow(prompt_id, on_event=seen.append, from_frames=True)
+            history = await comfy.history(prompt_id)
+            assert history is not None, run
+            expected = outcome_from_history(prompt_id, history)
+            assert framed.status == expected.status == "success"
+            assert framed.outputs == expected.outputs, run
+            assert framed.files()
+            assert framed.files() == expected.files()
+            assert (framed.timings.started_ms, framed.timings.ended_ms) == (
+                expected.timings.started_ms,
+                expected.timings.ended_ms,
+            )
+            assert framed.history["status"]["completed"] is True
+            assert outcome_from_frames(prompt_id, seen) == framed  # built from exactly these frames
+    # A failure is never read from frames: it is the history's to tell.
+    async with emulator_factory(failure_rate=1.0) as emu, ComfyClient(emu.url) as comfy:
+        prompt_id = new_id()
+        seen: list[ComfyEvent] = []
+        await comfy.submit(sampler_graph(seed=6, steps=2), prompt_id=prompt_id)
+        failed = await comfy.follow(prompt_id, on_event=seen.append, from_frames=True)
+        assert failed.status == "error"
+        assert failed.error is not None
+        assert outcome_from_frames(prompt_id, seen) is None

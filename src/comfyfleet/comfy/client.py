@@ -42,6 +42,7 @@ from comfyfleet.comfy.results import (
     QueueItem,
     QueueState,
     SubmitResult,
+    outcome_from_frames,
     outcome_from_history,
 )
 from comfyfleet.comfy.stream import EventStream, PromptWatch
@@ -329,7 +330,12 @@ class ComfyClient:
 
     # -- following a prompt ----------------------------------------------------------------------------
     async def follow(
-        self, prompt_id: str, *, on_event: EventCallback | None = None, silence_s: float = 10.0
+        self,
+        prompt_id: str,
+        *,
+        on_event: EventCallback | None = None,
+        silence_s: float = 10.0,
+        from_frames: bool = False,
     ) -> PromptOutcome:
         """Follow ``prompt_id`` to its end and return its outcome, read from its history entry.
 
@@ -339,20 +345,23 @@ class ComfyClient:
         deleted from the queue is reported lost at once. The outcome is read from the history entry,
         which upstream writes before ``executing{node: null}``: a completion always carries its outputs.
         ``on_event`` gets every frame of the prompt before this returns, however the end was learned.
+        ``from_frames``: a success whose every frame came over the socket this client submitted it on (no
+        reconnect since) is read from those frames, without the history round trip (see
+        :func:`~comfyfleet.comfy.results.outcome_from_frames`); anything else still reads the history.
         Raises :class:`PromptLost` when the server no longer knows the prompt and
         :class:`WorkerUnreachable` when it cannot be reached for ``unreachable_after_s``."""
         self._check_open()
         watch = self._stream.watch(prompt_id, None)
         handover = _Handover(watch, on_event)
         try:
-            outcome = await self._follow_to_end(watch, handover, silence_s)
+            outcome = await self._follow_to_end(watch, handover, silence_s, from_frames)
             await handover.deliver()
             return outcome
         finally:
             self._stream.release(watch)
 
     async def _follow_to_end(
-        self, watch: PromptWatch, handover: _Handover, silence_s: float
+        self, watch: PromptWatch, handover: _Handover, silence_s: float, from_frames: bool
     ) -> PromptOutcome:
         prompt_id = watch.prompt_id
         poll_delay = self._poll_interval_s
@@ -362,6 +371,13 @@ class ComfyClient:
             watch.changed.clear()
             await handover.deliver()
             if watch.done:
+                framed = (
+                    outcome_from_frames(prompt_id, watch.events)
+                    if from_frames and self._stream.routed(watch)
+                    else None
+                )
+                if framed is not None:
+                    return framed
                 # executing{node: null}: upstream writes history before sending it.
                 outcome = await self._outcome_of_done(prompt_id)
                 if outcome is not None:

@@ -127,3 +127,40 @@ def outcome_from_history(prompt_id: str, entry: dict[str, Any]) -> PromptOutcome
         history=entry,
         timings=PromptTimings(extra_data.get("create_time"), start, end),
     )
+
+
+def outcome_from_frames(prompt_id: str, frames: Sequence[Any]) -> PromptOutcome | None:
+    """A successful prompt's outcome from every frame its socket carried (``ComfyEvent``s from submission to
+    ``executing{node: null}``), as its history entry would give it: each output node's ``executed`` output
+    (cached output nodes replay theirs) and the start and success times. None unless the frames tell it all
+    (an ``execution_start`` and an ``execution_success``, no error or interrupt): then read the history."""
+    outputs: dict[str, Any] = {}
+    times: dict[str, dict[str, Any]] = {}
+    for frame in frames:
+        data = frame.data if isinstance(frame.data, dict) else {}
+        if frame.type == "executed" and data.get("node") is not None:
+            if isinstance(data.get("output"), dict):
+                outputs[str(data["node"])] = data["output"]
+        elif frame.type in ("execution_start", "execution_cached", "execution_success"):
+            times[frame.type] = data
+        elif frame.type in ("execution_error", "execution_interrupted"):
+            return None
+    if "execution_start" not in times or "execution_success" not in times:
+        return None
+    start, end = times["execution_start"].get("timestamp"), times["execution_success"].get("timestamp")
+    messages = [
+        [kind, times[kind]]
+        for kind in ("execution_start", "execution_cached", "execution_success")
+        if kind in times
+    ]
+    entry = {"outputs": outputs, "status": {"status_str": "success", "completed": True, "messages": messages}}
+    return PromptOutcome(
+        prompt_id=prompt_id,
+        status="success",
+        outputs=outputs,
+        error=None,
+        history=entry,
+        timings=PromptTimings(
+            None, start if isinstance(start, int) else None, end if isinstance(end, int) else None
+        ),
+    )

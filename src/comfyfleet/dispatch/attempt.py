@@ -234,7 +234,10 @@ class Attempt:
         assert self.prompt_id is not None
         clock = self.ctx.clock
         deadline = self.started_monotonic + self.task.timeout_s
-        follow = asyncio.ensure_future(self.slot.client.follow(self.prompt_id, on_event=self._on_event))
+        # A success the socket carried whole is read from its frames: no history round trip after the end.
+        follow = asyncio.ensure_future(
+            self.slot.client.follow(self.prompt_id, on_event=self._on_event, from_frames=True)
+        )
         stop_wait = asyncio.ensure_future(self.cancel.wait())
         timer = asyncio.ensure_future(clock.sleep(deadline - clock.monotonic()))
         outcome: PromptOutcome | None = None
