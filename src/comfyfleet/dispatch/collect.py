@@ -33,7 +33,7 @@ async def collect_outputs(
     prefetch: Prefetch | None = None,
 ) -> Collected:
     """Copy each output file of ``outcome`` from the worker's ``/view`` (or from what ``prefetch`` already
-    fetched) into ``store``, in history order."""
+    fetched) into ``store``, in the outcome's order."""
     outputs: list[dict[str, Any]] = []
     texts: dict[str, list[str]] = {}
     used_names: set[str] = set()

@@ -2,8 +2,8 @@
 
 A node's ``executed`` frame names its files as soon as the node has written them, before the prompt ends and
 before its history entry can be read. Small files are fetched at once, so collecting them costs no ``/view``
-round trip after the end. The history entry stays the authority: a fetched file is used only for an entry
-that names the same file, and whatever is not small, failed or was never announced is fetched when
+round trip after the end. The prompt's outcome stays the authority: a fetched file is used only for an
+output item that names the same file, and whatever is not small, failed or was never announced is fetched when
 collecting, as before.
 """
 
@@ -67,7 +67,7 @@ class Prefetch:
             return None
 
     async def take(self, item: dict[str, Any]) -> Fetched | None:
-        """The file of a history entry's item, if it was fetched (once: a second take fetches again)."""
+        """The file of an outcome's output item, if it was fetched (once: a second take fetches again)."""
         key = file_key(item)
         fetching = self._fetching.pop(key, None) if key is not None else None
         return await fetching if fetching is not None else None
