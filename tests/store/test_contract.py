@@ -113,6 +113,16 @@ async def test_get_task_hides_other_tenants(store: Store) -> None:
         await store.get_task(str(uuid.uuid4()))
 
 
+async def test_task_status_is_the_light_read_of_get_task(store: Store) -> None:
+    task, _ = await store.create_task(new(tenant="alice"))
+    assert await store.task_status(task.id, tenant="alice") is TaskStatus.PENDING
+    assert await store.task_status(task.id) is TaskStatus.PENDING
+    assert await store.task_status(task.id, tenant="bob") is None  # as get_task: another tenant's is unknown
+    assert await store.task_status(str(uuid.uuid4())) is None
+    await store.claim_ids("d", 30, [task.id])
+    assert await store.task_status(task.id, tenant="alice") is TaskStatus.RUNNING
+
+
 async def test_idempotency_key_returns_the_original_task(store: Store) -> None:
     original, created = await store.create_task(new(1, idempotency_key="k1", tenant="alice"))
     again, created_again = await store.create_task(new(9, idempotency_key="k1", tenant="alice"))

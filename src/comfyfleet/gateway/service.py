@@ -122,6 +122,12 @@ class Gateway:
                 continue
 
     # -- reads ----------------------------------------------------------------------------------
+    async def sees_task(self, task_id: str, principal: Principal) -> bool:
+        """Whether the caller has a task of that id (a light read: no payload, result or attempts)."""
+        if not shapes.is_canonical_uuid(task_id):
+            return False
+        return await self.store.task_status(task_id, tenant=principal.visible_tenant) is not None
+
     async def visible_task(self, task_id: str, principal: Principal) -> Task | None:
         """The caller's task of that id; None for an id that is not a prompt id or not the caller's."""
         if not shapes.is_canonical_uuid(task_id):

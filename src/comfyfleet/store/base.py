@@ -120,6 +120,9 @@ class TaskQueue(Protocol):
     async def get_task(self, task_id: str, tenant: str | None = None) -> Task:
         """Raise :class:`NotFound` when unknown or owned by another tenant (``tenant=None`` sees all)."""
 
+    async def task_status(self, task_id: str, tenant: str | None = None) -> TaskStatus | None:
+        """Only the status (a light read); None when unknown or owned by another tenant."""
+
     async def list_tasks(
         self,
         *,

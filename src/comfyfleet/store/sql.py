@@ -222,6 +222,10 @@ class SqlStore(AssetsMixin):
             return self._task(rows[0])
         raise not_pending(task_id, await self._status_of(task_id, tenant))
 
+    async def task_status(self, task_id: str, tenant: str | None = None) -> TaskStatus | None:
+        status = await self._status_of(task_id, tenant)
+        return None if status is None else TaskStatus(status)
+
     async def _status_of(self, task_id: str, tenant: str | None) -> str | None:
         """A task's status as ``tenant`` sees it (None: unknown to that tenant)."""
         rows = await self._read(self.sql.task_status, {"id": task_id, "tenant": tenant})

@@ -72,11 +72,11 @@ class FileRoutes(RouteGroup):
                 return Response(status_code=404)
             chunks, content_type, size = opened
             return _file_response(chunks, content_type, size, name)
-        task = await gateway.visible_task(subfolder.split("/", 1)[0], principal)
-        if task is None or gateway.outputs is None:
+        task_id = subfolder.split("/", 1)[0]
+        if gateway.outputs is None or not await gateway.sees_task(task_id, principal):
             return Response(status_code=404)
         try:
-            output = await gateway.outputs.open(task.id, name)
+            output = await gateway.outputs.open(task_id, name)
         except (OutputNotFound, InvalidOutputName):
             return Response(status_code=404)
         stored = output.stored
@@ -85,7 +85,7 @@ class FileRoutes(RouteGroup):
                 output.content, media_type=stored.content_type, headers=_file_headers(stored.name)
             )
         return _file_response(
-            gateway.outputs.read(task.id, stored.name), stored.content_type, stored.size, stored.name
+            gateway.outputs.read(task_id, stored.name), stored.content_type, stored.size, stored.name
         )
 
     @route(
