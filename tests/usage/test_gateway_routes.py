@@ -273,3 +273,44 @@ async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None
             "queue_running": [],
             "queue_pending": [],
         }
+
+
+async def test_history_and_view_answer_alike_on_the_plain_path_and_through_the_router(tmp_path: Path) -> None:
+    """``/history/{id}`` and ``/view`` (and their ``/api`` aliases) are answered before the router looks for a
+    route when nothing about them needs FastAPI; an extra query parameter sends the same request through the
+    router. Both answer alike: status, headers in order, body."""
+    keys = [{"key": "alice-key", "tenant": "alice"}, {"key": "bob-key", "tenant": "bob"}]
+    async with running_fleet(tmp_path, workers=1, api_keys=keys) as fleet:
+        alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+        queued = await fleet.http.post("/prompt", headers=alice, json={"prompt": tiny_workflow(color=5)})
+        prompt_id = queued.json()["prompt_id"]
+
+        async def entry() -> dict[str, Any]:
+            return dict((await fleet.http.get(f"/history/{prompt_id}", headers=alice)).json())
+
+        history = await eventually(entry, what="the prompt in history")
+        (image,) = history[prompt_id]["outputs"]["2"]["images"]
+        view = {"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]}
+        cases: list[tuple[str, dict[str, str], dict[str, str]]] = [
+            (f"/history/{prompt_id}", {}, alice),
+            (f"/api/history/{prompt_id}", {}, alice),
+            (f"/history/{prompt_id}", {}, bob),  # another tenant's: {}
+            (f"/history/{uuid.uuid4()}", {}, alice),
+            (f"/history/{prompt_id}", {}, {}),  # no key: 401 in ComfyUI's shape, from the router
+            ("/view", view, alice),
+            ("/api/view", view, alice),
+            ("/view", {"filename": image["filename"], "subfolder": image["subfolder"]}, alice),
+            ("/view", view, bob),
+            ("/view", {**view, "filename": "missing.png"}, alice),
+            ("/view", {"filename": "../x.png"}, alice),
+        ]
+
+        def shape(response: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+            headers = [(name, value) for name, value in response.headers.multi_items() if name != "date"]
+            return response.status_code, headers, response.content
+
+        for path, params, headers in cases:
+            plain = await fleet.http.get(path, params=params, headers=headers)
+            routed = await fleet.http.get(path, params={**params, "via": "router"}, headers=headers)
+            assert shape(plain) == shape(routed), (path, params)
+        assert (await fleet.http.get("/view", params=view, headers=alice)).content.startswith(b"\x89PNG")

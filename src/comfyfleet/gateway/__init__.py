@@ -10,7 +10,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from comfyfleet.gateway.access import install_unauthorized_handler
-from comfyfleet.gateway.routes import routers
+from comfyfleet.gateway.plain import PlainReads
+from comfyfleet.gateway.routes import route_groups
 from comfyfleet.gateway.service import Gateway
 from comfyfleet.http.services import Services
 
@@ -20,11 +21,13 @@ def install_gateway(app: FastAPI, services: Services) -> Gateway:
     the gateway they share."""
     gateway = Gateway(services)
     install_unauthorized_handler(app)
-    groups = routers(gateway)
-    for router in groups:
-        app.include_router(router)
-    for router in groups:
-        app.include_router(router, prefix="/api", include_in_schema=False)
+    groups = route_groups(gateway)
+    for group in groups:
+        app.include_router(group.router)
+    for group in groups:
+        app.include_router(group.router, prefix="/api", include_in_schema=False)
+    _, history, files, _ = groups
+    app.router.middleware_stack = PlainReads(app.router.middleware_stack, services.keyring, history, files)
     return gateway
 
 

@@ -3,8 +3,6 @@ bound to the application's :class:`Gateway`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from comfyfleet.gateway.routes.files import FileRoutes
 from comfyfleet.gateway.routes.history import HistoryRoutes
 from comfyfleet.gateway.routes.prompts import PromptRoutes
@@ -12,5 +10,5 @@ from comfyfleet.gateway.routes.system import SystemRoutes
 from comfyfleet.gateway.service import Gateway
 
 
-def routers(gateway: Gateway) -> list[APIRouter]:
-    return [group(gateway).router for group in (PromptRoutes, HistoryRoutes, FileRoutes, SystemRoutes)]
+def route_groups(gateway: Gateway) -> tuple[PromptRoutes, HistoryRoutes, FileRoutes, SystemRoutes]:
+    return PromptRoutes(gateway), HistoryRoutes(gateway), FileRoutes(gateway), SystemRoutes(gateway)
