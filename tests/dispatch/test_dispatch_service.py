@@ -509,3 +509,39 @@ async def test_fair_share_lets_a_tenant_pass_another_tenants_backlog(tmp_path: P
         passed_it = [t for t in crowd_tasks if arrived < at(t, "started_at") < started]
         assert len(passed_it) <= 1, [t["started_at"] for t in crowd_tasks]
         assert sum(at(t, "started_at") > started for t in crowd_tasks) >= 3
+
+
+async def test_an_output_download_answers_alike_on_the_plain_path_and_through_the_router(
+    tmp_path: Path,
+) -> None:
+    """Output downloads are answered before the router looks for a route when nothing about them needs FastAPI;
+    a query string sends the same request through the router. Both answer alike: status, headers in order,
+    body (refusals included)."""
+    keys = [{"key": "alice-key", "tenant": "alice"}, {"key": "bob-key", "tenant": "bob"}]
+    async with running_fleet(tmp_path, workers=1, api_keys=keys) as svc:
+        alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+        svc.http.headers.update(alice)
+        created = await svc.submit(tiny_workflow(color=9))
+        task = await svc.wait_task(created["id"])
+        [output] = task["result"]["outputs"]
+        base = f"/api/v1/tasks/{task['id']}/outputs"
+        cases = [
+            (output["url"], alice),
+            (output["url"], bob),  # another tenant's task: 404
+            (output["url"], {"Authorization": "Bearer wrong"}),  # 401, from the router
+            (f"{base}/missing.png", alice),
+            (f"/api/v1/tasks/not-a-task/outputs/{output['filename']}", alice),
+            (f"{base}/{'x' * 300}.png", alice),  # over the route's limit: 422, from the router
+        ]
+
+        def shape(response: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+            headers = [(name, value) for name, value in response.headers.multi_items() if name != "date"]
+            return response.status_code, headers, response.content
+
+        for url, headers in cases:
+            plain = await svc.http.get(url, headers=headers)
+            routed = await svc.http.get(url, params={"via": "router"}, headers=headers)
+            assert shape(plain) == shape(routed), url
+        downloaded = await svc.http.get(output["url"])
+        assert downloaded.content.startswith(b"\x89PNG")
+        assert len(downloaded.content) == output["size"]

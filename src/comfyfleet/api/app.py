@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 
 from comfyfleet.api.errors import install_error_handler
+from comfyfleet.api.plain_downloads import PlainDownloads
 from comfyfleet.api.routes import events, health, models, outputs, queue, tasks, workers, workflows
 from comfyfleet.api.submit_route import PlainSubmissions
 from comfyfleet.http.deps import authenticate
@@ -53,6 +54,7 @@ def install_api(app: FastAPI) -> None:
     for router in API_V1_ROUTERS:
         app.include_router(router, prefix=API_V1_PREFIX, dependencies=[Depends(authenticate)])
     app.router.middleware_stack = PlainSubmissions(app.router.middleware_stack, f"{API_V1_PREFIX}/tasks")
+    app.router.middleware_stack = PlainDownloads(app.router.middleware_stack, API_V1_PREFIX)
     # Its own check: an admin key or a worker's token (a remote worker's companion holds no API key).
     app.include_router(models.blob_router, prefix=API_V1_PREFIX)
     app.include_router(health.router)

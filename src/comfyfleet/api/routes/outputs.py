@@ -17,6 +17,7 @@ from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputsError
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
+MAX_FILENAME_LENGTH = 255
 
 
 @router.get(
@@ -34,7 +35,11 @@ router = APIRouter(tags=["tasks"])
 async def download_output(
     task_id: TaskId,
     filename: Annotated[
-        str, Path(description="The output's `filename` as listed in the task's result.", max_length=255)
+        str,
+        Path(
+            description="The output's `filename` as listed in the task's result.",
+            max_length=MAX_FILENAME_LENGTH,
+        ),
     ],
     principal: PrincipalDep,
     store: StoreDep,

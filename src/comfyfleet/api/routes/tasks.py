@@ -32,7 +32,8 @@ router = APIRouter(tags=["tasks"])
 
 MAX_LIST_LIMIT = 500
 
-TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=64)]
+MAX_TASK_ID_LENGTH = 64
+TaskId = Annotated[str, Path(description="The task's id (a UUID).", max_length=MAX_TASK_ID_LENGTH)]
 
 
 async def submit_task(
