@@ -234,6 +234,33 @@ async def test_catalogue_routes_view_errors_and_a_client_chosen_prompt_id(tmp_pa
         assert [output["node_id"] for output in task["result"]["outputs"]] == ["4"]
 
 
+async def test_another_clients_prompt_shows_on_a_socket_only_as_the_queue_length(tmp_path: Path) -> None:
+    """ComfyUI's routing: ``status`` frames (the queue length) reach every socket, a prompt's own frames only
+    its client's. The bystander hears the queue grow and shrink, and nothing else of the prompt."""
+    async with running_fleet(tmp_path, workers=1) as fleet:
+        ws_url = fleet.url.replace("http://", "ws://") + "/ws?clientId="
+        async with connect(ws_url + "owner") as owner, connect(ws_url + "bystander") as bystander:
+            for socket in (owner, bystander):
+                assert json.loads(await asyncio.wait_for(socket.recv(), 5))["type"] == "status"
+            await _prompt(fleet, tiny_workflow(color=3), client_id="owner")
+            owned = []
+            while not owned or owned[-1] != {"type": "executing", "node": None}:
+                frame = json.loads(await asyncio.wait_for(owner.recv(), 10))
+                owned.append({"type": frame["type"], "node": frame["data"].get("node")})
+            assert {"execution_start", "executed", "execution_success"} <= {f["type"] for f in owned}
+
+            def remaining(frame: dict[str, Any]) -> Any:
+                return frame["data"].get("status", {}).get("exec_info", {}).get("queue_remaining")
+
+            # The bystander's frames, up to the one that says the queue is empty again (the prompt's end is
+            # the last event it hears, so any frame of the prompt itself would come before).
+            frames = [json.loads(await asyncio.wait_for(bystander.recv(), 10))]
+            while remaining(frames[-1]) != 0:
+                frames.append(json.loads(await asyncio.wait_for(bystander.recv(), 10)))
+            assert {frame["type"] for frame in frames} == {"status"}
+            assert [remaining(frame) for frame in frames] == [1, 0]
+
+
 async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None:
     async with running_fleet(
         tmp_path,
@@ -314,3 +341,61 @@ async def test_history_and_view_answer_alike_on_the_plain_path_and_through_the_r
             routed = await fleet.http.get(path, params={**params, "via": "router"}, headers=headers)
             assert shape(plain) == shape(routed), (path, params)
         assert (await fleet.http.get("/view", params=view, headers=alice)).content.startswith(b"\x89PNG")
+
+
+async def test_prompts_answer_alike_on_the_plain_path_and_through_the_router(tmp_path: Path) -> None:
+    """``POST /prompt`` (and ``/api/prompt``) is answered before the router when the caller's key is in its
+    headers and there is no query; a query parameter sends the same request through the router. Both answer
+    alike (status, headers in order, body) whatever the body, and both queue the prompt."""
+    keys = [{"key": "alice-key", "tenant": "alice"}]
+    async with running_fleet(tmp_path, workers=1, api_keys=keys) as fleet:
+        alice = {"Authorization": "Bearer alice-key"}
+        bad_graph = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+        cases: list[tuple[str, bytes, dict[str, str]]] = [
+            ("/prompt", b"", alice),  # no body: ComfyUI's 400
+            ("/prompt", b"{not json", alice),
+            ("/prompt", b"[1, 2]", alice),
+            ("/prompt", b'{"client_id": "x"}', alice),  # no prompt
+            ("/api/prompt", json.dumps({"prompt": bad_graph}).encode(), alice),
+            ("/prompt", b"[" * 100_000, alice),  # nested too deeply to read
+            (
+                "/prompt",
+                json.dumps({"prompt": tiny_workflow(color=9)}).encode(),
+                {},
+            ),  # no key: the router's 401
+        ]
+
+        def shape(response: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+            headers = [(name, value) for name, value in response.headers.multi_items() if name != "date"]
+            return response.status_code, headers, response.content
+
+        for path, body, headers in cases:
+            plain = await fleet.http.post(path, content=body, headers=headers)
+            routed = await fleet.http.post(path, params={"via": "router"}, content=body, headers=headers)
+            assert plain.status_code in (400, 401), (path, body[:40], plain.text)
+            assert shape(plain) == shape(routed), (path, body[:40])
+
+        queued = []
+        for path, params in [("/prompt", {}), ("/api/prompt", {}), ("/prompt", {"via": "router"})]:
+            body = json.dumps({"prompt": tiny_workflow(color=len(queued)), "client_id": "c1"})
+            response = await fleet.http.post(
+                path, params=params, content=body, headers={**alice, "Content-Type": "text/plain"}
+            )
+            status, header_list, _ = shape(response)
+            assert status == 200
+            assert [name for name, _ in header_list] == ["content-length", "content-type"]
+            answer = response.json()
+            assert sorted(answer) == ["node_errors", "number", "prompt_id"]
+            assert answer["node_errors"] == {}
+            queued.append(answer["prompt_id"])
+
+        async def finished() -> dict[str, Any]:
+            entries: dict[str, Any] = {}
+            for prompt_id in queued:
+                entries.update((await fleet.http.get(f"/history/{prompt_id}", headers=alice)).json())
+            return entries
+
+        history = await eventually(
+            finished, until=lambda entries: len(entries) == len(queued), what="every queued prompt in history"
+        )
+        assert all(entry["status"]["status_str"] == "success" for entry in history.values())

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.schemas import TaskSubmission
 from comfyfleet.http.auth import principal_from
+from comfyfleet.http.body import read_body
 from comfyfleet.http.deps import services_of
 from comfyfleet.http.responses import JSONBody, json_bytes
 from comfyfleet.http.wire import task_json
@@ -170,7 +171,7 @@ async def _plain_request(
     idempotency_key = idempotency_keys[0].decode("latin-1") if idempotency_keys else None
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
         return None
-    body = await _read_body(receive, received)
+    body = await read_body(receive, received)
     if not body:
         return None
     try:
@@ -182,19 +183,6 @@ async def _plain_request(
     except Exception:
         return None
     return submission, idempotency_key
-
-
-async def _read_body(receive: Receive, received: list[Message]) -> bytes | None:
-    """The whole request body, or None when the client went away first."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        received.append(message)
-        if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _replaying(received: list[Message], receive: Receive) -> Receive:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from comfyfleet.gateway.access import install_unauthorized_handler
-from comfyfleet.gateway.plain import PlainReads
+from comfyfleet.gateway.plain import PlainRequests
 from comfyfleet.gateway.routes import route_groups
 from comfyfleet.gateway.service import Gateway
 from comfyfleet.http.services import Services
@@ -26,8 +26,10 @@ def install_gateway(app: FastAPI, services: Services) -> Gateway:
         app.include_router(group.router)
     for group in groups:
         app.include_router(group.router, prefix="/api", include_in_schema=False)
-    _, history, files, _ = groups
-    app.router.middleware_stack = PlainReads(app.router.middleware_stack, services.keyring, history, files)
+    prompts, history, files, _ = groups
+    app.router.middleware_stack = PlainRequests(
+        app.router.middleware_stack, services.keyring, prompts, history, files
+    )
     return gateway
 
 

@@ -60,9 +60,14 @@ PrincipalDep = Annotated[Principal, Depends(_principal)]
 
 
 async def json_body(request: Request) -> Any:
-    """The body as JSON, whatever its content type: ComfyUI's own clients often post JSON without a JSON
-    content type (urllib's default is a form). None for an empty body."""
-    raw = await request.body()
+    """The body as JSON, whatever its content type (see :func:`parse_json_body`)."""
+    return parse_json_body(await request.body())
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A body as JSON, whatever its content type: ComfyUI's own clients often post JSON without a JSON
+    content type (urllib's default is a form). None for an empty body; ``PromptRejected`` for one that is
+    not JSON."""
     if not raw.strip():
         return None
     try:

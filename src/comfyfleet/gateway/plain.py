@@ -1,13 +1,15 @@
-"""The two reads every ComfyUI client makes once per prompt, ``GET /history/{prompt_id}`` and ``GET /view``
-(each also under ``/api``), answered without FastAPI's per-request machinery (the dependency solver, parameter
-validation, the exit stacks), which cost as much CPU as the reads themselves.
+"""The three requests every ComfyUI client makes once per prompt, ``POST /prompt``, ``GET /history/{prompt_id}``
+and ``GET /view`` (each also under ``/api``), answered without FastAPI's per-request machinery (the dependency
+solver, parameter validation, the exit stacks), which cost as much CPU as the work they ask for.
 
-:class:`PlainReads` is a router middleware (``app.router.middleware_stack``), inside the application's
+:class:`PlainRequests` is a router middleware (``app.router.middleware_stack``), inside the application's
 exception handlers. It answers a request only when nothing about it needs FastAPI: a caller whose key is in
 its headers (a ``?token=`` goes to the router, which reads it) and a query holding exactly what the route reads
-(none for ``/history/{id}``; ``filename``, ``subfolder``, ``type``, each at most once, for ``/view``). The
-answer comes from the route's own method, so it is the router's answer; anything else (no or a bad key, other
-or repeated parameters, FastAPI's telemetry on) goes on to the router unchanged.
+(none for ``/prompt`` and ``/history/{id}``; ``filename``, ``subfolder``, ``type``, each at most once, for
+``/view``). The answer comes from the route's own method, so it is the router's answer; anything else (no or a
+bad key, other or repeated parameters, FastAPI's telemetry on) goes on to the router unchanged. A prompt's
+body is read as the route reads it (any content type; the route's own parser), so once its headers are plain
+a prompt is always answered here.
 """
 
 from __future__ import annotations
@@ -21,35 +23,60 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from comfyfleet.gateway.routes.files import FileRoutes
 from comfyfleet.gateway.routes.history import HistoryRoutes
-from comfyfleet.http.auth import KeyRing, principal_from
+from comfyfleet.gateway.routes.prompts import PromptRoutes
+from comfyfleet.http.auth import KeyRing, Principal, principal_from
+from comfyfleet.http.body import read_body
 from comfyfleet.http.errors import Unauthorized
 
 _HISTORY_ENTRY = re.compile(r"(?:/api)?/history/([^/]+)")
 _VIEW = frozenset({"/view", "/api/view"})
+_PROMPT = frozenset({"/prompt", "/api/prompt"})
 _VIEW_PARAMETERS = frozenset({"filename", "subfolder", "type"})
 
 
-class PlainReads:
-    def __init__(self, app: ASGIApp, keyring: KeyRing, history: HistoryRoutes, files: FileRoutes) -> None:
+class PlainRequests:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keyring: KeyRing,
+        prompts: PromptRoutes,
+        history: HistoryRoutes,
+        files: FileRoutes,
+    ) -> None:
         self.app = app
         self.keyring = keyring
+        self.prompts = prompts
         self.history = history
         self.files = files
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "GET"
-            and not scope.get("root_path")
-            and "fastapi.telemetry" not in scope
-        ):
-            response = await self._answer(scope)
+        if scope["type"] == "http" and not scope.get("root_path") and "fastapi.telemetry" not in scope:
+            method = scope["method"]
+            response: Response | None = None
+            if method == "GET":
+                response = await self._read(scope)
+            elif (
+                method == "POST"
+                and scope["path"] in _PROMPT
+                and not scope["query_string"]
+                and (principal := self._principal(scope)) is not None
+            ):
+                body = await read_body(receive)
+                if body is None:
+                    return  # the client went away before sending its prompt
+                response = await self.prompts.queue(body, principal)
             if response is not None:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    async def _answer(self, scope: Scope) -> Response | None:
+    def _principal(self, scope: Scope) -> Principal | None:
+        try:
+            return principal_from(HTTPConnection(scope), self.keyring)
+        except Unauthorized:
+            return None  # the router refuses it in ComfyUI's shape (or reads a ?token=)
+
+    async def _read(self, scope: Scope) -> Response | None:
         path: str = scope["path"]
         entry = _HISTORY_ENTRY.fullmatch(path)
         if entry is None and path not in _VIEW:
@@ -57,10 +84,9 @@ class PlainReads:
         query = scope["query_string"]
         if entry is not None and query:
             return None
-        try:
-            principal = principal_from(HTTPConnection(scope), self.keyring)
-        except Unauthorized:
-            return None  # the router refuses it in ComfyUI's shape (or reads a ?token=)
+        principal = self._principal(scope)
+        if principal is None:
+            return None
         if entry is not None:
             return await self.history.get_history_entry(entry[1], principal)
         parameters = parse_qsl(query.decode("latin-1"), keep_blank_values=True)

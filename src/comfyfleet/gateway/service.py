@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 from comfyfleet.domain import Task, TaskStatus
+from comfyfleet.events import TaskEvent
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.errors import comfyui_rejection
 from comfyfleet.gateway.prompt import attach_uploads, graph_to_run, parse_prompt
@@ -47,6 +48,7 @@ class Gateway:
         self._remaining: dict[str | None, tuple[float, int]] = {}
         self._remaining_lock = asyncio.Lock()
         self._remaining_generation = 0  # bumped by every change: a read begun before it is not kept
+        self._last_queue_change: TaskEvent | None = None
         services.tasks.add_listener(lambda _task: self.forget_remaining())
 
     # -- who a prompt belongs to ----------------------------------------------------------------
@@ -55,6 +57,12 @@ class Gateway:
         self._owners.move_to_end(task_id)
         while len(self._owners) > _OWNER_CACHE_SIZE:
             self._owners.popitem(last=False)
+
+    def known_client_of(self, task_id: str) -> tuple[bool, str | None]:
+        """``(True, client id)`` when this replica knows whose prompt the task is, else ``(False, None)``."""
+        if task_id in self._owners:
+            return True, self._owners[task_id]
+        return False, None
 
     async def client_of(self, task_id: str) -> str | None:
         if task_id in self._owners:
@@ -85,6 +93,14 @@ class Gateway:
             if generation == self._remaining_generation:
                 self._remaining[tenant] = (now, value)
             return value
+
+    def queue_changed(self, event: TaskEvent) -> None:
+        """Each socket that hears of a change of the queue's length (a prompt queued or ended, told to every
+        socket as the same event) says so: the first drops the cached lengths, and the sockets then share
+        the one fresh read. (Endings come from the dispatcher, not through the task service.)"""
+        if event is not self._last_queue_change:
+            self._last_queue_change = event
+            self.forget_remaining()
 
     def forget_remaining(self) -> None:
         """Called by the task service before it announces a change (a task queued, cancelled): the sockets that

@@ -40,6 +40,8 @@ from comfyfleet.store import NotFound, StoreError
 logger = logging.getLogger(__name__)
 
 _REMEMBERED_PROMPTS = 1000  # per socket: enough to ignore a late duplicate event of a finished prompt
+_RELAYED = frozenset({"status", "progress", "preview"})  # the event types a socket turns into frames
+_ENDED = frozenset(s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED))
 
 
 @dataclass(slots=True)
@@ -95,7 +97,7 @@ class ComfySocket:
             await self.send_status(force=True, sid=True)
             await self._read()
             return
-        with self.bus.subscribe(tenant=self.tenant, maxsize=4096) as subscription:
+        with self.bus.subscribe(tenant=self.tenant, maxsize=4096, only=self._wants) as subscription:
             await self.send_status(force=True, sid=True)
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(), name=f"ws-read-{self.sid}")
@@ -126,6 +128,18 @@ class ComfySocket:
                 await self._relay(event)
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client went away while we were sending
+
+    def _wants(self, event: TaskEvent) -> bool:
+        """Whether an event may make this socket send a frame; the rest are not queued for it, nor is its
+        writer woken (with many clients connected, most events are of other clients' prompts). Of another
+        client's prompt only a change of the queue's length counts: the prompt queued or ended (its start
+        leaves pending plus running as it was)."""
+        if event.type not in _RELAYED:
+            return False
+        known, client = self.gateway.known_client_of(event.task_id)
+        if not known or client == self.sid:
+            return True
+        return event.type == "status" and event.data.get("status") != TaskStatus.RUNNING.value
 
     async def _relay(self, event: TaskEvent) -> None:
         mine = await self.gateway.client_of(event.task_id) == self.sid
@@ -196,9 +210,9 @@ class ComfySocket:
 
     async def _on_status(self, event: TaskEvent, mine: bool) -> None:
         status = event.data.get("status")
-        terminal = status in {
-            s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-        }
+        terminal = status in _ENDED
+        if terminal or status == TaskStatus.PENDING.value:
+            self.gateway.queue_changed(event)
         if not mine:
             await self.send_status()
             return

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from comfyfleet.domain import Task, TaskStatus
 from comfyfleet.gateway import shapes
-from comfyfleet.gateway.access import PrincipalDep, json_body, rejected
+from comfyfleet.gateway.access import PrincipalDep, json_body, parse_json_body, rejected
 from comfyfleet.gateway.errors import PromptRejected
 from comfyfleet.gateway.routes.group import RouteGroup, route
 from comfyfleet.gateway.schemas import (
@@ -41,8 +41,12 @@ class PromptRoutes(RouteGroup):
         "front"?, "partial_execution_targets"?}` → `{"prompt_id", "number", "node_errors"}`. The prompt runs
         as a task on whichever worker is free; `prompt_id` is the task's id. comfyfleet options go in
         `extra_data.comfyfleet` (`priority`, `pool`). A rejected graph gets ComfyUI's 400 shape."""
+        return await self.queue(await request.body(), principal)
+
+    async def queue(self, body: bytes, principal: Principal) -> Response:
+        """The answer to a ``POST /prompt`` with this body (also given before the router: gateway.plain)."""
         try:
-            submitted = await self.gateway.queue_prompt(await json_body(request), principal.tenant)
+            submitted = await self.gateway.queue_prompt(parse_json_body(body), principal.tenant)
         except PromptRejected as exc:
             return rejected(exc)
         task = submitted.task
