@@ -233,7 +233,8 @@ class ComfySocket:
             return
         state.finished = True
         try:
-            task = await self.gateway.store.get_task(event.task_id)
+            # This replica's own ending carries the task as written; another's is read back.
+            task = event.task or await self.gateway.store.get_task(event.task_id)
         except (NotFound, StoreError):
             logger.warning("gateway_ws_task_unreadable task_id=%s", event.task_id)
             await self.send_status(force=True)
