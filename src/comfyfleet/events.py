@@ -133,6 +133,7 @@ class EventBus:
         # Only a store shared by several replicas needs the relay; SQLite serves one replica.
         self._shared = shared and store is not None
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[TaskEvent], None]] = []
         self._relays: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
@@ -153,7 +154,14 @@ class EventBus:
         finally:
             self._subscribers.discard(subscription)
 
+    def add_listener(self, listener: Callable[[TaskEvent], None]) -> None:
+        """Call ``listener`` with every event of this replica and relayed from the others, before any
+        subscriber is offered it (it must not block: it runs in the publisher's step)."""
+        self._listeners.append(listener)
+
     def _fan_out(self, event: TaskEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
         for subscription in tuple(self._subscribers):
             if subscription.wants(event):
                 subscription.offer(event)

@@ -33,6 +33,17 @@ _QUEUE_REMAINING_TTL_S = 0.25
 _PAGE = 100
 
 
+_QUEUE_CHANGES = frozenset(
+    s.value for s in (TaskStatus.PENDING, TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+)
+
+
+def changes_queue_length(event: TaskEvent) -> bool:
+    """Whether the event may change ComfyUI's queue length (pending plus running): a task queued (or queued
+    again) or ended. A start leaves it as it was."""
+    return event.type == "status" and event.data.get("status") in _QUEUE_CHANGES
+
+
 class Gateway:
     """One per application, built by the composition root around the application's services."""
 
@@ -48,8 +59,10 @@ class Gateway:
         self._remaining: dict[str | None, tuple[float, int]] = {}
         self._remaining_lock = asyncio.Lock()
         self._remaining_generation = 0  # bumped by every change: a read begun before it is not kept
-        self._last_queue_change: TaskEvent | None = None
         services.tasks.add_listener(lambda _task: self.forget_remaining())
+        if self.bus is not None:
+            # Endings come from the dispatcher (or another replica), not through the task service.
+            self.bus.add_listener(self._on_event)
 
     # -- who a prompt belongs to ----------------------------------------------------------------
     def remember(self, task_id: str, client_id: str | None) -> None:
@@ -94,12 +107,8 @@ class Gateway:
                 self._remaining[tenant] = (now, value)
             return value
 
-    def queue_changed(self, event: TaskEvent) -> None:
-        """Each socket that hears of a change of the queue's length (a prompt queued or ended, told to every
-        socket as the same event) says so: the first drops the cached lengths, and the sockets then share
-        the one fresh read. (Endings come from the dispatcher, not through the task service.)"""
-        if event is not self._last_queue_change:
-            self._last_queue_change = event
+    def _on_event(self, event: TaskEvent) -> None:
+        if changes_queue_length(event):
             self.forget_remaining()
 
     def forget_remaining(self) -> None:

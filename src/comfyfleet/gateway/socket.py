@@ -1,6 +1,7 @@
 """``GET /ws?clientId=X``: ComfyUI's WebSocket, fed by comfyfleet's live task events.
 
-ComfyUI's routing is kept: ``status`` frames (the queue length) go to every socket; the frames of a
+ComfyUI's routing is kept: ``status`` frames (the queue length) go to every socket (another client's prompts
+change it at any rate, so a socket hears of those at most every ``STATUS_INTERVAL_S``); the frames of a
 prompt (``execution_start``, ``execution_cached``, ``executing``, ``progress``, ``executed``,
 ``progress_state``, ``execution_success`` / ``execution_error`` / ``execution_interrupted``, and the final
 ``executing`` with ``node: null``) go only to the sockets whose clientId is the prompt's ``client_id``. The
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import struct
 import time
 import uuid
@@ -32,15 +34,17 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from comfyfleet.domain import TaskStatus
-from comfyfleet.events import TaskEvent
+from comfyfleet.events import Subscription, TaskEvent
 from comfyfleet.gateway import shapes
-from comfyfleet.gateway.service import Gateway
+from comfyfleet.gateway.service import Gateway, changes_queue_length
 from comfyfleet.store import NotFound, StoreError
 
 logger = logging.getLogger(__name__)
 
 _REMEMBERED_PROMPTS = 1000  # per socket: enough to ignore a late duplicate event of a finished prompt
 _RELAYED = frozenset({"status", "progress", "preview"})  # the event types a socket turns into frames
+# Another client's prompts change the queue's length at any rate; each socket is told at most this often.
+STATUS_INTERVAL_S = 0.1
 _ENDED = frozenset(s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED))
 
 
@@ -77,15 +81,29 @@ class ComfySocket:
         self.sid = client_id or uuid.uuid4().hex
         self.prompts: OrderedDict[str, _PromptFrames] = OrderedDict()
         self.last_remaining: int | None = None
+        self.status_sent_at = -math.inf
+        self.status_due = False  # an unforced status frame waits for the end of the interval
 
     async def send(self, kind: str, data: dict[str, Any]) -> None:
         await self.websocket.send_text(_frame(kind, data))
 
     async def send_status(self, *, force: bool = False, sid: bool = False) -> None:
+        """A ``status`` frame with the queue's length, if it changed (always when forced: the frames of this
+        client's own prompts). Unforced ones come at most every ``STATUS_INTERVAL_S``: one asked for sooner
+        is sent when the interval is over, with the length as it is then."""
+        now = time.monotonic()
+        if not force:
+            if self.status_due:
+                return
+            if now - self.status_sent_at < STATUS_INTERVAL_S:
+                self.status_due = True
+                return
+        self.status_due = False
         remaining = await self.gateway.queue_remaining(self.tenant)
         if not force and remaining == self.last_remaining:
             return
         self.last_remaining = remaining
+        self.status_sent_at = now
         data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
         if sid:
             data["sid"] = self.sid
@@ -122,24 +140,32 @@ class ComfySocket:
                             await self.send("feature_flags", {"supports_preview_metadata": False})
                 first = False
 
-    async def _write(self, subscription: Any) -> None:
+    async def _write(self, subscription: Subscription) -> None:
         try:
-            async for event in subscription:
-                await self._relay(event)
+            while True:
+                wait_s = None
+                if self.status_due:
+                    wait_s = max(0.0, self.status_sent_at + STATUS_INTERVAL_S - time.monotonic())
+                event = await subscription.get(wait_s)
+                if event is None:  # the due status frame's time came
+                    self.status_due = False
+                    await self.send_status()
+                else:
+                    await self._relay(event)
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client went away while we were sending
 
     def _wants(self, event: TaskEvent) -> bool:
         """Whether an event may make this socket send a frame; the rest are not queued for it, nor is its
         writer woken (with many clients connected, most events are of other clients' prompts). Of another
-        client's prompt only a change of the queue's length counts: the prompt queued or ended (its start
-        leaves pending plus running as it was)."""
+        client's prompt only a change of the queue's length counts (the prompt queued or ended), and not
+        while a status frame is already due."""
         if event.type not in _RELAYED:
             return False
         known, client = self.gateway.known_client_of(event.task_id)
         if not known or client == self.sid:
             return True
-        return event.type == "status" and event.data.get("status") != TaskStatus.RUNNING.value
+        return changes_queue_length(event) and not self.status_due
 
     async def _relay(self, event: TaskEvent) -> None:
         mine = await self.gateway.client_of(event.task_id) == self.sid
@@ -211,8 +237,6 @@ class ComfySocket:
     async def _on_status(self, event: TaskEvent, mine: bool) -> None:
         status = event.data.get("status")
         terminal = status in _ENDED
-        if terminal or status == TaskStatus.PENDING.value:
-            self.gateway.queue_changed(event)
         if not mine:
             await self.send_status()
             return
