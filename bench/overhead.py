@@ -299,8 +299,13 @@ async def main() -> None:
     parser.add_argument("--comfyui", action="append", help="a running ComfyUI server (repeat for 4 workers)")
     parser.add_argument("--runs", type=int, default=300, help="latency samples per side")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of one saturated run")
-    parser.add_argument("--rounds", type=int, default=2, help="saturated runs per side, interleaved")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one saturated run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="saturated runs per side, interleaved (short ones: the machine drifts)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients per worker")
     parser.add_argument(
         "--prompt-time",
@@ -316,7 +321,7 @@ async def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.runs, args.warmup, args.seconds, args.rounds = 60, 10, 3.0, 1
+        args.runs, args.warmup, args.seconds, args.rounds = 60, 10, 1.0, 3
     if args.comfyui:
         one = await measure(args.comfyui[:1], [], args)
         four = await measure(args.comfyui[:4], [], args) if len(args.comfyui) >= 4 else None
