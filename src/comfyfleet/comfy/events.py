@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic_core import from_json
+
 PREVIEW_IMAGE = 1
 TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
@@ -49,9 +51,12 @@ class ComfyEvent:
 def parse_text(frame: str) -> ComfyEvent | None:
     """A JSON frame, or None when it is not ``{"type": str, "data": {...}}``."""
     try:
-        message = json.loads(frame)
+        message = from_json(frame)  # twice as quick as json.loads, to the same values
     except ValueError:
-        return None
+        try:
+            message = json.loads(frame)  # what it refuses and json.loads reads: a lone surrogate's escape
+        except ValueError:
+            return None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return None
     data = message.get("data")

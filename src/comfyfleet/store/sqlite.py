@@ -27,6 +27,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from pydantic_core import from_json
+
 from comfyfleet.store._common import json_text, load_migrations, utcnow
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
@@ -58,7 +60,12 @@ def _dump_json(value: Any) -> str | None:
 
 
 def _load_json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    try:
+        return from_json(text)  # twice as quick as json.loads, to the same values
+    except ValueError:
+        return json.loads(text)  # what it refuses and json.loads reads: a lone surrogate's escape
 
 
 CODEC = Codec(
