@@ -38,7 +38,7 @@ from comfyfleet.fleet.errors import FleetError
 from comfyfleet.fleet.manager import FleetManager
 from comfyfleet.gateway import install_gateway
 from comfyfleet.http import FleetControl, PreviewSource, ServiceApp, Services
-from comfyfleet.http.coalesce import coalescing
+from comfyfleet.http.head_joining import joining_heads
 from comfyfleet.metrics.routes import router as metrics_router
 from comfyfleet.models.service import ModelService
 from comfyfleet.outputs import OutputsError, OutputStore, open_outputs
@@ -311,12 +311,12 @@ class Runtime:
 
 def _fastest_http() -> type[asyncio.Protocol]:
     """uvicorn's quickest HTTP protocol (httptools' parser when installed), writing through a
-    :class:`~comfyfleet.http.coalesce.CoalescingTransport`."""
+    :class:`~comfyfleet.http.head_joining.HeadJoiningTransport`."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as protocol  # type: ignore[assignment]
-    return coalescing(protocol)
+    return joining_heads(protocol)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -1,5 +1,5 @@
-"""The server's writes to a connection during one step of the event loop leave in one system call
-(``comfyfleet.http.coalesce``), in order, and nothing gathered is lost when the connection closes."""
+"""An HTTP answer's head and body leave in one system call (``comfyfleet.http.head_joining``), nothing else
+waits, the order never changes, and a held head is not lost when the connection closes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
 
-from comfyfleet.http.coalesce import DIRECT_WRITE_BYTES, CoalescingTransport, coalescing
+from comfyfleet.http.head_joining import HeadJoiningTransport, joining_heads
 from support import eventually
 
 
@@ -39,49 +39,54 @@ class Counted:
 
 
 @asynccontextmanager
-async def connected() -> AsyncIterator[tuple[CoalescingTransport, Counted, asyncio.StreamReader]]:
-    """A coalescing transport over one end of a socket pair, and a reader of the other end."""
+async def connected() -> AsyncIterator[tuple[HeadJoiningTransport, Counted, asyncio.StreamReader]]:
+    """A head-joining transport over one end of a socket pair, and a reader of the other end."""
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
     counted = Counted(transport)  # type: ignore[arg-type]
     reader, writer = await asyncio.open_connection(sock=theirs)
     try:
-        yield CoalescingTransport(counted, loop), counted, reader  # type: ignore[arg-type]
+        yield HeadJoiningTransport(counted, loop), counted, reader  # type: ignore[arg-type]
     finally:
         transport.close()
         writer.close()
 
 
-async def test_the_writes_of_one_step_leave_together_at_the_next_turn() -> None:
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+
+
+async def test_a_head_leaves_with_the_body_written_after_it_at_once() -> None:
     async with connected() as (transport, counted, reader):
-        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
-        transport.write(bytearray(b"hel"))
-        transport.write(memoryview(b"lo"))
+        transport.write(HEAD)
         assert counted.writes == []
-        assert transport.get_write_buffer_size() == 43
+        assert transport.get_write_buffer_size() == len(HEAD)
+        transport.write(memoryview(b"hello"))
+        assert counted.writes == [HEAD + b"hello"]  # at once, without waiting for the loop
+        transport.write(b"more")  # anything else is written as it comes
+        transport.write(bytearray(b"HTTP/1.1 is not a head without the blank line"))
+        assert counted.writes[1:] == [b"more", b"HTTP/1.1 is not a head without the blank line"]
+        expected = HEAD + b"hellomoreHTTP/1.1 is not a head without the blank line"
+        assert await reader.readexactly(len(expected)) == expected
+
+
+async def test_a_head_without_a_body_after_it_leaves_at_the_next_turn() -> None:
+    async with connected() as (transport, counted, reader):
+        handshake = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
+        transport.write(handshake)
         await asyncio.sleep(0)  # one turn of the loop
-        assert counted.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
-        assert await reader.readexactly(43) == b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+        assert counted.writes == [handshake]
+        assert await reader.readexactly(len(handshake)) == handshake
 
 
-async def test_a_large_write_goes_out_at_once_after_what_was_gathered() -> None:
+async def test_closing_sends_a_held_head_first_and_aborting_drops_it() -> None:
     async with connected() as (transport, counted, reader):
-        chunk = b"x" * DIRECT_WRITE_BYTES
-        transport.write(b"head")
-        transport.write(chunk)
-        assert counted.writes == [b"head", chunk]
-        assert await reader.readexactly(4 + len(chunk)) == b"head" + chunk
-
-
-async def test_closing_sends_what_was_gathered_first_and_aborting_drops_it() -> None:
-    async with connected() as (transport, counted, reader):
-        transport.write(b"last words")
+        transport.write(HEAD)
         transport.close()
-        assert counted.writes == [b"last words"]
-        assert await reader.read() == b"last words"  # then the end of the stream
+        assert counted.writes == [HEAD]
+        assert await reader.read() == HEAD  # then the end of the stream
     async with connected() as (transport, counted, reader):
-        transport.write(b"never sent")
+        transport.write(HEAD)
         transport.abort()
         await asyncio.sleep(0)
         assert counted.writes == []
@@ -100,12 +105,12 @@ async def _frames(websocket: WebSocket) -> None:
 
 
 async def test_uvicorn_answers_and_streams_frames_through_it() -> None:
-    """uvicorn's HTTP protocol with the coalescing transport, and the WebSocket protocol it upgrades to."""
+    """uvicorn's HTTP protocol with the head-joining transport, and the WebSocket protocol it upgrades to."""
     app = Starlette(routes=[Route("/", _text), WebSocketRoute("/ws", _frames)])
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        config = uvicorn.Config(app, http=coalescing(HttpToolsProtocol), log_config=None, lifespan="off")
+        config = uvicorn.Config(app, http=joining_heads(HttpToolsProtocol), log_config=None, lifespan="off")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve(sockets=[listener]))
         try:
