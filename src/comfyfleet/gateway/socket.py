@@ -37,6 +37,7 @@ from comfyfleet.domain import TaskStatus
 from comfyfleet.events import Subscription, TaskEvent
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.service import Gateway, changes_queue_length
+from comfyfleet.http.responses import json_bytes
 from comfyfleet.store import NotFound, StoreError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _PromptFrames:
 
 
 def _frame(kind: str, data: dict[str, Any]) -> str:
-    return json.dumps({"type": kind, "data": data}, separators=(",", ":"), default=str)
+    return json_bytes({"type": kind, "data": data}).decode()
 
 
 def _now_ms() -> int:
