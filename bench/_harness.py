@@ -105,7 +105,7 @@ def service_process(
                 "--port",
                 str(port),
                 "--log-level",
-                "warning",
+                "info",  # the default: what a user's service pays for logging
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
