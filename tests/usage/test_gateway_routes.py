@@ -15,6 +15,7 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from comfyfleet.gateway.service import _ENDED_CACHE_SIZE
 from support import Fleet, eventually, running_fleet, tiny_workflow
 
 
@@ -263,6 +264,30 @@ async def test_another_clients_prompt_shows_on_a_socket_only_as_the_queue_length
                 [1, 0],
                 [0],
             )  # one may have waited for the other
+
+
+async def test_a_history_entry_reads_the_same_right_after_the_end_and_from_the_store(tmp_path: Path) -> None:
+    """The gateway keeps the last few tasks its replica ended for the history read every client makes at the
+    end; once others pushed it out, the entry comes from the store, the same; another tenant never sees it."""
+    keys = [{"key": "alice-key", "tenant": "alice"}, {"key": "bob-key", "tenant": "bob"}]
+    async with running_fleet(tmp_path, workers=1, api_keys=keys) as fleet:
+        alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+
+        async def queue(color: int) -> str:
+            body = {"prompt": tiny_workflow(color=color)}
+            return str((await fleet.http.post("/prompt", headers=alice, json=body)).json()["prompt_id"])
+
+        async def entry(prompt_id: str) -> dict[str, Any]:
+            return dict((await fleet.http.get(f"/history/{prompt_id}", headers=alice)).json())
+
+        first = await queue(0)
+        fresh = await eventually(lambda: entry(first), what="the prompt in history")
+        assert fresh[first]["status"]["status_str"] == "success"
+        assert (await fleet.http.get(f"/history/{first}", headers=bob)).json() == {}
+        later = [await queue(color) for color in range(1, _ENDED_CACHE_SIZE + 2)]
+        await eventually(lambda: entry(later[-1]), what="the last prompt in history")
+        assert await entry(first) == fresh
+        assert (await fleet.http.get(f"/history/{first}", headers=bob)).json() == {}
 
 
 async def test_api_keys_guard_the_gateway_and_its_socket(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
-from comfyfleet.domain import Task, TaskStatus
+from comfyfleet.domain import TERMINAL_STATUSES, Task, TaskStatus
 from comfyfleet.events import TaskEvent
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.errors import comfyui_rejection
@@ -26,6 +26,7 @@ from comfyfleet.tasks import CancelTask, Submitted, TaskCommandError, TaskNotFou
 logger = logging.getLogger(__name__)
 
 _OWNER_CACHE_SIZE = 10_000
+_ENDED_CACHE_SIZE = 16  # tasks with their graphs: a few, for the history read each client makes at the end
 # Every socket's status frame reads the queue length; one read per tenant this often serves them all.
 _QUEUE_REMAINING_TTL_S = 0.25
 # Tasks read at once by a listing, without payloads (a gateway task's metadata still holds the prompt's
@@ -57,6 +58,7 @@ class Gateway:
         self.uploads = UploadStore(services.outputs) if services.outputs is not None else None
         self._owners: OrderedDict[str, str | None] = OrderedDict()  # task id -> client id (None: no client)
         self._remaining: dict[str | None, tuple[float, int]] = {}
+        self._ended: OrderedDict[str, Task] = OrderedDict()  # the last tasks this replica ended, by id
         self._remaining_lock = asyncio.Lock()
         self._remaining_generation = 0  # bumped by every change: a read begun before it is not kept
         services.tasks.add_listener(lambda _task: self.forget_remaining())
@@ -110,6 +112,12 @@ class Gateway:
     def _on_event(self, event: TaskEvent) -> None:
         if changes_queue_length(event):
             self.forget_remaining()
+        ended = event.task
+        if ended is not None and ended.status in TERMINAL_STATUSES:
+            # An ended task never changes again; its client reads its history right after the end.
+            self._ended[ended.id] = ended
+            while len(self._ended) > _ENDED_CACHE_SIZE:
+                self._ended.popitem(last=False)
 
     def forget_remaining(self) -> None:
         """Called by the task service before it announces a change (a task queued, cancelled): the sockets that
@@ -157,6 +165,9 @@ class Gateway:
         """The caller's task of that id; None for an id that is not a prompt id or not the caller's."""
         if not shapes.is_canonical_uuid(task_id):
             return None
+        ended = self._ended.get(task_id)
+        if ended is not None and principal.visible_tenant in (None, ended.tenant):
+            return ended
         try:
             return await self.store.get_task(task_id, tenant=principal.visible_tenant)
         except NotFound:
