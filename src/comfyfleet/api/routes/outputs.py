@@ -14,6 +14,7 @@ from comfyfleet.api.schemas import error_responses
 from comfyfleet.http.deps import OutputsDep, PrincipalDep, ServicesDep, StoreDep
 from comfyfleet.http.errors import ApiError
 from comfyfleet.outputs import InvalidOutputName, OutputNotFound, OutputsError
+from comfyfleet.store import NotFound
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["tasks"])
@@ -46,14 +47,17 @@ async def download_output(
     outputs: OutputsDep,
 ) -> Response:
     """The bytes of one output of a finished task, with its content type."""
-    task = await store.get_task(checked_task_id(task_id), tenant=principal.visible_tenant)
+    task_id = checked_task_id(task_id)
+    # Whether the caller has the task is all that is needed of it: a light read, not the whole record.
+    if await store.task_status(task_id, tenant=principal.visible_tenant) is None:
+        raise NotFound(f"task {task_id} not found")
     try:
-        opened = await outputs.open(task.id, filename)
+        opened = await outputs.open(task_id, filename)
     except (OutputNotFound, InvalidOutputName):
-        raise ApiError(404, "not_found", f"task {task.id} has no output {filename[:100]!r}") from None
+        raise ApiError(404, "not_found", f"task {task_id} has no output {filename[:100]!r}") from None
     except OutputsError as exc:
         # The storage itself failed (an S3 bucket unreachable, credentials refused): not the client's fault.
-        logger.warning("output_store_unavailable task_id=%s error=%s", task.id, exc)
+        logger.warning("output_store_unavailable task_id=%s error=%s", task_id, exc)
         raise ApiError(
             503, "outputs_unavailable", "the output store failed to answer; try again shortly"
         ) from None
@@ -66,7 +70,7 @@ async def download_output(
     }
     if opened.content is not None:  # most outputs: one piece, no stream
         return Response(opened.content, media_type=stored.content_type, headers=headers)
-    return StreamingResponse(outputs.read(task.id, filename), media_type=stored.content_type, headers=headers)
+    return StreamingResponse(outputs.read(task_id, filename), media_type=stored.content_type, headers=headers)
 
 
 @router.get(
