@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.inputs import stored_input
 from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
-from comfyfleet.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, status_event
+from comfyfleet.events import CANCEL_CHANNEL, TASKS_CHANNEL, EventBus, Subscription, TaskEvent, status_event
 from comfyfleet.store import Conflict, NotFound, Store, StoreError
 from comfyfleet.tasks import checks
 from comfyfleet.tasks.catalogue import WorkerCatalogue
@@ -54,6 +54,11 @@ _REQUEST_FIELDS = (
     "metadata",
     "models",
 )
+
+
+def _ends(event: TaskEvent) -> bool:
+    """Whether a task event announces the task's end (what a waiting submission waits for)."""
+    return event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
 
 
 class TaskService:
@@ -122,7 +127,7 @@ class TaskService:
         await self._announce(task)
         if wait_s and self._bus is not None:
             # Subscribed before the dispatcher is woken, so the end of the task cannot be missed.
-            with self._bus.subscribe(task_id=task.id) as subscription:
+            with self._bus.subscribe(task_id=task.id, only=_ends) as subscription:
                 self._wake_dispatcher(task)
                 task = await self._wait_until_ended(task, subscription, wait_s, fresh=True)
         else:
@@ -250,7 +255,7 @@ class TaskService:
 
     async def _replayed(self, task: Task, wait_s: float | None) -> Submitted:
         if wait_s and self._bus is not None:
-            with self._bus.subscribe(task_id=task.id) as subscription:
+            with self._bus.subscribe(task_id=task.id, only=_ends) as subscription:
                 task = await self._wait_until_ended(task, subscription, wait_s)
         return Submitted(task, False)
 
@@ -267,11 +272,10 @@ class TaskService:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            event = await subscription.get(wait_s=remaining)
-            if event is None or (event.type == "status" and event.data.get("status") in TERMINAL_STATUSES):
-                # This replica's own ending carries the task as written; another's is read back.
-                ended = event.task if event is not None else None
-                task = ended if ended is not None else await self._store.get_task(task.id)
+            event = await subscription.get(wait_s=remaining)  # only endings are queued: see _ends
+            # This replica's own ending carries the task as written; another's is read back.
+            ended = event.task if event is not None else None
+            task = ended if ended is not None else await self._store.get_task(task.id)
         return task
 
     # -- cancel and priority --------------------------------------------------------------------
