@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from comfyfleet.background import Background
 from comfyfleet.domain import Task, TaskStatus
 from comfyfleet.store import Store
 
@@ -134,7 +135,7 @@ class EventBus:
         self._shared = shared and store is not None
         self._subscribers: set[Subscription] = set()
         self._listeners: list[Callable[[TaskEvent], None]] = []
-        self._relays: set[asyncio.Task[None]] = set()
+        self._relays = Background()
 
     @contextlib.contextmanager
     def subscribe(
@@ -173,9 +174,7 @@ class EventBus:
             # a database round trip per event. Relays start in publishing order and the store sends its
             # notifications in the order they were asked for, so the other replicas hear them in order.
             envelope = json.dumps({"origin": self._replica_id, "event": event.to_json()})
-            relay = asyncio.ensure_future(self._relay(self._store, envelope, event.task_id))
-            self._relays.add(relay)
-            relay.add_done_callback(self._relays.discard)
+            self._relays.start(self._relay(self._store, envelope, event.task_id))
 
     @staticmethod
     async def _relay(store: Store, envelope: str, task_id: str) -> None:

@@ -18,9 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from comfyfleet.api.routes.outputs import MAX_FILENAME_LENGTH, download_output
 from comfyfleet.api.routes.tasks import MAX_TASK_ID_LENGTH
-from comfyfleet.http.auth import principal_from
 from comfyfleet.http.deps import services_of
-from comfyfleet.http.errors import Unauthorized
+from comfyfleet.http.plain import before_router, caller_of
 
 
 class PlainDownloads:
@@ -30,21 +29,14 @@ class PlainDownloads:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
-            scope["type"] == "http"
-            and scope["method"] == "GET"
+            before_router(scope, "GET")
             and not scope["query_string"]
-            and not scope.get("root_path")
-            and "fastapi.telemetry" not in scope
             and (download := self.pattern.fullmatch(scope["path"])) is not None
             and len(download[1]) <= MAX_TASK_ID_LENGTH
             and len(download[2]) <= MAX_FILENAME_LENGTH
         ):
-            connection = HTTPConnection(scope)
-            services = services_of(connection)
-            try:
-                principal = principal_from(connection, services.keyring)
-            except Unauthorized:
-                principal = None  # the router refuses it
+            services = services_of(HTTPConnection(scope))
+            principal = caller_of(scope, services.keyring)
             if principal is not None and services.outputs is not None:
                 response = await download_output(
                     download[1], download[2], principal, services.store, services.outputs

@@ -25,8 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comfyfleet.api.schemas import TaskSubmission
 from comfyfleet.http.auth import principal_from
-from comfyfleet.http.body import read_body
 from comfyfleet.http.deps import services_of
+from comfyfleet.http.plain import before_router, read_body
 from comfyfleet.http.responses import JSONBody, json_bytes
 from comfyfleet.http.wire import task_json
 from comfyfleet.tasks import Idempotency, OnReuse, SubmitTask
@@ -96,12 +96,7 @@ class PlainSubmissions:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == self.path
-            and scope["method"] == "POST"
-            and not scope.get("root_path")
-        ):
+        if before_router(scope, "POST") and scope["path"] == self.path:
             received: list[Message] = []
             if await answer_plain_submission(scope, receive, send, received):
                 return

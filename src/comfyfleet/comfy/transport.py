@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
+from comfyfleet.background import Background
 from comfyfleet.comfy.errors import (
     ComfyError,
     ComfyTimeout,
@@ -76,7 +77,7 @@ class Transport:
         self._proxy_auth: aiohttp.BasicAuth | None = None
         self._forgotten: list[str] = []  # prompts whose history entries are to be deleted
         self._forget_timer: asyncio.TimerHandle | None = None
-        self._forgetting: set[asyncio.Task[None]] = set()
+        self._forgetting = Background()
 
     def open(self) -> None:
         # The proxy settings of the environment (HTTP_PROXY, NO_PROXY…) are read once for this server, not
@@ -92,12 +93,7 @@ class Transport:
     async def close(self) -> None:
         """Send the history deletes still waiting (a server that went away does not hold this up), then close."""
         self._flush_forgotten()
-        if self._forgetting:
-            pending = set(self._forgetting)
-            _, late = await asyncio.wait(pending, timeout=_FORGET_CLOSE_S)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._forgetting.settle(_FORGET_CLOSE_S)
         if self._session is not None:
             await self._session.close()
 
@@ -178,9 +174,7 @@ class Transport:
         if not self._forgotten or self._session is None or self._session.closed:
             return
         batch, self._forgotten = self._forgotten, []
-        task = asyncio.get_running_loop().create_task(self._delete_quietly(batch))
-        self._forgetting.add(task)
-        task.add_done_callback(self._forgetting.discard)
+        self._forgetting.start(self._delete_quietly(batch))
 
     async def _delete_quietly(self, prompt_ids: list[str]) -> None:
         try:

@@ -17,16 +17,14 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl
 
-from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from comfyfleet.gateway.routes.files import FileRoutes
 from comfyfleet.gateway.routes.history import HistoryRoutes
 from comfyfleet.gateway.routes.prompts import PromptRoutes
-from comfyfleet.http.auth import KeyRing, Principal, principal_from
-from comfyfleet.http.body import read_body
-from comfyfleet.http.errors import Unauthorized
+from comfyfleet.http.auth import KeyRing
+from comfyfleet.http.plain import before_router, caller_of, read_body
 
 _HISTORY_ENTRY = re.compile(r"(?:/api)?/history/([^/]+)")
 _VIEW = frozenset({"/view", "/api/view"})
@@ -50,31 +48,23 @@ class PlainRequests:
         self.files = files
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path") and "fastapi.telemetry" not in scope:
-            method = scope["method"]
-            response: Response | None = None
-            if method == "GET":
-                response = await self._read(scope)
-            elif (
-                method == "POST"
-                and scope["path"] in _PROMPT
-                and not scope["query_string"]
-                and (principal := self._principal(scope)) is not None
-            ):
-                body = await read_body(receive)
-                if body is None:
-                    return  # the client went away before sending its prompt
-                response = await self.prompts.queue(body, principal)
-            if response is not None:
-                await response(scope, receive, send)
-                return
+        response: Response | None = None
+        if before_router(scope, "GET"):
+            response = await self._read(scope)
+        elif (
+            before_router(scope, "POST")
+            and scope["path"] in _PROMPT
+            and not scope["query_string"]
+            and (principal := caller_of(scope, self.keyring)) is not None
+        ):
+            body = await read_body(receive)
+            if body is None:
+                return  # the client went away before sending its prompt
+            response = await self.prompts.queue(body, principal)
+        if response is not None:
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
-
-    def _principal(self, scope: Scope) -> Principal | None:
-        try:
-            return principal_from(HTTPConnection(scope), self.keyring)
-        except Unauthorized:
-            return None  # the router refuses it in ComfyUI's shape (or reads a ?token=)
 
     async def _read(self, scope: Scope) -> Response | None:
         path: str = scope["path"]
@@ -84,7 +74,7 @@ class PlainRequests:
         query = scope["query_string"]
         if entry is not None and query:
             return None
-        principal = self._principal(scope)
+        principal = caller_of(scope, self.keyring)  # None: the router refuses it (or reads a ?token=)
         if principal is None:
             return None
         if entry is not None:

@@ -34,9 +34,7 @@ _QUEUE_REMAINING_TTL_S = 0.25
 _PAGE = 100
 
 
-_QUEUE_CHANGES = frozenset(
-    s.value for s in (TaskStatus.PENDING, TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-)
+_QUEUE_CHANGES = TERMINAL_STATUSES | {TaskStatus.PENDING}
 
 
 def changes_queue_length(event: TaskEvent) -> bool:
@@ -61,10 +59,11 @@ class Gateway:
         self._ended: OrderedDict[str, Task] = OrderedDict()  # the last tasks this replica ended, by id
         self._remaining_lock = asyncio.Lock()
         self._remaining_generation = 0  # bumped by every change: a read begun before it is not kept
-        services.tasks.add_listener(lambda _task: self.forget_remaining())
         if self.bus is not None:
-            # Endings come from the dispatcher (or another replica), not through the task service.
+            # Every queueing and ending, the dispatcher's and other replicas' too.
             self.bus.add_listener(self._on_event)
+        else:  # no live events: the task service's own changes are all there is to hear of
+            services.tasks.add_listener(lambda _task: self.forget_remaining())
 
     # -- who a prompt belongs to ----------------------------------------------------------------
     def remember(self, task_id: str, client_id: str | None) -> None:
@@ -120,8 +119,8 @@ class Gateway:
                 self._ended.popitem(last=False)
 
     def forget_remaining(self) -> None:
-        """Called by the task service before it announces a change (a task queued, cancelled): the sockets that
-        hear of it read a fresh length, and a read begun before the change is not kept."""
+        """Called on every change of the queue's length before the sockets hear of it: they read a fresh
+        length, and a read begun before the change is not kept."""
         self._remaining_generation += 1
         self._remaining.clear()
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from comfyfleet.domain import TaskStatus
+from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus
 from comfyfleet.events import Subscription, TaskEvent
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.service import Gateway, changes_queue_length
@@ -46,7 +46,6 @@ _REMEMBERED_PROMPTS = 1000  # per socket: enough to ignore a late duplicate even
 _RELAYED = frozenset({"status", "progress", "preview"})  # the event types a socket turns into frames
 # Another client's prompts change the queue's length at any rate; each socket is told at most this often.
 STATUS_INTERVAL_S = 0.1
-_ENDED = frozenset(s.value for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED))
 
 
 @dataclass(slots=True)
@@ -237,7 +236,7 @@ class ComfySocket:
 
     async def _on_status(self, event: TaskEvent, mine: bool) -> None:
         status = event.data.get("status")
-        terminal = status in _ENDED
+        terminal = status in TERMINAL_STATUSES
         if not mine:
             await self.send_status()
             return

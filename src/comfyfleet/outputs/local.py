@@ -60,16 +60,20 @@ class _PartialFile:
         self.partial.unlink(missing_ok=True)
 
 
+def _content_type_of(path: Path) -> str:
+    try:
+        return _content_type_sidecar(path).read_text()
+    except FileNotFoundError:
+        return _DEFAULT_CONTENT_TYPE
+
+
 def _open(path: Path, name: str) -> OpenedOutput | None:
     try:
         size = path.stat().st_size
         content = path.read_bytes() if size <= SMALL_OUTPUT_BYTES else None
     except FileNotFoundError:
         return None
-    try:
-        content_type = _content_type_sidecar(path).read_text()
-    except FileNotFoundError:
-        content_type = _DEFAULT_CONTENT_TYPE
+    content_type = _content_type_of(path)
     if content is not None:
         size = len(content)  # replaced since the stat: these are the bytes answered
     return OpenedOutput(StoredOutput(name=name, size=size, content_type=content_type), content)
@@ -118,10 +122,7 @@ class LocalOutputStore:
             size = (await asyncio.to_thread(path.stat)).st_size
         except FileNotFoundError as exc:
             raise OutputNotFound(f"no output {name!r} for task {task_id}") from exc
-        try:
-            content_type = await asyncio.to_thread(_content_type_sidecar(path).read_text)
-        except FileNotFoundError:
-            content_type = _DEFAULT_CONTENT_TYPE
+        content_type = await asyncio.to_thread(_content_type_of, path)
         return StoredOutput(name=name, size=size, content_type=content_type)
 
     async def open(self, task_id: str, name: str) -> OpenedOutput:

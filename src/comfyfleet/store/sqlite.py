@@ -16,7 +16,6 @@ Notifications are delivered in-process and ``try_leader`` is always True: one re
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -29,6 +28,7 @@ from typing import Any, Self, TypeVar
 
 from pydantic_core import from_json
 
+from comfyfleet.background import Background
 from comfyfleet.store._common import json_text, load_migrations, utcnow
 from comfyfleet.store._notify import NotificationHub, Subscription
 from comfyfleet.store._rows import TASK_COLUMNS, Codec, Row
@@ -175,7 +175,7 @@ class SQLiteStore(SqlStore):
         self._writer = ConnectionThread(self.path, name="comfyfleet-sqlite-writer", grouped=True)
         self._reader = ConnectionThread(self.path, name="comfyfleet-sqlite-reader", grouped=False)
         self._inline = InlineConnection(self.path)
-        self._checkpoints: set[asyncio.Task[None]] = set()
+        self._checkpoints = Background()
         self._next_checkpoint = CHECKPOINT_EVERY
         self.busy_fallbacks = 0  # writes that found SQLite's lock taken and went to the writer thread
         self._hub = NotificationHub()
@@ -220,7 +220,7 @@ class SQLiteStore(SqlStore):
         # The writer finishes what is queued before it stops, so no accepted write is dropped.
         await self._writer.stop()
         await self._reader.stop()
-        await asyncio.gather(*self._checkpoints, return_exceptions=True)
+        await self._checkpoints.settle()
 
     def _is_open(self) -> bool:
         return self._state == "open"
@@ -274,9 +274,7 @@ class SQLiteStore(SqlStore):
             except StoreError as exc:  # the next one tries again
                 logger.debug("sqlite_checkpoint_failed error=%s", exc)
 
-        task = asyncio.ensure_future(checkpoint())
-        self._checkpoints.add(task)
-        task.add_done_callback(self._checkpoints.discard)
+        self._checkpoints.start(checkpoint())
 
     async def _run(
         self, thread: ConnectionThread, job: Callable[[sqlite3.Connection], T], *, exclusive: bool = False

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from comfyfleet.background import Background
 from comfyfleet.config import Settings
 from comfyfleet.dispatch.inputs import stored_input
 from comfyfleet.domain import TERMINAL_STATUSES, NewTask, Task, TaskStatus
@@ -86,7 +87,7 @@ class TaskService:
         self._new_id = TaskIds()
         self._listeners: list[Callable[[Task], None]] = []
         self._keys_claimed = 0
-        self._wakes: set[asyncio.Task[None]] = set()
+        self._wakes = Background()
 
     def add_listener(self, listener: Callable[[Task], None]) -> None:
         """Call ``listener(task)`` for every change this service announces, just before the announcement, so a
@@ -326,9 +327,7 @@ class TaskService:
     def _wake(self, channel: str, payload: str) -> None:
         """Send a wake-up after the change it announces is durable, without the caller waiting for it (on
         PostgreSQL that is a round trip): the answer to a submission need not wait for the dispatcher's."""
-        wake = asyncio.ensure_future(self._send_wake(channel, payload))
-        self._wakes.add(wake)
-        wake.add_done_callback(self._wakes.discard)
+        self._wakes.start(self._send_wake(channel, payload))
 
     async def _send_wake(self, channel: str, payload: str) -> None:
         # The change is already durable; a lost wake-up only delays the dispatcher until its safety poll,
