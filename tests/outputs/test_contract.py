@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,9 @@ from comfyfleet.outputs import (
     OpenedOutput,
     OutputNotFound,
     StoredOutput,
+    open_outputs,
 )
+from comfyfleet.outputs.base import RESERVED_SUFFIX
 
 from .conftest import Backend
 
@@ -96,7 +99,28 @@ async def test_put_replaces_a_file_of_the_same_name(backend: Backend) -> None:
     assert stored == StoredOutput("out.png", 1_000, "image/webp")
     assert await backend.store.stat("task-1", "out.png") == stored
     assert (await read_all(backend, "task-1", "out.png"))[0] == replacement
-    assert backend.everything() == before, "replaced in place, nothing left of the old file"
+    # Replaced in place, nothing left of the old file (the local store may keep the new type beside it).
+    assert {name.removesuffix(RESERVED_SUFFIX) for name in backend.everything()} == before
+
+
+async def test_local_store_keeps_a_content_type_file_only_for_an_unusual_type(tmp_path: Path) -> None:
+    store = open_outputs(str(tmp_path))
+    await store.put("task-1", "a.png", chunked(b"png"), "image/png")
+    await store.put("task-1", "b.PNG", chunked(b"png"), "image/png")
+    await store.put("task-1", "c.png", chunked(b"odd"), "image/x-custom")
+    await store.put("task-1", "d.bin", chunked(b"bin"), "application/octet-stream")
+    files = sorted(path.name for path in (tmp_path / "task-1").iterdir())
+    assert files == ["a.png", "b.PNG", "c.png", "c.png" + RESERVED_SUFFIX, "d.bin", "d.bin" + RESERVED_SUFFIX]
+
+
+@pytest.mark.parametrize("first_type", ["image/x-custom", "image/png"])
+async def test_each_replacement_reports_its_own_content_type(backend: Backend, first_type: str) -> None:
+    await backend.store.put("task-1", "out.png", chunked(b"first"), first_type)
+    for content_type in ["image/png", "application/x-unusual", "image/png"]:
+        stored = await backend.store.put("task-1", "out.png", chunked(b"again"), content_type)
+        assert stored.content_type == content_type
+        assert (await backend.store.stat("task-1", "out.png")).content_type == content_type
+        assert (await backend.store.open("task-1", "out.png")).stored.content_type == content_type
 
 
 async def test_failed_upload_keeps_the_previous_file_and_leaves_nothing(backend: Backend) -> None:

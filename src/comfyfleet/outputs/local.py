@@ -21,6 +21,26 @@ from comfyfleet.outputs.base import (
 _CHUNK = 256 * 1024
 _WRITE_BATCH = 1024 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# A file of one of these kinds whose content type is the usual one gets no sidecar: creating a file is the
+# dearest step of storing a small output (a new inode), and most outputs are PNGs. A fixed table, not the
+# system's mimetypes database, so a file means the same on every machine that reads it.
+_USUAL_CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".mp3": "audio/mpeg",
+    ".json": "application/json",
+}
+
+
+def _usual_content_type(path: Path) -> str | None:
+    return _USUAL_CONTENT_TYPES.get(path.suffix.lower())
 
 
 def _content_type_sidecar(path: Path) -> Path:
@@ -30,7 +50,7 @@ def _content_type_sidecar(path: Path) -> Path:
 
 class _PartialFile:
     """A file being written under its ``.partial`` name, renamed to its own once complete (so a reader never
-    sees half of it), with its content type beside it."""
+    sees half of it), with its content type beside it unless it is the usual one for the file's suffix."""
 
     def __init__(self, partial: Path) -> None:
         self.partial = partial
@@ -50,7 +70,11 @@ class _PartialFile:
         self.write(chunks)
         assert self._handle is not None
         self._handle.close()
-        _content_type_sidecar(path).write_text(content_type)
+        sidecar = _content_type_sidecar(path)
+        if content_type == _usual_content_type(path):
+            sidecar.unlink(missing_ok=True)  # from an earlier file of this name, of another type
+        else:
+            sidecar.write_text(content_type)
         # Rename last, so a reader never sees a half-written file under the final name.
         os.replace(self.partial, path)
 
@@ -64,7 +88,7 @@ def _content_type_of(path: Path) -> str:
     try:
         return _content_type_sidecar(path).read_text()
     except FileNotFoundError:
-        return _DEFAULT_CONTENT_TYPE
+        return _usual_content_type(path) or _DEFAULT_CONTENT_TYPE
 
 
 def _open(path: Path, name: str) -> OpenedOutput | None:
