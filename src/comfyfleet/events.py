@@ -115,6 +115,13 @@ class Subscription:
         except TimeoutError:
             return None
 
+    def ready(self, limit: int) -> list[TaskEvent]:
+        """The events already queued, oldest first, up to ``limit``, without waiting."""
+        events: list[TaskEvent] = []
+        while len(events) < limit and not self.queue.empty():
+            events.append(self.queue.get_nowait())
+        return events
+
     def __aiter__(self) -> AsyncIterator[TaskEvent]:
         return self._iterate()
 

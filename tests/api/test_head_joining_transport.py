@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,7 +20,7 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
 
-from comfyfleet.http.head_joining import HeadJoiningTransport, joining_heads
+from comfyfleet.http.head_joining import HeadJoiningTransport, joined_writes, joining_heads
 from support import eventually
 
 
@@ -93,6 +94,67 @@ async def test_closing_sends_a_held_head_first_and_aborting_drops_it() -> None:
         assert await reader.read() == b""
 
 
+async def test_writes_in_a_joined_block_leave_together_at_its_end() -> None:
+    async with connected() as (one, one_counted, one_reader), connected() as (two, two_counted, two_reader):
+        one.write(b"before ")
+        one.write(HEAD)  # a held head joins the block's writes, in its place
+        with joined_writes():
+            one.write(b"hello")
+            two.write(b"frame 1 ")
+            one.write(memoryview(b" frame"))
+            two.write(bytearray(b"frame 2"))
+            assert one_counted.writes == [b"before "] and two_counted.writes == []
+            assert one.get_write_buffer_size() == len(HEAD + b"hello frame")
+        assert one_counted.writes == [b"before ", HEAD + b"hello frame"]  # one send per connection
+        assert two_counted.writes == [b"frame 1 frame 2"]
+        one.write(b" after")  # outside the block: at once again
+        assert one_counted.writes[-1] == b" after"
+        expected = b"before " + HEAD + b"hello frame after"
+        assert await one_reader.readexactly(len(expected)) == expected
+        assert await two_reader.readexactly(15) == b"frame 1 frame 2"
+
+
+async def test_a_joined_block_sends_when_it_raises_and_holds_no_write_made_outside_it() -> None:
+    async with connected() as (transport, counted, reader):
+        with pytest.raises(RuntimeError), joined_writes():
+            transport.write(b"sent ")
+            raise RuntimeError("the block failed")
+        assert counted.writes == [b"sent "]
+
+        go = asyncio.Event()
+
+        async def write_when_told() -> None:
+            await go.wait()
+            transport.write(b"now")
+
+        outside = asyncio.create_task(write_when_told())
+        with joined_writes():
+            go.set()
+            await outside  # another task's writes are not held by this block
+            assert counted.writes == [b"sent ", b"now"]
+            go.clear()
+            inside = asyncio.create_task(write_when_told())  # started in the block, writing after it
+        go.set()
+        await inside
+        assert counted.writes == [b"sent ", b"now", b"now"]
+        assert await reader.readexactly(11) == b"sent nownow"
+
+
+async def test_closing_in_a_joined_block_sends_its_writes_first_and_aborting_drops_them() -> None:
+    async with connected() as (transport, counted, reader):
+        with joined_writes():
+            transport.write(b"last frame")
+            transport.close()
+            assert counted.writes == [b"last frame"]
+        assert await reader.read() == b"last frame"
+    async with connected() as (transport, counted, reader):
+        with joined_writes():
+            transport.write(b"dropped")
+            transport.abort()
+        assert counted.writes == []
+        assert await reader.read() == b""
+
+
 async def _text(_request: Request) -> PlainTextResponse:
     return PlainTextResponse("hello")
 
@@ -101,7 +163,10 @@ async def _frames(websocket: WebSocket) -> None:
     await websocket.accept()
     for n in range(5):
         await websocket.send_text(f"frame {n}")
-    await websocket.close()
+    with joined_writes():
+        for n in range(5, 10):
+            await websocket.send_text(f"frame {n}")
+        await websocket.close()
 
 
 async def test_uvicorn_answers_and_streams_frames_through_it() -> None:
@@ -119,7 +184,7 @@ async def test_uvicorn_answers_and_streams_frames_through_it() -> None:
                 answers = [await client.get("/") for _ in range(3)]  # one kept-alive connection
             assert [(answer.status_code, answer.text) for answer in answers] == [(200, "hello")] * 3
             async with connect(f"ws://127.0.0.1:{port}/ws") as websocket:
-                assert [await websocket.recv() for _ in range(5)] == [f"frame {n}" for n in range(5)]
+                assert [await websocket.recv() for _ in range(10)] == [f"frame {n}" for n in range(10)]
         finally:
             server.should_exit = True
             await serving

@@ -37,6 +37,7 @@ from comfyfleet.domain import TERMINAL_STATUSES, TaskStatus
 from comfyfleet.events import Subscription, TaskEvent
 from comfyfleet.gateway import shapes
 from comfyfleet.gateway.service import Gateway, changes_queue_length
+from comfyfleet.http.head_joining import joined_writes
 from comfyfleet.http.responses import json_bytes
 from comfyfleet.store import NotFound, StoreError
 
@@ -46,6 +47,7 @@ _REMEMBERED_PROMPTS = 1000  # per socket: enough to ignore a late duplicate even
 _RELAYED = frozenset({"status", "progress", "preview"})  # the event types a socket turns into frames
 # Another client's prompts change the queue's length at any rate; each socket is told at most this often.
 STATUS_INTERVAL_S = 0.1
+_JOINED_EVENTS = 32  # at most this many events' frames in one send
 
 
 @dataclass(slots=True)
@@ -147,11 +149,14 @@ class ComfySocket:
                 if self.status_due:
                     wait_s = max(0.0, self.status_sent_at + STATUS_INTERVAL_S - time.monotonic())
                 event = await subscription.get(wait_s)
-                if event is None:  # the due status frame's time came
-                    self.status_due = False
-                    await self.send_status()
-                else:
-                    await self._relay(event)
+                # The frames of the events at hand leave together: one send, where each was one.
+                with joined_writes():
+                    if event is None:  # the due status frame's time came
+                        self.status_due = False
+                        await self.send_status()
+                    else:
+                        for each in [event, *subscription.ready(_JOINED_EVENTS - 1)]:
+                            await self._relay(each)
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client went away while we were sending
 

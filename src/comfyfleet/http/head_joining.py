@@ -11,28 +11,73 @@ body, which uvicorn writes in the same step) takes it along, so the answer leave
 waiting. A head with no body after it (a streamed answer whose first chunk comes later, a WebSocket
 handshake) leaves at the next turn of the loop. Everything else is written at once, as without it; closing
 sends a held head first. Which writes are held never changes what is sent, nor its order.
+
+Inside :func:`joined_writes`, a task's writes to each connection (WebSocket frames: the gateway writes several
+for one event) are held to the end of the block and leave in one ``send`` per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, cast
 
 _STATUS_LINE = b"HTTP/1.1 "
 _END_OF_HEAD = b"\r\n\r\n"
 
 
+class _Joining:
+    """A joined_writes block: the transports holding its writes, and whether it is still running (a task
+    started inside it inherits it, and may write after it ended)."""
+
+    __slots__ = ("open", "transports")
+
+    def __init__(self) -> None:
+        self.open = True
+        self.transports: list[HeadJoiningTransport] = []
+
+
+_JOINING: ContextVar[_Joining | None] = ContextVar("joining", default=None)
+
+
+@contextmanager
+def joined_writes() -> Iterator[None]:
+    """Writes this task makes through head-joining transports inside the block leave at its end, in one
+    ``send`` per connection (also when the block raises). Keep the block short: nothing leaves before its end."""
+    joining = _Joining()
+    token = _JOINING.set(joining)
+    try:
+        yield
+    finally:
+        _JOINING.reset(token)
+        joining.open = False
+        for transport in joining.transports:
+            transport.send_joined()
+
+
 class HeadJoiningTransport:
     """A transport that sends a response's head together with the write that follows it."""
 
-    __slots__ = ("_head", "_loop", "_transport")
+    __slots__ = ("_head", "_joined", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._head: bytes | None = None
+        self._joined: list[bytes] | None = None  # writes held by a joined_writes block
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._joined is not None:
+            self._joined.append(bytes(data))
+            return
+        joining = _JOINING.get()
+        if joining is not None and joining.open:
+            held, self._head = self._head, None
+            self._joined = [held, bytes(data)] if held is not None else [bytes(data)]
+            joining.transports.append(self)
+            return
         head = self._head
         if head is not None:
             self._head = None
@@ -54,20 +99,30 @@ class HeadJoiningTransport:
             if not self._transport.is_closing():
                 self._transport.write(head)
 
+    def send_joined(self) -> None:
+        joined = self._joined
+        if joined is not None:
+            self._joined = None
+            if not self._transport.is_closing():
+                self._transport.write(b"".join(joined))
+
     def write_eof(self) -> None:
         self.flush()
+        self.send_joined()
         self._transport.write_eof()
 
     def close(self) -> None:
         self.flush()
+        self.send_joined()
         self._transport.close()
 
     def abort(self) -> None:
-        self._head = None
+        self._head = self._joined = None
         self._transport.abort()
 
     def get_write_buffer_size(self) -> int:
         held = len(self._head) if self._head is not None else 0
+        held += sum(map(len, self._joined)) if self._joined is not None else 0
         return self._transport.get_write_buffer_size() + held
 
     def __getattr__(self, name: str) -> Any:
