@@ -103,7 +103,8 @@ async def test_writes_in_a_joined_block_leave_together_at_its_end() -> None:
             two.write(b"frame 1 ")
             one.write(memoryview(b" frame"))
             two.write(bytearray(b"frame 2"))
-            assert one_counted.writes == [b"before "] and two_counted.writes == []
+            assert one_counted.writes == [b"before "]
+            assert two_counted.writes == []
             assert one.get_write_buffer_size() == len(HEAD + b"hello frame")
         assert one_counted.writes == [b"before ", HEAD + b"hello frame"]  # one send per connection
         assert two_counted.writes == [b"frame 1 frame 2"]
@@ -116,9 +117,14 @@ async def test_writes_in_a_joined_block_leave_together_at_its_end() -> None:
 
 async def test_a_joined_block_sends_when_it_raises_and_holds_no_write_made_outside_it() -> None:
     async with connected() as (transport, counted, reader):
-        with pytest.raises(RuntimeError), joined_writes():
-            transport.write(b"sent ")
-            raise RuntimeError("the block failed")
+
+        def write_and_fail() -> None:
+            with joined_writes():
+                transport.write(b"sent ")
+                raise RuntimeError("the block failed")
+
+        with pytest.raises(RuntimeError):
+            write_and_fail()
         assert counted.writes == [b"sent "]
 
         go = asyncio.Event()
